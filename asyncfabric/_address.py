@@ -1,0 +1,101 @@
+"""Engine addresses: the bytes a peer needs to reach an engine, sent out of band.
+
+Layout (little endian, version 1)::
+
+    b"AFA" u8 version | 8 bytes engine uid | u8 len + backend | u8 len + provider
+    | u8 ndomains | per domain: u16 len + transport address
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from ._errors import DescriptorError
+
+MAGIC = b"AFA"
+VERSION = 1
+MAX_DOMAINS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAddress:
+    uid: bytes
+    backend: str
+    provider: str
+    domains: tuple[bytes, ...]
+
+    def to_bytes(self) -> bytes:
+        b, p = self.backend.encode(), self.provider.encode()
+        out = [MAGIC, bytes([VERSION]), self.uid, bytes([len(b)]), b, bytes([len(p)]), p]
+        out.append(bytes([len(self.domains)]))
+        for d in self.domains:
+            out.append(struct.pack("<H", len(d)))
+            out.append(d)
+        return b"".join(out)
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> EngineAddress:
+        addr, end = parse(bytes(data), 0, "engine address")
+        if end != len(data):
+            raise DescriptorError(f"engine address has {len(data) - end} trailing bytes")
+        return addr
+
+
+class _Reader:
+    __slots__ = ("buf", "pos", "what")
+
+    def __init__(self, buf: bytes, pos: int, what: str) -> None:
+        self.buf, self.pos, self.what = buf, pos, what
+
+    def take(self, n: int, field: str) -> bytes:
+        if self.pos + n > len(self.buf):
+            raise DescriptorError(
+                f"{self.what} is truncated: {field} needs {n} bytes at offset {self.pos}, "
+                f"only {len(self.buf) - self.pos} left (were all bytes sent?)"
+            )
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, field: str) -> int:
+        return self.take(1, field)[0]
+
+    def u16(self, field: str) -> int:
+        return struct.unpack("<H", self.take(2, field))[0]
+
+    def u32(self, field: str) -> int:
+        return struct.unpack("<I", self.take(4, field))[0]
+
+    def u64(self, field: str) -> int:
+        return struct.unpack("<Q", self.take(8, field))[0]
+
+    def text(self, field: str) -> str:
+        raw = self.take(self.u8(field + " length"), field)
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise DescriptorError(f"{self.what}: {field} is not ASCII") from None
+
+
+def parse(buf: bytes, pos: int, what: str) -> tuple[EngineAddress, int]:
+    r = _Reader(buf, pos, what)
+    magic = r.take(3, "magic")
+    if magic != MAGIC:
+        raise DescriptorError(
+            f"{what} does not start with an asyncfabric engine address (magic {magic!r}, "
+            f"expected {MAGIC!r}); pass the bytes of Engine.address"
+        )
+    ver = r.u8("version")
+    if ver != VERSION:
+        raise DescriptorError(f"{what} has address version {ver}; this asyncfabric reads {VERSION}")
+    uid = r.take(8, "engine uid")
+    backend = r.text("backend")
+    provider = r.text("provider")
+    nd = r.u8("domain count")
+    if not 1 <= nd <= MAX_DOMAINS:
+        raise DescriptorError(f"{what} lists {nd} domains; expected 1 to {MAX_DOMAINS}")
+    doms = tuple(r.take(r.u16("domain address length"), "domain address") for _ in range(nd))
+    if any(len(d) == 0 for d in doms):
+        raise DescriptorError(f"{what} has an empty domain address")
+    return EngineAddress(uid, backend, provider, doms), r.pos

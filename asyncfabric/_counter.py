@@ -1,0 +1,104 @@
+"""ImmCounter: await a number of immediates with one value."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ._errors import ImmTimeout
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+
+class ImmCounter:
+    """Counts arriving immediates that carry one 32-bit value.
+
+    Arrivals are counted by the transport whether or not anyone waits, so none
+    are lost; ``await wait(n)`` resolves once ``n`` have arrived and consumes
+    them, leaving any surplus for the next wait. Waiters are served first come,
+    first served. A cancelled or timed-out wait consumes nothing.
+    """
+
+    __slots__ = ("_engine", "imm", "_waiters")
+
+    def __init__(self, engine: Engine, imm: int) -> None:
+        self._engine = engine
+        self.imm = imm
+        self._waiters: deque[tuple[int, Any]] = deque()
+
+    @property
+    def count(self) -> int:
+        """Immediates arrived and not yet consumed by a wait."""
+        self._engine._check_open()
+        return self._engine._t.counter_avail(self.imm)
+
+    async def wait(self, expected: int = 1, *, timeout: float | None = None) -> None:
+        """Wait until ``expected`` immediates have arrived, then consume them."""
+        if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+            raise ValueError(f"expected must be an int >= 0, got {expected!r}")
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        eng = self._engine
+        eng._check_open()
+        if expected == 0:
+            return
+        w = eng._loop.new_waiter()
+        self._waiters.append((expected, w))
+        if len(self._waiters) == 1:
+            self._serve()
+        eng._after_call()
+        if not w.done():
+            eng._spin_for(w)
+        try:
+            await eng._loop.wait(w, timeout)
+        except TimeoutError:
+            self._abandon(expected, w)
+            got = eng._t.counter_avail(self.imm) if not eng._closed else 0
+            raise ImmTimeout(
+                f"counter imm={self.imm}: {got} of {expected} expected immediates arrived "
+                f"within {timeout} s (is the sender alive, and does it use this imm?)"
+            ) from None
+        except BaseException:
+            self._abandon(expected, w)
+            raise
+
+    def _abandon(self, expected: int, w: Any) -> None:
+        if self._engine._closed:
+            return
+        if w.done() and not w.cancelled() and w.exception() is None:
+            # Satisfied, but the caller will never see it: put the count back.
+            self._engine._t.counter_give(self.imm, expected)
+            self._engine._after_call()
+            return
+        head = bool(self._waiters) and self._waiters[0][1] is w
+        try:
+            self._waiters.remove((expected, w))
+        except ValueError:
+            return
+        if head:
+            self._engine._t.counter_disarm(self.imm)
+            self._serve()
+            self._engine._after_call()
+
+    def _serve(self) -> None:
+        """Hand arrived immediates to waiters from the head; arm for the first unsatisfied."""
+        ws, t = self._waiters, self._engine._t
+        while ws:
+            n, w = ws[0]
+            if w.done():
+                ws.popleft()
+                continue
+            if not t.counter_arm(self.imm, n):
+                return
+            ws.popleft()
+            w.set_result(None)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        while self._waiters:
+            _, w = self._waiters.popleft()
+            if not w.done():
+                w.set_exception(exc)
+
+    def __repr__(self) -> str:
+        return f"<ImmCounter imm={self.imm} waiters={len(self._waiters)}>"

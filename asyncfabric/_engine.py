@@ -1,0 +1,631 @@
+"""The Engine: where transfers are submitted and their completions awaited.
+
+Data flow of one transfer (docs/design.md has the full picture)::
+
+    write()  --validate, O(1)-->  Transport.post_write (native: chunk, stripe, post)
+        native progress thread: fi_cq_read -> count immediates / retire chunks
+        -> one event per finished transfer or satisfied counter -> notify fd
+    event loop: notify fd readable -> Engine._drain -> resolve the waiting future
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from . import backends
+from ._address import EngineAddress
+from ._buffers import buffer_info
+from ._counter import ImmCounter
+from ._descriptor import Descriptor, RemoteSlice
+from ._errors import EngineClosed, ImmTimeout, RegionError, TransferError
+from ._imm import check_imm
+from ._loop import LoopAdapter, current_adapter
+from ._policy import ProgressPolicy
+from ._region import Region, RegionSlice, flags_for
+from .abc import Transport
+
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_CTRL_MAX = 8192
+
+
+class _Peer:
+    __slots__ = ("id", "ndom", "address")
+
+    def __init__(self, pid: int, ndom: int, address: EngineAddress) -> None:
+        self.id, self.ndom, self.address = pid, ndom, address
+
+
+class Engine:
+    """An endpoint on one or more domains (NICs). Open it with ``async with``.
+
+    ``provider``: ``"auto"`` (efa, then verbs, then tcp; shm with
+    ``local_only=True``), a libfabric provider (``"shm"``, ``"tcp"``, ``"efa"``,
+    ``"verbs;ofi_rxm"``), or ``"BACKEND:PROVIDER"``. ``domains``: how many
+    domains to stripe over (several NICs; on loopback several instances stand
+    in). ``node``: the local address to bind (tcp, verbs). ``chunk_bytes``:
+    the largest single write; a longer write is split, one immediate per chunk.
+    """
+
+    def __init__(
+        self,
+        provider: str = "auto",
+        *,
+        domains: int = 1,
+        node: str | None = None,
+        chunk_bytes: int | None = None,
+        progress: ProgressPolicy | None = None,
+        ctrl_max: int = DEFAULT_CTRL_MAX,
+        local_only: bool = False,
+    ) -> None:
+        if isinstance(domains, bool) or not isinstance(domains, int) or not 1 <= domains <= 16:
+            raise ValueError(f"domains must be an int from 1 to 16, got {domains!r}")
+        if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        if not isinstance(ctrl_max, int) or not 64 <= ctrl_max <= 1 << 20:
+            raise ValueError(f"ctrl_max must be an int from 64 to 1 MiB, got {ctrl_max!r}")
+        self._backend, self._provider_req = backends.resolve(provider, local_only=local_only)
+        self._spec = provider
+        self._domains = domains
+        self._node = node
+        self._chunk_req = chunk_bytes
+        self.policy = progress or ProgressPolicy()
+        self._ctrl_max = ctrl_max
+        self._t: Transport = None  # type: ignore[assignment]
+        self._opened = False
+        self._closed = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @classmethod
+    async def open(cls, provider: str = "auto", **kwargs: Any) -> Engine:
+        """Open an engine without ``async with`` (for notebooks); close it with ``await aclose()``."""
+        eng = cls(provider, **kwargs)
+        await eng._open()
+        return eng
+
+    async def _open(self) -> None:
+        if self._opened:
+            raise RuntimeError("engine is already open")
+        self._loop: LoopAdapter = current_adapter()
+        self._t = self._backend.open(
+            self._provider_req,
+            domains=self._domains,
+            node=self._node,
+            ctrl_max=self._ctrl_max,
+            hmem=False,
+        )
+        self._opened = True
+        t = self._t
+        max_chunk = t.max_msg_size
+        self.chunk_bytes = min(self._chunk_req or DEFAULT_CHUNK, max_chunk)
+        self._addr = EngineAddress(os.urandom(8), t.backend, t.provider, tuple(t.addresses))
+        self._addr_bytes = self._addr.to_bytes()
+        self._tokens = itertools.count(1)
+        self._ops: dict[int, tuple[Any, Region | None]] = {}
+        self._counters: dict[int, ImmCounter] = {}
+        self._peers: dict[bytes, _Peer] = {}
+        self._regions: dict[int, Region] = {}
+        self._region_ids = itertools.count(1)
+        self._inbox: deque[bytes] = deque()
+        self._recv_waiters: deque[Any] = deque()
+        self._wait_spin_ns = int(self.policy.wait_spin_us * 1e3)
+        self._fatal: BaseException | None = None
+        t.start(self.policy.to_ns())
+        self._loop.watch(t.notify_fd, self._drain)
+
+    async def __aenter__(self) -> Engine:
+        await self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close: pending transfers and waits fail with EngineClosed; registrations are released."""
+        self.close()
+
+    def close(self) -> None:
+        if self._closed or not self._opened:
+            self._closed = True
+            return
+        self._closed = True
+        self._loop.unwatch()
+        exc = EngineClosed("the engine was closed while this was pending")
+        for w, _ in self._ops.values():
+            if not w.done():
+                w.set_exception(exc)
+        self._ops.clear()
+        for c in self._counters.values():
+            c._fail_all(exc)
+        while self._recv_waiters:
+            w = self._recv_waiters.popleft()
+            if not w.done():
+                w.set_exception(exc)
+        for r in list(self._regions.values()):
+            r._closed = True
+        self._regions.clear()
+        self._t.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosed("the engine is closed; open a new Engine")
+        if not self._opened:
+            raise EngineClosed(
+                "the engine is not open yet: use `async with Engine(...)` or `await Engine.open(...)`"
+            )
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def address(self) -> bytes:
+        """This engine's address: give these bytes to peers (out of band)."""
+        self._check_open()
+        return self._addr_bytes
+
+    @property
+    def provider(self) -> str:
+        self._check_open()
+        return self._t.provider
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def domains(self) -> int:
+        return self._domains
+
+    @property
+    def max_msg_size(self) -> int:
+        self._check_open()
+        return self._t.max_msg_size
+
+    @property
+    def ctrl_max(self) -> int:
+        """Largest message send() takes."""
+        return self._ctrl_max
+
+    @property
+    def transport(self) -> Transport:
+        self._check_open()
+        return self._t
+
+    def stats(self) -> dict[str, int]:
+        self._check_open()
+        st = self._t.stats()
+        st["live_counters"] = self._t.counters_live()
+        st["live_regions"] = len(self._regions)
+        st["pending_ops"] = len(self._ops)
+        return st
+
+    # ---------------------------------------------------------------- memory
+
+    def register(self, buf: Any, *, remote_write: bool = True, remote_read: bool = True) -> Region:
+        """Register a bytes-like object, numpy array or contiguous torch tensor."""
+        self._check_open()
+        info = buffer_info(buf)
+        if info.device != "cpu":
+            raise RegionError(
+                f"{info.device} memory is not supported by this engine's transport yet; "
+                "register host memory"
+            )
+        if info.readonly and remote_write:
+            raise RegionError(
+                "buffer is read-only; register it with remote_write=False to use it only as a source"
+            )
+        reg = self._t.register(
+            info.ptr,
+            info.nbytes,
+            remote_write=remote_write,
+            remote_read=remote_read,
+            device=info.device,
+            device_index=info.device_index,
+        )
+        rid = next(self._region_ids) & 0xFFFFFFFF
+        region = Region(self, info, reg, rid, flags_for(remote_write, remote_read))
+        self._regions[rid] = region
+        return region
+
+    def _deregister(self, region: Region) -> None:
+        if not self._closed:
+            self._t.deregister(region._reg.handle)
+
+    # ---------------------------------------------------------------- peers
+
+    def connect(self, address: bytes | Descriptor | EngineAddress) -> _Peer:
+        """Make a peer reachable (idempotent); writes and sends do this on their own."""
+        self._check_open()
+        if isinstance(address, Descriptor):
+            ea = address.address
+        elif isinstance(address, EngineAddress):
+            ea = address
+        elif isinstance(address, (bytes, bytearray, memoryview)):
+            ea = EngineAddress.from_bytes(address)
+        else:
+            raise TypeError(
+                f"expected a peer's address bytes or a Descriptor, got {type(address).__name__}"
+            )
+        return self._peer(ea)
+
+    def _peer(self, ea: EngineAddress) -> _Peer:
+        key = ea.uid
+        p = self._peers.get(key)
+        if p is not None:
+            return p
+        if ea.backend != self._t.backend or ea.provider != self._t.provider:
+            raise TransferError(
+                f"the peer speaks {ea.backend}:{ea.provider}, this engine speaks "
+                f"{self._t.backend}:{self._t.provider}; open both engines on the same provider"
+            )
+        ndom = min(len(ea.domains), self._t.ndomains)
+        pid = self._t.add_peer(ea.domains[:ndom])
+        p = _Peer(pid, ndom, ea)
+        self._peers[key] = p
+        return p
+
+    def _remote(self, desc: Descriptor) -> Any:
+        r = desc._cache.get(id(self))
+        if r is None:
+            r = desc._cache[id(self)] = self._t.remote(desc.bases, desc.keys)
+        return r
+
+    # ---------------------------------------------------------------- transfers
+
+    def _local(self, src: Any) -> RegionSlice:
+        if isinstance(src, Region):
+            src = src[:]
+        if not isinstance(src, RegionSlice):
+            raise TypeError(
+                f"the source must be a Region or region[a:b] of this engine, got {type(src).__name__}"
+                " (register the buffer first: engine.register(buf))"
+            )
+        region = src.region
+        if region._engine is not self:
+            raise RegionError("the source region is registered with another engine")
+        if region._closed:
+            raise RegionError("the source region was unregistered; register the buffer again")
+        return src
+
+    @staticmethod
+    def _remote_slice(dst: Any) -> RemoteSlice:
+        if isinstance(dst, Descriptor):
+            return dst[:]
+        if isinstance(dst, RemoteSlice):
+            return dst
+        if isinstance(dst, (Region, RegionSlice)):
+            raise TypeError(
+                "the destination must be a peer's Descriptor (or desc[a:b]), not a local Region; "
+                "use region.descriptor() on the receiving side and send its bytes"
+            )
+        raise TypeError(
+            f"the destination must be a Descriptor or desc[a:b], got {type(dst).__name__}"
+        )
+
+    def _check_target(self, desc: Descriptor) -> None:
+        if desc.address.uid == self._addr.uid:
+            r = self._regions.get(desc.region_id)
+            if r is None or r._reg.keys != desc.keys:
+                raise RegionError(
+                    "the destination descriptor is for a region this engine has unregistered"
+                )
+        if not desc.remote_write:
+            raise RegionError("the destination region was registered with remote_write=False")
+        if desc.chunk_bytes > self._t.max_msg_size:
+            raise TransferError(
+                f"the peer's chunk_bytes ({desc.chunk_bytes}) exceeds this provider's max message "
+                f"size ({self._t.max_msg_size})"
+            )
+
+    async def write(
+        self,
+        src: Region | RegionSlice,
+        dst: Descriptor | RemoteSlice,
+        *,
+        imm: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """One-sided write of ``src`` into ``dst``; done when the source buffer may be reused.
+
+        With ``imm``, each chunk carries it: the receiver's counter for ``imm``
+        grows by ``dst.descriptor.expected_imms(nbytes)``.
+        """
+        self._check_open()
+        s = self._local(src)
+        d = self._remote_slice(dst)
+        if s.nbytes != d.nbytes:
+            raise ValueError(f"source has {s.nbytes} bytes but destination has {d.nbytes}")
+        imm_v = -1 if imm is None else check_imm(imm)
+        desc = d.descriptor
+        self._check_target(desc)
+        peer = self._peer(desc.address)
+        region = s.region
+        token = next(self._tokens)
+        w = self._loop.new_waiter()
+        self._ops[token] = (w, region)
+        try:
+            rc = self._t.post_write(
+                token,
+                peer.id,
+                peer.ndom,
+                region.ptr + s.offset,
+                region._reg.handle,
+                s.nbytes,
+                desc.chunk_bytes,
+                self._remote(desc),
+                d.offset,
+                imm_v,
+            )
+        except BaseException:
+            self._ops.pop(token, None)
+            raise
+        await self._finish(token, w, rc, region, timeout)
+
+    async def write_imm(
+        self, dst: Descriptor | RemoteSlice, imm: int, *, timeout: float | None = None
+    ) -> None:
+        """A zero-byte write that only delivers ``imm`` (one immediate) to ``dst``'s engine."""
+        self._check_open()
+        d = self._remote_slice(dst)
+        imm_v = check_imm(imm)
+        desc = d.descriptor
+        self._check_target(desc)
+        peer = self._peer(desc.address)
+        token = next(self._tokens)
+        w = self._loop.new_waiter()
+        self._ops[token] = (w, None)
+        try:
+            rc = self._t.post_write(
+                token,
+                peer.id,
+                peer.ndom,
+                0,
+                -1,
+                0,
+                desc.chunk_bytes,
+                self._remote(desc),
+                d.offset,
+                imm_v,
+            )
+        except BaseException:
+            self._ops.pop(token, None)
+            raise
+        await self._finish(token, w, rc, None, timeout)
+
+    async def write_paged(
+        self,
+        src: Region,
+        dst: Descriptor,
+        src_pages: Any,
+        dst_pages: Any,
+        *,
+        page_size: int,
+        src_stride: int | None = None,
+        dst_stride: int | None = None,
+        src_offset: int = 0,
+        dst_offset: int = 0,
+        imm: int | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Write pages: page ``i`` goes from ``src_offset + src_pages[i] * src_stride``
+        to ``dst_offset + dst_pages[i] * dst_stride``, ``page_size`` bytes each.
+
+        One immediate per page (when ``imm`` is given). Returns the page count.
+        """
+        self._check_open()
+        s = self._local(src)
+        if s.offset or s.nbytes != s.region.nbytes:
+            raise TypeError(
+                "write_paged takes a whole Region as the source; use src_offset to shift"
+            )
+        if not isinstance(dst, Descriptor):
+            raise TypeError(
+                "write_paged takes a whole Descriptor as the destination; use dst_offset to shift"
+            )
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+            raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+        if page_size > dst.chunk_bytes:
+            raise ValueError(
+                f"page_size {page_size} exceeds the target's chunk_bytes {dst.chunk_bytes}"
+            )
+        ss = page_size if src_stride is None else src_stride
+        ds = page_size if dst_stride is None else dst_stride
+        for name, v in (
+            ("src_stride", ss),
+            ("dst_stride", ds),
+            ("src_offset", src_offset),
+            ("dst_offset", dst_offset),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        sp = _page_array(src_pages, "src_pages")
+        dp = _page_array(dst_pages, "dst_pages")
+        if sp.shape != dp.shape:
+            raise ValueError(f"src_pages has {sp.size} entries but dst_pages has {dp.size}")
+        n = int(sp.size)
+        imm_v = -1 if imm is None else check_imm(imm)
+        self._check_target(dst)
+        src_off = src_offset + sp * np.uint64(ss)
+        dst_off = dst_offset + dp * np.uint64(ds)
+        if n:
+            if int(src_off.max()) + page_size > s.region.nbytes:
+                raise RegionError(
+                    f"a source page reaches byte {int(src_off.max()) + page_size}, past the "
+                    f"{s.region.nbytes}-byte source region"
+                )
+            if int(dst_off.max()) + page_size > dst.nbytes:
+                raise RegionError(
+                    f"a destination page reaches byte {int(dst_off.max()) + page_size}, past the "
+                    f"{dst.nbytes}-byte destination region"
+                )
+        else:
+            return 0
+        peer = self._peer(dst.address)
+        region = s.region
+        token = next(self._tokens)
+        w = self._loop.new_waiter()
+        self._ops[token] = (w, region)
+        try:
+            rc = self._t.post_paged(
+                token,
+                peer.id,
+                peer.ndom,
+                region.ptr,
+                region._reg.handle,
+                np.ascontiguousarray(src_off, np.uint64),
+                np.ascontiguousarray(dst_off, np.uint64),
+                page_size,
+                self._remote(dst),
+                imm_v,
+            )
+        except BaseException:
+            self._ops.pop(token, None)
+            raise
+        await self._finish(token, w, rc, region, timeout)
+        return n
+
+    async def send(
+        self,
+        to: bytes | Descriptor | _Peer,
+        data: bytes | bytearray | memoryview,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Two-sided send of a small control message (at most ``ctrl_max`` bytes)."""
+        self._check_open()
+        peer = to if isinstance(to, _Peer) else self.connect(to)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"send takes bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) > self._ctrl_max:
+            raise ValueError(
+                f"message of {len(data)} bytes exceeds ctrl_max={self._ctrl_max}; "
+                "use write() for bulk data or open the engines with a larger ctrl_max"
+            )
+        token = next(self._tokens)
+        w = self._loop.new_waiter()
+        self._ops[token] = (w, None)
+        try:
+            rc = self._t.post_send(token, peer.id, data)
+        except BaseException:
+            self._ops.pop(token, None)
+            raise
+        await self._finish(token, w, rc, None, timeout)
+
+    async def recv(self, *, timeout: float | None = None) -> bytes:
+        """Receive the next control message sent to this engine."""
+        self._check_open()
+        self._after_call()
+        if self._inbox:
+            return self._inbox.popleft()
+        w = self._loop.new_waiter()
+        self._recv_waiters.append(w)
+        self._spin_for(w)
+        try:
+            return await self._loop.wait(w, timeout)
+        except BaseException as exc:
+            if w.done() and not w.cancelled() and w.exception() is None:
+                self._inbox.appendleft(w.result())  # delivered but not taken: keep it
+            elif w in self._recv_waiters:
+                self._recv_waiters.remove(w)
+            if isinstance(exc, TimeoutError) and not isinstance(exc, ImmTimeout):
+                raise ImmTimeout(f"no message arrived within {timeout} s") from None
+            raise
+
+    def counter(self, imm: int) -> ImmCounter:
+        """The counter of immediates carrying ``imm`` (one object per value)."""
+        self._check_open()
+        imm = check_imm(imm)
+        c = self._counters.get(imm)
+        if c is None:
+            c = self._counters[imm] = ImmCounter(self, imm)
+        return c
+
+    # ---------------------------------------------------------------- completion plumbing
+
+    async def _finish(
+        self, token: int, w: Any, rc: int, region: Region | None, timeout: float | None
+    ) -> None:
+        if rc == 1:  # finished inside the call (injected)
+            self._ops.pop(token, None)
+            self._after_call()
+            return
+        if region is not None:
+            region._inflight += 1
+        self._after_call()
+        if not w.done():
+            self._spin_for(w)
+        try:
+            await self._loop.wait(w, timeout)
+        except TimeoutError:
+            raise ImmTimeout(
+                f"transfer not complete within {timeout} s; it stays in flight and its region "
+                "stays registered until the transport finishes or fails it"
+            ) from None
+
+    def _spin_for(self, w: Any) -> None:
+        if self._wait_spin_ns and not w.done():
+            if self._t.spin(self._wait_spin_ns):
+                self._drain()
+
+    def _after_call(self) -> None:
+        if self._t.pending_events():
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self._closed:
+            self._t.drain(self)
+
+    def _on_op(self, token: int, status: int) -> None:
+        entry = self._ops.pop(token, None)
+        if entry is None:
+            return
+        w, region = entry
+        if region is not None:
+            region._inflight -= 1
+            if region._closed and region._inflight == 0:
+                self._deregister(region)
+        if w.done():
+            return
+        if status:
+            w.set_exception(self._t.error(status, "transfer"))
+        else:
+            w.set_result(None)
+
+    def _on_counter(self, imm: int) -> None:
+        c = self._counters.get(imm)
+        if c is not None:
+            c._serve()
+
+    def _on_message(self, data: bytes) -> None:
+        while self._recv_waiters:
+            w = self._recv_waiters.popleft()
+            if not w.done():
+                w.set_result(data)
+                return
+        self._inbox.append(data)
+
+    def _on_fatal(self, domain: int, status: int) -> None:
+        self._fatal = self._t.error(status, f"domain {domain}")
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("open" if self._opened else "not open")
+        prov = self._t.provider if self._opened else self._spec
+        return f"<Engine {self._backend.name}:{prov} domains={self._domains} {state}>"
+
+
+def _page_array(pages: Any, name: str) -> np.ndarray:
+    arr = np.asarray(pages)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr.astype(np.uint64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "i" and int(arr.min()) < 0:
+        raise ValueError(f"{name} has a negative page index ({int(arr.min())})")
+    return arr.astype(np.uint64, copy=False)

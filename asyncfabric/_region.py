@@ -1,0 +1,139 @@
+"""Registered local memory: regions and their slices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._buffers import BufferInfo
+from ._descriptor import FLAG_REMOTE_READ, FLAG_REMOTE_WRITE, Descriptor, _slice_bounds
+from ._errors import RegionError
+from ._imm import expected_imms
+from .abc import RegHandle
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+
+class Region:
+    """Memory registered with an engine. Slice it (``region[a:b]``) to name bytes to write from.
+
+    Use as a context manager, or call :meth:`close`; a region with transfers in
+    flight is unregistered when the last of them completes, and its buffer is
+    kept alive until then.
+    """
+
+    __slots__ = (
+        "_engine",
+        "_info",
+        "_reg",
+        "_id",
+        "_flags",
+        "_closed",
+        "_inflight",
+        "_desc",
+        "__weakref__",
+    )
+
+    def __init__(
+        self, engine: Engine, info: BufferInfo, reg: RegHandle, region_id: int, flags: int
+    ) -> None:
+        self._engine = engine
+        self._info = info
+        self._reg = reg
+        self._id = region_id
+        self._flags = flags
+        self._closed = False
+        self._inflight = 0
+        self._desc: Descriptor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self._info.nbytes
+
+    @property
+    def buffer(self) -> Any:
+        """The registered object (kept alive by the region)."""
+        return self._info.owner
+
+    @property
+    def ptr(self) -> int:
+        return self._info.ptr
+
+    @property
+    def device(self) -> str:
+        return self._info.device
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def __len__(self) -> int:
+        return self._info.nbytes
+
+    def __getitem__(self, s: slice) -> RegionSlice:
+        start, stop = _slice_bounds(s, self._info.nbytes, "region")
+        return RegionSlice(self, start, stop - start)
+
+    def descriptor(self) -> Descriptor:
+        """What a peer needs to write into this region; send ``bytes(desc)`` out of band."""
+        self._check()
+        if self._desc is None:
+            self._desc = Descriptor(
+                address=self._engine._addr,
+                region_id=self._id,
+                nbytes=self._info.nbytes,
+                chunk_bytes=self._engine.chunk_bytes,
+                bases=self._reg.bases,
+                keys=self._reg.keys,
+                flags=self._flags,
+            )
+        return self._desc
+
+    def expected_imms(self, nbytes: int | None = None, *, pages: int | None = None) -> int:
+        """Immediates a write of ``nbytes`` (or ``pages`` pages) into this region delivers."""
+        if pages is not None:
+            return expected_imms(pages=pages)
+        n = self._info.nbytes if nbytes is None else nbytes
+        return expected_imms(n, chunk_bytes=self._engine.chunk_bytes)
+
+    def _check(self) -> None:
+        if self._closed:
+            raise RegionError("region was unregistered; register the buffer again to use it")
+        self._engine._check_open()
+
+    def close(self) -> None:
+        """Unregister: peers' writes through its descriptor are refused from now on."""
+        if self._closed:
+            return
+        self._closed = True
+        self._engine._regions.pop(self._id, None)
+        if self._inflight == 0:
+            self._engine._deregister(self)
+
+    def __enter__(self) -> Region:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._info.nbytes} bytes"
+        return f"<Region {self._id} {state} on {self._info.device}>"
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSlice:
+    """A byte range ``[offset, offset + nbytes)`` of a local region."""
+
+    region: Region
+    offset: int
+    nbytes: int
+
+
+def flags_for(remote_write: bool, remote_read: bool) -> int:
+    return (FLAG_REMOTE_WRITE if remote_write else 0) | (FLAG_REMOTE_READ if remote_read else 0)

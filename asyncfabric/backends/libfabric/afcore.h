@@ -1,0 +1,89 @@
+/* asyncfabric native core: the declarations Python sees through cffi.
+ *
+ * This header is parsed by cffi's cdef (no preprocessor), so it holds only
+ * plain declarations. afcore.c includes it too, so the two cannot drift.
+ */
+
+typedef struct af_engine af_engine;
+
+/* What the native side reports to Python. One event per finished transfer,
+ * per satisfied counter arm, per received message: never per write or page. */
+typedef struct af_event {
+    uint32_t kind;   /* AF_EV_* */
+    uint32_t a;      /* counter: imm; recv: rx slot */
+    int32_t status;  /* 0 or a negative libfabric errno */
+    uint32_t len;    /* recv: message length */
+    uint64_t token;  /* op done: the caller's token */
+} af_event;
+
+typedef struct af_dominfo {
+    char provider[64];
+    char fabric[128];
+    char domain[128];
+    uint64_t max_msg_size;
+    uint64_t inject_size;
+    uint64_t cq_data_size;
+    uint64_t mr_mode;
+    uint64_t mr_key_size;
+    uint32_t tx_credits;
+    uint32_t rx_slots;
+    int32_t wait_fd;      /* CQ wait fd, or -1 when the CQ has none */
+    int32_t rx_cq_data;   /* FI_RX_CQ_DATA: remote CQ data consumes a posted receive */
+} af_dominfo;
+
+typedef struct af_policy {
+    uint64_t spin_ns;        /* progress thread: busy-poll this long after the last completion */
+    uint64_t idle_block_ns;  /* then block at most this long per wait when nothing is in flight */
+    uint64_t busy_block_ns;  /* ...and at most this long while transfers are in flight */
+} af_policy;
+
+typedef struct af_stats {
+    uint64_t completions;
+    uint64_t imms;
+    uint64_t posts;
+    uint64_t eagain;
+    uint64_t blocks;
+    uint64_t wakeups;
+    uint64_t spins;
+    uint64_t cq_errors;
+    uint64_t live_ops;
+    uint64_t live_mrs;
+} af_stats;
+
+int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max,
+             uint32_t rx_slots, int want_hmem, af_engine **out, char *err, size_t errlen);
+int afe_probe(const char *prov, const char *node, char *err, size_t errlen);
+int afe_dominfo(af_engine *e, int d, af_dominfo *out);
+int afe_getname(af_engine *e, int d, void *buf, size_t *len);
+int afe_start(af_engine *e, const af_policy *policy);
+int afe_notify_fd(af_engine *e);
+void afe_close(af_engine *e);
+void afe_stats(af_engine *e, af_stats *out);
+
+int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, int64_t *out_peer);
+
+int afe_mr_reg(af_engine *e, void *addr, uint64_t len, uint64_t access, int iface,
+               uint64_t device, uint64_t *keys, uint64_t *bases);
+int afe_mr_close(af_engine *e, int mr);
+
+int afe_post_write(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *laddr,
+                   int mr, uint64_t len, uint64_t chunk, const uint64_t *rbase,
+                   const uint64_t *rkey, uint64_t roff, int64_t imm);
+int afe_post_paged(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *laddr,
+                   int mr, const uint64_t *src_off, const uint64_t *dst_off, uint64_t npages,
+                   uint64_t page, const uint64_t *rbase, const uint64_t *rkey, int64_t imm);
+int afe_post_send(af_engine *e, uint64_t token, uint32_t peer, const void *buf, uint32_t len);
+
+int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want);
+void afe_counter_disarm(af_engine *e, uint32_t imm);
+uint64_t afe_counter_avail(af_engine *e, uint32_t imm);
+void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n);
+uint64_t afe_counter_live(af_engine *e);
+
+int afe_drain(af_engine *e, af_event *out, int max);
+int afe_nevents(af_engine *e);
+int afe_spin(af_engine *e, uint64_t ns);
+int afe_kick(af_engine *e);
+int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len);
+
+const char *afe_strerror(int err);
