@@ -10,6 +10,7 @@ Data flow of one transfer (docs/design.md has the full picture)::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections import deque
@@ -22,7 +23,7 @@ from ._address import EngineAddress
 from ._buffers import buffer_info
 from ._counter import ImmCounter
 from ._descriptor import Descriptor, RemoteSlice
-from ._errors import EngineClosed, ImmTimeout, RegionError, TransferError
+from ._errors import EngineClosed, ImmTimeout, PeerUnreachable, RegionError, TransferError
 from ._imm import check_imm
 from ._loop import LoopAdapter, current_adapter
 from ._policy import ProgressPolicy
@@ -30,6 +31,10 @@ from ._region import Region, RegionSlice, flags_for
 from .abc import Transport
 
 DEFAULT_CHUNK = 1 << 20
+# uids of engines closed in this process: a descriptor naming one is refused up
+# front (libfabric's shm crashes inserting the address of a closed endpoint of
+# its own process).
+_CLOSED_UIDS: set[bytes] = set()
 DEFAULT_CTRL_MAX = 8192
 
 
@@ -49,6 +54,8 @@ class Engine:
     domains to stripe over (several NICs; on loopback several instances stand
     in). ``node``: the local address to bind (tcp, verbs). ``chunk_bytes``:
     the largest single write; a longer write is split, one immediate per chunk.
+    ``peer_timeout``: a transfer the peer does not take within this many
+    seconds fails with :class:`PeerUnreachable`.
     """
 
     def __init__(
@@ -61,11 +68,15 @@ class Engine:
         progress: ProgressPolicy | None = None,
         ctrl_max: int = DEFAULT_CTRL_MAX,
         local_only: bool = False,
+        peer_timeout: float = 5.0,
     ) -> None:
         if isinstance(domains, bool) or not isinstance(domains, int) or not 1 <= domains <= 16:
             raise ValueError(f"domains must be an int from 1 to 16, got {domains!r}")
         if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        if not isinstance(peer_timeout, (int, float)) or peer_timeout <= 0:
+            raise ValueError(f"peer_timeout must be > 0 seconds, got {peer_timeout!r}")
+        self.peer_timeout = float(peer_timeout)
         if not isinstance(ctrl_max, int) or not 64 <= ctrl_max <= 1 << 20:
             raise ValueError(f"ctrl_max must be an int from 64 to 1 MiB, got {ctrl_max!r}")
         self._backend, self._provider_req = backends.resolve(provider, local_only=local_only)
@@ -115,7 +126,9 @@ class Engine:
         self._recv_waiters: deque[Any] = deque()
         self._wait_spin_ns = int(self.policy.wait_spin_us * 1e3)
         self._fatal: BaseException | None = None
-        t.start(self.policy.to_ns())
+        t.start(
+            dataclasses.replace(self.policy.to_ns(), post_timeout_ns=int(self.peer_timeout * 1e9))
+        )
         self._loop.watch(t.notify_fd, self._drain)
 
     async def __aenter__(self) -> Engine:
@@ -150,6 +163,7 @@ class Engine:
             r._closed = True
         self._regions.clear()
         self._t.close()
+        _CLOSED_UIDS.add(self._addr.uid)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -257,6 +271,8 @@ class Engine:
         p = self._peers.get(key)
         if p is not None:
             return p
+        if key in _CLOSED_UIDS:
+            raise PeerUnreachable("the engine this address or descriptor belongs to was closed")
         if ea.backend != self._t.backend or ea.provider != self._t.provider:
             raise TransferError(
                 f"the peer speaks {ea.backend}:{ea.provider}, this engine speaks "

@@ -40,6 +40,7 @@ class PolicyNs:
     spin_ns: int
     idle_block_ns: int
     busy_block_ns: int
+    post_timeout_ns: int = 5_000_000_000
 
 
 class EventSink(Protocol):

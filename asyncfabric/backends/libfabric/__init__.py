@@ -124,7 +124,10 @@ class LibfabricTransport(Transport):
         return int(lib.afe_notify_fd(self._e))
 
     def start(self, policy: PolicyNs) -> None:
-        p = ffi.new("af_policy *", (policy.spin_ns, policy.idle_block_ns, policy.busy_block_ns))
+        p = ffi.new(
+            "af_policy *",
+            (policy.spin_ns, policy.idle_block_ns, policy.busy_block_ns, policy.post_timeout_ns),
+        )
         rc = lib.afe_start(self._e, p)
         if rc:
             raise TransferError(f"cannot start the progress thread: {strerror(rc)}", -rc)
@@ -312,6 +315,12 @@ class LibfabricTransport(Transport):
         text = strerror(status)
         if errno in _ACCESS_ERRNOS:
             return RemoteAccessError(f"{what} was refused by the target: {text}", errno)
+        if errno == 110:
+            return PeerUnreachable(
+                f"{what} failed: the peer did not accept it within the engine's peer_timeout "
+                "(is the peer's engine still open?)",
+                errno,
+            )
         if errno in _PEER_ERRNOS:
             return PeerUnreachable(f"{what} failed, the peer is unreachable: {text}", errno)
         return TransferError(f"{what} failed: {text} (libfabric errno {errno})", errno)

@@ -114,6 +114,7 @@ typedef struct af_op {
     int32_t status, mr;
     int active, pending;
     uint64_t total, posted, outstanding;
+    uint64_t t_queued;
     uint8_t *laddr;
     uint64_t len, chunk, page;
     uint64_t raddr[AF_MAX_DOMS], rkey[AF_MAX_DOMS];
@@ -512,16 +513,36 @@ static int pump_op(af_engine *e, uint32_t opi) {
     return AF_DONE;
 }
 
+/* Retry every queued op. One that cannot go out (a peer that is not there,
+ * no credits) does not hold up the others; one that cannot go out for
+ * post_timeout_ns fails with FI_ETIMEDOUT instead of waiting forever. */
 static void pump_pending(af_engine *e) {
-    while (e->pend_head != AF_NONE) {
-        uint32_t i = e->pend_head;
-        if (pump_op(e, i) == AF_AGAIN) return;
+    uint32_t prev = AF_NONE, i = e->pend_head;
+    uint64_t now = 0;
+    while (i != AF_NONE) {
         af_op *op = &e->ops[i];
-        e->pend_head = op->next;
-        if (e->pend_head == AF_NONE) e->pend_tail = AF_NONE;
+        uint32_t next = op->next;
+        int r = pump_op(e, i);
+        if (r == AF_AGAIN && e->pol.post_timeout_ns) {
+            if (!now) now = now_ns();
+            if (now - op->t_queued > e->pol.post_timeout_ns) {
+                if (!op->status) op->status = -FI_ETIMEDOUT;
+                op->total = op->posted;
+                r = AF_DONE;
+            }
+        }
+        if (r == AF_AGAIN) {
+            prev = i;
+            i = next;
+            continue;
+        }
+        if (prev == AF_NONE) e->pend_head = next;
+        else e->ops[prev].next = next;
+        if (e->pend_tail == i) e->pend_tail = prev;
         op->pending = 0;
         op->next = AF_NONE;
         maybe_finish(e, i);
+        i = next;
     }
 }
 
@@ -530,9 +551,9 @@ static void pump_pending(af_engine *e) {
  * or a negative errno when it failed before anything went out. */
 static int start_op(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
-    int again = e->pend_head != AF_NONE || pump_op(e, i) == AF_AGAIN;
-    if (again) {
+    if (pump_op(e, i) == AF_AGAIN) {
         op->pending = 1;
+        op->t_queued = now_ns();
         if (e->pend_tail == AF_NONE) e->pend_head = i;
         else e->ops[e->pend_tail].next = i;
         e->pend_tail = i;
@@ -1281,6 +1302,17 @@ void afe_close(af_engine *e) {
         kick(e);
         pthread_join(e->thr, NULL);
         e->started = 0;
+    }
+    /* Let providers finish handling connection events (a peer that died, a
+     * shutdown in flight) before their endpoints go: rxm in libfabric 1.17 can
+     * crash closing an endpoint with such events unread. */
+    if (e->ndom && e->dom[0].ep) {
+        uint64_t t0 = now_ns();
+        pthread_mutex_lock(&e->lock);
+        e->py_ctx = 1;
+        while (now_ns() - t0 < 20000000ull) progress_locked(e);
+        e->py_ctx = 0;
+        pthread_mutex_unlock(&e->lock);
     }
     for (int i = 0; i < e->nmrs; i++)
         for (int d = 0; d < e->ndom; d++)

@@ -35,6 +35,7 @@ typedef struct af_policy {
     uint64_t spin_ns;        /* progress thread: busy-poll this long after the last completion */
     uint64_t idle_block_ns;  /* then block at most this long per wait when nothing is in flight */
     uint64_t busy_block_ns;  /* ...and at most this long while transfers are in flight */
+    uint64_t post_timeout_ns; /* a transfer that cannot be posted this long fails (0: never) */
 } af_policy;
 
 typedef struct af_stats {

@@ -1,0 +1,176 @@
+"""A peer engine in another OS process, driven over a pipe: for tests and benchmarks.
+
+The child runs a small command loop on its own asyncio loop; the parent talks
+to it with :class:`PeerProcess` from asyncio or trio (pipe reads happen in a
+worker thread). Only plain tuples of bytes, ints and strings cross the pipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+import anyio
+import numpy as np
+
+
+def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None:
+    import asyncio
+
+    from asyncfabric import Descriptor, Engine
+
+    async def serve() -> None:
+        async with Engine(provider, **kwargs) as eng:
+            regions: dict[int, Any] = {}
+            conn.send(("ok", eng.address))
+            loop = asyncio.get_running_loop()
+            while True:
+                cmd, *args = await loop.run_in_executor(None, conn.recv)
+                try:
+                    if cmd == "exit":
+                        conn.send(("ok", None))
+                        return
+                    if cmd == "alloc":
+                        nbytes, seed = args
+                        if seed is None:
+                            buf = np.zeros(nbytes, np.uint8)
+                        else:
+                            buf = np.random.default_rng(seed).integers(
+                                0, 256, nbytes, dtype=np.uint8
+                            )
+                        r = eng.register(buf)
+                        regions[id(r)] = r
+                        conn.send(("ok", (id(r), bytes(r.descriptor()))))
+                    elif cmd == "free":
+                        regions.pop(args[0]).close()
+                        conn.send(("ok", None))
+                    elif cmd == "wait":
+                        imm, n, timeout = args
+                        await eng.counter(imm).wait(n, timeout=timeout)
+                        conn.send(("ok", None))
+                    elif cmd == "count":
+                        conn.send(("ok", eng.counter(args[0]).count))
+                    elif cmd == "digest":
+                        rid, off, n = args
+                        mv = memoryview(regions[rid].buffer).cast("B")[off : off + n]
+                        conn.send(("ok", hashlib.sha256(mv).hexdigest()))
+                    elif cmd == "read":
+                        rid, off, n = args
+                        conn.send(
+                            ("ok", bytes(memoryview(regions[rid].buffer).cast("B")[off : off + n]))
+                        )
+                    elif cmd == "write":
+                        rid, desc, off, roff, n, imm = args
+                        d = Descriptor.from_bytes(desc)
+                        await eng.write(regions[rid][off : off + n], d[roff : roff + n], imm=imm)
+                        conn.send(("ok", None))
+                    elif cmd == "write_imms":
+                        # many small writes with the given immediates, all in flight at once
+                        rid, desc, imms = args
+                        d = Descriptor.from_bytes(desc)
+                        src = regions[rid]
+                        await asyncio.gather(*(eng.write(src[0:8], d[0:8], imm=i) for i in imms))
+                        conn.send(("ok", None))
+                    elif cmd == "send":
+                        to, data = args
+                        await eng.send(to, data)
+                        conn.send(("ok", None))
+                    elif cmd == "recv":
+                        conn.send(("ok", await eng.recv(timeout=args[0])))
+                    elif cmd == "stats":
+                        conn.send(("ok", eng.stats()))
+                    else:
+                        conn.send(("err", f"unknown command {cmd!r}"))
+                except Exception as exc:  # reported to the parent, which raises it
+                    conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+    asyncio.run(serve())
+
+
+class PeerError(RuntimeError):
+    """The peer process reported an error."""
+
+
+class PeerProcess:
+    """Start with ``async with PeerProcess("shm") as peer``; ``peer.address`` is its engine address."""
+
+    def __init__(self, provider: str, **engine_kwargs: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_child_main,
+            args=(child, provider, engine_kwargs),
+            daemon=True,
+            name="asyncfabric-peer",
+        )
+        self._child = child
+        self.address: bytes = b""
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    async def __aenter__(self) -> PeerProcess:
+        self.proc.start()
+        self._child.close()
+        self.address = await self._reply(timeout=60)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.proc.is_alive():
+            try:
+                await self.call("exit", timeout=10)
+            except Exception:
+                pass
+            await anyio.to_thread.run_sync(self.proc.join, 10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            await anyio.to_thread.run_sync(self.proc.join, 5)
+        self._conn.close()
+
+    def kill(self) -> None:
+        """SIGKILL the peer (failure tests)."""
+        self.proc.kill()
+
+    async def _reply(self, timeout: float) -> Any:
+        def get() -> Any:
+            if not self._conn.poll(timeout):
+                raise TimeoutError(f"peer process gave no answer within {timeout} s")
+            return self._conn.recv()
+
+        status, value = await anyio.to_thread.run_sync(get)
+        if status != "ok":
+            raise PeerError(value)
+        return value
+
+    async def call(self, cmd: str, *args: Any, timeout: float = 120) -> Any:
+        self._conn.send((cmd, *args))
+        return await self._reply(timeout)
+
+    # conveniences
+    async def alloc(self, nbytes: int, seed: int | None = None) -> tuple[int, bytes]:
+        return await self.call("alloc", nbytes, seed)
+
+    async def wait(self, imm: int, n: int, timeout: float = 30) -> None:
+        await self.call("wait", imm, n, timeout, timeout=timeout + 30)
+
+    async def digest(self, rid: int, off: int, n: int) -> str:
+        return await self.call("digest", rid, off, n)
+
+
+def sha256(buf: Any, off: int = 0, n: int | None = None) -> str:
+    mv = memoryview(buf).cast("B")
+    return hashlib.sha256(mv[off : off + n if n is not None else None]).hexdigest()
+
+
+def random_bytes(n: int, seed: int | None = None) -> np.ndarray:
+    if seed is None:
+        return np.frombuffer(os.urandom(n), np.uint8).copy()
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
