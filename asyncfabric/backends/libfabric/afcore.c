@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -149,6 +150,7 @@ struct af_engine {
 
     af_ctr *ctr;
     uint64_t ctr_cap, ctr_n;
+    uint64_t armed; /* counters somebody waits on: keep the progress thread's naps short */
 
     af_event *ev;
     uint32_t ev_cap, ev_head, ev_count;
@@ -310,6 +312,7 @@ static inline void count_imm(af_engine *e, uint32_t imm) {
     e->st.imms++;
     if (c->want && c->avail >= c->want) {
         c->want = 0;
+        e->armed--;
         push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
     }
 }
@@ -319,6 +322,7 @@ int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want) {
     enter_py(e);
     af_ctr *c = ctr_find(e, imm, 1);
     int r;
+    if (c->want) e->armed--;
     if (c->avail >= want) {
         c->avail -= want;
         c->want = 0;
@@ -326,6 +330,7 @@ int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want) {
         r = 1;
     } else {
         c->want = want;
+        e->armed++;
         r = 0;
     }
     leave_py(e);
@@ -336,6 +341,7 @@ void afe_counter_disarm(af_engine *e, uint32_t imm) {
     enter_py(e);
     af_ctr *c = ctr_find(e, imm, 0);
     if (c) {
+        if (c->want) e->armed--;
         c->want = 0;
         if (!c->avail) ctr_delete(e, c);
     }
@@ -357,6 +363,7 @@ void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n) {
     c->avail += n;
     if (c->want && c->avail >= c->want) {
         c->want = 0;
+        e->armed--;
         push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
     }
     leave_py(e);
@@ -839,6 +846,9 @@ static int block(af_engine *e, uint64_t ns, uint64_t gen_seen) {
 
 static void *progress_main(void *arg) {
     af_engine *e = arg;
+    /* Naps of tens of microseconds mean nothing with Linux's default 50 us
+     * timer slack. */
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     uint64_t last = now_ns();
     while (!atomic_load(&e->stop)) {
         if (atomic_load(&e->spinners)) {
@@ -851,7 +861,7 @@ static void *progress_main(void *arg) {
         }
         pthread_mutex_lock(&e->lock);
         int n = progress_locked(e);
-        int busy = e->live_ops > 0;
+        int busy = e->live_ops > 0 || e->armed > 0;
         uint64_t gen = e->work_gen;
         pthread_mutex_unlock(&e->lock);
         uint64_t t = now_ns();
