@@ -9,6 +9,7 @@ its own small adapter.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -119,6 +120,8 @@ class TrioAdapter(LoopAdapter):
         self._scope = trio.CancelScope()
 
         async def watcher() -> None:
+            # A system task must never raise (trio would abort the whole run): an error
+            # in dispatch is reported and the watcher keeps serving.
             with self._scope:
                 while True:
                     await trio.lowlevel.wait_readable(fd)
@@ -126,7 +129,10 @@ class TrioAdapter(LoopAdapter):
                         os.read(fd, 8)
                     except BlockingIOError:
                         pass
-                    callback()
+                    try:
+                        callback()
+                    except Exception:
+                        logging.getLogger("asyncfabric").exception("event dispatch failed")
 
         trio.lowlevel.spawn_system_task(watcher, name="asyncfabric-notify")
 

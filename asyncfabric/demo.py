@@ -39,7 +39,9 @@ async def receiver(provider: str, buffer_bytes: int, rounds: int, pings: int) ->
             data = eng.counter(IMM_DATA)
             for _ in range(rounds):
                 await data.wait(region.expected_imms(), timeout=60)
-                await eng.send(writer_desc, b"landed")  # every immediate counted: all bytes are here
+                await eng.send(
+                    writer_desc, b"landed"
+                )  # every immediate counted: all bytes are here
                 await eng.send(writer_desc, _digest(dst))
             ping = eng.counter(IMM_PING)
             for _ in range(pings):
@@ -51,8 +53,19 @@ async def receiver(provider: str, buffer_bytes: int, rounds: int, pings: int) ->
 async def writer(provider: str, gib: float, buffer_bytes: int, pings: int) -> int:
     rounds = max(1, int(gib * (1 << 30) // buffer_bytes))
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "asyncfabric.demo", "--role", "receiver", "--provider", provider,
-        "--buffer-mib", str(buffer_bytes >> 20), "--rounds", str(rounds), "--pings", str(pings),
+        sys.executable,
+        "-m",
+        "asyncfabric.demo",
+        "--role",
+        "receiver",
+        "--provider",
+        provider,
+        "--buffer-mib",
+        str(buffer_bytes >> 20),
+        "--rounds",
+        str(rounds),
+        "--pings",
+        str(pings),
         stdout=asyncio.subprocess.PIPE,
     )
     try:
@@ -82,10 +95,12 @@ async def writer(provider: str, gib: float, buffer_bytes: int, pings: int) -> in
                         bad += 1
                         print(f"round {r}: DIGEST MISMATCH", file=sys.stderr)
                 gbps = moved / busy / 1e9
-                print(f"moved {moved / (1 << 30):.2f} GiB in {rounds} writes of "
-                      f"{buffer_bytes >> 20} MiB ({remote.expected_imms(buffer_bytes)} immediates each): "
-                      f"{gbps:.2f} GB/s (write until the receiver's counter fired), "
-                      f"{'all verified' if not bad else f'{bad} rounds CORRUPT'}")
+                print(
+                    f"moved {moved / (1 << 30):.2f} GiB in {rounds} writes of "
+                    f"{buffer_bytes >> 20} MiB ({remote.expected_imms(buffer_bytes)} immediates each): "
+                    f"{gbps:.2f} GB/s (write until the receiver's counter fired), "
+                    f"{'all verified' if not bad else f'{bad} rounds CORRUPT'}"
+                )
                 pong = eng.counter(IMM_PONG)
                 rtts = []
                 for _ in range(pings):
@@ -96,8 +111,10 @@ async def writer(provider: str, gib: float, buffer_bytes: int, pings: int) -> in
                 rtts.sort()
                 p50 = statistics.median(rtts)
                 p99 = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))]
-                print(f"latency: {pings} WriteImm ping-pongs, round trip p50 {p50:.1f} us, "
-                      f"p99 {p99:.1f} us (one way ~{p50 / 2:.1f} us)")
+                print(
+                    f"latency: {pings} WriteImm ping-pongs, round trip p50 {p50:.1f} us, "
+                    f"p99 {p99:.1f} us (one way ~{p50 / 2:.1f} us)"
+                )
                 await eng.send(remote, b"bye")
         rc = await asyncio.wait_for(child.wait(), 60)
         if rc:
@@ -120,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gib", type=float, default=1.0, help="GiB of data to move (default: 1)")
     p.add_argument("--buffer-mib", type=int, default=64, help="size of one write (default: 64)")
     p.add_argument("--pings", type=int, default=2000, help="latency round trips (default: 2000)")
-    p.add_argument("--role", choices=["writer", "receiver"], default="writer", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--role", choices=["writer", "receiver"], default="writer", help=argparse.SUPPRESS
+    )
     p.add_argument("--rounds", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.buffer_mib <= 0 or a.gib <= 0 or a.pings <= 0:

@@ -75,6 +75,19 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         src = regions[rid]
                         await asyncio.gather(*(eng.write(src[0:8], d[0:8], imm=i) for i in imms))
                         conn.send(("ok", None))
+                    elif cmd == "echo":
+                        # answer each immediate `imm_in` with a zero-byte write of `imm_out`
+                        desc, imm_in, imm_out, n = args
+                        d = Descriptor.from_bytes(desc)
+                        c = eng.counter(imm_in)
+                        conn.send(("ok", None))  # ready: the caller may start
+                        for _ in range(n):
+                            await c.wait(1, timeout=30)
+                            await eng.write_imm(d, imm_out)
+                        conn.send(("ok", None))
+                    elif cmd == "cpu":
+                        t = os.times()
+                        conn.send(("ok", t.user + t.system))
                     elif cmd == "send":
                         to, data = args
                         await eng.send(to, data)
