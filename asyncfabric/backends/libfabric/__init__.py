@@ -142,7 +142,7 @@ class LibfabricTransport(Transport):
         keep = [ffi.from_buffer(a) for a in addresses]
         arr = ffi.new("void *[]", keep)
         out = ffi.new("int64_t *")
-        rc = lib.afe_add_peer(self._e, len(addresses), arr, out)
+        rc = lib.afe_add_peer(self._e, len(addresses), arr, len(addresses[0]), out)
         if rc:
             raise PeerUnreachable(
                 f"cannot add the peer's address to the address vector: {strerror(rc)} "

@@ -61,9 +61,9 @@ def make_ffi() -> FFI:
         include_dirs=[str(HERE), *incs],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
-        libraries=["fabric", "pthread"],
+        libraries=["fabric", "pthread", "rt"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-        depends=[str(HERE / "afcore.c"), str(HERE / "afcore.h")],
+        depends=[str(HERE / n) for n in ("afcore.c", "afcore.h", "doorbell.h")],
     )
     return ffibuilder
 

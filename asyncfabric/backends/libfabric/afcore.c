@@ -37,6 +37,7 @@
 #include <rdma/fi_rma.h>
 
 #include "afcore.h"
+#include "doorbell.h"
 
 #define AF_MAX_DOMS 16
 #define AF_NONE UINT32_MAX
@@ -100,6 +101,7 @@ typedef struct af_dom {
 
 typedef struct af_peer {
     fi_addr_t addr[AF_MAX_DOMS];
+    af_bell bell;
 } af_peer;
 
 typedef struct af_mr {
@@ -156,6 +158,9 @@ struct af_engine {
     uint32_t ev_cap, ev_head, ev_count;
 
     int notify_fd, wake_fd;
+    af_bell_page *bell_page; /* our doorbell: peers on this host wake us through it */
+    int bell_fd;
+    char bell_name[64];
     int py_ctx;       /* the Python thread holds the lock: it drains events itself */
     uint64_t work_gen; /* bumped on every post: the progress thread must not sleep through it */
     atomic_int spinners, sleeping, stop;
@@ -444,7 +449,17 @@ static inline void commit_wr(af_dom *d, af_wr *wr) {
 
 /* Post as much of one transfer as the endpoints take. AF_AGAIN: back-pressure,
  * the op keeps its cursor and is resumed when completions free room. */
+static int pump_op_inner(af_engine *e, uint32_t opi);
+
 static int pump_op(af_engine *e, uint32_t opi) {
+    uint64_t before = e->ops[opi].posted;
+    int r = pump_op_inner(e, opi);
+    af_op *op = &e->ops[opi];
+    if (op->posted != before && bell_ring(e->bell_fd, &e->peers[op->peer].bell)) e->st.wakeups++;
+    return r;
+}
+
+static int pump_op_inner(af_engine *e, uint32_t opi) {
     af_op *op = &e->ops[opi];
     int retried = 0;
     while (op->posted < op->total) {
@@ -811,7 +826,7 @@ int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len) {
 /* ------------------------------------------------------------------ progress */
 
 static int block(af_engine *e, uint64_t ns, uint64_t gen_seen) {
-    struct pollfd pfd[AF_MAX_DOMS + 1];
+    struct pollfd pfd[AF_MAX_DOMS + 2];
     int n = 0;
     pfd[n].fd = e->wake_fd;
     pfd[n++].events = POLLIN;
@@ -832,15 +847,31 @@ static int block(af_engine *e, uint64_t ns, uint64_t gen_seen) {
         pfd[n++].events = POLLIN;
     }
     atomic_store(&e->sleeping, 1);
+    if (e->bell_page) {
+        /* Say we sleep, then look once more: a peer that posted before seeing
+         * the flag has its work found here; one that posts after rings. */
+        atomic_store(&e->bell_page->sleeping, 1);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (progress_locked(e) > 0) {
+            atomic_store(&e->bell_page->sleeping, 0);
+            atomic_store(&e->sleeping, 0);
+            pthread_mutex_unlock(&e->lock);
+            return 1;
+        }
+        pfd[n].fd = e->bell_fd;
+        pfd[n++].events = POLLIN;
+    }
     pthread_mutex_unlock(&e->lock);
     struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
     e->st.blocks++;
     int rc = ppoll(pfd, (nfds_t)n, &ts, NULL);
+    if (e->bell_page) atomic_store(&e->bell_page->sleeping, 0);
     atomic_store(&e->sleeping, 0);
     if (rc > 0 && (pfd[0].revents & POLLIN)) {
         uint64_t v;
         if (read(e->wake_fd, &v, sizeof v) < 0) { /* raced with another reader: fine */ }
     }
+    if (rc > 0 && e->bell_page && (pfd[n - 1].revents & POLLIN)) bell_drain(e->bell_fd);
     return rc > 0;
 }
 
@@ -1165,6 +1196,7 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
     e->ev = malloc(sizeof(af_event) * e->ev_cap);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->bell_fd = -1;
     if (!e->ctr || !e->ev || e->notify_fd < 0 || e->wake_fd < 0) {
         rc = -FI_ENOMEM;
         if (err) snprintf(err, errlen, "out of memory or file descriptors opening the engine");
@@ -1175,6 +1207,16 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
         rc = open_dom(e, &e->dom[i], distinct[i % ndistinct], i == 0, rx_slots, err, errlen);
         pthread_mutex_unlock(&e->lock);
         if (rc) goto fail;
+    }
+    {
+        char name[1024];
+        size_t len = sizeof name;
+        if (fi_getname(&e->dom[0].ep->fid, name, &len) == 0 &&
+            bell_create(bell_hash(name, len), &e->bell_page, &e->bell_fd, e->bell_name,
+                        sizeof e->bell_name)) {
+            e->bell_page = NULL;
+            e->bell_fd = -1;
+        }
     }
     fi_freeinfo(infos);
     *out = e;
@@ -1212,7 +1254,8 @@ int afe_getname(af_engine *e, int i, void *buf, size_t *len) {
     return rc;
 }
 
-int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, int64_t *out_peer) {
+int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_len0,
+                 int64_t *out_peer) {
     if (ndom < 1 || ndom > e->ndom) return -FI_EINVAL;
     enter_py(e);
     int rc = 0;
@@ -1227,12 +1270,16 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, int64_t *out_
     }
     if (!rc) {
         af_peer *p = &e->peers[e->npeers];
+        memset(p, 0, sizeof *p);
         for (int d = 0; d < AF_MAX_DOMS; d++) p->addr[d] = FI_ADDR_NOTAVAIL;
         for (int d = 0; d < ndom && !rc; d++) {
             int n = fi_av_insert(e->dom[d].av, addrs[d], 1, &p->addr[d], 0, NULL);
             if (n != 1) rc = n < 0 ? n : -FI_EADDRNOTAVAIL;
         }
-        if (!rc) *out_peer = e->npeers++;
+        if (!rc) {
+            bell_open_peer(bell_hash(addrs[0], addr_len0), &p->bell);
+            *out_peer = e->npeers++;
+        }
     }
     leave_py(e);
     return rc;
@@ -1334,7 +1381,9 @@ void afe_close(af_engine *e) {
             free(e->ops[i].msg);
         }
     free(e->ops);
+    for (uint32_t i = 0; i < e->npeers; i++) bell_close_peer(&e->peers[i].bell);
     free(e->peers);
+    bell_destroy(e->bell_page, e->bell_fd, e->bell_name);
     free(e->mrs);
     free(e->ctr);
     free(e->ev);

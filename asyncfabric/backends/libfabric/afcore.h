@@ -61,7 +61,8 @@ int afe_notify_fd(af_engine *e);
 void afe_close(af_engine *e);
 void afe_stats(af_engine *e, af_stats *out);
 
-int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, int64_t *out_peer);
+int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_len0,
+                 int64_t *out_peer);
 
 int afe_mr_reg(af_engine *e, void *addr, uint64_t len, uint64_t access, int iface,
                uint64_t device, uint64_t *keys, uint64_t *bases);
