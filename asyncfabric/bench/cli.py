@@ -1,10 +1,10 @@
 """``asyncfabric bench``: run suites, show progress and a result table, write JSON/CSV.
 
-    asyncfabric bench all --provider shm --json out.json --csv out.csv
-    asyncfabric bench write pingpong --quick
-    asyncfabric bench plot out.json --out plots/
-    asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
-    asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
+asyncfabric bench all --provider shm --json out.json --csv out.csv
+asyncfabric bench write pingpong --quick
+asyncfabric bench plot out.json --out plots/
+asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
+asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
 """
 
 from __future__ import annotations
@@ -52,10 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, help="timed repeats per point (default 3)")
     p.add_argument("--sizes", type=lambda s: [_size(x) for x in s.split(",")], help="e.g. 8,4K,1M")
     p.add_argument("--iters", type=int, help="operations per repeat (overrides the suite's)")
-    p.add_argument("--policy", default="default", choices=["default", "latency", "low_cpu"])
+    p.add_argument(
+        "--policy",
+        default="auto",
+        choices=["auto", "default", "latency", "low_cpu"],
+        help="engines' progress policy; auto: latency for pingpong, default for the rest",
+    )
     p.add_argument("--node", help="local address to bind (tcp)")
     p.add_argument("--connect", help="HOST:PORT of a `bench serve` worker to be the receiver")
-    p.add_argument("--authkey", default=os.environ.get("ASYNCFABRIC_BENCH_KEY", "asyncfabric-bench"))
+    p.add_argument(
+        "--authkey", default=os.environ.get("ASYNCFABRIC_BENCH_KEY", "asyncfabric-bench")
+    )
     p.add_argument("--no-progress", action="store_true", help="plain output (no progress bars)")
     return p
 
@@ -138,7 +145,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
         skipped = runner.skipped_list()
     info["elapsed_s"] = round(time.monotonic() - t0, 1)
     info["provider"] = args.provider
-    render_table(rows, skipped, Console())
+    render_table(rows, skipped, Console(width=max(120, Console().width)))
     if args.json:
         schema.write_json(args.json, rows, skipped, info)
     if args.csv:
@@ -156,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "serve":
         sp = argparse.ArgumentParser(prog="asyncfabric bench serve")
         sp.add_argument("--listen", required=True, help="HOST:PORT to accept runs on")
-        sp.add_argument("--authkey", default=os.environ.get("ASYNCFABRIC_BENCH_KEY", "asyncfabric-bench"))
+        sp.add_argument(
+            "--authkey", default=os.environ.get("ASYNCFABRIC_BENCH_KEY", "asyncfabric-bench")
+        )
         a = sp.parse_args(argv[1:])
         from .worker import serve_forever
 

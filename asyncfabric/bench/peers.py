@@ -121,7 +121,9 @@ async def zmq_open(st: PeerState, bind: bool, endpoint: str) -> None:
         await st.zsock.send(b"hello")
 
 
-async def zmq_stream_send(st: PeerState, size: int, iters: int, reps: int, warmup: int = 1) -> list[int]:
+async def zmq_stream_send(
+    st: PeerState, size: int, iters: int, reps: int, warmup: int = 1
+) -> list[int]:
     sock, data = st.zsock, _buf(size).tobytes()
     copy = size < 64 * 1024  # zero-copy pays only for large frames
     out = []
@@ -189,7 +191,9 @@ def _tensor(size: int) -> Any:
     return torch.ones(max(size, 1), dtype=torch.uint8)[: size or 1]
 
 
-async def gloo_stream_send(st: PeerState, size: int, iters: int, reps: int, warmup: int = 1) -> list[int]:
+async def gloo_stream_send(
+    st: PeerState, size: int, iters: int, reps: int, warmup: int = 1
+) -> list[int]:
     import torch.distributed as dist
 
     t, ack = _tensor(size), _tensor(1)
@@ -206,7 +210,9 @@ async def gloo_stream_send(st: PeerState, size: int, iters: int, reps: int, warm
     return out
 
 
-async def gloo_stream_recv(st: PeerState, size: int, iters: int, reps: int, warmup: int = 1) -> None:
+async def gloo_stream_recv(
+    st: PeerState, size: int, iters: int, reps: int, warmup: int = 1
+) -> None:
     import torch.distributed as dist
 
     t, ack = _tensor(size), _tensor(1)
@@ -274,7 +280,9 @@ async def ucxx_connect(st: PeerState, host: str, port: int) -> None:
     await st.ucx_ep.recv(buf)
 
 
-async def ucxx_stream_send(st: PeerState, size: int, iters: int, reps: int, warmup: int = 1) -> list[int]:
+async def ucxx_stream_send(
+    st: PeerState, size: int, iters: int, reps: int, warmup: int = 1
+) -> list[int]:
     ep, data, ack = st.ucx_ep, _buf(size), np.empty(1, np.uint8)
     out = []
     for r in range(warmup + reps):
@@ -288,7 +296,9 @@ async def ucxx_stream_send(st: PeerState, size: int, iters: int, reps: int, warm
     return out
 
 
-async def ucxx_stream_recv(st: PeerState, size: int, iters: int, reps: int, warmup: int = 1) -> None:
+async def ucxx_stream_recv(
+    st: PeerState, size: int, iters: int, reps: int, warmup: int = 1
+) -> None:
     ep, data, ack = st.ucx_ep, np.empty(max(size, 1), np.uint8)[:size], np.ones(1, np.uint8)
     for _ in range(warmup + reps):
         for _ in range(iters):

@@ -25,7 +25,11 @@ from .peers import *  # noqa: F403 (the peer roles are roles too)
 from .peers import PeerState
 
 TIMEOUT_S = 60.0
-POLICIES = {"default": ProgressPolicy, "latency": ProgressPolicy.latency, "low_cpu": ProgressPolicy.low_cpu}
+POLICIES = {
+    "default": ProgressPolicy,
+    "latency": ProgressPolicy.latency,
+    "low_cpu": ProgressPolicy.low_cpu,
+}
 
 
 class State(PeerState):
@@ -82,7 +86,12 @@ async def connect(st: State, descs: list[bytes]) -> dict[str, Any]:
         for d in st.remote:
             eng.connect(d)
     t = st.engines[0].transport
-    return {"provider": t.provider, "backend": t.backend, "tx_credits": t.info[0]["tx_credits"]}
+    return {
+        "provider": t.provider,
+        "backend": t.backend,
+        "tx_credits": t.info[0]["tx_credits"],
+        "inject_size": t.inject_size,
+    }
 
 
 async def close_engines(st: State) -> None:
@@ -267,10 +276,17 @@ async def raw_stream_recv(
     try:
         for _ in _reps(warmup, reps):
             for eng, pid in zip(st.engines, peers):
-                _check(lib.afr_wait(eng.transport._e, imms, cnt, 1, int(TIMEOUT_S * 1e9), el), "wait")
+                _check(
+                    lib.afr_wait(eng.transport._e, imms, cnt, 1, int(TIMEOUT_S * 1e9), el), "wait"
+                )
                 _check(
                     lib.afr_send_imm(
-                        eng.transport._e, pid, ackd.bases[0], ackd.keys[0], ack, int(TIMEOUT_S * 1e9)
+                        eng.transport._e,
+                        pid,
+                        ackd.bases[0],
+                        ackd.keys[0],
+                        ack,
+                        int(TIMEOUT_S * 1e9),
                     ),
                     "ack",
                 )

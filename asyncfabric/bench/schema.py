@@ -36,17 +36,37 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
     ("repeats", int, "timed repeats (after warm-up)"),
     ("gbps", float, "median over repeats, 10^9 bytes/s"),
     ("gbps_low", float, "1st percentile over repeats (the slow tail), 10^9 bytes/s"),
-    ("ops_per_s", float, "median over repeats: writes/s (pages/s for paged, round trips/s for pingpong)"),
+    (
+        "ops_per_s",
+        float,
+        "median over repeats: writes/s (pages/s for paged, round trips/s for pingpong)",
+    ),
     ("lat_p50_us", float, "pingpong: RTT median; others: time per operation, median over repeats"),
     ("lat_p99_us", float, "pingpong: RTT p99; others: time per operation, p99 over repeats"),
-    ("ratio_vs_raw", float, "vs the raw C baseline of the same point (1.0 = as fast); None for raw"),
+    (
+        "ratio_vs_raw",
+        float,
+        "vs the raw C baseline of the same point (1.0 = as fast); None for raw",
+    ),
     ("policy", str, "progress policy of the engines (asyncfabric and raw)"),
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
-REQUIRED = (
-    "suite impl backend provider size_bytes pages peers domains iters gbps ops_per_s "
-    "lat_p50_us lat_p99_us ratio_vs_raw"
-).split()
+REQUIRED = [
+    "suite",
+    "impl",
+    "backend",
+    "provider",
+    "size_bytes",
+    "pages",
+    "peers",
+    "domains",
+    "iters",
+    "gbps",
+    "ops_per_s",
+    "lat_p50_us",
+    "lat_p99_us",
+    "ratio_vs_raw",
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -177,8 +197,12 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def write_json(path: str | Path, rows: list[dict[str, Any]], skipped: list[dict[str, str]],
-               info: dict[str, Any]) -> None:
+def write_json(
+    path: str | Path,
+    rows: list[dict[str, Any]],
+    skipped: list[dict[str, str]],
+    info: dict[str, Any],
+) -> None:
     doc = {
         "schema": SCHEMA,
         "meta": info,
@@ -200,5 +224,7 @@ def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
 def read_json(path: str | Path) -> dict[str, Any]:
     doc = json.loads(Path(path).read_text())
     if doc.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not an asyncfabric bench result (schema {doc.get('schema')!r})")
+        raise ValueError(
+            f"{path} is not an asyncfabric bench result (schema {doc.get('schema')!r})"
+        )
     return doc

@@ -114,7 +114,9 @@ def select(names: list[str] | tuple[str, ...]) -> list[str]:
     return [n for n in ORDER if n in want]
 
 
-def points(name: str, quick: bool, sizes: list[int] | None = None, iters: int | None = None) -> list[Point]:
+def points(
+    name: str, quick: bool, sizes: list[int] | None = None, iters: int | None = None
+) -> list[Point]:
     s = SUITES[name]
     pts = list(s.quick if quick else s.points)
     if sizes:
