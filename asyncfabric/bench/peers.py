@@ -23,7 +23,7 @@ _MODULES = {"ucxx": "ucxx", "nixl": "nixl", "gloo": "torch.distributed", "zmq": 
 _INSTALL = {
     "ucxx": "pip install ucxx-cu12",
     "nixl": "pip install nixl",
-    "gloo": "pip install 'asyncfabric[peers]' (torch)",
+    "gloo": "pip install 'asyncfabric[torch]'",
     "zmq": "pip install 'asyncfabric[peers]' (pyzmq)",
 }
 # Peers that can import but have no roles here, with the reason.
