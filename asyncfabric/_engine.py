@@ -584,7 +584,10 @@ class Engine:
             ) from None
 
     def _spin_for(self, w: Any) -> None:
-        if self._wait_spin_ns and not w.done():
+        # Spin only when the loop has nothing else ready: with other tasks
+        # runnable (several writes in flight), spinning would serialize them
+        # and the loop's own wake-up costs nothing extra.
+        if self._wait_spin_ns and not w.done() and not self._loop.has_ready():
             if self._t.spin(self._wait_spin_ns):
                 self._drain()
 

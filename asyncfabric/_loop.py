@@ -69,6 +69,10 @@ class LoopAdapter:
     def unwatch(self) -> None:
         raise NotImplementedError
 
+    def has_ready(self) -> bool:
+        """Whether other callbacks are ready to run now (so a busy-wait would delay them)."""
+        return False
+
     async def wait(self, waiter: Any, timeout: float | None) -> Any:
         if timeout is None:
             return await waiter
@@ -85,6 +89,12 @@ class AsyncioAdapter(LoopAdapter):
         self.loop = asyncio.get_running_loop()
         self.new_waiter = self.loop.create_future  # type: ignore[method-assign]
         self._fd: int | None = None
+        # asyncio keeps runnable callbacks in loop._ready (CPython's base loop
+        # and uvloop-free event loops); without it we assume idle.
+        self._ready = getattr(self.loop, "_ready", None)
+
+    def has_ready(self) -> bool:
+        return bool(self._ready)
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         def on_readable() -> None:

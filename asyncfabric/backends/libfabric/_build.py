@@ -54,16 +54,18 @@ def _flags() -> tuple[list[str], list[str], list[str]]:
 def make_ffi() -> FFI:
     ffibuilder = FFI()
     ffibuilder.cdef((HERE / "afcore.h").read_text())
+    # The benchmarks' raw baseline (raw.c): same engine, C loops, no Python per op.
+    ffibuilder.cdef((HERE / "raw.h").read_text())
     incs, libdirs, rpath = _flags()
     ffibuilder.set_source(
         "asyncfabric.backends.libfabric._afcore",
-        '#include "afcore.c"\n',
+        '#include "afcore.c"\n#include "raw.c"\n',
         include_dirs=[str(HERE), *incs],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
         libraries=["fabric", "pthread", "rt"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-        depends=[str(HERE / n) for n in ("afcore.c", "afcore.h", "doorbell.h")],
+        depends=[str(HERE / n) for n in ("afcore.c", "afcore.h", "doorbell.h", "raw.c", "raw.h")],
     )
     return ffibuilder
 

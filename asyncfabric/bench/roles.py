@@ -1,0 +1,372 @@
+"""What the benchmark workers do: one async function per role, run inside a worker.
+
+Each role gets the worker's :class:`State` and plain keyword arguments, and
+returns plain data (per-repeat durations in ns, or round-trip times). The
+``af_*`` roles use asyncfabric's public ``await`` API with O(1) Python work per
+operation; the ``raw_*`` roles do the same work through the C loops of raw.c
+on the same engines and registrations; the peer roles live in
+:mod:`asyncfabric.bench.peers`.
+
+Every repeat ends with the receiver acknowledging (a zero-byte write with the
+``ack`` immediate) once it has counted everything, and the sender's clock stops
+when the acknowledgement arrives: the time covers delivery, not just posting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from .. import Descriptor, Engine, ProgressPolicy
+from .peers import *  # noqa: F403 (the peer roles are roles too)
+from .peers import PeerState
+
+TIMEOUT_S = 60.0
+POLICIES = {
+    "default": ProgressPolicy,
+    "latency": ProgressPolicy.latency,
+    "low_cpu": ProgressPolicy.low_cpu,
+}
+
+
+class State(PeerState):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engines: list[Engine] = []
+        self.regions: list[Any] = []
+        self.remote: list[Descriptor] = []
+
+    async def close_engines(self) -> None:
+        for r in self.regions:
+            try:
+                r.close()
+            except Exception:
+                pass
+        for e in self.engines:
+            await e.aclose()
+        self.engines, self.regions, self.remote = [], [], []
+
+    async def close(self) -> None:
+        await self.close_engines()
+        await super().close()
+
+
+# ---------------------------------------------------------------- setup
+
+
+async def open_engines(
+    st: State,
+    provider: str,
+    count: int = 1,
+    domains: int = 1,
+    nbytes: int = 4096,
+    policy: str = "default",
+    node: str | None = None,
+) -> list[bytes]:
+    """Open ``count`` engines, each with one registered, pre-faulted region; return descriptors."""
+    await st.close_engines()
+    kw: dict[str, Any] = {"domains": domains, "progress": POLICIES[policy]()}
+    if node:
+        kw["node"] = node
+    for _ in range(count):
+        eng = await Engine.open(provider, **kw)
+        buf = np.ones(max(nbytes, 64), np.uint8)  # touch every page before timing
+        st.engines.append(eng)
+        st.regions.append(eng.register(buf))
+    return [bytes(r.descriptor()) for r in st.regions]
+
+
+async def connect(st: State, descs: list[bytes]) -> dict[str, Any]:
+    """Learn the other side's descriptors and insert their addresses (warm-up of the AV)."""
+    st.remote = [Descriptor.from_bytes(b) for b in descs]
+    for eng in st.engines:
+        for d in st.remote:
+            eng.connect(d)
+    t = st.engines[0].transport
+    return {
+        "provider": t.provider,
+        "backend": t.backend,
+        "tx_credits": t.info[0]["tx_credits"],
+        "inject_size": t.inject_size,
+    }
+
+
+async def close_engines(st: State) -> None:
+    await st.close_engines()
+
+
+def _reps(warmup: int, reps: int) -> range:
+    return range(warmup + reps)
+
+
+# ---------------------------------------------------------------- streams (write, fanout, scale, domains)
+
+
+async def af_stream_send(
+    st: State,
+    size: int,
+    iters: int,
+    targets: int,
+    window: int,
+    imm: int,
+    ack: int,
+    reps: int,
+    warmup: int = 1,
+) -> list[int]:
+    """Post ``iters`` writes of ``size`` bytes round-robin over ``targets`` receivers,
+    ``window`` in flight (one coroutine per lane, each awaiting its writes in turn)."""
+    eng, src = st.engines[0], st.regions[0]
+    s = src[:size]
+    dsts = [d[:size] for d in st.remote[:targets]]
+    ntg = len(dsts)
+    ackc = eng.counter(ack)
+    write = eng.write
+    lanes = max(1, min(window, iters))
+
+    async def lane(k: int) -> None:
+        for j in range(k, iters, lanes):
+            await write(s, dsts[j % ntg], imm=imm)
+
+    out = []
+    for r in _reps(warmup, reps):
+        t0 = time.perf_counter_ns()
+        if lanes == 1:
+            await lane(0)
+        else:
+            await asyncio.gather(*(lane(k) for k in range(lanes)))
+        await ackc.wait(ntg, timeout=TIMEOUT_S)
+        dt = time.perf_counter_ns() - t0
+        if r >= warmup:
+            out.append(dt)
+    return out
+
+
+async def af_stream_recv(
+    st: State, per_engine: int, imm: int, ack: int, reps: int, warmup: int = 1, counters: int = 1
+) -> None:
+    """Each engine waits for its immediates, then acknowledges. ``counters - 1`` other
+    counters per engine stay live (armed in the native table) during the run."""
+    background = _arm_background(st, imm, counters)
+    ackd = st.remote[0]
+
+    async def one(eng: Engine) -> None:
+        c = eng.counter(imm)
+        for _ in _reps(warmup, reps):
+            await c.wait(per_engine, timeout=TIMEOUT_S)
+            await eng.write_imm(ackd, ack, timeout=TIMEOUT_S)
+
+    try:
+        await asyncio.gather(*(one(e) for e in st.engines))
+    finally:
+        _disarm_background(st, background)
+
+
+def _arm_background(st: State, imm: int, counters: int) -> list[int]:
+    # Live counters other than the measured one: armed for a count that never
+    # comes, as a server's outstanding requests would be.
+    vals = [(imm + 1 + i) & 0xFFFFFFFF for i in range(max(0, counters - 1))]
+    for eng in st.engines:
+        t = eng.transport
+        for v in vals:
+            t.counter_arm(v, 1 << 62)
+    return vals
+
+
+def _disarm_background(st: State, vals: list[int]) -> None:
+    for eng in st.engines:
+        if eng._closed:
+            continue
+        t = eng.transport
+        for v in vals:
+            t.counter_disarm(v)
+
+
+def _raw() -> Any:
+    from ..backends.libfabric import ffi, lib
+
+    return ffi, lib
+
+
+def _raw_targets(eng: Engine, descs: list[Descriptor], ndom: int) -> tuple[Any, Any, Any]:
+    ffi, _ = _raw()
+    ids, bases, keys = [], [], []
+    for d in descs:
+        ids.append(eng.connect(d).id)
+        bases += list(d.bases[:ndom])
+        keys += list(d.keys[:ndom])
+    return (
+        ffi.new("uint32_t[]", ids),
+        ffi.new("uint64_t[]", bases),
+        ffi.new("uint64_t[]", keys),
+    )
+
+
+def _check(rc: int, what: str) -> None:
+    if rc:
+        from ..backends.libfabric import strerror
+
+        raise RuntimeError(f"raw {what} failed: {strerror(rc)} ({rc})")
+
+
+async def raw_stream_send(
+    st: State,
+    size: int,
+    iters: int,
+    targets: int,
+    window: int,
+    imm: int,
+    ack: int,
+    reps: int,
+    warmup: int = 1,
+    pages: list[list[int]] | None = None,
+    dst_stride: int = 0,
+) -> list[int]:
+    """The same stream as af_stream_send (or one paged write) in raw.c's loop."""
+    ffi, lib = _raw()
+    eng, src = st.engines[0], st.regions[0]
+    descs = st.remote[:targets]
+    ndom = min(eng.domains, len(descs[0].bases))
+    ids, bases, keys = _raw_targets(eng, descs, ndom)
+    if pages is not None:
+        sp = np.asarray(pages[0], np.uint64) * np.uint64(size)
+        dp = np.asarray(pages[1], np.uint64) * np.uint64(dst_stride or size)
+        lens = np.full(len(sp), size, np.uint64)
+        peer = np.zeros(len(sp), np.uint32)
+    else:
+        chunk = descs[0].chunk_bytes
+        nch = max(1, -(-size // chunk))
+        off = np.arange(nch, dtype=np.uint64) * np.uint64(chunk)
+        ln = np.minimum(np.uint64(size) - off, np.uint64(chunk)) if size else np.zeros(1, np.uint64)
+        sp = np.tile(off, iters)
+        dp = sp.copy()
+        lens = np.tile(ln, iters)
+        peer = np.repeat(np.arange(iters, dtype=np.uint32) % np.uint32(len(descs)), nch)
+    h = eng.transport._e
+    cast = ffi.from_buffer
+    ptr = ffi.cast("void *", src.ptr)
+    el = ffi.new("uint64_t *")
+    out = []
+    for r in _reps(warmup, reps):
+        rc = lib.afr_stream(
+            h, ids, len(descs), ndom, ptr, src._reg.handle,
+            cast("uint64_t[]", sp), cast("uint64_t[]", dp), cast("uint64_t[]", lens),
+            cast("uint32_t[]", peer), ffi.NULL, len(sp), imm, bases, keys, 1, window,
+            ack, len(descs), int(TIMEOUT_S * 1e9), el,
+        )  # fmt: skip
+        _check(rc, "stream")
+        eng._after_call()
+        if r >= warmup:
+            out.append(int(el[0]))
+    return out
+
+
+async def raw_stream_recv(
+    st: State, per_engine: int, imm: int, ack: int, reps: int, warmup: int = 1, counters: int = 1
+) -> None:
+    ffi, lib = _raw()
+    background = _arm_background(st, imm, counters)
+    ackd = st.remote[0]
+    imms = ffi.new("uint32_t[]", [imm])
+    cnt = ffi.new("uint64_t[]", [per_engine])
+    el = ffi.new("uint64_t *")
+    peers = [e.connect(ackd).id for e in st.engines]
+    try:
+        for _ in _reps(warmup, reps):
+            for eng, pid in zip(st.engines, peers):
+                _check(
+                    lib.afr_wait(eng.transport._e, imms, cnt, 1, int(TIMEOUT_S * 1e9), el), "wait"
+                )
+                _check(
+                    lib.afr_send_imm(
+                        eng.transport._e,
+                        pid,
+                        ackd.bases[0],
+                        ackd.keys[0],
+                        ack,
+                        int(TIMEOUT_S * 1e9),
+                    ),
+                    "ack",
+                )
+                eng._after_call()
+    finally:
+        _disarm_background(st, background)
+
+
+# ---------------------------------------------------------------- paged
+
+
+async def af_paged_send(
+    st: State,
+    size: int,
+    pages: list[list[int]],
+    dst_stride: int,
+    imm: int,
+    ack: int,
+    reps: int,
+    warmup: int = 1,
+) -> list[int]:
+    eng, src = st.engines[0], st.regions[0]
+    dst = st.remote[0]
+    sp = np.asarray(pages[0], np.uint64)
+    dp = np.asarray(pages[1], np.uint64)
+    ackc = eng.counter(ack)
+    out = []
+    for r in _reps(warmup, reps):
+        t0 = time.perf_counter_ns()
+        await eng.write_paged(src, dst, sp, dp, page_size=size, dst_stride=dst_stride, imm=imm)
+        await ackc.wait(1, timeout=TIMEOUT_S)
+        dt = time.perf_counter_ns() - t0
+        if r >= warmup:
+            out.append(dt)
+    return out
+
+
+# ---------------------------------------------------------------- pingpong
+
+
+async def af_pingpong(
+    st: State, initiator: bool, size: int, iters: int, ping: int, pong: int, reps: int = 1,
+    warmup: int = 1,
+) -> list[int]:  # fmt: skip
+    """WriteImm, then await the peer's WriteImm back: Python (await) on both sides per op."""
+    eng, src = st.engines[0], st.regions[0]
+    s, d = src[:size], st.remote[0][:size]
+    mine, theirs = (ping, pong) if initiator else (pong, ping)
+    inbox = eng.counter(theirs)
+    write, wait = eng.write, inbox.wait
+    clock = time.perf_counter_ns
+    n = iters * (reps + warmup)
+    rtts = [0] * n
+    if initiator:
+        for i in range(n):
+            t0 = clock()
+            await write(s, d, imm=mine)
+            await wait(1, timeout=TIMEOUT_S)
+            rtts[i] = clock() - t0
+    else:
+        for _ in range(n):
+            await wait(1, timeout=TIMEOUT_S)
+            await write(s, d, imm=mine)
+    return rtts[iters * warmup :] if initiator else []
+
+
+async def raw_pingpong(
+    st: State, initiator: bool, size: int, iters: int, ping: int, pong: int, reps: int = 1,
+    warmup: int = 1,
+) -> list[int]:  # fmt: skip
+    ffi, lib = _raw()
+    eng, src = st.engines[0], st.regions[0]
+    d = st.remote[0]
+    mine, theirs = (ping, pong) if initiator else (pong, ping)
+    n = iters * (reps + warmup)
+    rtt = ffi.new("uint64_t[]", n)
+    rc = lib.afr_pingpong(
+        eng.transport._e, int(initiator), eng.connect(d).id, ffi.cast("void *", src.ptr),
+        src._reg.handle, size, d.bases[0], d.keys[0], mine, theirs, n, rtt, int(TIMEOUT_S * 1e9),
+    )  # fmt: skip
+    _check(rc, "pingpong")
+    eng._after_call()
+    return list(rtt)[iters * warmup :] if initiator else []

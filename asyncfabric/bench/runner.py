@@ -1,0 +1,246 @@
+"""The runner: starts the worker pair, runs suites point by point, builds rows."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._imm import expected_imms
+from . import peers as peerlib
+from .schema import add_ratios, make_row
+from .suites import SUITES, Point, points
+from .worker import Worker
+
+CORE_IMPLS = ("asyncfabric", "raw")
+PEER_BACKEND = {"zmq": ("zmq", "ipc"), "gloo": ("gloo", "tcp"), "ucxx": ("ucx", "auto"),
+                "nixl": ("ucx", "auto")}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Runner:
+    """``async with Runner(...) as r: rows = await r.run_suite("write")``."""
+
+    def __init__(
+        self,
+        provider: str = "shm",
+        impls: tuple[str, ...] = ("asyncfabric", "raw"),
+        *,
+        quick: bool = False,
+        repeats: int | None = None,
+        policy: str = "auto",
+        node: str | None = None,
+        connect: str | None = None,
+        authkey: bytes = b"asyncfabric-bench",
+        on_point: Callable[[str, dict[str, Any] | None], None] | None = None,
+    ) -> None:
+        unknown = [i for i in impls if i not in CORE_IMPLS + peerlib.PEER_IMPLS]
+        if unknown:
+            raise ValueError(
+                f"unknown impls {unknown}; choose from {CORE_IMPLS + peerlib.PEER_IMPLS}"
+            )
+        self.provider, self.quick, self.policy = provider, quick, policy
+        self.node = node or ("127.0.0.1" if provider == "tcp" and not connect else None)
+        self.core = [i for i in impls if i in CORE_IMPLS]
+        want_peers = tuple(i for i in impls if i in peerlib.PEER_IMPLS)
+        self.peers, self.skipped = peerlib.availability(want_peers)
+        self.repeats = repeats
+        self._connect, self._authkey = connect, authkey
+        self._on_point = on_point or (lambda what, row: None)
+        self._imm = 1000
+        self.info: dict[str, Any] = {}
+
+    async def __aenter__(self) -> Runner:
+        self.tx = Worker.spawn("afbench-sender")
+        self.rx = (
+            Worker.connect(self._connect, self._authkey)
+            if self._connect
+            else Worker.spawn("afbench-receiver")
+        )
+        await asyncio.gather(self.tx.ready(), self.rx.ready())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.gather(self.tx.aclose(), self.rx.aclose())
+
+    def _imms(self) -> tuple[int, int]:
+        self._imm += 2
+        return self._imm, self._imm + 1
+
+    def skipped_list(self) -> list[dict[str, str]]:
+        return [{"impl": k, "reason": v} for k, v in self.skipped.items()]
+
+    # ------------------------------------------------------------ engines
+
+    async def _open(
+        self, tx_bytes: int, rx_bytes: int, receivers: int = 1, domains: int = 1
+    ) -> None:
+        kw = {"provider": self.provider, "domains": domains, "policy": self._suite_policy,
+              "node": self.node}  # fmt: skip
+        txd, rxd = await asyncio.gather(
+            self.tx.call("open_engines", count=1, nbytes=tx_bytes, **kw),
+            self.rx.call("open_engines", count=receivers, nbytes=rx_bytes, **kw),
+        )
+        a, _ = await asyncio.gather(
+            self.tx.call("connect", descs=rxd), self.rx.call("connect", descs=txd)
+        )
+        self.info = a
+        self.chunk = 1 << 20  # the engines' default chunk_bytes
+
+    async def _close(self) -> None:
+        await asyncio.gather(self.tx.call("close_engines"), self.rx.call("close_engines"))
+
+    # ------------------------------------------------------------ one point
+
+    def _row(self, suite: str, impl: str, p: Point, times: list[int], *, bytes_per_rep: int,
+             ops_per_rep: int, rtts: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
+        if impl in CORE_IMPLS:
+            backend, prov = (
+                self.info.get("backend", "libfabric"),
+                self.info.get("provider", self.provider),
+            )
+        else:
+            backend, prov = PEER_BACKEND[impl]
+        row = make_row(
+            suite=suite, impl=impl, backend=backend, provider=prov, size_bytes=p.size,
+            iters=ops_per_rep, times_ns=times, bytes_per_rep=bytes_per_rep, ops_per_rep=ops_per_rep,
+            pages=p.pages, peers=p.peers, counters=p.counters, domains=p.domains, rtts_ns=rtts,
+            policy=self._suite_policy if impl in CORE_IMPLS else "",
+        )  # fmt: skip
+        self._on_point(suite, row)
+        return row
+
+    def _window(self, impl: str, size: int, domains: int) -> int:
+        if impl == "raw":
+            return int(self.info.get("tx_credits", 256)) * domains
+        # asyncfabric: concurrent awaiting coroutines ("lanes"). Injected writes
+        # finish inside the call, so one lane is best; larger ones need overlap.
+        # Measured here (shm, 2 cores): 16 lanes beat 4 at 1 MiB by ~3x and tie at 16 MiB.
+        return 1 if size <= int(self.info.get("inject_size", 64)) else 16
+
+    async def _stream(self, suite: str, impl: str, p: Point, reps: int) -> dict[str, Any]:
+        imm, ack = self._imms()
+        per_engine = (p.iters // p.peers) * expected_imms(p.size, chunk_bytes=self.chunk)
+        pre = "af" if impl == "asyncfabric" else "raw"
+        times, _ = await asyncio.gather(
+            self.tx.call(f"{pre}_stream_send", size=p.size, iters=p.iters, targets=p.peers,
+                         window=self._window(impl, p.size, p.domains), imm=imm, ack=ack, reps=reps),
+            self.rx.call(f"{pre}_stream_recv", per_engine=per_engine, imm=imm, ack=ack, reps=reps,
+                         counters=p.counters),
+        )  # fmt: skip
+        return self._row(suite, impl, p, times, bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters)
+
+    async def _peer_stream(self, suite: str, impl: str, p: Point, reps: int) -> dict[str, Any]:
+        kw = {"size": p.size, "iters": p.iters, "reps": reps}
+        times, _ = await asyncio.gather(
+            self.tx.call(f"{impl}_stream_send", **kw), self.rx.call(f"{impl}_stream_recv", **kw)
+        )
+        return self._row(suite, impl, p, times, bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters)
+
+    async def _pingpong(self, impl: str, p: Point, reps: int) -> dict[str, Any]:
+        kw: dict[str, Any] = {"size": p.size, "iters": p.iters, "reps": reps}
+        if impl in CORE_IMPLS:
+            kw["ping"], kw["pong"] = self._imms()
+            fn = "af_pingpong" if impl == "asyncfabric" else "raw_pingpong"
+        else:
+            fn = f"{impl}_pingpong"
+        rtts, _ = await asyncio.gather(
+            self.tx.call(fn, initiator=True, **kw), self.rx.call(fn, initiator=False, **kw)
+        )
+        total = sum(rtts)
+        return self._row("pingpong", impl, p, [total], bytes_per_rep=2 * p.size * len(rtts),
+                         ops_per_rep=len(rtts), rtts=rtts)  # fmt: skip
+
+    async def _paged(self, impl: str, p: Point, reps: int, maps: list[list[int]]) -> dict[str, Any]:
+        imm, ack = self._imms()
+        if impl == "asyncfabric":
+            send = self.tx.call("af_paged_send", size=p.size, pages=maps, dst_stride=2 * p.size,
+                                imm=imm, ack=ack, reps=reps)  # fmt: skip
+        else:
+            send = self.tx.call("raw_stream_send", size=p.size, iters=1, targets=1,
+                                window=self._window("raw", p.size, 1), imm=imm, ack=ack, reps=reps,
+                                pages=maps, dst_stride=2 * p.size)  # fmt: skip
+        pre = "af" if impl == "asyncfabric" else "raw"
+        times, _ = await asyncio.gather(
+            send,
+            self.rx.call(f"{pre}_stream_recv", per_engine=p.pages, imm=imm, ack=ack, reps=reps),
+        )
+        return self._row(
+            "paged", impl, p, times, bytes_per_rep=p.size * p.pages, ops_per_rep=p.pages
+        )
+
+    # ------------------------------------------------------------ peers setup
+
+    async def _peers_open(self, impl: str) -> None:
+        if impl == "zmq":
+            ep = peerlib.zmq_endpoint()
+            await asyncio.gather(
+                self.tx.call("zmq_open", bind=True, endpoint=ep),
+                self.rx.call("zmq_open", bind=False, endpoint=ep),
+            )
+        elif impl == "gloo":
+            port = _free_port()
+            await asyncio.gather(
+                self.tx.call("gloo_open", rank=0, port=port),
+                self.rx.call("gloo_open", rank=1, port=port),
+            )
+        elif impl == "ucxx":
+            port = _free_port()
+            await self.rx.call("ucxx_listen", port=port)
+            await asyncio.gather(
+                self.rx.call("ucxx_accept"),
+                self.tx.call("ucxx_connect", host="127.0.0.1", port=port),
+            )
+
+    # ------------------------------------------------------------ suites
+
+    async def run_suite(self, name: str, sizes: list[int] | None = None,
+                        iters: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+        suite = SUITES[name]
+        # "auto": round trips want the latency policy (long spins on both sides);
+        # streams keep the default, which is what an application gets.
+        self._suite_policy = (
+            ("latency" if name == "pingpong" else "default")
+            if self.policy == "auto"
+            else self.policy
+        )
+        pts = points(name, self.quick, sizes, iters)
+        reps = self.repeats or (1 if self.quick else suite.reps)
+        rows: list[dict[str, Any]] = []
+        if name in ("write", "pingpong"):
+            big = max(p.size for p in pts)
+            await self._open(big, big)
+            for p in pts:
+                for impl in self.core:
+                    rows.append(await (self._stream(name, impl, p, reps) if name == "write"
+                                       else self._pingpong(impl, p, reps)))  # fmt: skip
+            await self._close()
+            for impl in self.peers:
+                await self._peers_open(impl)
+                for p in pts:
+                    rows.append(await (self._peer_stream(name, impl, p, reps) if name == "write"
+                                       else self._pingpong(impl, p, reps)))  # fmt: skip
+        elif name == "paged":
+            rng = np.random.default_rng(7)
+            for p in pts:
+                maps = [rng.permutation(p.pages).tolist(), rng.permutation(p.pages).tolist()]
+                await self._open(p.size * p.pages, 2 * p.size * p.pages)
+                for impl in self.core:
+                    rows.append(await self._paged(impl, p, reps, maps))
+                await self._close()
+        else:  # fanout, scale, domains: one sender engine, p.peers receiver engines
+            for p in pts:
+                await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
+                for impl in self.core:
+                    rows.append(await self._stream(name, impl, p, reps))
+                await self._close()
+        add_ratios(rows)
+        return rows
