@@ -31,6 +31,7 @@ from ...abc import Backend, EventSink, PolicyNs, RegHandle, Transport
 
 MAGIC = b"AFNV1"
 INLINE_SYNC_BYTES = 1 << 20
+DOOR_BYTES = 1 << 16  # immediates posted per native call, at most
 _INTERNAL = 1 << 62  # tokens of the imm posts this transport makes itself
 _ADDR = struct.Struct("<16sQQ")  # boot id, doorbell base, doorbell key; then the shm address
 _GPU_EXT = struct.Struct("<iiQQ")  # device, owner pid, offset in allocation, nbytes; then handle
@@ -106,16 +107,27 @@ class CudaIpcTransport(Transport):
         self.inject_size = 0
         self.ctrl_max = ctrl_max
         self._boot = _boot_id()
-        self._door_buf = np.zeros(64, np.uint8)
+        self._door_buf = np.zeros(DOOR_BYTES, np.uint8)
         door = self._inner.register(
             int(self._door_buf.ctypes.data),
-            64,
+            DOOR_BYTES,
             remote_write=True,
             remote_read=False,
             device="cpu",
             device_index=-1,
         )
         self._door_handle = door.handle
+        # Many immediates in one native call: a write of `count` bytes in 1-byte chunks
+        # from this zeroed buffer into the peer's doorbell carries `count` immediates.
+        self._zeros = np.zeros(DOOR_BYTES, np.uint8)
+        self._zeros_reg = self._inner.register(
+            int(self._zeros.ctypes.data),
+            DOOR_BYTES,
+            remote_write=False,
+            remote_read=False,
+            device="cpu",
+            device_index=-1,
+        )
         self._addresses = [
             MAGIC + _ADDR.pack(self._boot, door.bases[0], door.keys[0]) + self._inner.addresses[0]
         ]
@@ -243,11 +255,14 @@ class CudaIpcTransport(Transport):
     # ------------------------------------------------------------ transfers
 
     def _post_imms(self, peer: int, imm: int, count: int) -> None:
-        door = self._doors[peer]
-        for _ in range(count):
-            rc = self._inner.post_write(next(self._itokens), peer, 1, 0, -1, 0, 1, door, 0, imm)
-            if rc < 0:
+        door, zp, zh = self._doors[peer], int(self._zeros.ctypes.data), self._zeros_reg.handle
+        while count > 0:
+            n = min(count, DOOR_BYTES)
+            try:
+                self._inner.post_write(next(self._itokens), peer, 1, zp, zh, n, 1, door, 0, imm)
+            except Exception:
                 self._imm_errors += 1
+            count -= n
 
     def post_write(
         self,
