@@ -7,6 +7,11 @@ Layout (little endian, version 1)::
 
     b"AFD" u8 version | u8 flags | u32 region id | u64 nbytes | u64 chunk_bytes
     | u8 ndomains | per domain: u64 base, u64 key | engine address (see _address)
+    [| u16 len + backend extension bytes, when FLAG_EXT is set]
+
+FLAG_STAGED marks a GPU region whose writes land in a pinned host mirror first
+(the staged path, see docs/gpu.md); FLAG_EXT carries what a backend needs beyond
+base and key (a CUDA IPC handle for cuda_ipc).
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ MAGIC = b"AFD"
 VERSION = 1
 FLAG_REMOTE_WRITE = 1
 FLAG_REMOTE_READ = 2
+FLAG_STAGED = 4
+FLAG_EXT = 8
+_KNOWN_FLAGS = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ | FLAG_STAGED | FLAG_EXT
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,12 +44,18 @@ class Descriptor:
     bases: tuple[int, ...]
     keys: tuple[int, ...]
     flags: int = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ
+    ext: bytes = b""
     # per-engine cache of the transport's view of bases/keys (not part of the value)
     _cache: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def remote_write(self) -> bool:
         return bool(self.flags & FLAG_REMOTE_WRITE)
+
+    @property
+    def staged(self) -> bool:
+        """True when the target is GPU memory reached through a pinned host mirror."""
+        return bool(self.flags & FLAG_STAGED)
 
     def __getitem__(self, s: slice) -> RemoteSlice:
         start, stop = _slice_bounds(s, self.nbytes, "remote region")
@@ -63,14 +77,15 @@ class Descriptor:
             "<3sBBIQQB",
             MAGIC,
             VERSION,
-            self.flags,
+            (self.flags | FLAG_EXT) if self.ext else (self.flags & ~FLAG_EXT),
             self.region_id,
             self.nbytes,
             self.chunk_bytes,
             len(self.bases),
         )
         body = b"".join(struct.pack("<QQ", b, k) for b, k in zip(self.bases, self.keys))
-        return head + body + self.address.to_bytes()
+        tail = struct.pack("<H", len(self.ext)) + self.ext if self.ext else b""
+        return head + body + self.address.to_bytes() + tail
 
     def __bytes__(self) -> bytes:
         return self.to_bytes()
@@ -91,7 +106,7 @@ class Descriptor:
         if ver != VERSION:
             raise DescriptorError(f"descriptor version {ver}; this asyncfabric reads {VERSION}")
         flags = r.u8("flags")
-        if flags & ~(FLAG_REMOTE_WRITE | FLAG_REMOTE_READ):
+        if flags & ~_KNOWN_FLAGS:
             raise DescriptorError(f"descriptor has unknown flags {flags:#x}")
         region_id = r.u32("region id")
         nbytes = r.u64("nbytes")
@@ -111,9 +126,15 @@ class Descriptor:
                 f"descriptor has {nd} domain keys but its engine address lists "
                 f"{len(address.domains)} domains"
             )
+        ext = b""
+        if flags & FLAG_EXT:
+            r2 = _Reader(buf, end, "descriptor")
+            ext = r2.take(r2.u16("extension length"), "extension")
+            end = r2.pos
+            flags &= ~FLAG_EXT
         if end != len(buf):
             raise DescriptorError(f"descriptor has {len(buf) - end} trailing bytes")
-        return cls(address, region_id, nbytes, chunk, tuple(bases), tuple(keys), flags)
+        return cls(address, region_id, nbytes, chunk, tuple(bases), tuple(keys), flags, ext)
 
 
 @dataclass(frozen=True, slots=True)

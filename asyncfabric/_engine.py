@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from . import backends
+from . import _staging, backends
 from ._address import EngineAddress
 from ._buffers import buffer_info
 from ._counter import ImmCounter
-from ._descriptor import Descriptor, RemoteSlice
+from ._descriptor import FLAG_STAGED, Descriptor, RemoteSlice
 from ._errors import EngineClosed, ImmTimeout, PeerUnreachable, RegionError, TransferError
 from ._imm import check_imm
 from ._loop import LoopAdapter, current_adapter
@@ -55,7 +55,12 @@ class Engine:
     in). ``node``: the local address to bind (tcp, verbs). ``chunk_bytes``:
     the largest single write; a longer write is split, one immediate per chunk.
     ``peer_timeout``: a transfer the peer does not take within this many
-    seconds fails with :class:`PeerUnreachable`.
+    seconds fails with :class:`PeerUnreachable`. ``cuda``: how CUDA tensors are
+    registered (docs/gpu.md): ``"auto"`` registers them directly when the provider
+    advertises FI_HMEM and accepts a CUDA registration, else stages them through
+    pinned host memory; ``"direct"`` refuses to stage; ``"staged"`` always stages.
+    ``nvlink=True`` with ``provider="auto", local_only=True`` picks the cuda_ipc
+    backend (NVLink/PCIe peer copies between processes of one host) when CUDA is here.
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class Engine:
         ctrl_max: int = DEFAULT_CTRL_MAX,
         local_only: bool = False,
         peer_timeout: float = 5.0,
+        cuda: str = "auto",
+        nvlink: bool = False,
     ) -> None:
         if isinstance(domains, bool) or not isinstance(domains, int) or not 1 <= domains <= 16:
             raise ValueError(f"domains must be an int from 1 to 16, got {domains!r}")
@@ -79,7 +86,12 @@ class Engine:
         self.peer_timeout = float(peer_timeout)
         if not isinstance(ctrl_max, int) or not 64 <= ctrl_max <= 1 << 20:
             raise ValueError(f"ctrl_max must be an int from 64 to 1 MiB, got {ctrl_max!r}")
-        self._backend, self._provider_req = backends.resolve(provider, local_only=local_only)
+        if cuda not in ("auto", "direct", "staged"):
+            raise ValueError(f"cuda must be 'auto', 'direct' or 'staged', got {cuda!r}")
+        self._cuda = cuda
+        self._backend, self._provider_req = backends.resolve(
+            provider, local_only=local_only, nvlink=nvlink
+        )
         self._spec = provider
         self._domains = domains
         self._node = node
@@ -107,8 +119,8 @@ class Engine:
             self._provider_req,
             domains=self._domains,
             node=self._node,
-            ctrl_max=self._ctrl_max,
-            hmem=False,
+            ctrl_max=self._ctrl_max + 1,  # one framing byte: user message or landing notice
+            hmem=self._cuda != "staged",
         )
         self._opened = True
         t = self._t
@@ -126,6 +138,9 @@ class Engine:
         self._recv_waiters: deque[Any] = deque()
         self._wait_spin_ns = int(self.policy.wait_spin_us * 1e3)
         self._fatal: BaseException | None = None
+        self._gpu: _staging.CopyWaiter | None = None
+        self._staging_errors = 0
+        self._cuda_direct: bool | None = None  # learned at the first CUDA registration
         t.start(
             dataclasses.replace(self.policy.to_ns(), post_timeout_ns=int(self.peer_timeout * 1e9))
         )
@@ -162,6 +177,8 @@ class Engine:
         for r in list(self._regions.values()):
             r._closed = True
         self._regions.clear()
+        if self._gpu is not None:
+            self._gpu.close()
         self._t.close()
         _CLOSED_UIDS.add(self._addr.uid)
 
@@ -215,19 +232,37 @@ class Engine:
         st["live_counters"] = self._t.counters_live()
         st["live_regions"] = len(self._regions)
         st["pending_ops"] = len(self._ops)
+        st["staging_errors"] = self._staging_errors
         return st
+
+    def _gpu_helper(self) -> _staging.CopyWaiter:
+        if self._gpu is None:
+            self._gpu = _staging.CopyWaiter(self._t.notify_fd)
+        return self._gpu
 
     # ---------------------------------------------------------------- memory
 
-    def register(self, buf: Any, *, remote_write: bool = True, remote_read: bool = True) -> Region:
-        """Register a bytes-like object, numpy array or contiguous torch tensor."""
+    def register(
+        self,
+        buf: Any,
+        *,
+        remote_write: bool = True,
+        remote_read: bool = True,
+        _force_staged: bool = False,
+    ) -> Region:
+        """Register a bytes-like object, numpy array or contiguous torch tensor (host or CUDA).
+
+        CUDA tensors are registered directly, through CUDA IPC (cuda_ipc backend), or
+        staged through a pinned host mirror of the same size; see docs/gpu.md.
+        """
         self._check_open()
         info = buffer_info(buf)
-        if info.device != "cpu":
+        if info.device not in ("cpu", "cuda"):
             raise RegionError(
-                f"{info.device} memory is not supported by this engine's transport yet; "
-                "register host memory"
+                f"{info.device} memory is not supported; register host or CUDA memory"
             )
+        if info.device == "cuda" or _force_staged:
+            return self._register_cuda(info, remote_write, remote_read, _force_staged)
         if info.readonly and remote_write:
             raise RegionError(
                 "buffer is read-only; register it with remote_write=False to use it only as a source"
@@ -244,6 +279,64 @@ class Engine:
         region = Region(self, info, reg, rid, flags_for(remote_write, remote_read))
         self._regions[rid] = region
         return region
+
+    def _register_cuda(
+        self, info: Any, remote_write: bool, remote_read: bool, force_staged: bool
+    ) -> Region:
+        t = self._t
+        flags = flags_for(remote_write, remote_read)
+        if not force_staged and (t.cuda_native or (t.hmem and self._cuda_direct is not False)):
+            try:
+                reg = t.register(
+                    info.ptr,
+                    info.nbytes,
+                    remote_write=remote_write,
+                    remote_read=remote_read,
+                    device=info.device,
+                    device_index=info.device_index,
+                )
+            except TransferError as exc:
+                if t.cuda_native or self._cuda == "direct":
+                    raise RegionError(f"cannot register CUDA memory: {exc}") from exc
+                self._cuda_direct = False  # FI_HMEM advertised, but not for CUDA: stage
+            else:
+                self._cuda_direct = True
+                rid = next(self._region_ids) & 0xFFFFFFFF
+                region = Region(self, info, reg, rid, flags)
+                self._regions[rid] = region
+                return region
+        if self._cuda == "direct" and not force_staged:
+            raise RegionError(
+                f"provider {t.provider!r} cannot register CUDA memory directly (it "
+                f"{'advertises' if t.hmem else 'does not advertise'} FI_HMEM, and no CUDA "
+                "registration succeeded); open the engine with cuda='auto' to stage through host"
+            )
+        _staging.check_stageable(info)
+        stage = _staging.StagedMemory(info.owner, self._gpu_helper())
+        reg = t.register(
+            stage.host_ptr,
+            stage.nbytes,
+            remote_write=remote_write,
+            remote_read=remote_read,
+            device="cpu",
+            device_index=-1,
+        )
+        rid = next(self._region_ids) & 0xFFFFFFFF
+        region = Region(self, info, reg, rid, flags | FLAG_STAGED)
+        region._stage = stage
+        self._regions[rid] = region
+        return region
+
+    @property
+    def cuda_path(self) -> str:
+        """How CUDA tensors travel on this engine: 'ipc', 'direct', 'staged' or 'unknown'
+        (auto, before the first CUDA registration decided)."""
+        self._check_open()
+        if self._t.cuda_native:
+            return "ipc"
+        if self._cuda == "staged" or not self._t.hmem or self._cuda_direct is False:
+            return "staged"
+        return "direct" if self._cuda_direct else "unknown"
 
     def _deregister(self, region: Region) -> None:
         if not self._closed:
@@ -287,7 +380,7 @@ class Engine:
     def _remote(self, desc: Descriptor) -> Any:
         r = desc._cache.get(id(self))
         if r is None:
-            r = desc._cache[id(self)] = self._t.remote(desc.bases, desc.keys)
+            r = desc._cache[id(self)] = self._t.remote(desc.bases, desc.keys, desc.ext)
         return r
 
     # ---------------------------------------------------------------- transfers
@@ -344,11 +437,14 @@ class Engine:
         *,
         imm: int | None = None,
         timeout: float | None = None,
+        stream: Any = None,
     ) -> None:
         """One-sided write of ``src`` into ``dst``; done when the source buffer may be reused.
 
         With ``imm``, each chunk carries it: the receiver's counter for ``imm``
-        grows by ``dst.descriptor.expected_imms(nbytes)``.
+        grows by ``dst.descriptor.expected_imms(nbytes)``. A CUDA source is read
+        only after the work already queued on ``stream`` (default: the current
+        stream of its device) at the time of the call (docs/gpu.md).
         """
         self._check_open()
         s = self._local(src)
@@ -358,8 +454,13 @@ class Engine:
         imm_v = -1 if imm is None else check_imm(imm)
         desc = d.descriptor
         self._check_target(desc)
-        peer = self._peer(desc.address)
         region = s.region
+        if s.nbytes and (region._stage is not None or desc.staged):
+            await _staging.staged_write(self, s, d, imm_v, timeout, stream)
+            return
+        if region.device == "cuda" and s.nbytes:
+            await self._after_producer(region, stream)
+        peer = self._peer(desc.address)
         token = next(self._tokens)
         w = self._loop.new_waiter()
         self._ops[token] = (w, region)
@@ -380,6 +481,25 @@ class Engine:
             self._ops.pop(token, None)
             raise
         await self._finish(token, w, rc, region, timeout)
+
+    async def _after_producer(self, region: Region, stream: Any) -> None:
+        """Order the transport's read of a CUDA source after its producer stream."""
+        prod = _staging.producer_stream(region._info.device_index, stream)
+        order = getattr(self._t, "cuda_order_after", None)
+        if order is not None:  # the transport's copy stream waits on the GPU itself
+            order(prod)
+            return
+        import torch
+
+        ev = torch.cuda.Event()
+        ev.record(prod)
+        if ev.query():
+            return
+        w = self._loop.new_waiter()
+        self._gpu_helper().when_done(
+            ev, lambda e: w.done() or (w.set_exception(e) if e else w.set_result(None))
+        )
+        await self._loop.wait(w, None)
 
     async def write_imm(
         self, dst: Descriptor | RemoteSlice, imm: int, *, timeout: float | None = None
@@ -465,6 +585,11 @@ class Engine:
         n = int(sp.size)
         imm_v = -1 if imm is None else check_imm(imm)
         self._check_target(dst)
+        if s.region._stage is not None or dst.staged:
+            raise RegionError(
+                "write_paged does not take staged GPU regions; register GPU memory on a "
+                "provider with FI_HMEM CUDA support or use the cuda_ipc backend, or use write()"
+            )
         src_off = src_offset + sp * np.uint64(ss)
         dst_off = dst_offset + dp * np.uint64(ds)
         if n:
@@ -526,7 +651,7 @@ class Engine:
         w = self._loop.new_waiter()
         self._ops[token] = (w, None)
         try:
-            rc = self._t.post_send(token, peer.id, data)
+            rc = self._t.post_send(token, peer.id, bytes([_staging.MSG_USER]) + data)
         except BaseException:
             self._ops.pop(token, None)
             raise
@@ -597,6 +722,8 @@ class Engine:
 
     def _drain(self) -> None:
         if not self._closed:
+            if self._gpu is not None:
+                self._gpu.run_done()
             self._t.drain(self)
 
     def _on_op(self, token: int, status: int) -> None:
@@ -621,6 +748,12 @@ class Engine:
             c._serve()
 
     def _on_message(self, data: bytes) -> None:
+        if not data:
+            return
+        if data[0] == _staging.MSG_LANDED:
+            _staging.on_landed(self, data[1:])
+            return
+        data = data[1:]
         while self._recv_waiters:
             w = self._recv_waiters.popleft()
             if not w.done():

@@ -32,6 +32,7 @@ class Region:
         "_closed",
         "_inflight",
         "_desc",
+        "_stage",
         "__weakref__",
     )
 
@@ -46,6 +47,7 @@ class Region:
         self._closed = False
         self._inflight = 0
         self._desc: Descriptor | None = None
+        self._stage: Any = None  # StagedMemory of a staged GPU region (docs/gpu.md)
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +65,11 @@ class Region:
     @property
     def device(self) -> str:
         return self._info.device
+
+    @property
+    def staged(self) -> bool:
+        """True for GPU memory that travels through a pinned host mirror (docs/gpu.md)."""
+        return self._stage is not None
 
     @property
     def closed(self) -> bool:
@@ -91,6 +98,7 @@ class Region:
                 bases=self._reg.bases,
                 keys=self._reg.keys,
                 flags=self._flags,
+                ext=self._reg.ext,
             )
         return self._desc
 

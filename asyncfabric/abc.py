@@ -31,6 +31,8 @@ class RegHandle:
     handle: int
     keys: tuple[int, ...]
     bases: tuple[int, ...]
+    # backend-specific bytes a peer needs beyond base and key (cuda_ipc: the IPC handle)
+    ext: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +63,11 @@ class Transport(ABC):
     max_msg_size: int
     inject_size: int
     ctrl_max: int
+    # GPU memory (docs/gpu.md): cuda_native transports take CUDA pointers in every
+    # call and order their copies after a producer stream themselves; hmem says the
+    # transport was opened asking the provider for FI_HMEM (direct registration).
+    cuda_native: bool = False
+    hmem: bool = False
 
     @property
     @abstractmethod
@@ -97,8 +104,8 @@ class Transport(ABC):
     def deregister(self, handle: int) -> None: ...
 
     @abstractmethod
-    def remote(self, bases: Sequence[int], keys: Sequence[int]) -> Any:
-        """Prepare a peer region's bases and keys for fast reuse by post_*."""
+    def remote(self, bases: Sequence[int], keys: Sequence[int], ext: bytes = b"") -> Any:
+        """Prepare a peer region's bases, keys (and extension bytes) for fast reuse by post_*."""
 
     @abstractmethod
     def post_write(

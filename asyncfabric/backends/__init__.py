@@ -3,7 +3,7 @@
 ``resolve("shm")`` → (libfabric backend, "shm"); ``resolve("libfabric:verbs;ofi_rxm")``;
 ``resolve("pyverbs")`` → a backend named pyverbs with its default provider;
 ``resolve("auto", local_only=...)`` picks efa, then verbs, then tcp (shm when every
-peer shares the host).
+peer shares the host; cuda_ipc, NVLink peer copies, with ``nvlink=True`` when CUDA is here).
 """
 
 from __future__ import annotations
@@ -40,17 +40,24 @@ def backends() -> dict[str, Backend]:
         from .libfabric import LibfabricBackend
 
         found["libfabric"] = LibfabricBackend()
+    if "cuda_ipc" not in found and "cuda_ipc" not in _load_errors:
+        from .cuda_ipc import CudaIpcBackend
+
+        found["cuda_ipc"] = CudaIpcBackend()
     return found
 
 
 _load_errors: dict[str, str] = {}
 
 
-def resolve(spec: str, *, local_only: bool = False) -> tuple[Backend, str]:
+def resolve(spec: str, *, local_only: bool = False, nvlink: bool = False) -> tuple[Backend, str]:
     if not isinstance(spec, str) or not spec:
         raise BackendUnavailable(f"provider must be a non-empty string, got {spec!r}")
     bs = backends()
-    if spec == "auto":
+    if spec == "auto" and local_only and nvlink:
+        ipc = bs.get("cuda_ipc")
+        if ipc is not None and ipc.providers():
+            return ipc, ""
         lf = bs.get("libfabric")
         if lf is None:
             raise BackendUnavailable("no libfabric backend installed; name a provider explicitly")

@@ -23,6 +23,12 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
 
     from asyncfabric import Descriptor, Engine
 
+    cuda_device = kwargs.pop("_cuda_device", None)
+    if cuda_device is not None:
+        import torch
+
+        torch.cuda.set_device(cuda_device)
+
     async def serve() -> None:
         async with Engine(provider, **kwargs) as eng:
             regions: dict[int, Any] = {}
@@ -45,6 +51,12 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         r = eng.register(buf)
                         regions[id(r)] = r
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
+                    elif cmd == "alloc_t":
+                        # a torch tensor on `device`; staged=True forces the staged path
+                        nbytes, seed, device, staged = args
+                        r = eng.register(_tensor(nbytes, seed, device), _force_staged=staged)
+                        regions[id(r)] = r
+                        conn.send(("ok", (id(r), bytes(r.descriptor()))))
                     elif cmd == "free":
                         regions.pop(args[0]).close()
                         conn.send(("ok", None))
@@ -56,7 +68,7 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         conn.send(("ok", eng.counter(args[0]).count))
                     elif cmd == "digest":
                         rid, off, n = args
-                        mv = memoryview(regions[rid].buffer).cast("B")[off : off + n]
+                        mv = _host_view(regions[rid].buffer)[off : off + n]
                         conn.send(("ok", hashlib.sha256(mv).hexdigest()))
                     elif cmd == "read":
                         rid, off, n = args
@@ -102,6 +114,29 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                     conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
     asyncio.run(serve())
+
+
+def _tensor(nbytes: int, seed: int | None, device: str) -> Any:
+    import torch
+
+    if seed is None:
+        return torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    g = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    return torch.from_numpy(g).to(device)
+
+
+def _host_view(buf: Any) -> memoryview:
+    """The bytes of a buffer as host memory (a CUDA tensor is copied to the host first)."""
+    mod = type(buf).__module__
+    if mod.startswith("torch"):
+        t = buf.reshape(-1)
+        if t.device.type == "cuda":
+            # Deliberately no device-wide synchronize: the copy is ordered only on the
+            # current stream, so a counter that fired before the data reached GPU
+            # memory shows up as a wrong digest.
+            t = t.cpu()
+        return memoryview(t.contiguous().numpy()).cast("B")
+    return memoryview(buf).cast("B")
 
 
 class PeerError(RuntimeError):
@@ -177,9 +212,14 @@ class PeerProcess:
     async def digest(self, rid: int, off: int, n: int) -> str:
         return await self.call("digest", rid, off, n)
 
+    async def alloc_tensor(
+        self, nbytes: int, seed: int | None = None, device: str = "cpu", staged: bool = False
+    ) -> tuple[int, bytes]:
+        return await self.call("alloc_t", nbytes, seed, device, staged)
+
 
 def sha256(buf: Any, off: int = 0, n: int | None = None) -> str:
-    mv = memoryview(buf).cast("B")
+    mv = _host_view(buf)
     return hashlib.sha256(mv[off : off + n if n is not None else None]).hexdigest()
 
 

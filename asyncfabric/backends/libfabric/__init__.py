@@ -72,6 +72,11 @@ class LibfabricTransport(Transport):
         rc = lib.afe_open(
             provider.encode(), node_c, domains, ctrl_max, 256, int(hmem), out, err, 512
         )
+        if rc and hmem:
+            # The provider does not advertise FI_HMEM: GPU memory goes the staged way.
+            hmem = False
+            rc = lib.afe_open(provider.encode(), node_c, domains, ctrl_max, 256, 0, out, err, 512)
+        self.hmem = bool(hmem) and not rc
         if rc:
             msg = ffi.string(err).decode(errors="replace") or strerror(rc)
             raise BackendUnavailable(f"cannot open libfabric provider {provider!r}: {msg}")
@@ -189,7 +194,7 @@ class LibfabricTransport(Transport):
         if rc:
             raise TransferError(f"deregistration failed: {strerror(rc)}", -rc)
 
-    def remote(self, bases: Sequence[int], keys: Sequence[int]) -> Any:
+    def remote(self, bases: Sequence[int], keys: Sequence[int], ext: bytes = b"") -> Any:
         return (ffi.new("uint64_t[]", list(bases)), ffi.new("uint64_t[]", list(keys)))
 
     def post_write(

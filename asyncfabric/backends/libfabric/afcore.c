@@ -109,6 +109,7 @@ typedef struct af_mr {
     void *desc[AF_MAX_DOMS];
     int live;
     int next_free;
+    int iface; /* FI_HMEM_*: device memory is never injected (inject reads it with the CPU) */
 } af_mr;
 
 typedef struct af_op {
@@ -495,7 +496,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                 dst = op->raddr[dn] + op->offs[op->total + c];
                 len = op->page;
             }
-            if (len <= d->inject) {
+            if (len <= d->inject && !(op->mr >= 0 && e->mrs[op->mr].iface != FI_HMEM_SYSTEM)) {
                 ret = op->imm >= 0
                           ? fi_inject_writedata(d->ep, src, len, (uint64_t)op->imm, dest, dst, op->rkey[dn])
                           : fi_inject_write(d->ep, src, len, dest, dst, op->rkey[dn]);
@@ -1325,6 +1326,7 @@ int afe_mr_reg(af_engine *e, void *addr, uint64_t len, uint64_t access, int ifac
             e->mr_free = idx;
         } else {
             m->live = 1;
+            m->iface = iface;
         }
     }
     leave_py(e);

@@ -1,0 +1,98 @@
+"""The few CUDA driver calls cuda_ipc needs, through ctypes on libcuda.so.1.
+
+The driver library ships with every NVIDIA driver, so nothing is built. torch
+owns the CUDA runtime in the process; it uses each device's primary context,
+which is the one these calls make current, so pointers and streams are shared.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from ..._errors import TransferError
+
+IPC_LAZY_ENABLE_PEER_ACCESS = 1
+HANDLE_BYTES = 64
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * HANDLE_BYTES)]
+
+
+_lib: Any = None
+_ctx: dict[int, ctypes.c_void_p] = {}
+
+
+def lib() -> Any:
+    global _lib
+    if _lib is None:
+        try:
+            dll = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise TransferError(
+                f"cannot load the CUDA driver (libcuda.so.1: {exc}); cuda_ipc needs an NVIDIA GPU"
+            ) from None
+        u64, sz, vp = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
+        dll.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(sz), u64]
+        dll.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), u64]
+        dll.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(u64), _IpcHandle, ctypes.c_uint]
+        dll.cuIpcCloseMemHandle.argtypes = [u64]
+        dll.cuMemcpyAsync.argtypes = [u64, u64, sz, vp]
+        dll.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
+        dll.cuCtxSetCurrent.argtypes = [vp]
+        dll.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        _lib = dll
+    return _lib
+
+
+def check(rc: int, what: str) -> None:
+    if rc:
+        s = ctypes.c_char_p()
+        lib().cuGetErrorString(rc, ctypes.byref(s))
+        text = s.value.decode() if s.value else "unknown"
+        raise TransferError(f"{what} failed: CUDA error {rc} ({text})", rc)
+
+
+def use_device(device: int) -> None:
+    """Make ``device``'s primary context current on this thread (as torch does)."""
+    ctx = _ctx.get(device)
+    if ctx is None:
+        ctx = ctypes.c_void_p()
+        check(lib().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
+        _ctx[device] = ctx
+    check(lib().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+def allocation_of(ptr: int) -> tuple[int, int]:
+    """(base, size) of the cudaMalloc allocation holding ``ptr``."""
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    check(
+        lib().cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr),
+        "cuMemGetAddressRange",
+    )
+    return int(base.value), int(size.value)
+
+
+def ipc_handle(base: int) -> bytes:
+    h = _IpcHandle()
+    check(lib().cuIpcGetMemHandle(ctypes.byref(h), base), "cuIpcGetMemHandle")
+    return bytes(ctypes.string_at(ctypes.addressof(h), HANDLE_BYTES))
+
+
+def ipc_open(handle: bytes) -> int:
+    h = _IpcHandle.from_buffer_copy(handle)
+    p = ctypes.c_uint64()
+    check(
+        lib().cuIpcOpenMemHandle_v2(ctypes.byref(p), h, IPC_LAZY_ENABLE_PEER_ACCESS),
+        "cuIpcOpenMemHandle (is the peer on this host, and its GPU reachable by peer access?)",
+    )
+    return int(p.value)
+
+
+def ipc_close(ptr: int) -> None:
+    lib().cuIpcCloseMemHandle(ptr)
+
+
+def copy_async(dst: int, src: int, n: int, stream: int) -> None:
+    check(lib().cuMemcpyAsync(dst, src, n, stream), f"cuMemcpyAsync of {n} bytes")
