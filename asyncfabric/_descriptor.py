@@ -41,6 +41,7 @@ class Descriptor:
 
     @property
     def remote_write(self) -> bool:
+        """Whether peers may write into the region (it was registered with ``remote_write``)."""
         return bool(self.flags & FLAG_REMOTE_WRITE)
 
     def __getitem__(self, s: slice) -> RemoteSlice:
@@ -59,6 +60,7 @@ class Descriptor:
         )
 
     def to_bytes(self) -> bytes:
+        """The wire format (also ``bytes(desc)``): send this to the peer out of band."""
         head = struct.pack(
             "<3sBBIQQB",
             MAGIC,
@@ -77,6 +79,7 @@ class Descriptor:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Descriptor:
+        """Parse :meth:`to_bytes` output; malformed input raises :class:`DescriptorError`."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"descriptor must be bytes, got {type(data).__name__}")
         buf = bytes(data)
