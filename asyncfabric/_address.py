@@ -20,12 +20,15 @@ MAX_DOMAINS = 16
 
 @dataclass(frozen=True, slots=True)
 class EngineAddress:
+    """An engine's address, parsed: its uid, backend, provider and one address per domain."""
+
     uid: bytes
     backend: str
     provider: str
     domains: tuple[bytes, ...]
 
     def to_bytes(self) -> bytes:
+        """The wire format (what ``Engine.address`` returns)."""
         b, p = self.backend.encode(), self.provider.encode()
         out = [MAGIC, bytes([VERSION]), self.uid, bytes([len(b)]), b, bytes([len(p)]), p]
         out.append(bytes([len(self.domains)]))
@@ -36,6 +39,7 @@ class EngineAddress:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> EngineAddress:
+        """Parse :meth:`to_bytes` output; malformed input raises :class:`DescriptorError`."""
         addr, end = parse(bytes(data), 0, "engine address")
         if end != len(data):
             raise DescriptorError(f"engine address has {len(data) - end} trailing bytes")

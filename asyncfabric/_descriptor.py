@@ -50,6 +50,7 @@ class Descriptor:
 
     @property
     def remote_write(self) -> bool:
+        """Whether peers may write into the region (it was registered with ``remote_write``)."""
         return bool(self.flags & FLAG_REMOTE_WRITE)
 
     @property
@@ -73,6 +74,7 @@ class Descriptor:
         )
 
     def to_bytes(self) -> bytes:
+        """The wire format (also ``bytes(desc)``): send this to the peer out of band."""
         head = struct.pack(
             "<3sBBIQQB",
             MAGIC,
@@ -92,6 +94,7 @@ class Descriptor:
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Descriptor:
+        """Parse :meth:`to_bytes` output; malformed input raises :class:`DescriptorError`."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"descriptor must be bytes, got {type(data).__name__}")
         buf = bytes(data)

@@ -158,6 +158,7 @@ class Engine:
         self.close()
 
     def close(self) -> None:
+        """Synchronous :meth:`aclose` (for ``finally`` blocks and ``__del__``-free cleanup)."""
         if self._closed or not self._opened:
             self._closed = True
             return
@@ -200,19 +201,23 @@ class Engine:
 
     @property
     def provider(self) -> str:
+        """The provider in use (``"shm"``, ``"tcp"``, ``"efa"``...), resolved from ``"auto"``."""
         self._check_open()
         return self._t.provider
 
     @property
     def backend(self) -> str:
+        """The backend's name (``"libfabric"``)."""
         return self._backend.name
 
     @property
     def domains(self) -> int:
+        """How many domains (NICs) this engine stripes over."""
         return self._domains
 
     @property
     def max_msg_size(self) -> int:
+        """The provider's largest single message; ``chunk_bytes`` never exceeds it."""
         self._check_open()
         return self._t.max_msg_size
 
@@ -227,6 +232,7 @@ class Engine:
         return self._t
 
     def stats(self) -> dict[str, int]:
+        """Native counters: completions, immediates, posts, EAGAINs, live registrations..."""
         self._check_open()
         st = self._t.stats()
         st["live_counters"] = self._t.counters_live()

@@ -48,6 +48,7 @@ class ProgressPolicy:
             )
 
     def to_ns(self) -> PolicyNs:
+        """The policy in nanoseconds, as handed to a transport."""
         return PolicyNs(
             int(self.spin_us * 1e3), int(self.idle_block_us * 1e3), int(self.busy_block_us * 1e3)
         )

@@ -51,6 +51,7 @@ class Region:
 
     @property
     def nbytes(self) -> int:
+        """Size of the registered memory in bytes."""
         return self._info.nbytes
 
     @property
@@ -60,10 +61,12 @@ class Region:
 
     @property
     def ptr(self) -> int:
+        """Address of the registered memory."""
         return self._info.ptr
 
     @property
     def device(self) -> str:
+        """Where the memory lives (``"cpu"``)."""
         return self._info.device
 
     @property
@@ -73,10 +76,12 @@ class Region:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` was called (or the engine closed)."""
         return self._closed
 
     @property
     def engine(self) -> Engine:
+        """The engine this region is registered with."""
         return self._engine
 
     def __len__(self) -> int:

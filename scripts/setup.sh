@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything asyncfabric needs on Debian 12, idempotently:
 #   system packages (libfabric headers, a compiler, Python headers, venv) via apt-get when missing,
-#   a virtual environment at .venv in the checkout, and the package with its test extras.
+#   a virtual environment at .venv in the checkout, and the package with its test, docs and
+#   notebook extras.
 # Quiet when there is nothing to do. Usage: bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,7 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py asyncfabric/backend
   log=.venv/setup-pip.log
   # torch==2.13.0 is pinned for tests only: on these machines it resolves to a local CPU wheel,
   # where an unpinned torch would download a multi-GB CUDA build.
-  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,trio]' \
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,trio,peers,docs,notebooks]' \
       'torch==2.13.0' >"$log" 2>&1; then
     cat "$log" >&2
     echo "setup: pip install failed (log above, also in $log)" >&2

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: set up (idempotent), lint, then every test on every provider present,
-# under asyncio and trio. Extra args go to pytest.
+# The whole test suite: set up (idempotent), lint, build the docs (offline, warnings are errors),
+# execute every notebook headless, then every test on every provider present, under asyncio and
+# trio. Extra args go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check asyncfabric tests benchmarks
+.venv/bin/ruff check asyncfabric tests benchmarks scripts docs/conf.py
+.venv/bin/python -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+.venv/bin/python scripts/run_notebooks.py
 .venv/bin/python -m pytest -q -p anyio tests "$@"
