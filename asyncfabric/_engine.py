@@ -718,9 +718,12 @@ class Engine:
         # Spin only when the loop has nothing else ready: with other tasks
         # runnable (several writes in flight), spinning would serialize them
         # and the loop's own wake-up costs nothing extra.
-        if self._wait_spin_ns and not w.done() and not self._loop.has_ready():
-            if self._t.spin(self._wait_spin_ns):
-                self._drain()
+        if w.done() or self._loop.has_ready():
+            return
+        if self._wait_spin_ns and self._t.spin(self._wait_spin_ns):
+            self._drain()
+        if not w.done():
+            self._t.release()  # the loop is about to sleep: the progress thread takes over
 
     def _after_call(self) -> None:
         if self._t.pending_events():

@@ -9,6 +9,7 @@ its own small adapter.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -95,6 +96,34 @@ class AsyncioAdapter(LoopAdapter):
 
     def has_ready(self) -> bool:
         return bool(self._ready)
+
+    async def wait(self, waiter: Any, timeout: float | None) -> Any:
+        if timeout is None:
+            return await waiter
+        if waiter.done():
+            return waiter.result()
+        if not hasattr(asyncio.Task, "uncancel"):  # Python 3.10
+            return await super().wait(waiter, timeout)
+        # A plain call_later timer: anyio's cancel scopes cost several times more
+        # per wait, and every wait on the hot path may carry a timeout.
+        task = asyncio.current_task()
+        fired = False
+
+        def expire() -> None:
+            nonlocal fired
+            if not waiter.done() and task is not None:
+                fired = True
+                task.cancel()
+
+        handle = self.loop.call_later(timeout, expire)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if fired and task is not None and task.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            handle.cancel()
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         def on_readable() -> None:

@@ -26,6 +26,7 @@ class ProgressPolicy:
     idle_block_us: float = 1000.0
     busy_block_us: float = 50.0
     wait_spin_us: float = 20.0
+    py_hold_us: float = 50.0
 
     @classmethod
     def latency(cls) -> ProgressPolicy:
@@ -38,7 +39,7 @@ class ProgressPolicy:
         return cls(spin_us=0.0, idle_block_us=5000.0, busy_block_us=200.0, wait_spin_us=0.0)
 
     def __post_init__(self) -> None:
-        for name in ("spin_us", "idle_block_us", "busy_block_us", "wait_spin_us"):
+        for name in ("spin_us", "idle_block_us", "busy_block_us", "wait_spin_us", "py_hold_us"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"ProgressPolicy.{name} must be a number >= 0, got {v!r}")
@@ -50,5 +51,8 @@ class ProgressPolicy:
     def to_ns(self) -> PolicyNs:
         """The policy in nanoseconds, as handed to a transport."""
         return PolicyNs(
-            int(self.spin_us * 1e3), int(self.idle_block_us * 1e3), int(self.busy_block_us * 1e3)
+            int(self.spin_us * 1e3),
+            int(self.idle_block_us * 1e3),
+            int(self.busy_block_us * 1e3),
+            py_hold_ns=int(self.py_hold_us * 1e3),
         )

@@ -43,6 +43,7 @@ class PolicyNs:
     idle_block_ns: int
     busy_block_ns: int
     post_timeout_ns: int = 5_000_000_000
+    py_hold_ns: int = 0
 
 
 class EventSink(Protocol):
@@ -164,6 +165,9 @@ class Transport(ABC):
     @abstractmethod
     def spin(self, ns: int) -> int:
         """Poll the fabric from the calling thread until an event is ready or ns pass."""
+
+    def release(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
+        """The calling thread goes idle: progress is the transport's own job again."""
 
     @abstractmethod
     def error(self, status: int, what: str) -> Exception:

@@ -131,7 +131,13 @@ class LibfabricTransport(Transport):
     def start(self, policy: PolicyNs) -> None:
         p = ffi.new(
             "af_policy *",
-            (policy.spin_ns, policy.idle_block_ns, policy.busy_block_ns, policy.post_timeout_ns),
+            (
+                policy.spin_ns,
+                policy.idle_block_ns,
+                policy.busy_block_ns,
+                policy.post_timeout_ns,
+                policy.py_hold_ns,
+            ),
         )
         rc = lib.afe_start(self._e, p)
         if rc:
@@ -314,6 +320,9 @@ class LibfabricTransport(Transport):
 
     def spin(self, ns: int) -> int:
         return lib.afe_spin(self._e, ns)
+
+    def release(self) -> None:
+        lib.afe_release(self._e)
 
     def error(self, status: int, what: str) -> Exception:
         errno = -status

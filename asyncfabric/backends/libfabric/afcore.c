@@ -165,6 +165,11 @@ struct af_engine {
     int py_ctx;       /* the Python thread holds the lock: it drains events itself */
     uint64_t work_gen; /* bumped on every post: the progress thread must not sleep through it */
     atomic_int spinners, sleeping, stop;
+    /* While the Python thread keeps calling in (posting, spinning) it reaps
+     * completions itself and the progress thread stays out of its way until
+     * this time passes or Python says it is going idle (afe_release). On two
+     * cores, one poller per process is what keeps up with the raw loop. */
+    _Atomic uint64_t py_until;
     int started;
     pthread_t thr;
     af_policy pol;
@@ -197,6 +202,11 @@ const char *afe_strerror(int err) { return fi_strerror(err < 0 ? -err : err); }
 static inline void enter_py(af_engine *e) {
     pthread_mutex_lock(&e->lock);
     e->py_ctx = 1;
+}
+
+/* A post from Python: mark the thread active, and reap completions on the way. */
+static inline void py_active(af_engine *e) {
+    if (e->pol.py_hold_ns) atomic_store_explicit(&e->py_until, now_ns() + e->pol.py_hold_ns, memory_order_relaxed);
 }
 
 static inline void leave_py(af_engine *e) {
@@ -312,6 +322,11 @@ static void ctr_delete(af_engine *e, af_ctr *c) {
     }
 }
 
+/* Publish "somebody waits here" for peers deciding whether to ring us. */
+static inline void publish_waiting(af_engine *e) {
+    if (e->bell_page) atomic_store_explicit(&e->bell_page->waiting, e->armed > 0, memory_order_relaxed);
+}
+
 static inline void count_imm(af_engine *e, uint32_t imm) {
     af_ctr *c = ctr_find(e, imm, 1);
     c->avail++;
@@ -319,6 +334,7 @@ static inline void count_imm(af_engine *e, uint32_t imm) {
     if (c->want && c->avail >= c->want) {
         c->want = 0;
         e->armed--;
+        publish_waiting(e);
         push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
     }
 }
@@ -339,6 +355,7 @@ int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want) {
         e->armed++;
         r = 0;
     }
+    publish_waiting(e);
     leave_py(e);
     return r;
 }
@@ -350,6 +367,7 @@ void afe_counter_disarm(af_engine *e, uint32_t imm) {
         if (c->want) e->armed--;
         c->want = 0;
         if (!c->avail) ctr_delete(e, c);
+        publish_waiting(e);
     }
     leave_py(e);
 }
@@ -370,6 +388,7 @@ void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n) {
     if (c->want && c->avail >= c->want) {
         c->want = 0;
         e->armed--;
+        publish_waiting(e);
         push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
     }
     leave_py(e);
@@ -433,6 +452,7 @@ static void maybe_finish(af_engine *e, uint32_t i) {
 }
 
 static int progress_dom(af_engine *e, af_dom *d);
+static int progress_locked(af_engine *e);
 
 static inline int take_wr(af_dom *d, uint32_t opi, int32_t sslot, af_wr **out) {
     if (d->wr_free == AF_NONE) return 0;
@@ -452,11 +472,22 @@ static inline void commit_wr(af_dom *d, af_wr *wr) {
  * the op keeps its cursor and is resumed when completions free room. */
 static int pump_op_inner(af_engine *e, uint32_t opi);
 
+/* Post what can go, then wake the peer if it sleeps and needs to act: an op
+ * whose completion waits for the target (anything not injected), a target
+ * somebody waits on (it must count the immediate), a message, or a target
+ * whose queue is full (EAGAIN). Injected writes to a target nobody waits on
+ * need no wake-up: it counts them when it next polls. */
 static int pump_op(af_engine *e, uint32_t opi) {
-    uint64_t before = e->ops[opi].posted;
-    int r = pump_op_inner(e, opi);
     af_op *op = &e->ops[opi];
-    if (op->posted != before && bell_ring(e->bell_fd, &e->peers[op->peer].bell)) e->st.wakeups++;
+    uint64_t before = op->posted, out_before = op->outstanding;
+    int r = pump_op_inner(e, opi);
+    op = &e->ops[opi];
+    af_bell *b = &e->peers[op->peer].bell;
+    if (b->page && (op->posted != before || r == AF_AGAIN)) {
+        int needs = r == AF_AGAIN || op->outstanding != out_before || op->kind == OP_SEND ||
+                    atomic_load_explicit(&b->page->waiting, memory_order_relaxed);
+        if (needs && bell_ring(e->bell_fd, b)) e->st.wakeups++;
+    }
     return r;
 }
 
@@ -630,6 +661,8 @@ int afe_post_write(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *
             op->rkey[d] = rkey[d];
         }
         rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
     }
     leave_py(e);
     return rc;
@@ -669,6 +702,8 @@ int afe_post_paged(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *
             op->rkey[d] = rkey[d];
         }
         rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
     }
     leave_py(e);
     return rc;
@@ -695,6 +730,8 @@ int afe_post_send(af_engine *e, uint64_t token, uint32_t peer, const void *buf, 
         op->msglen = len;
         op->total = 1;
         rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
     }
     leave_py(e);
     return rc;
@@ -883,11 +920,19 @@ static void *progress_main(void *arg) {
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     uint64_t last = now_ns();
     while (!atomic_load(&e->stop)) {
-        if (atomic_load(&e->spinners)) {
-            /* A Python waiter is polling the CQs itself; two pollers on two
-             * cores would only fight. Stay out of its way. */
+        uint64_t until = atomic_load_explicit(&e->py_until, memory_order_relaxed);
+        if (atomic_load(&e->spinners) || until > now_ns()) {
+            /* The Python thread is polling the CQs itself (spinning in a wait,
+             * or posting and reaping); two pollers on two cores would only
+             * fight. Stay out of its way, waking if it says it goes idle. */
+            atomic_store(&e->sleeping, 1);
+            struct pollfd pfd = {e->wake_fd, POLLIN, 0};
             struct timespec ts = {0, 20000};
-            nanosleep(&ts, NULL);
+            if (ppoll(&pfd, 1, &ts, NULL) > 0) {
+                uint64_t v;
+                if (read(e->wake_fd, &v, sizeof v) < 0) { /* already drained */ }
+            }
+            atomic_store(&e->sleeping, 0);
             last = now_ns();
             continue;
         }
@@ -939,6 +984,12 @@ int afe_spin(af_engine *e, uint64_t ns) {
 int afe_kick(af_engine *e) {
     kick(e);
     return 0;
+}
+
+/* Python goes idle (about to block in its event loop): hand polling back. */
+void afe_release(af_engine *e) {
+    atomic_store_explicit(&e->py_until, 0, memory_order_relaxed);
+    if (atomic_load(&e->sleeping)) kick(e);
 }
 
 int afe_notify_fd(af_engine *e) { return e->notify_fd; }

@@ -36,6 +36,7 @@ typedef struct af_policy {
     uint64_t idle_block_ns;  /* then block at most this long per wait when nothing is in flight */
     uint64_t busy_block_ns;  /* ...and at most this long while transfers are in flight */
     uint64_t post_timeout_ns; /* a transfer that cannot be posted this long fails (0: never) */
+    uint64_t py_hold_ns;     /* after a post from Python, Python polls and the thread stands aside */
 } af_policy;
 
 typedef struct af_stats {
@@ -86,6 +87,7 @@ int afe_drain(af_engine *e, af_event *out, int max);
 int afe_nevents(af_engine *e);
 int afe_spin(af_engine *e, uint64_t ns);
 int afe_kick(af_engine *e);
+void afe_release(af_engine *e);
 int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len);
 
 const char *afe_strerror(int err);

@@ -23,7 +23,9 @@
 
 typedef struct af_bell_page {
     _Atomic uint32_t sleeping;
+    _Atomic uint32_t waiting; /* the engine has armed counters: arrivals matter now */
     uint32_t pid;
+    uint32_t pad;
     uint64_t magic;
 } af_bell_page;
 
