@@ -26,6 +26,7 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
     async def serve() -> None:
         async with Engine(provider, **kwargs) as eng:
             regions: dict[int, Any] = {}
+            bufs: dict[int, Any] = {}  # outlive their regions: to see what lands after unregister
             conn.send(("ok", eng.address))
             loop = asyncio.get_running_loop()
             while True:
@@ -35,17 +36,24 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         conn.send(("ok", None))
                         return
                     if cmd == "alloc":
-                        nbytes, seed = args
+                        nbytes, seed, *rest = args
+                        remote_write = rest[0] if rest else True
                         if seed is None:
                             buf = np.zeros(nbytes, np.uint8)
                         else:
                             buf = np.random.default_rng(seed).integers(
                                 0, 256, nbytes, dtype=np.uint8
                             )
-                        r = eng.register(buf)
+                        r = eng.register(buf, remote_write=remote_write)
                         regions[id(r)] = r
+                        bufs[id(r)] = buf
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
                     elif cmd == "free":
+                        regions.pop(args[0]).close()
+                        bufs.pop(args[0], None)
+                        conn.send(("ok", None))
+                    elif cmd == "unregister":
+                        # unregister but keep the memory, so a late write could be seen
                         regions.pop(args[0]).close()
                         conn.send(("ok", None))
                     elif cmd == "wait":
@@ -56,13 +64,11 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         conn.send(("ok", eng.counter(args[0]).count))
                     elif cmd == "digest":
                         rid, off, n = args
-                        mv = memoryview(regions[rid].buffer).cast("B")[off : off + n]
+                        mv = memoryview(bufs[rid]).cast("B")[off : off + n]
                         conn.send(("ok", hashlib.sha256(mv).hexdigest()))
                     elif cmd == "read":
                         rid, off, n = args
-                        conn.send(
-                            ("ok", bytes(memoryview(regions[rid].buffer).cast("B")[off : off + n]))
-                        )
+                        conn.send(("ok", bytes(memoryview(bufs[rid]).cast("B")[off : off + n])))
                     elif cmd == "write":
                         rid, desc, off, roff, n, imm = args
                         d = Descriptor.from_bytes(desc)
@@ -155,8 +161,10 @@ class PeerProcess:
         return await self._reply(timeout)
 
     # conveniences
-    async def alloc(self, nbytes: int, seed: int | None = None) -> tuple[int, bytes]:
-        return await self.call("alloc", nbytes, seed)
+    async def alloc(
+        self, nbytes: int, seed: int | None = None, *, remote_write: bool = True
+    ) -> tuple[int, bytes]:
+        return await self.call("alloc", nbytes, seed, remote_write)
 
     async def wait(self, imm: int, n: int, timeout: float = 30) -> None:
         await self.call("wait", imm, n, timeout, timeout=timeout + 30)

@@ -57,13 +57,13 @@ def make_ffi() -> FFI:
     incs, libdirs, rpath = _flags()
     ffibuilder.set_source(
         "asyncfabric.backends.libfabric._afcore",
-        '#include "afcore.c"\n',
+        '#include "afcore.c"\n#include "afpeer.c"\n',
         include_dirs=[str(HERE), *incs],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
         libraries=["fabric", "pthread"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-        depends=[str(HERE / "afcore.c"), str(HERE / "afcore.h")],
+        depends=[str(HERE / n) for n in ("afcore.c", "afcore.h", "afpeer.c")],
     )
     return ffibuilder
 
