@@ -26,7 +26,7 @@ async def _stream_until_error(eng, src, desc, started, deadline_s):
         while True:
             errors: list[BaseException] = []
 
-            async def one(i: int) -> None:
+            async def one(i: int, errors: list[BaseException] = errors) -> None:
                 size = SIZES[i % len(SIZES)]
                 try:
                     await eng.write(src[0:size], desc[0:size], imm=1)
