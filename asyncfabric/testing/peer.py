@@ -81,6 +81,17 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         src = regions[rid]
                         await asyncio.gather(*(eng.write(src[0:8], d[0:8], imm=i) for i in imms))
                         conn.send(("ok", None))
+                    elif cmd == "blast":
+                        # `count` 8-byte writes carrying `imm`, `window` in flight at a time
+                        rid, desc, imm, count, window = args
+                        d = Descriptor.from_bytes(desc)
+                        src, dst = regions[rid][0:8], d[0:8]
+                        done = 0
+                        while done < count:
+                            k = min(window, count - done)
+                            await asyncio.gather(*(eng.write(src, dst, imm=imm) for _ in range(k)))
+                            done += k
+                        conn.send(("ok", done))
                     elif cmd == "send":
                         to, data = args
                         await eng.send(to, data)
