@@ -26,7 +26,14 @@ class Node:
     def __init__(self, hosts: TwoHosts, ns: str, addr: str) -> None:
         self.p = hosts.run(
             ns,
-            [sys.executable, "-m", "asyncfabric.testing.netns_node", "tcp", addr, str(PEER_TIMEOUT)],
+            [
+                sys.executable,
+                "-m",
+                "asyncfabric.testing.netns_node",
+                "tcp",
+                addr,
+                str(PEER_TIMEOUT),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -86,7 +93,9 @@ def test_link_cut_and_restore(hosts):
             err = str(exc)
             break
     took = time.monotonic() - t_cut
-    print(f"\n[link-cut] first failure {took * 1e3:.0f} ms after the cut ({sent} writes done first)")
+    print(
+        f"\n[link-cut] first failure {took * 1e3:.0f} ms after the cut ({sent} writes done first)"
+    )
     assert err is not None, "no transfer failed while the link was down"
     assert err.startswith("PeerUnreachable"), err
     assert took <= PEER_TIMEOUT + 3.0

@@ -82,7 +82,7 @@ async def test_million_writes_eight_peers():
         inbox.close()
         assert eng.stats()["live_mrs"] == 0 and eng.stats()["live_regions"] == 0
         await eng.aclose()
-        del eng, inbox
+        inbox = None
         gc.collect()
         rss1 = rss_kib()
         print(f"[soak] RSS before {rss0 / 1024:.1f} MiB, after close {rss1 / 1024:.1f} MiB")
