@@ -2,12 +2,20 @@
 
 Layout (little endian, version 1)::
 
-    b"AFA" u8 version | 8 bytes engine uid | u8 len + backend | u8 len + provider
-    | u8 ndomains | per domain: u16 len + transport address
+    b"AFA" u8 version | 8 bytes engine uid | 8 bytes host id | u32 pid
+    | u8 len + backend | u8 len + provider | u8 ndomains | per domain: u16 len + transport address
+
+``host`` and ``pid`` let a peer on the same host (same boot, same pid namespace)
+watch the owner's process: when it exits, transfers to it fail at once instead
+of vanishing into its dead shared memory. A zero host id means "unknown" and
+turns the watch off; they are hints for failure detection, never for access.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import struct
 from dataclasses import dataclass
 
@@ -26,11 +34,19 @@ class EngineAddress:
     backend: str
     provider: str
     domains: tuple[bytes, ...]
+    host: bytes = bytes(8)
+    pid: int = 0
+
+    @property
+    def same_host(self) -> bool:
+        """True when the owner runs on this host, in this pid namespace (its pid means something here)."""
+        return self.host != bytes(8) and self.host == host_id()
 
     def to_bytes(self) -> bytes:
         """The wire format (what ``Engine.address`` returns)."""
         b, p = self.backend.encode(), self.provider.encode()
-        out = [MAGIC, bytes([VERSION]), self.uid, bytes([len(b)]), b, bytes([len(p)]), p]
+        out = [MAGIC, bytes([VERSION]), self.uid, self.host, struct.pack("<I", self.pid)]
+        out += [bytes([len(b)]), b, bytes([len(p)]), p]
         out.append(bytes([len(self.domains)]))
         for d in self.domains:
             out.append(struct.pack("<H", len(d)))
@@ -94,6 +110,8 @@ def parse(buf: bytes, pos: int, what: str) -> tuple[EngineAddress, int]:
     if ver != VERSION:
         raise DescriptorError(f"{what} has address version {ver}; this asyncfabric reads {VERSION}")
     uid = r.take(8, "engine uid")
+    host = r.take(8, "host id")
+    pid = r.u32("pid")
     backend = r.text("backend")
     provider = r.text("provider")
     nd = r.u8("domain count")
@@ -102,4 +120,16 @@ def parse(buf: bytes, pos: int, what: str) -> tuple[EngineAddress, int]:
     doms = tuple(r.take(r.u16("domain address length"), "domain address") for _ in range(nd))
     if any(len(d) == 0 for d in doms):
         raise DescriptorError(f"{what} has an empty domain address")
-    return EngineAddress(uid, backend, provider, doms), r.pos
+    return EngineAddress(uid, backend, provider, doms, host, pid), r.pos
+
+
+@functools.lru_cache(maxsize=1)
+def host_id() -> bytes:
+    """8 bytes naming this boot of this host and this pid namespace (zeros when unknown)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as f:
+            boot = f.read().strip()
+        pidns = os.readlink("/proc/self/ns/pid").encode()
+    except OSError:
+        return bytes(8)
+    return hashlib.sha256(boot + b"/" + pidns).digest()[:8] or bytes(8)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import _staging, backends
-from ._address import EngineAddress
+from ._address import EngineAddress, host_id
 from ._buffers import buffer_info
 from ._counter import ImmCounter
 from ._descriptor import FLAG_STAGED, Descriptor, RemoteSlice
@@ -126,7 +126,9 @@ class Engine:
         t = self._t
         max_chunk = t.max_msg_size
         self.chunk_bytes = min(self._chunk_req or DEFAULT_CHUNK, max_chunk)
-        self._addr = EngineAddress(os.urandom(8), t.backend, t.provider, tuple(t.addresses))
+        self._addr = EngineAddress(
+            os.urandom(8), t.backend, t.provider, tuple(t.addresses), host_id(), os.getpid()
+        )
         self._addr_bytes = self._addr.to_bytes()
         self._tokens = itertools.count(1)
         self._ops: dict[int, tuple[Any, Region | None]] = {}
@@ -377,8 +379,18 @@ class Engine:
                 f"the peer speaks {ea.backend}:{ea.provider}, this engine speaks "
                 f"{self._t.backend}:{self._t.provider}; open both engines on the same provider"
             )
+        watch = ea.same_host and ea.pid > 0 and ea.pid != os.getpid()
+        if watch and not _pid_alive(ea.pid):
+            # never hand a dead process's address to the provider (shm would map its
+            # stale shared memory and "deliver" into it)
+            raise PeerUnreachable(
+                f"the process (pid {ea.pid}) that owns this address or descriptor has exited; "
+                "get a fresh address from a live engine"
+            )
         ndom = min(len(ea.domains), self._t.ndomains)
         pid = self._t.add_peer(ea.domains[:ndom])
+        if watch:
+            self._t.watch_peer(pid, ea.pid)
         p = _Peer(pid, ndom, ea)
         self._peers[key] = p
         return p
@@ -735,7 +747,14 @@ class Engine:
                 self._gpu.run_done()
             self._t.drain(self)
 
-    def _on_op(self, token: int, status: int) -> None:
+    def _on_op(self, token: int, status: int, held: bool = False) -> None:
+        if held:
+            # Failed early (peer lost): fail the caller now, but keep the source region
+            # registered until the transport lets go of the transfer (a final event).
+            entry = self._ops.get(token)
+            if entry is not None and not entry[0].done():
+                entry[0].set_exception(self._t.error(status, "transfer"))
+            return
         entry = self._ops.pop(token, None)
         if entry is None:
             return
@@ -777,6 +796,16 @@ class Engine:
         state = "closed" if self._closed else ("open" if self._opened else "not open")
         prov = self._t.provider if self._opened else self._spec
         return f"<Engine {self._backend.name}:{prov} domains={self._domains} {state}>"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, but not ours to signal
+    return True
 
 
 def _page_array(pages: Any, name: str) -> np.ndarray:

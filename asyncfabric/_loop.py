@@ -150,6 +150,7 @@ class TrioAdapter(LoopAdapter):
 
         self._trio = trio
         self._scope: Any = None
+        self._fd = -1
 
     def new_waiter(self) -> _TrioWaiter:
         return _TrioWaiter(self._trio.Event())
@@ -157,13 +158,17 @@ class TrioAdapter(LoopAdapter):
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         trio = self._trio
         self._scope = trio.CancelScope()
+        self._fd = fd
 
         async def watcher() -> None:
             # A system task must never raise (trio would abort the whole run): an error
             # in dispatch is reported and the watcher keeps serving.
             with self._scope:
                 while True:
-                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        await trio.lowlevel.wait_readable(fd)
+                    except trio.ClosedResourceError:
+                        return  # unwatch() is closing the fd (engine close)
                     try:
                         os.read(fd, 8)
                     except BlockingIOError:
@@ -179,6 +184,12 @@ class TrioAdapter(LoopAdapter):
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
+            # The fd is closed right after; trio must forget it first, or the watcher
+            # task, still parked in wait_readable, dies with EBADF and takes the run down.
+            try:
+                self._trio.lowlevel.notify_closing(self._fd)
+            except RuntimeError:  # not inside trio any more
+                pass
 
 
 def current_adapter() -> LoopAdapter:

@@ -49,7 +49,10 @@ class PolicyNs:
 class EventSink(Protocol):
     """What a transport reports to while draining."""
 
-    def _on_op(self, token: int, status: int) -> None: ...
+    def _on_op(self, token: int, status: int, held: bool = False) -> None:
+        """``held``: the transfer failed early (peer lost) but the transport still holds
+        pieces of it; a second call with ``held=False`` follows when it lets go."""
+
     def _on_counter(self, imm: int) -> None: ...
     def _on_message(self, data: bytes) -> None: ...
     def _on_fatal(self, domain: int, status: int) -> None: ...
@@ -88,6 +91,13 @@ class Transport(ABC):
 
     @abstractmethod
     def add_peer(self, addresses: Sequence[bytes]) -> int: ...
+
+    def watch_peer(self, peer: int, pid: int) -> None:  # noqa: B027 - optional hook
+        """Watch a same-host peer's process; transfers to it fail when it exits (optional)."""
+
+    def peer_dead(self, peer: int) -> bool:
+        """Whether the peer's process is known to be gone (optional)."""
+        return False
 
     @abstractmethod
     def register(

@@ -32,6 +32,7 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
     async def serve() -> None:
         async with Engine(provider, **kwargs) as eng:
             regions: dict[int, Any] = {}
+            bufs: dict[int, Any] = {}  # outlive their regions: to see what lands after unregister
             conn.send(("ok", eng.address))
             loop = asyncio.get_running_loop()
             while True:
@@ -41,23 +42,31 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         conn.send(("ok", None))
                         return
                     if cmd == "alloc":
-                        nbytes, seed = args
+                        nbytes, seed, *rest = args
+                        remote_write = rest[0] if rest else True
                         if seed is None:
                             buf = np.zeros(nbytes, np.uint8)
                         else:
                             buf = np.random.default_rng(seed).integers(
                                 0, 256, nbytes, dtype=np.uint8
                             )
-                        r = eng.register(buf)
+                        r = eng.register(buf, remote_write=remote_write)
                         regions[id(r)] = r
+                        bufs[id(r)] = buf
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
                     elif cmd == "alloc_t":
                         # a torch tensor on `device`; staged=True forces the staged path
                         nbytes, seed, device, staged = args
                         r = eng.register(_tensor(nbytes, seed, device), _force_staged=staged)
                         regions[id(r)] = r
+                        bufs[id(r)] = r.buffer
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
                     elif cmd == "free":
+                        regions.pop(args[0]).close()
+                        bufs.pop(args[0], None)
+                        conn.send(("ok", None))
+                    elif cmd == "unregister":
+                        # unregister but keep the memory, so a late write could be seen
                         regions.pop(args[0]).close()
                         conn.send(("ok", None))
                     elif cmd == "wait":
@@ -68,13 +77,11 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         conn.send(("ok", eng.counter(args[0]).count))
                     elif cmd == "digest":
                         rid, off, n = args
-                        mv = _host_view(regions[rid].buffer)[off : off + n]
+                        mv = _host_view(bufs[rid])[off : off + n]
                         conn.send(("ok", hashlib.sha256(mv).hexdigest()))
                     elif cmd == "read":
                         rid, off, n = args
-                        conn.send(
-                            ("ok", bytes(memoryview(regions[rid].buffer).cast("B")[off : off + n]))
-                        )
+                        conn.send(("ok", bytes(memoryview(bufs[rid]).cast("B")[off : off + n])))
                     elif cmd == "write":
                         rid, desc, off, roff, n, imm = args
                         d = Descriptor.from_bytes(desc)
@@ -100,6 +107,17 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                     elif cmd == "cpu":
                         t = os.times()
                         conn.send(("ok", t.user + t.system))
+                    elif cmd == "blast":
+                        # `count` 8-byte writes carrying `imm`, `window` in flight at a time
+                        rid, desc, imm, count, window = args
+                        d = Descriptor.from_bytes(desc)
+                        src, dst = regions[rid][0:8], d[0:8]
+                        done = 0
+                        while done < count:
+                            k = min(window, count - done)
+                            await asyncio.gather(*(eng.write(src, dst, imm=imm) for _ in range(k)))
+                            done += k
+                        conn.send(("ok", done))
                     elif cmd == "send":
                         to, data = args
                         await eng.send(to, data)
@@ -203,8 +221,10 @@ class PeerProcess:
         return await self._reply(timeout)
 
     # conveniences
-    async def alloc(self, nbytes: int, seed: int | None = None) -> tuple[int, bytes]:
-        return await self.call("alloc", nbytes, seed)
+    async def alloc(
+        self, nbytes: int, seed: int | None = None, *, remote_write: bool = True
+    ) -> tuple[int, bytes]:
+        return await self.call("alloc", nbytes, seed, remote_write)
 
     async def wait(self, imm: int, n: int, timeout: float = 30) -> None:
         await self.call("wait", imm, n, timeout, timeout=timeout + 30)

@@ -27,7 +27,7 @@ HMEM_SYSTEM, HMEM_CUDA = 0, 1
 DRAIN_BATCH = 256
 
 # libfabric errno values (fi_errno.h): peer loss versus access faults
-_PEER_ERRNOS = {103, 104, 107, 110, 111, 112, 113, 32, 5, 265}
+_PEER_ERRNOS = {3, 103, 104, 107, 110, 111, 112, 113, 32, 5, 265}
 _ACCESS_ERRNOS = {13, 1, 129, 257}
 _PROBE_ORDER = ("shm", "tcp", "verbs;ofi_rxm", "efa")
 
@@ -161,6 +161,12 @@ class LibfabricTransport(Transport):
                 -rc,
             )
         return int(out[0])
+
+    def watch_peer(self, peer: int, pid: int) -> None:
+        lib.afe_peer_watch(self._e, peer, pid)
+
+    def peer_dead(self, peer: int) -> bool:
+        return bool(lib.afe_peer_dead(self._e, peer))
 
     def register(
         self,
@@ -303,7 +309,10 @@ class LibfabricTransport(Transport):
                     ev = buf[i]
                     kind = ev.kind
                     if kind == EV_OP:
-                        sink._on_op(ev.token, ev.status)
+                        if ev.len:  # failed early; the provider still holds pieces of it
+                            sink._on_op(ev.token, ev.status, True)
+                        else:
+                            sink._on_op(ev.token, ev.status)
                     elif kind == EV_COUNTER:
                         sink._on_counter(ev.a)
                     elif kind == EV_RECV:
@@ -329,10 +338,17 @@ class LibfabricTransport(Transport):
         text = strerror(status)
         if errno in _ACCESS_ERRNOS:
             return RemoteAccessError(f"{what} was refused by the target: {text}", errno)
+        if errno == 3:  # ESRCH, from the peer watch (afpeer.c)
+            return PeerUnreachable(
+                f"{what} failed: the peer's process has exited; its pending transfers failed "
+                "and new ones are refused (connect to a live engine)",
+                errno,
+            )
         if errno == 110:
             return PeerUnreachable(
-                f"{what} failed: the peer did not accept it within the engine's peer_timeout "
-                "(is the peer's engine still open?)",
+                f"{what} failed: the peer took or completed nothing within the engine's "
+                "peer_timeout (is the peer's engine still open, is the link up?); a later "
+                "transfer may succeed once it is reachable again",
                 errno,
             )
         if errno in _PEER_ERRNOS:

@@ -59,13 +59,16 @@ def make_ffi() -> FFI:
     incs, libdirs, rpath = _flags()
     ffibuilder.set_source(
         "asyncfabric.backends.libfabric._afcore",
-        '#include "afcore.c"\n#include "raw.c"\n',
+        '#include "afcore.c"\n#include "raw.c"\n#include "afpeer.c"\n',
         include_dirs=[str(HERE), *incs],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
         libraries=["fabric", "pthread", "rt"],
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-        depends=[str(HERE / n) for n in ("afcore.c", "afcore.h", "doorbell.h", "raw.c", "raw.h")],
+        depends=[
+            str(HERE / n)
+            for n in ("afcore.c", "afcore.h", "doorbell.h", "afpeer.c", "raw.c", "raw.h")
+        ],
     )
     return ffibuilder
 

@@ -102,6 +102,13 @@ typedef struct af_dom {
 typedef struct af_peer {
     fi_addr_t addr[AF_MAX_DOMS];
     af_bell bell;
+    /* failure detection (afpeer.c): a watched process, whether it is gone,
+     * how many transfers to it are live and when it last completed one */
+    int pidfd;
+    int32_t pid;
+    int dead;
+    uint32_t inflight;
+    uint64_t t_progress;
 } af_peer;
 
 typedef struct af_mr {
@@ -117,6 +124,7 @@ typedef struct af_op {
     uint32_t kind, peer, ndom, next;
     int32_t status, mr;
     int active, pending;
+    int reported; /* failed early (afpeer.c); the final event follows when the provider lets go */
     uint64_t total, posted, outstanding;
     uint64_t t_queued;
     uint8_t *laddr;
@@ -175,7 +183,16 @@ struct af_engine {
     af_policy pol;
     af_stats st;
     uint8_t scratch[64];
+    int watch_fd;       /* epoll over watched peers' pidfds (afpeer.c), -1 until needed */
+    uint64_t t_watch;   /* last failure-detection pass */
 };
+
+/* afpeer.c: peer failure detection, included after this file */
+static void peer_op_begin(af_engine *e, af_op *op);
+static void peer_op_end(af_engine *e, af_op *op);
+static void peer_progress(af_engine *e, af_op *op);
+static void peer_watch(af_engine *e);
+static void peer_close_all(af_engine *e);
 
 /* ------------------------------------------------------------------ utils */
 
@@ -430,6 +447,7 @@ static uint32_t op_alloc(af_engine *e) {
 
 static void op_free(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
+    peer_op_end(e, op);
     free(op->offs);
     free(op->msg);
     op->offs = NULL;
@@ -605,6 +623,7 @@ static void pump_pending(af_engine *e) {
  * or a negative errno when it failed before anything went out. */
 static int start_op(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
+    peer_op_begin(e, op);
     if (pump_op(e, i) == AF_AGAIN) {
         op->pending = 1;
         op->t_queued = now_ns();
@@ -624,6 +643,7 @@ static int start_op(af_engine *e, uint32_t i) {
 
 static int check_peer(af_engine *e, uint32_t peer, int ndom) {
     if (peer >= e->npeers) return -FI_EINVAL;
+    if (e->peers[peer].dead) return -ESRCH; /* its process exited: fail now, never post into it */
     if (ndom < 1 || ndom > e->ndom) return -FI_EINVAL;
     for (int d = 0; d < ndom; d++)
         if (e->peers[peer].addr[d] == FI_ADDR_NOTAVAIL) return -FI_EINVAL;
@@ -764,6 +784,7 @@ static void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
     d->credits++;
     af_op *op = &e->ops[opi];
     if (status && !op->status) op->status = status;
+    peer_progress(e, op);
     op->outstanding--;
     maybe_finish(e, opi);
 }
@@ -844,6 +865,7 @@ static int progress_locked(af_engine *e) {
     int n = 0;
     for (int i = 0; i < e->ndom; i++) n += progress_dom(e, &e->dom[i]);
     if (e->pend_head != AF_NONE) pump_pending(e);
+    peer_watch(e);
     return n;
 }
 
@@ -1096,7 +1118,12 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
     d->info = fi_dupinfo(info);
     if (!d->info) return -FI_ENOMEM;
     d->max_msg = info->ep_attr->max_msg_size;
-    d->inject = info->tx_attr->inject_size;
+    /* No fi_inject* on tcp: libfabric 1.17's tcp provider segfaults in fi_cq_read
+     * when a peer dies with injected writes queued to it (reproduced by SIGKILLing
+     * a peer mid-stream), and an injected write to a dead peer would "succeed"
+     * silently. Every tcp transfer takes a completion instead (afpeer.c, docs/
+     * failure-semantics.md). */
+    d->inject = strstr(prov, "tcp") ? 0 : info->tx_attr->inject_size;
     d->mr_mode = info->domain_attr->mr_mode;
     d->key_size = info->domain_attr->mr_key_size;
     d->rx_cq_data = (info->mode & FI_RX_CQ_DATA) != 0;
@@ -1249,6 +1276,7 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->bell_fd = -1;
+    e->watch_fd = -1;
     if (!e->ctr || !e->ev || e->notify_fd < 0 || e->wake_fd < 0) {
         rc = -FI_ENOMEM;
         if (err) snprintf(err, errlen, "out of memory or file descriptors opening the engine");
@@ -1324,6 +1352,11 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_l
         af_peer *p = &e->peers[e->npeers];
         memset(p, 0, sizeof *p);
         for (int d = 0; d < AF_MAX_DOMS; d++) p->addr[d] = FI_ADDR_NOTAVAIL;
+        p->pidfd = -1;
+        p->pid = 0;
+        p->dead = 0;
+        p->inflight = 0;
+        p->t_progress = 0;
         for (int d = 0; d < ndom && !rc; d++) {
             int n = fi_av_insert(e->dom[d].av, addrs[d], 1, &p->addr[d], 0, NULL);
             if (n != 1) rc = n < 0 ? n : -FI_EADDRNOTAVAIL;
@@ -1435,6 +1468,7 @@ void afe_close(af_engine *e) {
         }
     free(e->ops);
     for (uint32_t i = 0; i < e->npeers; i++) bell_close_peer(&e->peers[i].bell);
+    peer_close_all(e);
     free(e->peers);
     bell_destroy(e->bell_page, e->bell_fd, e->bell_name);
     free(e->mrs);

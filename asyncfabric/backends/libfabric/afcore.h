@@ -12,7 +12,8 @@ typedef struct af_event {
     uint32_t kind;   /* AF_EV_* */
     uint32_t a;      /* counter: imm; recv: rx slot */
     int32_t status;  /* 0 or a negative libfabric errno */
-    uint32_t len;    /* recv: message length */
+    uint32_t len;    /* recv: message length; op: 1 = failed early, provider still holds
+                        pieces (a final op event with len 0 follows) */
     uint64_t token;  /* op done: the caller's token */
 } af_event;
 
@@ -64,6 +65,9 @@ void afe_stats(af_engine *e, af_stats *out);
 
 int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_len0,
                  int64_t *out_peer);
+/* afpeer.c: watch a same-host peer's process; transfers to it fail once it exits */
+int afe_peer_watch(af_engine *e, uint32_t peer, int32_t pid);
+int afe_peer_dead(af_engine *e, uint32_t peer);
 
 int afe_mr_reg(af_engine *e, void *addr, uint64_t len, uint64_t access, int iface,
                uint64_t device, uint64_t *keys, uint64_t *bases);

@@ -1,0 +1,160 @@
+/* asyncfabric native core: peer failure detection (included after afcore.c).
+ *
+ * Providers do not always say when a peer is gone: shm keeps "delivering"
+ * into the shared memory of a process that was SIGKILLed and never answers
+ * for what needs an answer, and a tcp connection over a cut link retransmits
+ * for minutes. Two rules bound the time a transfer can hang on a lost peer:
+ *
+ *  1. Watched process. A peer on the same host (same boot, same pid
+ *     namespace: the engine address says) is watched through a pidfd. When
+ *     its process exits, every live transfer to it fails with -ESRCH and new
+ *     ones are refused at once (even those that would have been injected).
+ *  2. Stalled peer. A peer with live transfers that completes none of them
+ *     for post_timeout_ns (the engine's peer_timeout) has all of them failed
+ *     with -FI_ETIMEDOUT. The peer stays usable: a later transfer may succeed
+ *     (a link that came back).
+ *
+ * A transfer failed this way may still have pieces inside the provider. It is
+ * reported at once (an AF_EV_OP with len = 1, "held") so the caller's future
+ * fails in bounded time, but the op, its transmit contexts and the source
+ * region stay reserved until the provider gives the pieces back (then a final
+ * AF_EV_OP with len = 0 follows) or the engine closes. The provider never
+ * touches memory that was unregistered, and a late completion never lands on
+ * a reused context.
+ */
+#include <sys/epoll.h>
+#include <sys/syscall.h>
+#include <signal.h>
+
+#define AF_WATCH_NS 20000000ull /* how often the detection pass runs: 20 ms */
+
+static void peer_op_begin(af_engine *e, af_op *op) {
+    af_peer *p = &e->peers[op->peer];
+    if (p->inflight++ == 0) p->t_progress = now_ns();
+}
+
+static void peer_op_end(af_engine *e, af_op *op) {
+    af_peer *p = &e->peers[op->peer];
+    if (!op->reported && p->inflight) p->inflight--; /* a reported op was uncounted then */
+}
+
+static void peer_progress(af_engine *e, af_op *op) {
+    e->peers[op->peer].t_progress = now_ns();
+}
+
+static void pend_unlink(af_engine *e, uint32_t i) {
+    uint32_t prev = AF_NONE, j = e->pend_head;
+    while (j != AF_NONE && j != i) {
+        prev = j;
+        j = e->ops[j].next;
+    }
+    if (j == AF_NONE) return;
+    if (prev == AF_NONE) e->pend_head = e->ops[i].next;
+    else e->ops[prev].next = e->ops[i].next;
+    if (e->pend_tail == i) e->pend_tail = prev;
+    e->ops[i].next = AF_NONE;
+    e->ops[i].pending = 0;
+}
+
+/* Fail every live transfer to peer `pi` with `status` (lock held). */
+static void fail_peer(af_engine *e, uint32_t pi, int32_t status) {
+    for (uint32_t i = 0; i < e->cap_ops; i++) {
+        af_op *op = &e->ops[i];
+        if (!op->active || op->peer != pi || op->reported) continue;
+        if (!op->status) op->status = status;
+        if (op->pending) pend_unlink(e, i);
+        op->total = op->posted; /* post nothing more */
+        if (op->outstanding == 0) {
+            maybe_finish(e, i);
+        } else {
+            op->reported = 1;
+            if (e->peers[pi].inflight) e->peers[pi].inflight--;
+            push_event(e, AF_EV_OP, 0, op->status, 1, op->token);
+        }
+    }
+}
+
+static void peer_dead(af_engine *e, uint32_t pi) {
+    af_peer *p = &e->peers[pi];
+    if (p->dead) return;
+    p->dead = 1;
+    if (p->pidfd >= 0) {
+        if (e->watch_fd >= 0) epoll_ctl(e->watch_fd, EPOLL_CTL_DEL, p->pidfd, NULL);
+        close(p->pidfd);
+        p->pidfd = -1;
+    }
+    fail_peer(e, pi, -ESRCH);
+}
+
+static void peer_watch(af_engine *e) {
+    uint64_t t = now_ns();
+    if (t - e->t_watch < AF_WATCH_NS) return;
+    e->t_watch = t;
+    if (e->watch_fd >= 0) {
+        struct epoll_event evs[64];
+        int n;
+        while ((n = epoll_wait(e->watch_fd, evs, 64, 0)) > 0)
+            for (int k = 0; k < n; k++) peer_dead(e, evs[k].data.u32);
+    }
+    for (uint32_t i = 0; i < e->npeers; i++) {
+        af_peer *p = &e->peers[i];
+        if (p->dead) continue;
+        /* no pidfd on this kernel: ask the kernel about the pid itself */
+        if (p->pid > 0 && p->pidfd < 0 && kill(p->pid, 0) < 0 && errno == ESRCH) {
+            peer_dead(e, i);
+            continue;
+        }
+        if (p->inflight && e->pol.post_timeout_ns && t - p->t_progress > e->pol.post_timeout_ns) {
+            fail_peer(e, i, -FI_ETIMEDOUT);
+            p->t_progress = t;
+        }
+    }
+}
+
+/* Watch the process `pid` behind peer `pi`. Returns 0, or -ESRCH when the
+ * process is already gone (the peer is then marked dead). */
+int afe_peer_watch(af_engine *e, uint32_t pi, int32_t pid) {
+    if (pid <= 0) return -FI_EINVAL;
+    enter_py(e);
+    int rc = 0;
+    if (pi >= e->npeers) {
+        rc = -FI_EINVAL;
+        goto out;
+    }
+    af_peer *p = &e->peers[pi];
+    if (p->dead || p->pid) goto out;
+    p->pid = pid;
+    int fd = (int)syscall(SYS_pidfd_open, pid, 0);
+    if (fd < 0) {
+        if (errno == ESRCH) {
+            peer_dead(e, pi);
+            rc = -ESRCH;
+        }
+        goto out; /* no pidfd (old kernel): peer_watch falls back to kill(pid, 0) */
+    }
+    if (e->watch_fd < 0) e->watch_fd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = pi};
+    if (e->watch_fd < 0 || epoll_ctl(e->watch_fd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        close(fd);
+        goto out;
+    }
+    p->pidfd = fd;
+out:
+    leave_py(e);
+    return rc;
+}
+
+/* Whether the peer's process is known to be gone. */
+int afe_peer_dead(af_engine *e, uint32_t pi) {
+    pthread_mutex_lock(&e->lock);
+    int d = pi < e->npeers ? e->peers[pi].dead : 0;
+    pthread_mutex_unlock(&e->lock);
+    return d;
+}
+
+static void peer_close_all(af_engine *e) {
+    for (uint32_t i = 0; i < e->npeers; i++)
+        if (e->peers[i].pidfd >= 0) close(e->peers[i].pidfd);
+    if (e->watch_fd >= 0) close(e->watch_fd);
+    e->watch_fd = -1;
+}
