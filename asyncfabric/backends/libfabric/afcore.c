@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -588,13 +589,17 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
 /* Retry every queued op. One that cannot go out (a peer that is not there,
  * no credits) does not hold up the others; one that cannot go out for
  * post_timeout_ns fails with FI_ETIMEDOUT instead of waiting forever. */
-static void pump_pending(af_engine *e) {
+static int pump_pending(af_engine *e) {
     uint32_t prev = AF_NONE, i = e->pend_head;
     uint64_t now = 0;
+    int posted = 0;
     while (i != AF_NONE) {
         af_op *op = &e->ops[i];
         uint32_t next = op->next;
+        uint64_t before = op->posted;
         int r = pump_op(e, i);
+        op = &e->ops[i];
+        posted += (int)(op->posted - before);
         if (r == AF_AGAIN && e->pol.post_timeout_ns) {
             if (!now) now = now_ns();
             if (now - op->t_queued > e->pol.post_timeout_ns) {
@@ -616,6 +621,7 @@ static void pump_pending(af_engine *e) {
         maybe_finish(e, i);
         i = next;
     }
+    return posted;
 }
 
 /* Start an op from the Python thread (lock held). Returns 1 when it finished
@@ -864,7 +870,9 @@ static int progress_dom(af_engine *e, af_dom *d) {
 static int progress_locked(af_engine *e) {
     int n = 0;
     for (int i = 0; i < e->ndom; i++) n += progress_dom(e, &e->dom[i]);
-    if (e->pend_head != AF_NONE) pump_pending(e);
+    /* Posting queued work counts as progress: the caller keeps polling
+     * instead of napping while a full queue drains. */
+    if (e->pend_head != AF_NONE) n += pump_pending(e);
     peer_watch(e);
     return n;
 }
@@ -941,6 +949,7 @@ static void *progress_main(void *arg) {
      * timer slack. */
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     uint64_t last = now_ns();
+    uint32_t idle_polls = 0;
     while (!atomic_load(&e->stop)) {
         uint64_t until = atomic_load_explicit(&e->py_until, memory_order_relaxed);
         if (atomic_load(&e->spinners) || until > now_ns()) {
@@ -969,7 +978,11 @@ static void *progress_main(void *arg) {
             continue;
         }
         if (t - last < e->pol.spin_ns) {
-            cpu_relax();
+            /* Spin, but let a thread that was just woken (this process's event
+             * loop, or the peer's) have the core: on two cores a pure spinner
+             * delays it by up to the scheduler's wake-up granularity. */
+            if ((++idle_polls & 31) == 0) sched_yield();
+            else cpu_relax();
             continue;
         }
         if (block(e, busy ? e->pol.busy_block_ns : e->pol.idle_block_ns, gen)) last = now_ns();
@@ -989,6 +1002,7 @@ int afe_start(af_engine *e, const af_policy *policy) {
 int afe_spin(af_engine *e, uint64_t ns) {
     atomic_fetch_add(&e->spinners, 1);
     uint64_t t0 = now_ns();
+    uint32_t polls = 0;
     int n;
     for (;;) {
         enter_py(e);
@@ -996,7 +1010,8 @@ int afe_spin(af_engine *e, uint64_t ns) {
         n = (int)e->ev_count;
         leave_py(e);
         if (n || now_ns() - t0 >= ns) break;
-        cpu_relax();
+        if ((++polls & 31) == 0) sched_yield(); /* see progress_main */
+        else cpu_relax();
     }
     atomic_fetch_sub(&e->spinners, 1);
     e->st.spins++;
