@@ -90,7 +90,7 @@ class AsyncioAdapter(LoopAdapter):
         def on_readable() -> None:
             try:
                 os.read(fd, 8)
-            except BlockingIOError:
+            except OSError:  # BlockingIOError; EINVAL: an epoll fd (pyverbs), drain consumes it
                 pass
             callback()
 
@@ -127,7 +127,7 @@ class TrioAdapter(LoopAdapter):
                     await trio.lowlevel.wait_readable(fd)
                     try:
                         os.read(fd, 8)
-                    except BlockingIOError:
+                    except OSError:  # EAGAIN; EINVAL: an epoll fd (pyverbs), drain consumes it
                         pass
                     try:
                         callback()
