@@ -60,6 +60,7 @@ CTRL_TICK_S = 0.05
 # status codes reported for failed transfers (negative, like the libfabric backend's)
 ST_SETUP_TIMEOUT = -110  # ETIMEDOUT: the peer never answered connection setup
 ST_PEER_LOST = -104  # ECONNRESET: the connection to the peer broke
+ST_STALLED = -62  # ETIME: batches in flight saw no completion within peer_timeout
 ST_WC = -1000  # -1000 - ibv_wc_status
 
 _ADDR = struct.Struct("!BBHB3x16sI")  # version, port, lid, mtu, gid, UD QPN
@@ -112,6 +113,7 @@ class _Conn:
     __slots__ = (
         "dom", "addr", "qp", "qpn", "psn", "remote_qpn", "ready", "failed", "sq_used",
         "waitq", "ah", "peer_ud_qpn", "peer_gid", "peer_lid", "mtu", "next_req", "deadline",
+        "busy", "last_progress",
     )  # fmt: skip
 
     def __init__(self, dom: _Dom, addr: bytes) -> None:
@@ -138,6 +140,8 @@ class _Conn:
         self.ah = dom.make_ah(gid, lid)
         self.next_req = 0.0
         self.deadline = 0.0
+        self.busy = 0  # signaled batches in flight
+        self.last_progress = 0.0
 
     def connect(self, rqpn: int, rpsn: int) -> None:
         dev = self.dom.dev
@@ -219,18 +223,18 @@ class _Dom:
         return ah
 
     def _post_srq(self, slots) -> None:
-        head = prev = None
         base, n = self.rx.buf, self.ctrl_max
         lkey = self.rx.lkey
-        for s in slots:
-            wr = RecvWR(wr_id=(_K_SRQ << _KSHIFT) | s, num_sge=1, sg=[SGE(base + s * n, n, lkey)])
-            if prev is None:
-                head = wr
-            else:
-                prev.next_wr = wr
-            prev = wr
-        if head is not None:
-            self.srq.post_recv(head)
+        # pyverbs links the C structs but does not keep the Python objects alive: hold them all
+        # until the post returns, or a freed middle WR is posted as garbage.
+        wrs = [
+            RecvWR(wr_id=(_K_SRQ << _KSHIFT) | s, num_sge=1, sg=[SGE(base + s * n, n, lkey)])
+            for s in slots
+        ]
+        for a, b in zip(wrs, wrs[1:]):
+            a.next_wr = b
+        if wrs:
+            self.srq.post_recv(wrs[0])
 
     def _post_ud_recv(self, slots) -> None:
         for s in slots:
@@ -297,6 +301,7 @@ class VerbsTransport(Transport):
             raise
         self._chan_fds = {d.chan_fd: d for d in self._doms}
         self._timed = 0  # conns waiting on setup; the ticker runs while > 0
+        self._busy = 0  # conns with batches in flight (watched for stalls)
         self._post_timeout = 5.0
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True, name="af-verbs-tick")
         self._draining = False
@@ -317,7 +322,7 @@ class VerbsTransport(Transport):
 
     def _tick_loop(self) -> None:
         while not self._closed:
-            if self._timed:
+            if self._timed or self._busy:
                 time.sleep(CTRL_TICK_S)
                 if not self._closed:
                     os.eventfd_write(self._efd, 1)
@@ -421,6 +426,14 @@ class VerbsTransport(Transport):
         now = time.monotonic()
         for d in self._doms:
             for c in list(d.conns.values()):
+                if c.busy and not c.failed and now - c.last_progress > self._post_timeout:
+                    # A dead peer's device may drop packets without the requester ever timing
+                    # out (seen with rxe): fail what is in flight after peer_timeout of silence.
+                    for op, c2, _ in d.sig.values():
+                        if c2 is c:
+                            op.status = op.status or ST_STALLED
+                    self._fail_conn(c, ST_STALLED)
+                    continue
                 if not c.deadline or c.ready or c.failed:
                     continue
                 if now >= c.deadline:
@@ -601,6 +614,7 @@ class VerbsTransport(Transport):
             else:
                 k = min(room, len(specs))
                 head = prev = None
+                keep = []  # see _post_srq: the chain's Python objects must outlive the post
                 for j in range(k):
                     code, la, n, lkey, ra, rkey, imm_be = specs.popleft()
                     last = j == k - 1
@@ -619,6 +633,7 @@ class VerbsTransport(Transport):
                     else:
                         prev.next_wr = wr
                     prev = wr
+                    keep.append(wr)
             try:
                 c.qp.post_send(head)
             except Exception as exc:
@@ -630,6 +645,11 @@ class VerbsTransport(Transport):
                 self._last_post_error = str(exc)
                 return
             c.sq_used += k
+            if not c.busy:
+                c.last_progress = time.monotonic()
+                self._busy += 1
+                self._tick.set()
+            c.busy += 1
             op.outstanding += 1
             d.sig[sid] = (op, c, k)
             self._stats["posts"] += k
@@ -673,6 +693,10 @@ class VerbsTransport(Transport):
                         continue
                     op, c, cnt = ent
                     c.sq_used -= cnt
+                    c.busy -= 1
+                    if not c.busy:
+                        self._busy -= 1
+                    c.last_progress = time.monotonic()
                     op.outstanding -= 1
                     if op.slot >= 0:
                         d.tx_free.append(op.slot)
@@ -836,6 +860,12 @@ class VerbsTransport(Transport):
                     104,
                 )
             return TransferError(f"{what} failed: {text}", 5)
+        if status == ST_STALLED:
+            return PeerUnreachable(
+                f"{what} failed: the peer acknowledged nothing within the engine's peer_timeout "
+                f"({self._post_timeout:g} s); it died or its link is down",
+                62,
+            )
         if status == ST_PEER_LOST:
             return PeerUnreachable(
                 f"{what} failed: the connection to the peer broke earlier; reopen both engines",
