@@ -118,7 +118,7 @@ async def main() -> int:
     )
     for spec in SPECS:
         try:
-            mbs = await write_stream(spec, 65536, n_bw, 64)
+            mbs = await write_stream(spec, 65536, n_bw, 128)  # perftest's tx depth
             p50, pmin = await pingpong(spec, n_lat // 2)
         except Exception as exc:
             print(f"{spec}: FAILED {type(exc).__name__}: {exc}", flush=True)

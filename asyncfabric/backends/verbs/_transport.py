@@ -305,6 +305,7 @@ class VerbsTransport(Transport):
         self._post_timeout = 5.0
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True, name="af-verbs-tick")
         self._draining = False
+        self._spin_ns = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -318,6 +319,7 @@ class VerbsTransport(Transport):
 
     def start(self, policy: PolicyNs) -> None:
         self._post_timeout = policy.post_timeout_ns / 1e9 if policy.post_timeout_ns else 1e9
+        self._spin_ns = policy.spin_ns
         self._ticker.start()
 
     def _tick_loop(self) -> None:
@@ -761,8 +763,16 @@ class VerbsTransport(Transport):
             except Exception:
                 pass  # nothing there (non-blocking fd); the poll below still runs
             d.cq.req_notify()
-        for d in self._doms:
-            self._poll(d)
+        got = sum(self._poll(d) for d in self._doms)
+        # Like the libfabric progress thread: keep polling for spin_ns after the last
+        # completion, so a stream of arrivals costs one loop wake-up, not one per completion.
+        # Capped at 20 spins so a steady stream cannot hold the event loop.
+        if got and self._spin_ns:
+            now = time.perf_counter_ns()
+            end, cap = now + self._spin_ns, now + 20 * self._spin_ns
+            while (now := time.perf_counter_ns()) < end:
+                if sum(self._poll(d) for d in self._doms):
+                    end = min(now + self._spin_ns, cap)
 
     # ------------------------------------------------------------ counters
 
