@@ -83,8 +83,8 @@ async def write_stream(spec: str, size: int, count: int, window: int) -> float:
         return size * count / dt / 1e6  # MB/s, like perftest
 
 
-async def pingpong(spec: str, iters: int) -> tuple[float, float]:
-    async with PeerProcess(spec) as peer, af.Engine(spec) as eng:
+async def pingpong(spec: str, iters: int, **kw) -> tuple[float, float]:
+    async with PeerProcess(spec, **kw) as peer, af.Engine(spec, **kw) as eng:
         _, desc_b = await peer.alloc(64)
         pdesc = af.Descriptor.from_bytes(desc_b)
         with (
@@ -126,6 +126,12 @@ async def main() -> int:
             continue
         rows.append((spec, mbs, p50, pmin))
         print(f"{spec}: write 64KiB {mbs:.1f} MB/s; pingpong 8B p50 {p50:.1f} us", flush=True)
+        try:  # the same pingpong with both ends spinning (ProgressPolicy.latency())
+            p50, pmin = await pingpong(spec, n_lat // 2, progress=af.ProgressPolicy.latency())
+        except Exception as exc:
+            print(f"{spec} latency policy: FAILED {type(exc).__name__}: {exc}", flush=True)
+            continue
+        rows.append((f"{spec} (latency policy)", float("nan"), p50, pmin))
     print()
     print(
         "| path | write 64 KiB MB/s | vs ib_write_bw | 8 B one-way p50 us | min us | vs ib_write_lat typical |"
