@@ -129,7 +129,7 @@ class AsyncioAdapter(LoopAdapter):
         def on_readable() -> None:
             try:
                 os.read(fd, 8)
-            except BlockingIOError:
+            except OSError:  # BlockingIOError; EINVAL: an epoll fd (pyverbs), drain consumes it
                 pass
             callback()
 
@@ -171,7 +171,7 @@ class TrioAdapter(LoopAdapter):
                         return  # unwatch() is closing the fd (engine close)
                     try:
                         os.read(fd, 8)
-                    except BlockingIOError:
+                    except OSError:  # EAGAIN; EINVAL: an epoll fd (pyverbs), drain consumes it
                         pass
                     try:
                         callback()

@@ -26,6 +26,12 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# The SoftRoCE guest rig's packages (QEMU, kernel with rdma_rxe, rdma-core, pyverbs, perftest):
+# installed only when missing and only as root; without them scripts/test-verbs.sh skips.
+if [ "$(id -u)" -eq 0 ] && [ "${ASYNCFABRIC_SKIP_GUEST:-0}" != 1 ]; then
+  bash scripts/softroce/install-deps.sh >/dev/null || echo "setup: SoftRoCE guest packages could not be installed; the verbs tests will skip" >&2
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PY" -m venv .venv

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: set up (idempotent), lint, build the docs (offline, warnings are errors),
 # execute every notebook headless, then every test on every provider present, under asyncio and
-# trio. Extra args go to pytest.
+# trio; then the real-verbs tests in a SoftRoCE QEMU guest (scripts/test-verbs.sh, skipped with a
+# clear message where QEMU cannot run). Extra args go to the host pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,3 +10,4 @@ bash scripts/setup.sh
 .venv/bin/python -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 .venv/bin/python scripts/run_notebooks.py
 .venv/bin/python -m pytest -q -p anyio tests "$@"
+bash scripts/test-verbs.sh

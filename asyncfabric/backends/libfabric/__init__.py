@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -9,6 +10,31 @@ import numpy as np
 
 from ..._errors import BackendUnavailable, PeerUnreachable, RemoteAccessError, TransferError
 from ...abc import Backend, EventSink, PolicyNs, RegHandle, Transport
+
+
+def _rxe_universe_size() -> None:
+    """SoftRoCE (rxe) allows at most 32767 CQ entries, and verbs;ofi_rxm sizes its MSG CQ from
+    FI_UNIVERSE_SIZE (default 256), so fi_enable fails with EINVAL there. libfabric reads the
+    variable once, at its first fi_getinfo, so it is set here, before any, when an rxe device
+    exists and the user has not set it. Hardware HCAs (mlx5: millions of CQEs) are unaffected.
+    """
+    if "FI_UNIVERSE_SIZE" in os.environ:
+        return
+    try:
+        devs = os.listdir("/sys/class/infiniband")
+    except OSError:
+        return
+    for dev in devs:
+        try:
+            drv = os.path.basename(os.readlink(f"/sys/class/infiniband/{dev}/device/driver"))
+        except OSError:
+            drv = ""
+        if dev.startswith("rxe") or drv == "rdma_rxe":
+            os.environ["FI_UNIVERSE_SIZE"] = "8"
+            return
+
+
+_rxe_universe_size()
 
 try:
     from ._afcore import ffi, lib
