@@ -151,6 +151,7 @@ class TrioAdapter(LoopAdapter):
         self._trio = trio
         self._scope: Any = None
         self._fd = -1
+        self._closing = False
 
     def new_waiter(self) -> _TrioWaiter:
         return _TrioWaiter(self._trio.Event())
@@ -162,13 +163,16 @@ class TrioAdapter(LoopAdapter):
 
         async def watcher() -> None:
             # A system task must never raise (trio would abort the whole run): an error
-            # in dispatch is reported and the watcher keeps serving.
+            # in dispatch is reported and the watcher keeps serving. Once unwatch() ran,
+            # the fd number is dead (and may be reused): touch it no more.
             with self._scope:
-                while True:
+                while not self._closing:
                     try:
                         await trio.lowlevel.wait_readable(fd)
-                    except trio.ClosedResourceError:
-                        return  # unwatch() is closing the fd (engine close)
+                    except (trio.ClosedResourceError, OSError):
+                        return  # unwatch() closed the fd (engine close)
+                    if self._closing:
+                        return
                     try:
                         os.read(fd, 8)
                     except OSError:  # EAGAIN; EINVAL: an epoll fd (pyverbs), drain consumes it
@@ -181,6 +185,7 @@ class TrioAdapter(LoopAdapter):
         trio.lowlevel.spawn_system_task(watcher, name="asyncfabric-notify")
 
     def unwatch(self) -> None:
+        self._closing = True
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None

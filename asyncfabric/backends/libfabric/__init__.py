@@ -52,8 +52,9 @@ ACCESS_REMOTE_WRITE, ACCESS_REMOTE_READ = 1, 2
 HMEM_SYSTEM, HMEM_CUDA = 0, 1
 DRAIN_BATCH = 256
 
-# libfabric errno values (fi_errno.h): peer loss versus access faults
-_PEER_ERRNOS = {3, 103, 104, 107, 110, 111, 112, 113, 32, 5, 265}
+# libfabric errno values (fi_errno.h): peer loss versus access faults. ECANCELED (125)
+# comes from rxm cancelling what was queued to a connection that broke.
+_PEER_ERRNOS = {3, 103, 104, 107, 110, 111, 112, 113, 32, 5, 265, 125}
 _ACCESS_ERRNOS = {13, 1, 129, 257}
 _PROBE_ORDER = ("shm", "tcp", "verbs;ofi_rxm", "efa")
 
