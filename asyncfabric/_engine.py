@@ -515,7 +515,9 @@ class Engine:
             return
         w = self._loop.new_waiter()
         self._gpu_helper().when_done(
-            ev, lambda e: w.done() or (w.set_exception(e) if e else w.set_result(None))
+            ev,
+            lambda e: w.done() or (w.set_exception(e) if e else w.set_result(None)),
+            prod.device.index,
         )
         await self._loop.wait(w, None)
 

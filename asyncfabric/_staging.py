@@ -17,18 +17,17 @@ does it add ``count`` to the counter of ``imm``. The counting rule is unchanged
 (pieces are whole multiples of the target's chunk_bytes, so the counts add up to
 ``expected_imms(n)``), and a counter never fires before the data is in GPU memory.
 
-Waiting on CUDA events happens in one helper thread per engine; it hands the
-follow-up (post the next write, credit a counter) back to the event-loop thread
-by ringing the transport's notify fd, so every transport call stays on the loop
-thread. Python work is O(pieces), and pieces are large (PIECE_BYTES).
+No thread of ours waits on CUDA events: a CUDA host function (cudanote.c) rings
+the transport's notify fd when a copy is done, and the follow-up (post the next
+write, credit a counter) runs on the event-loop thread in the next drain, so
+every transport call stays on the loop thread. Python work is O(pieces), and
+pieces are large (PIECE_BYTES).
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import struct
-import threading
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -54,22 +53,38 @@ class _HostEvent:
         return None
 
 
-class CopyWaiter:
-    """One helper thread that waits for CUDA events and queues their follow-ups.
+class _DevNotes:
+    """One GPU's notify stream, its reusable event, and the follow-ups queued on it."""
 
-    ``when_done(ev, fn)`` calls ``fn(None)`` (or ``fn(exc)``) on the event-loop
-    thread once ``ev`` completed; events are waited in submission order, which is
-    their completion order on one stream.
+    __slots__ = ("note", "stream", "handle", "event", "fns", "seen")
+
+    def __init__(self, note: Any, stream: Any, event: int) -> None:
+        self.note, self.stream, self.event = note, stream, event
+        self.handle = int(stream.cuda_stream)
+        self.fns: deque[Callable[[BaseException | None], None]] = deque()
+        self.seen = 0  # host functions whose follow-up already ran
+
+
+class CopyWaiter:
+    """Runs follow-ups of GPU copies on the event-loop thread, with no helper thread.
+
+    ``when_done(ev, fn, device)`` calls ``fn(None)`` on the event-loop thread once
+    the torch event ``ev`` completed; ``after_stream(stream, device, fn)`` once the
+    work queued so far on a raw CUDA stream did. Per GPU, a *notify stream* waits
+    for the event and runs a native host function (cudanote.c: count, ring the
+    engine's notify fd), so no thread of ours blocks on CUDA and the follow-ups run
+    in the same drain that reaps fabric completions. Host functions on one stream
+    run in order, so follow-ups are matched to them by counting. A CUDA error that
+    stops the stream leaves its follow-ups pending: their transfers fail by timeout.
     """
 
     def __init__(self, notify_fd: int) -> None:
         self._fd = notify_fd
-        self._q: queue.SimpleQueue[tuple[Any, Callable[[BaseException | None], None]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._done: deque[tuple[Callable[[BaseException | None], None], Any]] = deque()
-        self._thread: threading.Thread | None = None
+        # follow-ups of work that was already complete (the host stand-ins)
+        self._ready: deque[tuple[Callable[[BaseException | None], None], Any]] = deque()
+        self._devs: dict[int, _DevNotes] = {}
         self._streams: dict[int, Any] = {}
+        self._fn = 0
         self._closed = False
 
     def stream(self, device_index: int) -> Any:
@@ -81,43 +96,99 @@ class CopyWaiter:
             s = self._streams[device_index] = torch.cuda.Stream(device=device_index)
         return s
 
-    def when_done(self, ev: Any, fn: Callable[[BaseException | None], None]) -> None:
-        if self._closed:
-            raise TransferError("the engine's GPU copy helper is closed")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="asyncfabric-cuda", daemon=True)
-            self._thread.start()
-        self._q.put((ev, fn))
+    def _dev(self, device: int) -> _DevNotes:
+        d = self._devs.get(device)
+        if d is None:
+            if self._closed:
+                raise TransferError("the engine's GPU copy notices are closed")
+            import torch
 
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            ev, fn = item
-            err: BaseException | None = None
-            try:
-                ev.synchronize()
-            except BaseException as exc:  # a CUDA error fails the transfer, not the thread
-                err = exc
-            self._done.append((fn, err))
+            from .backends.cuda_ipc import _driver
+            from .backends.libfabric import ffi, lib
+
+            note = ffi.new("af_cuda_note *")
+            note.fd = self._fd
+            self._fn = int(lib.afc_note_fn())
+            with _driver.on_device(device):
+                ev = _driver.event_create()
+            d = self._devs[device] = _DevNotes(note, torch.cuda.Stream(device=device), ev)
+        return d
+
+    def when_done(
+        self, ev: Any, fn: Callable[[BaseException | None], None], device: int | None = None
+    ) -> None:
+        if self._closed:
+            raise TransferError("the engine's GPU copy notices are closed")
+        if isinstance(ev, _HostEvent):
+            self._ready.append((fn, None))
             try:
                 os.eventfd_write(self._fd, 1)
             except OSError:
-                pass  # the engine closed meanwhile
+                pass
+            return
+        from .backends.cuda_ipc import _driver
+        from .backends.libfabric import ffi
 
-    def run_done(self) -> None:
-        """Run the follow-ups of completed events (event-loop thread)."""
-        done = self._done
-        while done:
-            fn, err = done.popleft()
+        if device is None:
+            import torch
+
+            device = torch.cuda.current_device()
+        d = self._dev(device)
+        d.stream.wait_event(ev)
+        with _driver.on_device(device):
+            _driver.launch_host(d.handle, self._fn, int(ffi.cast("uintptr_t", d.note)))
+        d.fns.append(fn)
+
+    def after_stream(
+        self, stream: int, device: int, fn: Callable[[BaseException | None], None]
+    ) -> None:
+        """``fn`` after the work queued so far on ``stream`` (device's context is current)."""
+        from .backends.cuda_ipc import _driver
+        from .backends.libfabric import ffi
+
+        d = self._dev(device)
+        _driver.notify_after(
+            stream, d.event, d.handle, self._fn, int(ffi.cast("uintptr_t", d.note))
+        )
+        d.fns.append(fn)
+
+    def pending(self) -> int:
+        if not self._devs:
+            return len(self._ready)
+        from .backends.libfabric import lib
+
+        return len(self._ready) + sum(
+            int(lib.afc_note_fired(d.note)) - d.seen for d in self._devs.values()
+        )
+
+    def run_done(self) -> int:
+        """Run the follow-ups of completed copies (event-loop thread); returns how many."""
+        n = 0
+        ready = self._ready
+        while ready:
+            fn, err = ready.popleft()
             fn(err)
+            n += 1
+        if self._devs:
+            from .backends.libfabric import lib
+
+            for d in list(self._devs.values()):
+                fired = int(lib.afc_note_fired(d.note))
+                while d.seen < fired and d.fns:
+                    d.seen += 1
+                    d.fns.popleft()(None)
+                    n += 1
+        return n
 
     def close(self) -> None:
+        """Wait for queued host functions (they write to the notify fd and the notes)."""
         self._closed = True
-        if self._thread is not None:
-            self._q.put(None)
-            self._thread.join(timeout=10)
+        for d in self._devs.values():
+            try:
+                d.stream.synchronize()
+            except Exception:
+                pass
+            d.note.fd = -1
 
 
 class StagedMemory:
@@ -297,7 +368,7 @@ async def staged_write(
         evs = src_stage.d2h(s.offset, pieces, prod)
         helper = eng._gpu_helper()
         for k, ev in enumerate(evs):
-            helper.when_done(ev, partial(post, k))
+            helper.when_done(ev, partial(post, k), src_stage.device_index)
     else:
         for k in range(len(pieces)):
             post(k, None)
@@ -338,7 +409,7 @@ def on_landed(eng: Engine, body: bytes) -> None:
     if isinstance(ev, _HostEvent):
         credit(None)
     else:
-        eng._gpu_helper().when_done(ev, credit)
+        eng._gpu_helper().when_done(ev, credit, stage.device_index)
 
 
 def check_stageable(info: Any) -> None:

@@ -68,7 +68,9 @@ def _child(conn: Any, provider: str, device: str, nbytes: int) -> None:
     asyncio.run(main())
 
 
-async def _engine_run(provider: str, peer_dev: str, src_dev: str, sizes: list[int], lat: bool):
+async def _engine_run(
+    provider: str, peer_dev: str, src_dev: str, sizes: list[int], lat: bool, budget: int
+):
     """Bandwidth (and latency) of one provider between this process and a child."""
     out: dict[str, Any] = {}
     top = max(sizes)
@@ -90,23 +92,30 @@ async def _engine_run(provider: str, peer_dev: str, src_dev: str, sizes: list[in
             ack = eng.counter(99)
             for n in sizes:
                 per = desc.expected_imms(n)
-                for window in (1, 8):
-                    iters = max(4, min(64, (2 << 30) // n // window))
-                    # warm-up round
-                    pc.send(("sink", per * window, 1))
-                    await asyncio.gather(
-                        *(eng.write(region[:n], desc[:n], imm=1) for _ in range(window))
-                    )
-                    await _wait_ack(eng, ack)
-                    t0 = time.perf_counter()
-                    pc.send(("sink", per * window * iters, 1))
-                    for _ in range(iters):
-                        await asyncio.gather(
-                            *(eng.write(region[:n], desc[:n], imm=1) for _ in range(window))
-                        )
-                    await _wait_ack(eng, ack)
-                    dt = time.perf_counter() - t0
-                    out[f"write_{n // MiB}MiB_w{window}_GBps"] = round(
+                # "wN": N writes at a time (asyncio.gather), round after round, so the
+                # pipeline drains between rounds; "lN": N lanes, each awaiting its own
+                # writes in turn, so N stay in flight all the time.
+                for mode, window in (("w", 1), ("w", 8), ("l", 8)):
+                    iters = max(4, min(256, budget // n // window))
+                    for timed in (False, True):  # a warm-up pass, then the timed one
+                        reps = iters if timed else 1
+                        t0 = time.perf_counter()
+                        pc.send(("sink", per * window * reps, 1))
+                        if mode == "w":
+                            for _ in range(reps):
+                                await asyncio.gather(
+                                    *(eng.write(region[:n], desc[:n], imm=1) for _ in range(window))
+                                )
+                        else:
+
+                            async def lane(k: int = reps, src=region[:n], dst=desc[:n]) -> None:
+                                for _ in range(k):
+                                    await eng.write(src, dst, imm=1)
+
+                            await asyncio.gather(*(lane() for _ in range(window)))
+                        await _wait_ack(eng, ack)
+                        dt = time.perf_counter() - t0
+                    out[f"write_{n // MiB}MiB_{mode}{window}_GBps"] = round(
                         n * window * iters / dt / 1e9, 2
                     )
                 pc.send(("digest", 0, n))
@@ -183,9 +192,12 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "torch": torch.__version__,
     }
     res["copies"] = copies(sizes)
-    res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", sizes, lat=True)
-    res["shm_host"] = await _engine_run("shm", "cpu", "cpu", sizes, lat=False)
-    res["shm_staged_gpu"] = await _engine_run("shm", peer, "cuda:0", sizes, lat=True)
+    # bytes per timed measurement: NVLink needs ~8 GiB for ~20 ms (a 2 GiB window is
+    # ~6 ms, where the sink/ack hand-shake itself shows); host paths are 50x slower
+    nv, host = 8 << 30, 2 << 30
+    res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", sizes, True, nv)
+    res["shm_host"] = await _engine_run("shm", "cpu", "cpu", sizes, False, host)
+    res["shm_staged_gpu"] = await _engine_run("shm", peer, "cuda:0", sizes, True, host)
     return res
 
 

@@ -144,3 +144,48 @@ async def test_run_suite_api(anyio_backend):
     for r in rows:
         schema.validate_row(r)
         assert r["suite"] == "pingpong" and r["iters"] == 20 and r["lat_p50_us"] > 0
+
+
+def test_device_option_parses():
+    from asyncfabric.bench.devices import Devices, parse_device, resolve
+
+    assert parse_device("cpu") == Devices("cpu", "cpu") and not parse_device("cpu").cuda
+    assert resolve(parse_device("cuda"), 2) == Devices("cuda:0", "cuda:1")
+    assert resolve(parse_device("cuda"), 1) == Devices("cuda:0", "cuda:0")
+    assert parse_device("cuda:1") == Devices("cuda:1", "cuda:1")
+    assert parse_device("cuda:0, cuda:1") == Devices("cuda:0", "cuda:1")
+    assert parse_device("cuda:0,cuda:1").label("nvlink") == "cuda:0->cuda:1 nvlink"
+    for bad in ("gpu", "cuda:x", "cuda:0,cuda:1,cpu", "cuda0"):
+        with pytest.raises(ValueError, match="--device"):
+            parse_device(bad)
+    assert cli._parser().parse_args(["write", "--device", "cuda:0,cuda:1"]).device == (
+        "cuda:0,cuda:1"
+    )
+    assert cli.main(["write", "--device", "gpu0"]) == 2
+
+
+def _no_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return True
+    return not torch.cuda.is_available()
+
+
+@needs_shm
+@pytest.mark.skipif(
+    not _no_cuda(), reason="checks the skip path, which needs a machine without CUDA"
+)
+def test_device_cuda_skips_cleanly_without_cuda(tmp_path, capsys):
+    js = tmp_path / "out.json"
+    rc = cli.main(
+        ["write", "pingpong", "--quick", "--no-progress", "--device", "cuda:0,cuda:1",
+         "--provider", "shm", "--json", str(js)]
+    )  # fmt: skip
+    assert rc == 0
+    doc = schema.read_json(js)
+    assert doc["rows"] == []
+    reasons = {s["impl"]: s["reason"] for s in doc["skipped"]}
+    assert "no CUDA device visible" in reasons["device"] or "needs torch" in reasons["device"]
+    assert "raw" in reasons  # the raw C loop is host-only: named, not silently dropped
+    assert "skipped" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 asyncfabric bench all --provider shm --json out.json --csv out.csv
 asyncfabric bench write pingpong --quick
+asyncfabric bench write pingpong --provider cuda_ipc --device cuda:0,cuda:1   # NVLink
+asyncfabric bench write pingpong --provider shm --device cuda    # GPU staged through host
 asyncfabric bench plot out.json --out plots/
 asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
 asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
@@ -17,6 +19,7 @@ import time
 from typing import Any
 
 from . import schema
+from .devices import parse_device
 from .peers import PEER_IMPLS
 from .runner import CORE_IMPLS, Runner
 from .suites import ORDER, points, select
@@ -58,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=["auto", "default", "latency", "low_cpu"],
         help="engines' progress policy; auto: latency for pingpong, default for the rest",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the buffers live: cpu (default), cuda (sender GPU 0, receiver GPU 1), "
+        "cuda:N, or SENDER,RECEIVER such as cuda:0,cuda:1; CUDA runs write and pingpong "
+        "(with --provider cuda_ipc for NVLink, or a libfabric provider such as shm)",
+    )
     p.add_argument("--node", help="local address to bind (tcp)")
     p.add_argument("--connect", help="HOST:PORT of a `bench serve` worker to be the receiver")
     p.add_argument(
@@ -89,7 +99,8 @@ def render_table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], cons
         rs = [r for r in rows if r["suite"] == suite]
         if not rs:
             continue
-        t = Table(title=f"{suite}", show_lines=False)
+        devs = sorted({r.get("device", "cpu") for r in rs} - {"cpu"})
+        t = Table(title=suite + (f" on {', '.join(devs)}" if devs else ""), show_lines=False)
         for col in ("impl", "size", "pages", "peers", "ctrs", "doms", "GB/s", "ops/s",
                     "p50 µs", "p99 µs", "vs raw"):  # fmt: skip
             t.add_column(col, justify="left" if col == "impl" else "right")
@@ -132,6 +143,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     async with Runner(
         args.provider, impls, quick=args.quick, repeats=args.repeats, policy=args.policy,
         node=args.node, connect=args.connect, authkey=args.authkey.encode(), on_point=on_point,
+        device=args.device,
     ) as runner:  # fmt: skip
         for s in runner.skipped.values():
             console.print(f"[yellow]{s}[/yellow]")
@@ -139,12 +151,14 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
             for n in names:
                 npts = len(points(n, args.quick, args.sizes, args.iters))
                 nimpl = len(runner.core) + (len(runner.peers) if n in ("write", "pingpong") else 0)
+                nimpl += 1 if runner.devices.cuda and n == "write" else 0
                 tasks[n] = prog.add_task(n, total=npts * nimpl)
             for n in names:
                 rows += await runner.run_suite(n, sizes=args.sizes, iters=args.iters)
         skipped = runner.skipped_list()
     info["elapsed_s"] = round(time.monotonic() - t0, 1)
     info["provider"] = args.provider
+    info["device"] = args.device
     render_table(rows, skipped, Console(width=max(120, Console().width)))
     if args.json:
         schema.write_json(args.json, rows, skipped, info)
@@ -174,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         select(args.suites)
+        parse_device(args.device)
     except ValueError as exc:
         print(f"asyncfabric bench: {exc}", file=sys.stderr)
         return 2

@@ -65,15 +65,25 @@ async def open_engines(
     nbytes: int = 4096,
     policy: str = "default",
     node: str | None = None,
+    device: str = "cpu",
 ) -> list[bytes]:
-    """Open ``count`` engines, each with one registered, pre-faulted region; return descriptors."""
+    """Open ``count`` engines, each with one registered, pre-faulted region; return descriptors.
+
+    ``device`` other than cpu: the regions are CUDA tensors on that device."""
     await st.close_engines()
     kw: dict[str, Any] = {"domains": domains, "progress": POLICIES[policy]()}
     if node:
         kw["node"] = node
+    if device != "cpu":
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
     for _ in range(count):
         eng = await Engine.open(provider, **kw)
-        buf = np.ones(max(nbytes, 64), np.uint8)  # touch every page before timing
+        if device != "cpu":
+            buf = torch.ones(max(nbytes, 64), dtype=torch.uint8, device=device)
+        else:
+            buf = np.ones(max(nbytes, 64), np.uint8)  # touch every page before timing
         st.engines.append(eng)
         st.regions.append(eng.register(buf))
     return [bytes(r.descriptor()) for r in st.regions]
@@ -86,11 +96,13 @@ async def connect(st: State, descs: list[bytes]) -> dict[str, Any]:
         for d in st.remote:
             eng.connect(d)
     t = st.engines[0].transport
+    info = getattr(t, "info", None) or [{"tx_credits": 256}]  # cuda_ipc has no libfabric info
     return {
         "provider": t.provider,
         "backend": t.backend,
-        "tx_credits": t.info[0]["tx_credits"],
+        "tx_credits": info[0]["tx_credits"],
         "inject_size": t.inject_size,
+        "cuda_path": str(getattr(st.engines[0], "cuda_path", "") or ""),
     }
 
 
@@ -293,6 +305,29 @@ async def raw_stream_recv(
                 eng._after_call()
     finally:
         _disarm_background(st, background)
+
+
+async def torch_copy_send(
+    st: State, size: int, iters: int, src: str, dst: str, reps: int, warmup: int = 1
+) -> list[int]:
+    """The CUDA baseline: ``iters`` copies of ``size`` bytes by torch, ``src`` to ``dst``
+    device in this process (a peer copy between GPUs), timed with CUDA events."""
+    import torch
+
+    a = torch.ones(max(size, 1), dtype=torch.uint8, device=src)
+    b = torch.empty(max(size, 1), dtype=torch.uint8, device=dst)
+    cur = torch.cuda.current_stream(a.device if a.is_cuda else b.device)
+    out = []
+    for r in _reps(warmup, reps):
+        t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0.record(cur)
+        for _ in range(iters):
+            b.copy_(a, non_blocking=True)
+        t1.record(cur)
+        t1.synchronize()
+        if r >= warmup:
+            out.append(int(t0.elapsed_time(t1) * 1e6))
+    return out
 
 
 # ---------------------------------------------------------------- paged

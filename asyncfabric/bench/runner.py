@@ -11,6 +11,7 @@ import numpy as np
 
 from .._imm import expected_imms
 from . import peers as peerlib
+from .devices import GPU_SUITES, parse_device, resolve, unavailable
 from .schema import add_ratios, make_row
 from .suites import SUITES, Point, points
 from .worker import Worker
@@ -41,6 +42,7 @@ class Runner:
         connect: str | None = None,
         authkey: bytes = b"asyncfabric-bench",
         on_point: Callable[[str, dict[str, Any] | None], None] | None = None,
+        device: str = "cpu",
     ) -> None:
         unknown = [i for i in impls if i not in CORE_IMPLS + peerlib.PEER_IMPLS]
         if unknown:
@@ -53,6 +55,25 @@ class Runner:
         want_peers = tuple(i for i in impls if i in peerlib.PEER_IMPLS)
         self.peers, self.skipped = peerlib.availability(want_peers)
         self.repeats = repeats
+        # --device: CUDA tensors instead of host numpy buffers (write and pingpong only)
+        self.devices = parse_device(device)
+        self.device_skip = unavailable(self.devices) if self.devices.cuda else None
+        if self.devices.cuda:
+            if self.device_skip:
+                self.skipped["device"] = self.device_skip
+            else:
+                import torch
+
+                self.devices = resolve(self.devices, torch.cuda.device_count())
+            if "raw" in self.core:
+                self.core.remove("raw")
+                self.skipped["raw"] = (
+                    "raw: its C loop reads host memory; with --device cuda the baseline "
+                    "is torch_copy (torch's own copy between the same devices)"
+                )
+            for i in self.peers:
+                self.skipped[i] = f"{i}: not run with --device cuda (host buffers only)"
+            self.peers = []
         self._connect, self._authkey = connect, authkey
         self._on_point = on_point or (lambda what, row: None)
         self._imm = 1000
@@ -85,9 +106,10 @@ class Runner:
     ) -> None:
         kw = {"provider": self.provider, "domains": domains, "policy": self._suite_policy,
               "node": self.node}  # fmt: skip
+        dv = self.devices
         txd, rxd = await asyncio.gather(
-            self.tx.call("open_engines", count=1, nbytes=tx_bytes, **kw),
-            self.rx.call("open_engines", count=receivers, nbytes=rx_bytes, **kw),
+            self.tx.call("open_engines", count=1, nbytes=tx_bytes, device=dv.tx, **kw),
+            self.rx.call("open_engines", count=receivers, nbytes=rx_bytes, device=dv.rx, **kw),
         )
         a, _ = await asyncio.gather(
             self.tx.call("connect", descs=rxd), self.rx.call("connect", descs=txd)
@@ -102,7 +124,9 @@ class Runner:
 
     def _row(self, suite: str, impl: str, p: Point, times: list[int], *, bytes_per_rep: int,
              ops_per_rep: int, rtts: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
-        if impl in CORE_IMPLS:
+        if impl == "torch_copy":
+            backend, prov = "torch", self.info.get("provider", self.provider)
+        elif impl in CORE_IMPLS:
             backend, prov = (
                 self.info.get("backend", "libfabric"),
                 self.info.get("provider", self.provider),
@@ -114,6 +138,7 @@ class Runner:
             iters=ops_per_rep, times_ns=times, bytes_per_rep=bytes_per_rep, ops_per_rep=ops_per_rep,
             pages=p.pages, peers=p.peers, counters=p.counters, domains=p.domains, rtts_ns=rtts,
             policy=self._suite_policy if impl in CORE_IMPLS else "",
+            device=self.devices.label(self.info.get("cuda_path", "")),
         )  # fmt: skip
         self._on_point(suite, row)
         return row
@@ -137,6 +162,20 @@ class Runner:
                          counters=p.counters),
         )  # fmt: skip
         return self._row(suite, impl, p, times, bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters)
+
+    async def _torch_copy(self, p: Point, reps: int) -> dict[str, Any]:
+        dv = self.devices
+        times = await self.tx.call("torch_copy_send", size=p.size, iters=p.iters, src=dv.tx,
+                                   dst=dv.rx, reps=reps)  # fmt: skip
+        return self._row("write", "torch_copy", p, times, bytes_per_rep=p.size * p.iters,
+                         ops_per_rep=p.iters)  # fmt: skip
+
+    def _bytes_per_rep(self) -> int | None:
+        # NVLink moves ~380 GB/s: 64 MiB a repeat would be 0.2 ms, under the ack's
+        # round trip; the staged path is bounded by host bandwidth (a few GB/s).
+        if not self.devices.cuda:
+            return None
+        return (4 << 30) if self.info.get("backend") == "cuda_ipc" else (512 << 20)
 
     async def _peer_stream(self, suite: str, impl: str, p: Point, reps: int) -> dict[str, Any]:
         kw = {"size": p.size, "iters": p.iters, "reps": reps}
@@ -212,13 +251,25 @@ class Runner:
             if self.policy == "auto"
             else self.policy
         )
+        if self.devices.cuda and (self.device_skip or name not in GPU_SUITES):
+            if not self.device_skip:
+                self.skipped[name] = (
+                    f"{name}: runs on host memory only; --device applies to "
+                    f"{' and '.join(GPU_SUITES)}"
+                )
+            return []
         pts = points(name, self.quick, sizes, iters)
         reps = self.repeats or (1 if self.quick else suite.reps)
         rows: list[dict[str, Any]] = []
         if name in ("write", "pingpong"):
             big = max(p.size for p in pts)
             await self._open(big, big)
+            budget = self._bytes_per_rep()
+            if budget and name == "write" and not self.quick:
+                pts = points(name, self.quick, sizes, iters, budget=budget)
             for p in pts:
+                if self.devices.cuda and name == "write":
+                    rows.append(await self._torch_copy(p, reps))
                 for impl in self.core:
                     rows.append(await (self._stream(name, impl, p, reps) if name == "write"
                                        else self._pingpong(impl, p, reps)))  # fmt: skip

@@ -19,12 +19,17 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "asyncfabric.bench/1"
-IMPLS = ("asyncfabric", "raw", "ucxx", "nixl", "gloo", "zmq")
+IMPLS = ("asyncfabric", "raw", "ucxx", "nixl", "gloo", "zmq", "torch_copy")
 
 # (name, type, meaning); the order is the CSV column order.
 FIELDS: tuple[tuple[str, type, str], ...] = (
     ("suite", str, "write, paged, pingpong, fanout, scale or domains"),
-    ("impl", str, "asyncfabric, raw, ucxx, nixl, gloo or zmq"),
+    (
+        "impl",
+        str,
+        "asyncfabric, raw, ucxx, nixl, gloo, zmq, or torch_copy (CUDA: torch's own copy "
+        "between the same devices in one process, the baseline of --device cuda rows)",
+    ),
     ("backend", str, "transport under the impl (libfabric, ucx, gloo, zmq)"),
     ("provider", str, "provider or transport (shm, tcp, ipc, ...)"),
     ("size_bytes", int, "bytes per write (per page for paged)"),
@@ -46,9 +51,16 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
     (
         "ratio_vs_raw",
         float,
-        "vs the raw C baseline of the same point (1.0 = as fast); None for raw",
+        "vs the raw C baseline of the same point (1.0 = as fast), or vs torch_copy where "
+        "there is no raw row (--device cuda); None for the baselines",
     ),
     ("policy", str, "progress policy of the engines (asyncfabric and raw)"),
+    (
+        "device",
+        str,
+        "where the buffers live: cpu, or SENDER->RECEIVER and the CUDA path "
+        "(cuda:0->cuda:1 nvlink / staged / direct)",
+    ),
 )
 FIELD_NAMES = tuple(f[0] for f in FIELDS)
 REQUIRED = [
@@ -97,6 +109,7 @@ def make_row(
     domains: int = 1,
     rtts_ns: Sequence[int] | None = None,
     policy: str = "",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Build a row from per-repeat durations (and, for pingpong, every round trip)."""
     if impl not in IMPLS:
@@ -129,23 +142,30 @@ def make_row(
         "lat_p99_us": percentile(us, 99),
         "ratio_vs_raw": None,
         "policy": policy,
+        "device": device,
     }
 
 
 def point_key(row: dict[str, Any]) -> tuple:
     return tuple(
-        row[k] for k in ("suite", "provider", "size_bytes", "pages", "peers", "counters", "domains")
-    )
+        row.get(k, "cpu")
+        for k in ("suite", "provider", "size_bytes", "pages", "peers", "counters", "domains",
+                  "device")
+    )  # fmt: skip
+
+
+BASELINES = ("raw", "torch_copy")
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Fill ratio_vs_raw of every non-raw row whose point has a raw row."""
+    """Fill ratio_vs_raw of every non-baseline row whose point has a raw (else torch_copy) row."""
     raw = {point_key(r): r for r in rows if r["impl"] == "raw"}
+    copy = {point_key(r): r for r in rows if r["impl"] == "torch_copy"}
     for r in rows:
-        if r["impl"] == "raw":
+        if r["impl"] in BASELINES:
             r["ratio_vs_raw"] = None
             continue
-        base = raw.get(point_key(r))
+        base = raw.get(point_key(r)) or copy.get(point_key(r))
         if base is None:
             continue
         if r["suite"] == "pingpong":

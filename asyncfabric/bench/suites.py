@@ -115,14 +115,22 @@ def select(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def points(
-    name: str, quick: bool, sizes: list[int] | None = None, iters: int | None = None
+    name: str,
+    quick: bool,
+    sizes: list[int] | None = None,
+    iters: int | None = None,
+    budget: int | None = None,
 ) -> list[Point]:
+    """The suite's points; ``budget``: bytes per repeat of a write stream (faster paths)."""
     s = SUITES[name]
     pts = list(s.quick if quick else s.points)
+    if budget and name == "write" and not sizes:
+        pts = [Point(p.size, stream_iters(p.size, budget=budget)) for p in pts]
     if sizes:
         base = pts[0]
         pts = [
-            Point(z, stream_iters(z) if name == "write" else base.iters, base.pages, p.peers,
+            Point(z, stream_iters(z, budget=budget or BYTES_PER_REP) if name == "write"
+                  else base.iters, base.pages, p.peers,
                   p.counters, p.domains)
             for z in sizes for p in {(q.peers, q.counters, q.domains): q for q in pts}.values()
         ]  # fmt: skip

@@ -10,9 +10,13 @@ the failure handling are identical. Control messages and host regions go
 through the same shm transport, so an engine of this backend talks to every
 peer on the host, GPU or not.
 
-Waiting for a large copy happens in a helper thread (the event loop never
-blocks); copies of at most INLINE_SYNC_BYTES are waited on inline, which saves a
-thread hand-off for small latency-bound writes.
+No thread waits for a large copy: after it, a notify stream waits on an event
+and runs a native CUDA host function that rings the engine's notify fd
+(_staging.CopyWaiter, cudanote.c); the immediates are posted from the next
+drain on the event-loop thread. The copy stream itself never stalls on the
+host, so back-to-back writes keep the copy engines busy. Copies of at most
+INLINE_SYNC_BYTES are waited on inline, which saves the wake-up for small
+latency-bound writes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import itertools
 import os
 import struct
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -295,24 +300,23 @@ class CudaIpcTransport(Transport):
 
         device = dev if kind == "cuda" else self._torch.cuda.current_device()
         _driver.use_device(device)
-        s = self._stream(device)
-        _driver.copy_async(remote.ptr + roff, ptr, nbytes, s.cuda_stream)
-        ev = self._torch.cuda.Event()
-        ev.record(s)
+        cs = self._stream(device).cuda_stream
+        _driver.copy_async(remote.ptr + roff, ptr, nbytes, cs)
         self._copies += 1
         count = 0 if imm < 0 else max(1, -(-nbytes // chunk))
         if nbytes <= INLINE_SYNC_BYTES:
-            ev.synchronize()
+            _driver.stream_sync(cs)
             self._post_imms(peer, imm, count)
             return 1
-
-        def landed(err: BaseException | None) -> None:
-            if err is None:
-                self._post_imms(peer, imm, count)
-            self._done.append((token, 0 if err is None else -5))
-
-        self._waiter.when_done(ev, landed)
+        self._waiter.after_stream(cs, device, partial(self._landed, token, peer, imm, count))
         return 0
+
+    def _landed(
+        self, token: int, peer: int, imm: int, count: int, err: BaseException | None
+    ) -> None:
+        if err is None:
+            self._post_imms(peer, imm, count)
+        self._done.append((token, 0 if err is None else -5))
 
     def post_paged(
         self,
@@ -358,7 +362,7 @@ class CudaIpcTransport(Transport):
         return self._inner.counters_live()
 
     def pending_events(self) -> int:
-        return self._inner.pending_events() + len(self._done) + len(self._waiter._done)
+        return self._inner.pending_events() + len(self._done) + self._waiter.pending()
 
     def drain(self, sink: EventSink) -> int:
         self._waiter.run_done()

@@ -41,6 +41,12 @@ def lib() -> Any:
         dll.cuMemcpyAsync.argtypes = [u64, u64, sz, vp]
         dll.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
         dll.cuCtxSetCurrent.argtypes = [vp]
+        dll.cuCtxGetCurrent.argtypes = [ctypes.POINTER(vp)]
+        dll.cuEventCreate.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
+        dll.cuEventRecord.argtypes = [vp, vp]
+        dll.cuStreamWaitEvent.argtypes = [vp, vp, ctypes.c_uint]
+        dll.cuLaunchHostFunc.argtypes = [vp, vp, vp]
+        dll.cuStreamSynchronize.argtypes = [vp]
         dll.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         _lib = dll
     return _lib
@@ -62,6 +68,21 @@ def use_device(device: int) -> None:
         check(lib().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
         _ctx[device] = ctx
     check(lib().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+
+
+class on_device:
+    """``with on_device(d):`` device ``d``'s context is current inside, the caller's after."""
+
+    def __init__(self, device: int) -> None:
+        self.device = device
+        self.saved = ctypes.c_void_p()
+
+    def __enter__(self) -> None:
+        check(lib().cuCtxGetCurrent(ctypes.byref(self.saved)), "cuCtxGetCurrent")
+        use_device(self.device)
+
+    def __exit__(self, *exc: object) -> None:
+        lib().cuCtxSetCurrent(self.saved)
 
 
 def allocation_of(ptr: int) -> tuple[int, int]:
@@ -96,3 +117,34 @@ def ipc_close(ptr: int) -> None:
 
 def copy_async(dst: int, src: int, n: int, stream: int) -> None:
     check(lib().cuMemcpyAsync(dst, src, n, stream), f"cuMemcpyAsync of {n} bytes")
+
+
+EVENT_DISABLE_TIMING = 2
+
+
+def event_create() -> int:
+    """A CUDA event without timing, in the current context (reused, never freed)."""
+    ev = ctypes.c_void_p()
+    check(lib().cuEventCreate(ctypes.byref(ev), EVENT_DISABLE_TIMING), "cuEventCreate")
+    return int(ev.value or 0)
+
+
+def notify_after(copy_stream: int, event: int, notify_stream: int, fn: int, arg: int) -> None:
+    """Run host function ``fn(arg)`` once the work queued on ``copy_stream`` so far is done.
+
+    The copy stream only records ``event``; the notify stream waits on it and runs
+    the host function, so the copy stream never stalls on the host. The event can
+    be recorded again at once: a wait captures the event's state when enqueued.
+    """
+    d = lib()
+    check(d.cuEventRecord(event, copy_stream), "cuEventRecord")
+    check(d.cuStreamWaitEvent(notify_stream, event, 0), "cuStreamWaitEvent")
+    check(d.cuLaunchHostFunc(notify_stream, fn, arg), "cuLaunchHostFunc")
+
+
+def launch_host(stream: int, fn: int, arg: int) -> None:
+    check(lib().cuLaunchHostFunc(stream, fn, arg), "cuLaunchHostFunc")
+
+
+def stream_sync(stream: int) -> None:
+    check(lib().cuStreamSynchronize(stream), "cuStreamSynchronize")

@@ -56,10 +56,13 @@ def make_ffi() -> FFI:
     ffibuilder.cdef((HERE / "afcore.h").read_text())
     # The benchmarks' raw baseline (raw.c): same engine, C loops, no Python per op.
     ffibuilder.cdef((HERE / "raw.h").read_text())
+    # GPU copy notices (cudanote.c): a CUDA host function rings the notify fd.
+    ffibuilder.cdef((HERE / "cudanote.h").read_text())
     incs, libdirs, rpath = _flags()
     ffibuilder.set_source(
         "asyncfabric.backends.libfabric._afcore",
-        '#include "afcore.c"\n#include "raw.c"\n#include "afpeer.c"\n',
+        '#include "afcore.c"\n#include "raw.c"\n#include "afpeer.c"\n'
+        '#include "cudanote.h"\n#include "cudanote.c"\n',
         include_dirs=[str(HERE), *incs],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
@@ -67,7 +70,16 @@ def make_ffi() -> FFI:
         extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
         depends=[
             str(HERE / n)
-            for n in ("afcore.c", "afcore.h", "doorbell.h", "afpeer.c", "raw.c", "raw.h")
+            for n in (
+                "afcore.c",
+                "afcore.h",
+                "doorbell.h",
+                "afpeer.c",
+                "raw.c",
+                "raw.h",
+                "cudanote.c",
+                "cudanote.h",
+            )
         ],
     )
     return ffibuilder
