@@ -39,8 +39,9 @@ class VerbsBackend(Backend):
     ) -> Transport:
         if _IMPORT_ERROR:
             raise BackendUnavailable(_IMPORT_ERROR)
-        if hmem:
-            raise BackendUnavailable("the pyverbs backend registers host memory only")
+        # hmem asks for device-memory registration where the transport offers it; this
+        # backend registers host memory only (Transport.hmem stays False), so the engine
+        # stages CUDA tensors through pinned host memory.
         from ._transport import VerbsTransport
 
         return VerbsTransport(provider, domains=domains, ctrl_max=ctrl_max)

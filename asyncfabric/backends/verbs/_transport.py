@@ -498,7 +498,7 @@ class VerbsTransport(Transport):
         for m in self._mrs.pop(handle, ()):
             m.close()
 
-    def remote(self, bases: Sequence[int], keys: Sequence[int]) -> Any:
+    def remote(self, bases: Sequence[int], keys: Sequence[int], ext: bytes = b"") -> Any:
         return (tuple(bases), tuple(keys))
 
     # ------------------------------------------------------------ posting
