@@ -109,9 +109,13 @@ def render(result: Path) -> str:
         f"### Results of {m['date']} on {m['host']} ({m['cpus']} CPUs, Python {m['python']})",
         "",
         f"Command: `{' '.join(m['argv'])}`; took {m.get('elapsed_s')} s. Load average at start: "
-        f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])} (other engineers were building and "
-        "testing on this 2-core machine during the run: absolute numbers are noisy, the ratios "
-        "were measured side by side).",
+        f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])} ("
+        + (
+            "other work was loading this 2-core machine during the run: "
+            if m["loadavg_at_start"][0] >= 2
+            else "a quiet 2-core machine; "
+        )
+        + "absolute numbers are noisy, the ratios were measured side by side).",
         "",
         "| target | met | measured |",
         "|---|---|---|",
