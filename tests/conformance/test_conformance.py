@@ -160,12 +160,6 @@ async def test_peer_never_answers(spec, kw):
 
 async def test_peer_dies_mid_transfer(spec, kw):
     """Writes in flight when the peer dies all finish or fail within bounded time."""
-    if spec == "shm":
-        pytest.xfail(
-            "libfabric 1.17 shm: writes in flight to a peer that was SIGKILLed neither complete "
-            "nor fail within 60 s (peer_timeout covers only writes not yet handed to shm); "
-            "reported to the core"
-        )
     n, size = 400, 65536
     async with af.Engine(spec, peer_timeout=3.0, **kw) as eng:
         peer = PeerProcess(spec, **kw)
