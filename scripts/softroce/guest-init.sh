@@ -37,10 +37,6 @@ mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm
-# The host root is read-only: give the usual scratch places a tmpfs.  This
-# hides the host's /tmp inside the guest; keep shared files in the checkout.
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-mount -t tmpfs -o mode=1777 tmpfs /var/tmp
 ln -sf /proc/self/fd /dev/fd 2>/dev/null
 ln -sf /proc/self/fd/0 /dev/stdin 2>/dev/null
 ln -sf /proc/self/fd/1 /dev/stdout 2>/dev/null
@@ -48,6 +44,25 @@ ln -sf /proc/self/fd/2 /dev/stderr 2>/dev/null
 
 # shellcheck source=/dev/null
 source "$XCHG/config.sh" || die "cannot read $XCHG/config.sh"
+
+# The host root is read-only: give the usual scratch places a tmpfs.  This
+# hides the host's /tmp inside the guest; keep shared files in the checkout.
+# A checkout that lives below such a place (CI clones into /tmp) is moved
+# aside and back, so the tmpfs does not hide it.
+scratch_tmpfs() {
+  case "$REPO/" in
+    "$1"/*)
+      mkdir -p /run/softroce-repo
+      mount --move "$REPO" /run/softroce-repo || die "move $REPO aside"
+      mount -t tmpfs -o mode=1777 tmpfs "$1"
+      mkdir -p "$REPO"
+      mount --move /run/softroce-repo "$REPO" || die "move $REPO back"
+      ;;
+    *) mount -t tmpfs -o mode=1777 tmpfs "$1" ;;
+  esac
+}
+scratch_tmpfs /tmp
+scratch_tmpfs /var/tmp
 vlog() { [[ ${SOFTROCE_VERBOSE:-0} != 1 ]] || log "$* (guest uptime $(uptime_s)s)"; }
 vlog "stage 2 started"
 
