@@ -13,7 +13,7 @@ start=$SECONDS
 set +e
 bash scripts/softroce/run-in-guest.sh --timeout 600 \
   --env 'ASYNCFABRIC_CONFORMANCE=libfabric:verbs;ofi_rxm,pyverbs' -- \
-  .venv/bin/python -m pytest -q -p anyio -p no:cacheprovider tests/conformance "$@"
+  .venv/bin/python -m pytest -q -p anyio -p no:cacheprovider --color=no tests/conformance "$@"
 rc=$?
 set -e
 case $rc in
