@@ -479,26 +479,20 @@ class Engine:
         if region.device == "cuda" and s.nbytes:
             await self._after_producer(region, stream)
         peer = self._peer(desc.address)
-        token = next(self._tokens)
-        w = self._loop.new_waiter()
-        self._ops[token] = (w, region)
-        try:
-            rc = self._t.post_write(
-                token,
-                peer.id,
-                peer.ndom,
-                region.ptr + s.offset,
-                region._reg.handle,
-                s.nbytes,
-                desc.chunk_bytes,
-                self._remote(desc),
-                d.offset,
-                imm_v,
-            )
-        except BaseException:
-            self._ops.pop(token, None)
-            raise
-        await self._finish(token, w, rc, region, timeout)
+        await self._submit(
+            region,
+            timeout,
+            self._t.post_write,
+            peer.id,
+            peer.ndom,
+            region.ptr + s.offset,
+            region._reg.handle,
+            s.nbytes,
+            desc.chunk_bytes,
+            self._remote(desc),
+            d.offset,
+            imm_v,
+        )
 
     async def _after_producer(self, region: Region, stream: Any) -> None:
         """Order the transport's read of a CUDA source after its producer stream."""
@@ -531,26 +525,20 @@ class Engine:
         desc = d.descriptor
         self._check_target(desc)
         peer = self._peer(desc.address)
-        token = next(self._tokens)
-        w = self._loop.new_waiter()
-        self._ops[token] = (w, None)
-        try:
-            rc = self._t.post_write(
-                token,
-                peer.id,
-                peer.ndom,
-                0,
-                -1,
-                0,
-                desc.chunk_bytes,
-                self._remote(desc),
-                d.offset,
-                imm_v,
-            )
-        except BaseException:
-            self._ops.pop(token, None)
-            raise
-        await self._finish(token, w, rc, None, timeout)
+        await self._submit(
+            None,
+            timeout,
+            self._t.post_write,
+            peer.id,
+            peer.ndom,
+            0,
+            -1,
+            0,
+            desc.chunk_bytes,
+            self._remote(desc),
+            d.offset,
+            imm_v,
+        )
 
     async def write_paged(
         self,
@@ -627,26 +615,20 @@ class Engine:
             return 0
         peer = self._peer(dst.address)
         region = s.region
-        token = next(self._tokens)
-        w = self._loop.new_waiter()
-        self._ops[token] = (w, region)
-        try:
-            rc = self._t.post_paged(
-                token,
-                peer.id,
-                peer.ndom,
-                region.ptr,
-                region._reg.handle,
-                np.ascontiguousarray(src_off, np.uint64),
-                np.ascontiguousarray(dst_off, np.uint64),
-                page_size,
-                self._remote(dst),
-                imm_v,
-            )
-        except BaseException:
-            self._ops.pop(token, None)
-            raise
-        await self._finish(token, w, rc, region, timeout)
+        await self._submit(
+            region,
+            timeout,
+            self._t.post_paged,
+            peer.id,
+            peer.ndom,
+            region.ptr,
+            region._reg.handle,
+            np.ascontiguousarray(src_off, np.uint64),
+            np.ascontiguousarray(dst_off, np.uint64),
+            page_size,
+            self._remote(dst),
+            imm_v,
+        )
         return n
 
     async def send(
@@ -667,15 +649,9 @@ class Engine:
                 f"message of {len(data)} bytes exceeds ctrl_max={self._ctrl_max}; "
                 "use write() for bulk data or open the engines with a larger ctrl_max"
             )
-        token = next(self._tokens)
-        w = self._loop.new_waiter()
-        self._ops[token] = (w, None)
-        try:
-            rc = self._t.post_send(token, peer.id, bytes([_staging.MSG_USER]) + data)
-        except BaseException:
-            self._ops.pop(token, None)
-            raise
-        await self._finish(token, w, rc, None, timeout)
+        await self._submit(
+            None, timeout, self._t.post_send, peer.id, bytes([_staging.MSG_USER]) + data
+        )
 
     async def recv(self, *, timeout: float | None = None) -> bytes:
         """Receive the next control message sent to this engine."""
@@ -708,9 +684,22 @@ class Engine:
 
     # ---------------------------------------------------------------- completion plumbing
 
-    async def _finish(
-        self, token: int, w: Any, rc: int, region: Region | None, timeout: float | None
+    async def _submit(
+        self, region: Region | None, timeout: float | None, post: Any, *args: Any
     ) -> None:
+        """Post one transfer (``post(token, *args)``) and wait for its end.
+
+        The waiter is registered before the post: the progress thread may finish
+        the transfer before the call even returns.
+        """
+        token = next(self._tokens)
+        w = self._loop.new_waiter()
+        self._ops[token] = (w, region)
+        try:
+            rc = post(token, *args)
+        except BaseException:
+            self._ops.pop(token, None)
+            raise
         if rc == 1:  # finished inside the call (injected)
             self._ops.pop(token, None)
             self._after_call()

@@ -519,6 +519,13 @@ class VerbsTransport(Transport):
                     self._pump(c)
         return 0
 
+    def _start(self, token: int, peer: int, ndom: int, remote: Any, imm: int) -> tuple:
+        """What every write needs first: the peer's connections, the op, and the opcode."""
+        bases, keys = remote
+        code = OP_WRITE if imm < 0 else OP_WRITE_IMM
+        imm_be = socket.htonl(imm) if imm >= 0 else 0
+        return self._conns(peer), _Op(token, ndom), bases, keys, code, imm_be
+
     def post_write(
         self,
         token: int,
@@ -532,11 +539,7 @@ class VerbsTransport(Transport):
         roff: int,
         imm: int,
     ) -> int:
-        conns = self._conns(peer)
-        op = _Op(token, ndom)
-        bases, keys = remote
-        code = OP_WRITE if imm < 0 else OP_WRITE_IMM
-        imm_be = socket.htonl(imm) if imm >= 0 else 0
+        conns, op, bases, keys, code, imm_be = self._start(token, peer, ndom, remote, imm)
         if nbytes == 0:
             op.specs[0].append((code, 0, 0, 0, bases[0] + roff, keys[0], imm_be))
         else:
@@ -565,11 +568,7 @@ class VerbsTransport(Transport):
         remote: Any,
         imm: int,
     ) -> int:
-        conns = self._conns(peer)
-        op = _Op(token, ndom)
-        bases, keys = remote
-        code = OP_WRITE if imm < 0 else OP_WRITE_IMM
-        imm_be = socket.htonl(imm) if imm >= 0 else 0
+        conns, op, bases, keys, code, imm_be = self._start(token, peer, ndom, remote, imm)
         mrs = self._mrs[handle]
         for i, (s, t) in enumerate(zip(src_off.tolist(), dst_off.tolist())):
             dd = i % ndom
