@@ -74,6 +74,7 @@ def make_ffi() -> FFI:
                 "afcore.c",
                 "afcore.h",
                 "doorbell.h",
+                "shmname.h",
                 "afpeer.c",
                 "raw.c",
                 "raw.h",

@@ -39,6 +39,7 @@
 
 #include "afcore.h"
 #include "doorbell.h"
+#include "shmname.h"
 
 #define AF_MAX_DOMS 16
 #define AF_NONE UINT32_MAX
@@ -180,6 +181,7 @@ struct af_engine {
      * cores, one poller per process is what keeps up with the raw loop. */
     _Atomic uint64_t py_until;
     int started;
+    int opened; /* every domain is open and enabled: only then may anything progress them */
     pthread_t thr;
     af_policy pol;
     af_stats st;
@@ -1178,6 +1180,12 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
     av_attr.type = FI_AV_TABLE;
     if ((rc = fi_av_open(d->domain, &av_attr, &d->av, NULL))) goto fail_av;
     if ((rc = fi_endpoint(d->domain, info, &d->ep, NULL))) goto fail_ep;
+    if (!strcmp(prov, "shm")) {
+        /* A region name of our own: shmname.h says why. */
+        char name[64];
+        af_shm_name(name, sizeof name, rand64());
+        if ((rc = fi_setname(&d->ep->fid, name, strlen(name) + 1))) goto fail_ep;
+    }
     if ((rc = fi_ep_bind(d->ep, &d->av->fid, 0))) goto fail_ep;
     if ((rc = fi_ep_bind(d->ep, &d->cq->fid, FI_TRANSMIT | FI_RECV))) goto fail_ep;
     if ((rc = fi_enable(d->ep))) goto fail_ep;
@@ -1297,6 +1305,7 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
         if (err) snprintf(err, errlen, "out of memory or file descriptors opening the engine");
         goto fail;
     }
+    if (!strcmp(distinct[0]->fabric_attr->prov_name, "shm")) af_shm_sweep();
     for (int i = 0; i < ndom; i++) {
         pthread_mutex_lock(&e->lock);
         rc = open_dom(e, &e->dom[i], distinct[i % ndistinct], i == 0, rx_slots, err, errlen);
@@ -1307,13 +1316,14 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
         char name[1024];
         size_t len = sizeof name;
         if (fi_getname(&e->dom[0].ep->fid, name, &len) == 0 &&
-            bell_create(bell_hash(name, len), &e->bell_page, &e->bell_fd, e->bell_name,
+            bell_create(bell_hash(name, len), (uint32_t)af_pidns(), &e->bell_page, &e->bell_fd, e->bell_name,
                         sizeof e->bell_name)) {
             e->bell_page = NULL;
             e->bell_fd = -1;
         }
     }
     fi_freeinfo(infos);
+    e->opened = 1;
     *out = e;
     return 0;
 fail:
@@ -1463,8 +1473,10 @@ void afe_close(af_engine *e) {
     }
     /* Let providers finish handling connection events (a peer that died, a
      * shutdown in flight) before their endpoints go: rxm in libfabric 1.17 can
-     * crash closing an endpoint with such events unread. */
-    if (e->ndom && e->dom[0].ep) {
+     * crash closing an endpoint with such events unread. Not after a failed
+     * open: nothing was connected, and progressing an endpoint that never got
+     * enabled crashes shm (its CQ polls a region that does not exist). */
+    if (e->opened) {
         uint64_t t0 = now_ns();
         pthread_mutex_lock(&e->lock);
         e->py_ctx = 1;

@@ -20,12 +20,13 @@
 #include <sys/un.h>
 
 #define AF_BELL_MAGIC 0x6c6c6562666661ull /* "affbell" */
+#define AF_BELL_PREFIX "asyncfabric-bell-"
 
 typedef struct af_bell_page {
     _Atomic uint32_t sleeping;
     _Atomic uint32_t waiting; /* the engine has armed counters: arrivals matter now */
     uint32_t pid;
-    uint32_t pad;
+    uint32_t pidns; /* low 32 bits of the pid namespace's inode: lets shmname.h reclaim the page */
     uint64_t magic;
 } af_bell_page;
 
@@ -43,17 +44,18 @@ static uint64_t bell_hash(const void *p, size_t n) {
 }
 
 static void bell_names(uint64_t tag, char *shm, size_t nshm, struct sockaddr_un *sa, socklen_t *alen) {
-    snprintf(shm, nshm, "/asyncfabric-bell-%016llx", (unsigned long long)tag);
+    snprintf(shm, nshm, "/" AF_BELL_PREFIX "%016llx", (unsigned long long)tag);
     memset(sa, 0, sizeof *sa);
     sa->sun_family = AF_UNIX;
-    int n = snprintf(sa->sun_path + 1, sizeof sa->sun_path - 1, "asyncfabric-bell-%016llx",
+    int n = snprintf(sa->sun_path + 1, sizeof sa->sun_path - 1, AF_BELL_PREFIX "%016llx",
                      (unsigned long long)tag);
     *alen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
 }
 
 /* Create this engine's doorbell. Failure is not fatal: the engine then relies
  * on its nap timeout alone. */
-static int bell_create(uint64_t tag, af_bell_page **page, int *fd, char *shm_name, size_t nshm) {
+static int bell_create(uint64_t tag, uint32_t pidns, af_bell_page **page, int *fd, char *shm_name,
+                       size_t nshm) {
     struct sockaddr_un sa;
     socklen_t alen;
     bell_names(tag, shm_name, nshm, &sa, &alen);
@@ -78,6 +80,7 @@ static int bell_create(uint64_t tag, af_bell_page **page, int *fd, char *shm_nam
     }
     *page = p;
     (*page)->pid = (uint32_t)getpid();
+    (*page)->pidns = pidns;
     (*page)->magic = AF_BELL_MAGIC;
     *fd = s;
     return 0;
