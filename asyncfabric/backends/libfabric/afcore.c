@@ -182,6 +182,7 @@ struct af_engine {
     _Atomic uint64_t py_until;
     int started;
     int opened; /* every domain is open and enabled: only then may anything progress them */
+    int all_shm; /* every domain is shm: every writer is on this host and rings our doorbell */
     pthread_t thr;
     af_policy pol;
     af_stats st;
@@ -505,6 +506,10 @@ static int pump_op(af_engine *e, uint32_t opi) {
     op = &e->ops[opi];
     af_bell *b = &e->peers[op->peer].bell;
     if (b->page && (op->posted != before || r == AF_AGAIN)) {
+        /* Post, fence, then read the target's flags: a target that armed a
+         * counter and went to sleep after that read polls once more after its
+         * own fence and finds the post (the Dekker pair of doorbell.h). */
+        atomic_thread_fence(memory_order_seq_cst);
         int needs = r == AF_AGAIN || op->outstanding != out_before || op->kind == OP_SEND ||
                     atomic_load_explicit(&b->page->waiting, memory_order_relaxed);
         if (needs && bell_ring(e->bell_fd, b)) e->st.wakeups++;
@@ -945,8 +950,47 @@ static int block(af_engine *e, uint64_t ns, uint64_t gen_seen) {
     return rc > 0;
 }
 
+/* Progress threads of this process that are spinning. On two cores, 64
+ * engines in one process each spinning spin_us after every doorbell would
+ * take the CPU from the threads doing the work; beyond the cap a thread with
+ * nothing to do blocks at once (its doorbell and wait fds still wake it). */
+static atomic_int g_spinning;
+static int g_spin_cap;
+
+static int spin_cap(void) {
+    if (!g_spin_cap) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        g_spin_cap = n >= 4 ? (int)(n / 2) : 1;
+    }
+    return g_spin_cap;
+}
+
+static int take_spin_slot(int *have) {
+    if (*have) return 1;
+    if (atomic_fetch_add(&g_spinning, 1) < spin_cap()) return *have = 1;
+    atomic_fetch_sub(&g_spinning, 1);
+    return 0;
+}
+
+static void drop_spin_slot(int *have) {
+    if (*have) atomic_fetch_sub(&g_spinning, 1);
+    *have = 0;
+}
+
+/* How long the progress thread may sleep. Transfers of ours in flight: short
+ * naps (queued posts to retry, peers to watch). Only counters armed: arrivals
+ * that matter ring the doorbell when every writer is an shm peer on this
+ * host, so the nap is the idle one; on other providers the wait fds wake us,
+ * and the short nap stays as a backstop. */
+static uint64_t nap_ns(af_engine *e) {
+    if (e->live_ops > 0) return e->pol.busy_block_ns;
+    if (e->armed > 0 && !(e->all_shm && e->bell_page)) return e->pol.busy_block_ns;
+    return e->pol.idle_block_ns;
+}
+
 static void *progress_main(void *arg) {
     af_engine *e = arg;
+    int slot = 0;
     /* Naps of tens of microseconds mean nothing with Linux's default 50 us
      * timer slack. */
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
@@ -958,6 +1002,7 @@ static void *progress_main(void *arg) {
             /* The Python thread is polling the CQs itself (spinning in a wait,
              * or posting and reaping); two pollers on two cores would only
              * fight. Stay out of its way, waking if it says it goes idle. */
+            drop_spin_slot(&slot);
             atomic_store(&e->sleeping, 1);
             struct pollfd pfd = {e->wake_fd, POLLIN, 0};
             struct timespec ts = {0, 20000};
@@ -971,7 +1016,7 @@ static void *progress_main(void *arg) {
         }
         pthread_mutex_lock(&e->lock);
         int n = progress_locked(e);
-        int busy = e->live_ops > 0 || e->armed > 0;
+        uint64_t nap = nap_ns(e);
         uint64_t gen = e->work_gen;
         pthread_mutex_unlock(&e->lock);
         uint64_t t = now_ns();
@@ -979,7 +1024,7 @@ static void *progress_main(void *arg) {
             last = t;
             continue;
         }
-        if (t - last < e->pol.spin_ns) {
+        if (t - last < e->pol.spin_ns && take_spin_slot(&slot)) {
             /* Spin, but let a thread that was just woken (this process's event
              * loop, or the peer's) have the core: on two cores a pure spinner
              * delays it by up to the scheduler's wake-up granularity. */
@@ -987,8 +1032,10 @@ static void *progress_main(void *arg) {
             else cpu_relax();
             continue;
         }
-        if (block(e, busy ? e->pol.busy_block_ns : e->pol.idle_block_ns, gen)) last = now_ns();
+        drop_spin_slot(&slot);
+        if (block(e, nap, gen)) last = now_ns();
     }
+    drop_spin_slot(&slot);
     return NULL;
 }
 
@@ -1322,6 +1369,9 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
             e->bell_fd = -1;
         }
     }
+    e->all_shm = 1;
+    for (int i = 0; i < ndom; i++)
+        if (strcmp(e->dom[i].info->fabric_attr->prov_name, "shm")) e->all_shm = 0;
     fi_freeinfo(infos);
     e->opened = 1;
     *out = e;
