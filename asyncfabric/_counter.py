@@ -43,13 +43,29 @@ class ImmCounter:
         eng._check_open()
         if expected == 0:
             return
+        spun = False
+        spin = eng._wait_spin_ns
+        if spin and not self._waiters and not eng._loop.has_ready():
+            # Fast path: nobody queued ahead and nothing else to run, so poll for the
+            # arrivals from this thread and take them without a future or an event.
+            if timeout is not None:
+                spin = min(spin, int(timeout * 1e9))
+            r = eng._t.counter_take_spin(self.imm, expected, spin)
+            if r & 2:
+                eng._drain()
+            if r & 1:
+                return
+            spun = True
         w = eng._loop.new_waiter()
         self._waiters.append((expected, w))
         if len(self._waiters) == 1:
             self._serve()
         eng._after_call()
         if not w.done():
-            eng._spin_for(w)
+            if spun:
+                eng._t.release()  # this wait has had its spin: the progress thread takes over
+            else:
+                eng._spin_for(w)
         try:
             await eng._loop.wait(w, timeout)
         except TimeoutError:

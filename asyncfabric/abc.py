@@ -176,6 +176,13 @@ class Transport(ABC):
     def spin(self, ns: int) -> int:
         """Poll the fabric from the calling thread until an event is ready or ns pass."""
 
+    def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
+        """Take ``want`` arrivals of ``imm`` now or within ``ns`` of polling, arming nothing.
+
+        Bit 0 of the result: taken; bit 1: events are ready to drain. The default
+        takes nothing (waits then arm and await, as they always can)."""
+        return 0
+
     def release(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
         """The calling thread goes idle: progress is the transport's own job again."""
 

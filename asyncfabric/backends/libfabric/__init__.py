@@ -357,6 +357,9 @@ class LibfabricTransport(Transport):
     def spin(self, ns: int) -> int:
         return lib.afe_spin(self._e, ns)
 
+    def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
+        return lib.afe_counter_take_spin(self._e, imm, want, ns)
+
     def release(self) -> None:
         lib.afe_release(self._e)
 

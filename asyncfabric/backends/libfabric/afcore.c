@@ -174,7 +174,8 @@ struct af_engine {
     char bell_name[64];
     int py_ctx;       /* the Python thread holds the lock: it drains events itself */
     uint64_t work_gen; /* bumped on every post: the progress thread must not sleep through it */
-    atomic_int spinners, sleeping, stop;
+    atomic_int spinners, stop;
+    atomic_int sleeping; /* progress thread: 1 blocked in block(), 2 standing aside for Python */
     /* While the Python thread keeps calling in (posting, spinning) it reaps
      * completions itself and the progress thread stays out of its way until
      * this time passes or Python says it is going idle (afe_release). On two
@@ -645,7 +646,7 @@ static int start_op(af_engine *e, uint32_t i) {
         e->pend_tail = i;
     }
     e->work_gen++;
-    if (atomic_load(&e->sleeping)) kick(e);
+    if (atomic_load(&e->sleeping) == 1) kick(e);
     if (op_finished(op)) {
         int st = op->status;
         op_free(e, i);
@@ -1003,9 +1004,12 @@ static void *progress_main(void *arg) {
              * or posting and reaping); two pollers on two cores would only
              * fight. Stay out of its way, waking if it says it goes idle. */
             drop_spin_slot(&slot);
-            atomic_store(&e->sleeping, 1);
+            atomic_store(&e->sleeping, 2); /* standing aside: posts need not kick us */
             struct pollfd pfd = {e->wake_fd, POLLIN, 0};
-            struct timespec ts = {0, 20000};
+            /* Sleep until Python's hold ends (afe_release kicks us earlier). */
+            uint64_t t = now_ns(), wait = until > t ? until - t : 20000;
+            if (wait > e->pol.idle_block_ns) wait = e->pol.idle_block_ns;
+            struct timespec ts = {(time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull)};
             if (ppoll(&pfd, 1, &ts, NULL) > 0) {
                 uint64_t v;
                 if (read(e->wake_fd, &v, sizeof v) < 0) { /* already drained */ }
@@ -1051,6 +1055,10 @@ int afe_start(af_engine *e, const af_policy *policy) {
 int afe_spin(af_engine *e, uint64_t ns) {
     atomic_fetch_add(&e->spinners, 1);
     uint64_t t0 = now_ns();
+    /* The progress thread sleeps through the spin instead of checking back
+     * every few microseconds: on two cores its wake-ups preempt the spinners. */
+    if (atomic_load_explicit(&e->py_until, memory_order_relaxed) < t0 + ns)
+        atomic_store_explicit(&e->py_until, t0 + ns, memory_order_relaxed);
     uint32_t polls = 0;
     int n;
     for (;;) {
@@ -1065,6 +1073,38 @@ int afe_spin(af_engine *e, uint64_t ns) {
     atomic_fetch_sub(&e->spinners, 1);
     e->st.spins++;
     return n;
+}
+
+/* The fast path of a wait: take `want` arrivals of `imm` if they are here,
+ * or arrive while this thread polls for up to `ns`. Nothing is armed, so no
+ * event is made for it. Gives up early when other events are ready (their
+ * waiters should not wait on this spin). Bit 0 of the result: taken; bit 1:
+ * events wait for afe_drain. */
+int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns) {
+    atomic_fetch_add(&e->spinners, 1);
+    uint64_t t0 = now_ns();
+    if (atomic_load_explicit(&e->py_until, memory_order_relaxed) < t0 + ns)
+        atomic_store_explicit(&e->py_until, t0 + ns, memory_order_relaxed);
+    uint32_t polls = 0;
+    int got = 0, evs = 0;
+    for (;;) {
+        enter_py(e);
+        if (polls) progress_locked(e);
+        af_ctr *c = ctr_find(e, imm, 0);
+        if (c && !c->want && c->avail >= want) {
+            c->avail -= want;
+            if (!c->avail) ctr_delete(e, c);
+            got = 1;
+        }
+        evs = e->ev_count > 0;
+        leave_py(e);
+        if (got || evs || now_ns() - t0 >= ns) break;
+        if ((++polls & 31) == 0) sched_yield(); /* see progress_main */
+        else cpu_relax();
+    }
+    atomic_fetch_sub(&e->spinners, 1);
+    e->st.spins++;
+    return got | (evs << 1);
 }
 
 int afe_kick(af_engine *e) {

@@ -90,6 +90,7 @@ uint64_t afe_counter_live(af_engine *e);
 int afe_drain(af_engine *e, af_event *out, int max);
 int afe_nevents(af_engine *e);
 int afe_spin(af_engine *e, uint64_t ns);
+int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns);
 int afe_kick(af_engine *e);
 void afe_release(af_engine *e);
 int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len);
