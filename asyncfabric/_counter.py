@@ -55,7 +55,7 @@ class ImmCounter:
                 eng._drain()
             if r & 1:
                 return
-            spun = True
+            spun = not r & 4
         w = eng._loop.new_waiter()
         self._waiters.append((expected, w))
         if len(self._waiters) == 1:

@@ -179,9 +179,10 @@ class Transport(ABC):
     def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
         """Take ``want`` arrivals of ``imm`` now or within ``ns`` of polling, arming nothing.
 
-        Bit 0 of the result: taken; bit 1: events are ready to drain. The default
-        takes nothing (waits then arm and await, as they always can)."""
-        return 0
+        Bit 0 of the result: taken; bit 1: events are ready to drain; bit 2: nothing
+        was polled (the default: this transport has no such path, and the wait
+        arms, spins with :meth:`spin` and awaits as usual)."""
+        return 4
 
     def release(self) -> None:  # noqa: B027 (optional hook, a no-op by default)
         """The calling thread goes idle: progress is the transport's own job again."""

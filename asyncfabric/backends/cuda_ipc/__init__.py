@@ -377,6 +377,11 @@ class CudaIpcTransport(Transport):
     def spin(self, ns: int) -> int:
         return self._inner.spin(ns) or self.pending_events()
 
+    def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
+        # Immediates land in the inner shm engine; copy notices are ours to report.
+        r = self._inner.counter_take_spin(imm, want, ns)
+        return r | 2 if self._done or self._waiter.pending() else r
+
     def error(self, status: int, what: str) -> Exception:
         return self._inner.error(status, what)
 
