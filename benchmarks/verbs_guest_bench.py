@@ -69,15 +69,18 @@ async def write_stream(spec: str, size: int, count: int, window: int) -> float:
         with eng.register(np.ones(size * window, np.uint8)) as region:
             await eng.write(region[0:size], desc[0:size], imm=9)  # connect, warm up
             await peer.wait(9, 1)
-            sem = asyncio.Semaphore(window)
+            # `window` lanes, each awaiting its own writes in turn (as the benchmark
+            # runner streams): `window` in flight, one coroutine each, slices made once.
+            slots = [(region[k * size : (k + 1) * size], desc[k * size : (k + 1) * size])
+                     for k in range(window)]  # fmt: skip
 
-            async def one(i: int) -> None:
-                async with sem:
-                    s = (i % window) * size
-                    await eng.write(region[s : s + size], desc[s : s + size], imm=1)
+            async def lane(k: int) -> None:
+                src, dst = slots[k]
+                for _ in range(k, count, window):
+                    await eng.write(src, dst, imm=1)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(count)))
+            await asyncio.gather(*(lane(k) for k in range(window)))
             await peer.wait(1, count, timeout=300)
             dt = time.perf_counter() - t0
         return size * count / dt / 1e6  # MB/s, like perftest
