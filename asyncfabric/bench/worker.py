@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
@@ -61,6 +62,10 @@ class Worker:
 
     @classmethod
     def spawn(cls, name: str) -> Worker:
+        # Workers do no linear algebra: numpy's OpenBLAS pool would only add threads
+        # that compete for the cores the measured ones need (spawned children take
+        # the parent's environment as it is now).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
         proc = ctx.Process(target=_serve_conn, args=(child,), daemon=True, name=name)
