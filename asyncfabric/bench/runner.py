@@ -148,20 +148,42 @@ class Runner:
             return int(self.info.get("tx_credits", 256)) * domains
         # asyncfabric: concurrent awaiting coroutines ("lanes"). Injected writes
         # finish inside the call, so one lane is best; larger ones need overlap.
-        # Measured here (shm, 2 cores): 16 lanes beat 4 at 1 MiB by ~3x and tie at 16 MiB.
-        return 1 if size <= int(self.info.get("inject_size", 64)) else 16
+        # Measured here (shm with CMA, 2 cores, 1 MiB, two runs side by side): 16 lanes
+        # 0.68-0.73 of raw, 32 lanes 0.76-0.90, 64 lanes 0.85-0.96 (raw keeps the
+        # provider's whole tx window in flight).
+        return 1 if size <= int(self.info.get("inject_size", 64)) else 64
 
-    async def _stream(self, suite: str, impl: str, p: Point, reps: int) -> dict[str, Any]:
+    async def _stream_times(self, impl: str, p: Point, reps: int, warmup: int) -> list[int]:
         imm, ack = self._imms()
         per_engine = (p.iters // p.peers) * expected_imms(p.size, chunk_bytes=self.chunk)
         pre = "af" if impl == "asyncfabric" else "raw"
         times, _ = await asyncio.gather(
             self.tx.call(f"{pre}_stream_send", size=p.size, iters=p.iters, targets=p.peers,
-                         window=self._window(impl, p.size, p.domains), imm=imm, ack=ack, reps=reps),
+                         window=self._window(impl, p.size, p.domains), imm=imm, ack=ack,
+                         reps=reps, warmup=warmup),
             self.rx.call(f"{pre}_stream_recv", per_engine=per_engine, imm=imm, ack=ack, reps=reps,
-                         counters=p.counters),
+                         warmup=warmup, counters=p.counters),
         )  # fmt: skip
-        return self._row(suite, impl, p, times, bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters)
+        return times
+
+    async def _streams(self, suite: str, p: Point, reps: int) -> list[dict[str, Any]]:
+        """Every core impl at one point, their repeats interleaved (A B, B A, A B, ...).
+
+        Load on this shared machine drifts over seconds; interleaving makes it hit
+        asyncfabric and raw alike, so the ratio compares neighbours in time. Each impl
+        warms up once; a point with background counters warms up on every call, since
+        its receiver arms them first and the sender's clock is already running."""
+        times: dict[str, list[int]] = {impl: [] for impl in self.core}
+        for r in range(reps):
+            for impl in self.core if r % 2 == 0 else self.core[::-1]:
+                warm = 1 if r == 0 or p.counters > 1 else 0
+                times[impl] += await self._stream_times(impl, p, 1, warm)
+        return [
+            self._row(
+                suite, impl, p, times[impl], bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters
+            )  # fmt: skip
+            for impl in self.core
+        ]
 
     async def _torch_copy(self, p: Point, reps: int) -> dict[str, Any]:
         dv = self.devices
@@ -270,9 +292,11 @@ class Runner:
             for p in pts:
                 if self.devices.cuda and name == "write":
                     rows.append(await self._torch_copy(p, reps))
-                for impl in self.core:
-                    rows.append(await (self._stream(name, impl, p, reps) if name == "write"
-                                       else self._pingpong(impl, p, reps)))  # fmt: skip
+                if name == "write":
+                    rows += await self._streams(name, p, reps)
+                else:
+                    for impl in self.core:
+                        rows.append(await self._pingpong(impl, p, reps))
             await self._close()
             for impl in self.peers:
                 await self._peers_open(impl)
@@ -290,8 +314,7 @@ class Runner:
         else:  # fanout, scale, domains: one sender engine, p.peers receiver engines
             for p in pts:
                 await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
-                for impl in self.core:
-                    rows.append(await self._stream(name, impl, p, reps))
+                rows += await self._streams(name, p, reps)
                 await self._close()
         add_ratios(rows)
         return rows
