@@ -55,7 +55,9 @@ class ImmCounter:
                 eng._drain()
             if r & 1:
                 return
-            spun = not r & 4
+            # A spin cut short by other events (bit 1) did not have its time; one
+            # that polled nothing (bit 2) never started: both spin the usual way.
+            spun = not r & 6
         w = eng._loop.new_waiter()
         self._waiters.append((expected, w))
         if len(self._waiters) == 1:
