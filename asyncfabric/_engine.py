@@ -58,7 +58,8 @@ class Engine:
     seconds fails with :class:`PeerUnreachable`. ``cuda``: how CUDA tensors are
     registered (docs/gpu.md): ``"auto"`` registers them directly when the provider
     advertises FI_HMEM and accepts a CUDA registration, else stages them through
-    pinned host memory; ``"direct"`` refuses to stage; ``"staged"`` always stages.
+    pinned host memory (on shm it stages: shm turns CMA off for FI_HMEM endpoints);
+    ``"direct"`` refuses to stage; ``"staged"`` always stages.
     ``nvlink=True`` with ``provider="auto", local_only=True`` picks the cuda_ipc
     backend (NVLink/PCIe peer copies between processes of one host) when CUDA is here.
     """
