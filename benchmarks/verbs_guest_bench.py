@@ -86,6 +86,29 @@ async def write_stream(spec: str, size: int, count: int, window: int) -> float:
         return size * count / dt / 1e6  # MB/s, like perftest
 
 
+async def paged_stream(spec: str, size: int, count: int, batch: int, lanes: int) -> float:
+    """The same 64 KiB writes, ``batch`` of them per ``write_paged`` call (one await, one
+    event per batch), ``lanes`` calls in flight: what the data path does without
+    per-write Python."""
+    async with PeerProcess(spec) as peer, af.Engine(spec) as eng:
+        _, desc_b = await peer.alloc(size * batch * lanes)
+        desc = af.Descriptor.from_bytes(desc_b)
+        with eng.register(np.ones(size * batch * lanes, np.uint8)) as region:
+            await eng.write(region[0:size], desc[0:size], imm=9)  # connect, warm up
+            await peer.wait(9, 1)
+            maps = [np.arange(k * batch, (k + 1) * batch, dtype=np.uint64) for k in range(lanes)]
+
+            async def lane(k: int) -> None:
+                for _ in range(k, count // batch, lanes):
+                    await eng.write_paged(region, desc, maps[k], maps[k], page_size=size, imm=1)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(lane(k) for k in range(lanes)))
+            await peer.wait(1, count // batch * batch, timeout=300)
+            dt = time.perf_counter() - t0
+        return size * (count // batch * batch) / dt / 1e6
+
+
 async def pingpong(spec: str, iters: int, **kw) -> tuple[float, float]:
     async with PeerProcess(spec, **kw) as peer, af.Engine(spec, **kw) as eng:
         _, desc_b = await peer.alloc(64)
@@ -129,6 +152,13 @@ async def main() -> int:
             continue
         rows.append((spec, mbs, p50, pmin))
         print(f"{spec}: write 64KiB {mbs:.1f} MB/s; pingpong 8B p50 {p50:.1f} us", flush=True)
+        try:  # the same writes, 64 per write_paged call, 2 calls in flight (128 writes)
+            mbs = await paged_stream(spec, 65536, n_bw, 64, 2)
+        except Exception as exc:
+            print(f"{spec} write_paged: FAILED {type(exc).__name__}: {exc}", flush=True)
+        else:
+            rows.append((f"{spec} (write_paged, 64 per call)", mbs, float("nan"), float("nan")))
+            print(f"{spec}: write_paged 64 x 64KiB {mbs:.1f} MB/s", flush=True)
         try:  # the same pingpong with both ends spinning (ProgressPolicy.latency())
             p50, pmin = await pingpong(spec, n_lat // 2, progress=af.ProgressPolicy.latency())
         except Exception as exc:
