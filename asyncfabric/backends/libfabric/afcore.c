@@ -164,6 +164,9 @@ struct af_engine {
     af_ctr *ctr;
     uint64_t ctr_cap, ctr_n;
     uint64_t armed; /* counters somebody waits on: keep the progress thread's naps short */
+    uint64_t need_min; /* <= the fewest arrivals any armed counter still needs (UINT64_MAX: none) */
+    int need_dirty;    /* a waiter left: need_min may have grown, rescan before publishing */
+    uint64_t t_need_scan;
 
     af_event *ev;
     uint32_t ev_cap, ev_head, ev_count;
@@ -349,15 +352,51 @@ static inline void publish_waiting(af_engine *e) {
     if (e->bell_page) atomic_store_explicit(&e->bell_page->waiting, e->armed > 0, memory_order_relaxed);
 }
 
+/* need_min: a lower bound of what the nearest armed counter still needs. It
+ * only drops as counters arm and count; when a waiter leaves it is marked
+ * dirty and rescanned (at most once a millisecond) before it is published. */
+static inline void need_lower(af_engine *e, const af_ctr *c) {
+    uint64_t n = c->want - c->avail;
+    if (n < e->need_min) e->need_min = n;
+}
+
+static inline void need_raise(af_engine *e) {
+    if (e->armed == 0) {
+        e->need_min = UINT64_MAX;
+        e->need_dirty = 0;
+    } else {
+        e->need_dirty = 1;
+    }
+}
+
+/* What writers compare their pending count with while we sleep (lock held). */
+static uint64_t need_now(af_engine *e, uint64_t t) {
+    if (!e->need_dirty) return e->need_min;
+    if (t - e->t_need_scan < 1000000ull) return 1; /* rescanned lately: ring on every write */
+    uint64_t m = UINT64_MAX;
+    for (uint64_t i = 0; i < e->ctr_cap; i++) {
+        const af_ctr *c = &e->ctr[i];
+        if (c->used && c->want && c->want - c->avail < m) m = c->want - c->avail;
+    }
+    e->need_min = m;
+    e->need_dirty = 0;
+    e->t_need_scan = t;
+    return m;
+}
+
 static inline void count_imm(af_engine *e, uint32_t imm) {
     af_ctr *c = ctr_find(e, imm, 1);
     c->avail++;
     e->st.imms++;
-    if (c->want && c->avail >= c->want) {
+    if (!c->want) return;
+    if (c->avail >= c->want) {
         c->want = 0;
         e->armed--;
+        need_raise(e);
         publish_waiting(e);
         push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
+    } else {
+        need_lower(e, c);
     }
 }
 
@@ -365,16 +404,19 @@ static inline void count_imm(af_engine *e, uint32_t imm) {
 int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want) {
     enter_py(e);
     af_ctr *c = ctr_find(e, imm, 1);
-    int r;
-    if (c->want) e->armed--;
+    int r, had = c->want != 0;
+    if (had) e->armed--;
     if (c->avail >= want) {
         c->avail -= want;
         c->want = 0;
         if (!c->avail) ctr_delete(e, c);
+        if (had) need_raise(e);
         r = 1;
     } else {
         c->want = want;
         e->armed++;
+        if (had) need_raise(e);
+        need_lower(e, c);
         r = 0;
     }
     publish_waiting(e);
@@ -386,9 +428,11 @@ void afe_counter_disarm(af_engine *e, uint32_t imm) {
     enter_py(e);
     af_ctr *c = ctr_find(e, imm, 0);
     if (c) {
-        if (c->want) e->armed--;
+        int had = c->want != 0;
+        if (had) e->armed--;
         c->want = 0;
         if (!c->avail) ctr_delete(e, c);
+        if (had) need_raise(e);
         publish_waiting(e);
     }
     leave_py(e);
@@ -410,8 +454,11 @@ void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n) {
     if (c->want && c->avail >= c->want) {
         c->want = 0;
         e->armed--;
+        need_raise(e);
         publish_waiting(e);
         push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
+    } else if (c->want) {
+        need_lower(e, c);
     }
     leave_py(e);
 }
@@ -511,8 +558,15 @@ static int pump_op(af_engine *e, uint32_t opi) {
          * counter and went to sleep after that read polls once more after its
          * own fence and finds the post (the Dekker pair of doorbell.h). */
         atomic_thread_fence(memory_order_seq_cst);
-        int needs = r == AF_AGAIN || op->outstanding != out_before || op->kind == OP_SEND ||
-                    atomic_load_explicit(&b->page->waiting, memory_order_relaxed);
+        int needs = r == AF_AGAIN || op->outstanding != out_before || op->kind == OP_SEND;
+        uint64_t k = op->imm >= 0 ? op->posted - before : 0;
+        if (k && atomic_load_explicit(&b->page->sleeping, memory_order_relaxed)) {
+            /* Immediates for a sleeping target: ring once the writers' sum
+             * reaches what its nearest waiter needs (doorbell.h). */
+            int64_t p = atomic_fetch_add(&b->page->pending, (int64_t)k) + (int64_t)k;
+            needs = needs || (atomic_load_explicit(&b->page->waiting, memory_order_relaxed) &&
+                              (uint64_t)p >= atomic_load_explicit(&b->page->need, memory_order_relaxed));
+        }
         if (needs && bell_ring(e->bell_fd, b)) e->st.wakeups++;
     }
     return r;
@@ -924,8 +978,13 @@ static int block(af_engine *e, uint64_t ns, uint64_t gen_seen) {
     }
     atomic_store(&e->sleeping, 1);
     if (e->bell_page) {
-        /* Say we sleep, then look once more: a peer that posted before seeing
-         * the flag has its work found here; one that posts after rings. */
+        /* Say what a waiter needs and that nothing is pending yet (everything
+         * posted before the poll below is counted by it), then say we sleep,
+         * then look once more: a peer that posted before seeing the flag has
+         * its work found here; one that posts after adds to pending, and the
+         * one that brings it to the need rings. */
+        atomic_store(&e->bell_page->need, need_now(e, now_ns()));
+        atomic_store(&e->bell_page->pending, 0);
         atomic_store(&e->bell_page->sleeping, 1);
         atomic_thread_fence(memory_order_seq_cst);
         if (progress_locked(e) > 0) {
@@ -1387,6 +1446,7 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->bell_fd = -1;
     e->watch_fd = -1;
+    e->need_min = UINT64_MAX;
     if (!e->ctr || !e->ev || e->notify_fd < 0 || e->wake_fd < 0) {
         rc = -FI_ENOMEM;
         if (err) snprintf(err, errlen, "out of memory or file descriptors opening the engine");

@@ -28,6 +28,13 @@ typedef struct af_bell_page {
     uint32_t pid;
     uint32_t pidns; /* low 32 bits of the pid namespace's inode: lets shmname.h reclaim the page */
     uint64_t magic;
+    /* While we sleep: how many immediates writers posted to us since we went to
+     * sleep (they add), and how many arrivals our nearest armed counter still
+     * needs (we publish it as we go to sleep). A writer rings when the sum
+     * reaches the need, not on every write. A page of an older build has both
+     * at 0 there (the page is zero-filled): its writers then ring as before. */
+    _Atomic int64_t pending;
+    _Atomic uint64_t need;
 } af_bell_page;
 
 typedef struct af_bell {
