@@ -384,6 +384,19 @@ static uint64_t need_now(af_engine *e, uint64_t t) {
     return m;
 }
 
+/* A counter armed while the progress thread may be asleep: lower the need it
+ * published, and wake it if the writers' pending count already reaches the
+ * new need (they compared with the old one). Store, fence, load here against
+ * add, then load in pump_op: one side always sees the other. */
+static void need_publish_arm(af_engine *e, const af_ctr *c) {
+    if (!e->bell_page) return;
+    uint64_t n = c->want - c->avail;
+    if (n < atomic_load(&e->bell_page->need)) atomic_store(&e->bell_page->need, n);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load(&e->bell_page->sleeping) && atomic_load(&e->bell_page->pending) >= (int64_t)n)
+        kick(e);
+}
+
 static inline void count_imm(af_engine *e, uint32_t imm) {
     af_ctr *c = ctr_find(e, imm, 1);
     c->avail++;
@@ -417,6 +430,7 @@ int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want) {
         e->armed++;
         if (had) need_raise(e);
         need_lower(e, c);
+        need_publish_arm(e, c);
         r = 0;
     }
     publish_waiting(e);
@@ -565,7 +579,7 @@ static int pump_op(af_engine *e, uint32_t opi) {
              * reaches what its nearest waiter needs (doorbell.h). */
             int64_t p = atomic_fetch_add(&b->page->pending, (int64_t)k) + (int64_t)k;
             needs = needs || (atomic_load_explicit(&b->page->waiting, memory_order_relaxed) &&
-                              (uint64_t)p >= atomic_load_explicit(&b->page->need, memory_order_relaxed));
+                              (uint64_t)p >= atomic_load(&b->page->need));
         }
         if (needs && bell_ring(e->bell_fd, b)) e->st.wakeups++;
     }
