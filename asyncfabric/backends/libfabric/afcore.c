@@ -1125,35 +1125,13 @@ int afe_start(af_engine *e, const af_policy *policy) {
 }
 
 /* Poll from the Python thread until an event is ready or `ns` passes. */
-int afe_spin(af_engine *e, uint64_t ns) {
-    atomic_fetch_add(&e->spinners, 1);
-    uint64_t t0 = now_ns();
-    /* The progress thread sleeps through the spin instead of checking back
-     * every few microseconds: on two cores its wake-ups preempt the spinners. */
-    if (atomic_load_explicit(&e->py_until, memory_order_relaxed) < t0 + ns)
-        atomic_store_explicit(&e->py_until, t0 + ns, memory_order_relaxed);
-    uint32_t polls = 0;
-    int n;
-    for (;;) {
-        enter_py(e);
-        progress_locked(e);
-        n = (int)e->ev_count;
-        leave_py(e);
-        if (n || now_ns() - t0 >= ns) break;
-        if ((++polls & 31) == 0) sched_yield(); /* see progress_main */
-        else cpu_relax();
-    }
-    atomic_fetch_sub(&e->spinners, 1);
-    e->st.spins++;
-    return n;
-}
-
-/* The fast path of a wait: take `want` arrivals of `imm` if they are here,
- * or arrive while this thread polls for up to `ns`. Nothing is armed, so no
- * event is made for it. Gives up early when other events are ready (their
- * waiters should not wait on this spin). Bit 0 of the result: taken; bit 1:
- * events wait for afe_drain. */
-int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns) {
+/* Poll from the Python thread for up to `ns`, until an event is ready or, with
+ * `want` > 0, until `want` arrivals of `imm` can be taken (taken here, arming
+ * nothing, so no event is made for them). The progress thread sleeps through
+ * the spin instead of checking back every few microseconds: on two cores its
+ * wake-ups preempt the spinner. Bit 0 of the result: taken; bit 1: events
+ * wait for afe_drain. */
+static int spin_poll(af_engine *e, uint64_t ns, uint32_t imm, uint64_t want) {
     atomic_fetch_add(&e->spinners, 1);
     uint64_t t0 = now_ns();
     if (atomic_load_explicit(&e->py_until, memory_order_relaxed) < t0 + ns)
@@ -1162,8 +1140,8 @@ int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns
     int got = 0, evs = 0;
     for (;;) {
         enter_py(e);
-        if (polls) progress_locked(e);
-        af_ctr *c = ctr_find(e, imm, 0);
+        if (polls || !want) progress_locked(e); /* a take first looks at what is already here */
+        af_ctr *c = want ? ctr_find(e, imm, 0) : NULL;
         if (c && !c->want && c->avail >= want) {
             c->avail -= want;
             if (!c->avail) ctr_delete(e, c);
@@ -1178,6 +1156,16 @@ int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns
     atomic_fetch_sub(&e->spinners, 1);
     e->st.spins++;
     return got | (evs << 1);
+}
+
+/* Poll until an event is ready or `ns` passes; nonzero when events are ready. */
+int afe_spin(af_engine *e, uint64_t ns) { return spin_poll(e, ns, 0, 0) >> 1; }
+
+/* The fast path of a wait (nobody queued ahead): take `want` arrivals of `imm`
+ * if they are here or come within `ns`; gives up early when other events are
+ * ready, so their waiters do not wait on this spin. */
+int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns) {
+    return spin_poll(e, ns, imm, want);
 }
 
 int afe_kick(af_engine *e) {
