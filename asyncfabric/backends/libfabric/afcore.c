@@ -1091,7 +1091,21 @@ static void *progress_main(void *arg) {
             last = now_ns();
             continue;
         }
-        pthread_mutex_lock(&e->lock);
+        if (pthread_mutex_trylock(&e->lock)) {
+            /* The Python thread is inside a call: most often a post, which
+             * can spin in the provider for a whole copy (shm waits on the
+             * target's lock while the target copies), or the drain after
+             * it. It reaps on its way out, so stand aside as after any
+             * call. Blocking on the mutex would have each unlock hand the
+             * lock to us: two context switches per write, on the core the
+             * target needs for the copy (1 MiB streams, side by side:
+             * 0.78-0.83 of raw blocking, 0.97-1.13 standing aside). */
+            uint64_t hold = e->pol.py_hold_ns > 20000 ? e->pol.py_hold_ns : 20000;
+            uint64_t u = now_ns() + hold;
+            if (atomic_load_explicit(&e->py_until, memory_order_relaxed) < u)
+                atomic_store_explicit(&e->py_until, u, memory_order_relaxed);
+            continue;
+        }
         int n = progress_locked(e);
         uint64_t nap = nap_ns(e);
         uint64_t gen = e->work_gen;
