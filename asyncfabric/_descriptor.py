@@ -45,8 +45,8 @@ class Descriptor:
     keys: tuple[int, ...]
     flags: int = FLAG_REMOTE_WRITE | FLAG_REMOTE_READ
     ext: bytes = b""
-    # per-engine cache of the transport's view of bases/keys (not part of the value)
-    _cache: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
+    # per-engine routes (Engine._route), keyed by engine uid (not part of the value)
+    _cache: dict[bytes, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def remote_write(self) -> bool:

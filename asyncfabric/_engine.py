@@ -45,6 +45,20 @@ class _Peer:
         self.id, self.ndom, self.address = pid, ndom, address
 
 
+class _Route:
+    """What one engine needs to post into a descriptor's region, checked once.
+
+    Cached in the descriptor under the engine's uid, so a stream of writes to the
+    same destination pays for validation, the peer lookup and the transport's
+    view of bases and keys on the first write only. A target in this very engine
+    is checked on every write: its region may be unregistered in between."""
+
+    __slots__ = ("peer", "ndom", "remote", "self_target")
+
+    def __init__(self, peer: _Peer, remote: Any, self_target: bool) -> None:
+        self.peer, self.ndom, self.remote, self.self_target = peer.id, peer.ndom, remote, self_target
+
+
 class Engine:
     """An endpoint on one or more domains (NICs). Open it with ``async with``.
 
@@ -396,11 +410,24 @@ class Engine:
         self._peers[key] = p
         return p
 
-    def _remote(self, desc: Descriptor) -> Any:
-        r = desc._cache.get(id(self))
+    def _route(self, desc: Descriptor) -> _Route:
+        """Check ``desc`` as a destination of this engine; the result is cached in it."""
+        key = self._addr.uid  # unique per engine, unlike id(self) after a close
+        r = desc._cache.get(key)
         if r is None:
-            r = desc._cache[id(self)] = self._t.remote(desc.bases, desc.keys, desc.ext)
+            self._check_target(desc)
+            r = _Route(
+                self._peer(desc.address),
+                self._t.remote(desc.bases, desc.keys, desc.ext),
+                desc.address.uid == key,
+            )
+            desc._cache[key] = r
+        elif r.self_target:
+            self._check_target(desc)
         return r
+
+    def _remote(self, desc: Descriptor) -> Any:
+        return self._route(desc).remote
 
     # ---------------------------------------------------------------- transfers
 
@@ -468,32 +495,35 @@ class Engine:
         self._check_open()
         s = self._local(src)
         d = self._remote_slice(dst)
-        if s.nbytes != d.nbytes:
-            raise ValueError(f"source has {s.nbytes} bytes but destination has {d.nbytes}")
+        n = s.nbytes
+        if n != d.nbytes:
+            raise ValueError(f"source has {n} bytes but destination has {d.nbytes}")
         imm_v = -1 if imm is None else check_imm(imm)
         desc = d.descriptor
-        self._check_target(desc)
+        route = self._route(desc)
         region = s.region
-        if s.nbytes and (region._stage is not None or desc.staged):
+        if n and (region._stage is not None or desc.flags & FLAG_STAGED):
             await _staging.staged_write(self, s, d, imm_v, timeout, stream)
             return
-        if region.device == "cuda" and s.nbytes:
+        if n and region._info.device == "cuda":
             await self._after_producer(region, stream)
-        peer = self._peer(desc.address)
-        await self._submit(
-            region,
-            timeout,
-            self._t.post_write,
-            peer.id,
-            peer.ndom,
-            region.ptr + s.offset,
+        token = next(self._tokens)
+        rc = self._t.post_write(
+            token,
+            route.peer,
+            route.ndom,
+            region._info.ptr + s.offset,
             region._reg.handle,
-            s.nbytes,
+            n,
             desc.chunk_bytes,
-            self._remote(desc),
+            route.remote,
             d.offset,
             imm_v,
         )
+        if rc == 1:  # finished inside the call (injected): no waiter, no event
+            self._after_call()
+            return
+        await self._await_op(token, region, timeout)
 
     async def _after_producer(self, region: Region, stream: Any) -> None:
         """Order the transport's read of a CUDA source after its producer stream."""
@@ -524,19 +554,18 @@ class Engine:
         d = self._remote_slice(dst)
         imm_v = check_imm(imm)
         desc = d.descriptor
-        self._check_target(desc)
-        peer = self._peer(desc.address)
+        route = self._route(desc)
         await self._submit(
             None,
             timeout,
             self._t.post_write,
-            peer.id,
-            peer.ndom,
+            route.peer,
+            route.ndom,
             0,
             -1,
             0,
             desc.chunk_bytes,
-            self._remote(desc),
+            route.remote,
             d.offset,
             imm_v,
         )
@@ -593,7 +622,7 @@ class Engine:
             raise ValueError(f"src_pages has {sp.size} entries but dst_pages has {dp.size}")
         n = int(sp.size)
         imm_v = -1 if imm is None else check_imm(imm)
-        self._check_target(dst)
+        route = self._route(dst)
         if s.region._stage is not None or dst.staged:
             raise RegionError(
                 "write_paged does not take staged GPU regions; register GPU memory on a "
@@ -614,20 +643,19 @@ class Engine:
                 )
         else:
             return 0
-        peer = self._peer(dst.address)
         region = s.region
         await self._submit(
             region,
             timeout,
             self._t.post_paged,
-            peer.id,
-            peer.ndom,
+            route.peer,
+            route.ndom,
             region.ptr,
             region._reg.handle,
             np.ascontiguousarray(src_off, np.uint64),
             np.ascontiguousarray(dst_off, np.uint64),
             page_size,
-            self._remote(dst),
+            route.remote,
             imm_v,
         )
         return n
@@ -688,23 +716,23 @@ class Engine:
     async def _submit(
         self, region: Region | None, timeout: float | None, post: Any, *args: Any
     ) -> None:
-        """Post one transfer (``post(token, *args)``) and wait for its end.
-
-        The waiter is registered before the post: the progress thread may finish
-        the transfer before the call even returns.
-        """
+        """Post one transfer (``post(token, *args)``) and wait for its end."""
         token = next(self._tokens)
-        w = self._loop.new_waiter()
-        self._ops[token] = (w, region)
-        try:
-            rc = post(token, *args)
-        except BaseException:
-            self._ops.pop(token, None)
-            raise
+        rc = post(token, *args)
         if rc == 1:  # finished inside the call (injected)
-            self._ops.pop(token, None)
             self._after_call()
             return
+        await self._await_op(token, region, timeout)
+
+    async def _await_op(self, token: int, region: Region | None, timeout: float | None) -> None:
+        """Wait for the end of posted transfer ``token``.
+
+        The waiter is registered after the post: its completion can only reach
+        Python through a drain on this thread, and none runs in between, even
+        when the progress thread finished the transfer before the post returned.
+        """
+        w = self._loop.new_waiter()
+        self._ops[token] = (w, region)
         if region is not None:
             region._inflight += 1
         self._after_call()
