@@ -56,7 +56,8 @@ class _Route:
     __slots__ = ("peer", "ndom", "remote", "self_target")
 
     def __init__(self, peer: _Peer, remote: Any, self_target: bool) -> None:
-        self.peer, self.ndom, self.remote, self.self_target = peer.id, peer.ndom, remote, self_target
+        self.peer, self.ndom = peer.id, peer.ndom
+        self.remote, self.self_target = remote, self_target
 
 
 class Engine:
