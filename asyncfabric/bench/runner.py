@@ -185,6 +185,28 @@ class Runner:
             for impl in self.core
         ]
 
+    async def _rounds(self, suite: str, pts: list[Point], reps: int) -> list[dict[str, Any]]:
+        """Every point of a suite, one repeat per point per round, each on fresh engines.
+
+        These suites' targets compare points (scale: 64 peers x 10,000 counters
+        against 1 x 1), and this machine's speed drifts by tens of percent over
+        the seconds between the first point and the last; in rounds, the drift
+        hits every point alike. Within a point, impls alternate as in _streams."""
+        times: dict[tuple[Point, str], list[int]] = {(p, i): [] for p in pts for i in self.core}
+        for r in range(reps):
+            for p in pts:
+                await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
+                for impl in self.core if r % 2 == 0 else self.core[::-1]:
+                    times[p, impl] += await self._stream_times(impl, p, 1, 1)
+                await self._close()
+        return [
+            self._row(
+                suite, impl, p, times[p, impl], bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters
+            )  # fmt: skip
+            for p in pts
+            for impl in self.core
+        ]
+
     async def _torch_copy(self, p: Point, reps: int) -> dict[str, Any]:
         dv = self.devices
         times = await self.tx.call("torch_copy_send", size=p.size, iters=p.iters, src=dv.tx,
@@ -312,9 +334,6 @@ class Runner:
                     rows.append(await self._paged(impl, p, reps, maps))
                 await self._close()
         else:  # fanout, scale, domains: one sender engine, p.peers receiver engines
-            for p in pts:
-                await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
-                rows += await self._streams(name, p, reps)
-                await self._close()
+            rows += await self._rounds(name, pts, reps)
         add_ratios(rows)
         return rows
