@@ -158,14 +158,17 @@ class TrioAdapter(LoopAdapter):
 
     def watch(self, fd: int, callback: Callable[[], None]) -> None:
         trio = self._trio
-        self._scope = trio.CancelScope()
+        # The watcher holds its own reference: an engine closed before the task
+        # first runs has unwatched (self._scope is None by then), and a system
+        # task that raised would take the whole trio run down.
+        scope = self._scope = trio.CancelScope()
         self._fd = fd
 
         async def watcher() -> None:
             # A system task must never raise (trio would abort the whole run): an error
             # in dispatch is reported and the watcher keeps serving. Once unwatch() ran,
             # the fd number is dead (and may be reused): touch it no more.
-            with self._scope:
+            with scope:
                 while not self._closing:
                     try:
                         await trio.lowlevel.wait_readable(fd)
