@@ -427,9 +427,6 @@ class Engine:
             self._check_target(desc)
         return r
 
-    def _remote(self, desc: Descriptor) -> Any:
-        return self._route(desc).remote
-
     # ---------------------------------------------------------------- transfers
 
     def _local(self, src: Any) -> RegionSlice:
@@ -508,6 +505,8 @@ class Engine:
             return
         if n and region._info.device == "cuda":
             await self._after_producer(region, stream)
+        # The hot path posts directly rather than through _submit: repacking ten
+        # arguments through *args cost 0.5 us of a 2.8 us write (side by side).
         token = next(self._tokens)
         rc = self._t.post_write(
             token,
@@ -523,8 +522,8 @@ class Engine:
         )
         if rc == 1:  # finished inside the call (injected): no waiter, no event
             self._after_call()
-            return
-        await self._await_op(token, region, timeout)
+        else:
+            await self._await_op(token, region, timeout)
 
     async def _after_producer(self, region: Region, stream: Any) -> None:
         """Order the transport's read of a CUDA source after its producer stream."""
@@ -719,11 +718,10 @@ class Engine:
     ) -> None:
         """Post one transfer (``post(token, *args)``) and wait for its end."""
         token = next(self._tokens)
-        rc = post(token, *args)
-        if rc == 1:  # finished inside the call (injected)
+        if post(token, *args) == 1:  # finished inside the call (injected)
             self._after_call()
-            return
-        await self._await_op(token, region, timeout)
+        else:
+            await self._await_op(token, region, timeout)
 
     async def _await_op(self, token: int, region: Region | None, timeout: float | None) -> None:
         """Wait for the end of posted transfer ``token``.

@@ -291,8 +291,7 @@ async def staged_write(
     src_stage: StagedMemory | None = region._stage
     dst_staged = desc.staged
     t = eng._t
-    peer = eng._peer(desc.address)
-    remote = eng._remote(desc)
+    route = eng._route(desc)  # checked by write(); here a cache hit
     n, c = s.nbytes, desc.chunk_bytes
     step = piece_bytes(c)
     pieces = [(o, min(step, n - o)) for o in range(0, n, step)]
@@ -326,13 +325,13 @@ async def staged_write(
         try:
             rc = t.post_write(
                 token,
-                peer.id,
-                peer.ndom,
+                route.peer,
+                route.ndom,
                 base + s.offset + o,
                 region._reg.handle,
                 ln,
                 c,
-                remote,
+                route.remote,
                 d.offset + o,
                 -1 if dst_staged else imm,
             )
@@ -354,7 +353,7 @@ async def staged_write(
         token = next(eng._tokens)
         eng._ops[token] = (_Callback(finish), None)
         try:
-            rc = t.post_send(token, peer.id, msg)
+            rc = t.post_send(token, route.peer, msg)
         except BaseException as exc:
             eng._ops.pop(token, None)
             finish(exc)

@@ -166,39 +166,28 @@ class Runner:
         )  # fmt: skip
         return times
 
-    async def _streams(self, suite: str, p: Point, reps: int) -> list[dict[str, Any]]:
-        """Every core impl at one point, their repeats interleaved (A B, B A, A B, ...).
+    async def _rounds(
+        self, suite: str, pts: list[Point], reps: int, fresh: bool = True
+    ) -> list[dict[str, Any]]:
+        """Every core impl at every point, one repeat of each per round.
 
-        Load on this shared machine drifts over seconds; interleaving makes it hit
-        asyncfabric and raw alike, so the ratio compares neighbours in time. Each impl
-        warms up once; a point with background counters warms up on every call, since
-        its receiver arms them first and the sender's clock is already running."""
-        times: dict[str, list[int]] = {impl: [] for impl in self.core}
-        for r in range(reps):
-            for impl in self.core if r % 2 == 0 else self.core[::-1]:
-                warm = 1 if r == 0 or p.counters > 1 else 0
-                times[impl] += await self._stream_times(impl, p, 1, warm)
-        return [
-            self._row(
-                suite, impl, p, times[impl], bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters
-            )  # fmt: skip
-            for impl in self.core
-        ]
-
-    async def _rounds(self, suite: str, pts: list[Point], reps: int) -> list[dict[str, Any]]:
-        """Every point of a suite, one repeat per point per round, each on fresh engines.
-
-        These suites' targets compare points (scale: 64 peers x 10,000 counters
-        against 1 x 1), and this machine's speed drifts by tens of percent over
-        the seconds between the first point and the last; in rounds, the drift
-        hits every point alike. Within a point, impls alternate as in _streams."""
+        This machine's speed drifts by tens of percent over seconds. Within a
+        point the impls alternate (A B, B A, ...), so a ratio compares neighbours
+        in time; across points, rounds make the drift hit every point alike
+        (the scale target compares 64 peers x 10,000 counters with 1 x 1).
+        ``fresh``: each point on engines opened for it in every round (else on
+        the open ones, warmed up once; a point with background counters warms
+        up on every call, since its receiver arms them while the clock runs)."""
         times: dict[tuple[Point, str], list[int]] = {(p, i): [] for p in pts for i in self.core}
         for r in range(reps):
             for p in pts:
-                await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
+                if fresh:
+                    await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
                 for impl in self.core if r % 2 == 0 else self.core[::-1]:
-                    times[p, impl] += await self._stream_times(impl, p, 1, 1)
-                await self._close()
+                    warm = 1 if fresh or r == 0 or p.counters > 1 else 0
+                    times[p, impl] += await self._stream_times(impl, p, 1, warm)
+                if fresh:
+                    await self._close()
         return [
             self._row(
                 suite, impl, p, times[p, impl], bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters
@@ -315,7 +304,7 @@ class Runner:
                 if self.devices.cuda and name == "write":
                     rows.append(await self._torch_copy(p, reps))
                 if name == "write":
-                    rows += await self._streams(name, p, reps)
+                    rows += await self._rounds(name, [p], reps, fresh=False)
                 else:
                     for impl in self.core:
                         rows.append(await self._pingpong(impl, p, reps))

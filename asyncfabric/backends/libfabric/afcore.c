@@ -347,6 +347,17 @@ static void ctr_delete(af_engine *e, af_ctr *c) {
     }
 }
 
+/* Take n arrivals of imm if that many are here and nobody is armed on it
+ * (an armed waiter is served first, by count_imm). Returns 1 when taken; the
+ * entry goes once nothing is left in it. */
+static int ctr_take(af_engine *e, uint32_t imm, uint64_t n) {
+    af_ctr *c = ctr_find(e, imm, 0);
+    if (!c || c->want || c->avail < n) return 0;
+    c->avail -= n;
+    if (!c->avail) ctr_delete(e, c);
+    return 1;
+}
+
 /* Publish "somebody waits here" for peers deciding whether to ring us. */
 static inline void publish_waiting(af_engine *e) {
     if (e->bell_page) atomic_store_explicit(&e->bell_page->waiting, e->armed > 0, memory_order_relaxed);
@@ -1155,12 +1166,7 @@ static int spin_poll(af_engine *e, uint64_t ns, uint32_t imm, uint64_t want) {
     for (;;) {
         enter_py(e);
         if (polls || !want) progress_locked(e); /* a take first looks at what is already here */
-        af_ctr *c = want ? ctr_find(e, imm, 0) : NULL;
-        if (c && !c->want && c->avail >= want) {
-            c->avail -= want;
-            if (!c->avail) ctr_delete(e, c);
-            got = 1;
-        }
+        got = want && ctr_take(e, imm, want);
         evs = e->ev_count > 0;
         leave_py(e);
         if (got || evs || now_ns() - t0 >= ns) break;

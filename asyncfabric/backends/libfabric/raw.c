@@ -80,15 +80,6 @@ static int afr_poll(af_engine *e, afr_ctxs *c) {
     return 0;
 }
 
-/* Take n arrivals of imm if they are there. */
-static int afr_take(af_engine *e, uint32_t imm, uint64_t n) {
-    af_ctr *k = ctr_find(e, imm, 0);
-    if (!k || k->avail < n) return 0;
-    k->avail -= n;
-    if (!k->avail && !k->want) ctr_delete(e, k);
-    return 1;
-}
-
 /* Called once per idle turn of a loop. Every 64th turn also yields the core:
  * on a loaded 2-core machine a pure spinner can hold the CPU the peer process
  * needs for a whole time slice, which would make "raw" a baseline of the
@@ -127,7 +118,7 @@ static int afr_wait_locked(af_engine *e, afr_ctxs *c, const uint32_t *imms, cons
     while (done < n) {
         int rc = afr_poll(e, c);
         if (rc) return rc;
-        while (done < n && (counts[done] == 0 || afr_take(e, imms[done], counts[done]))) done++;
+        while (done < n && (counts[done] == 0 || ctr_take(e, imms[done], counts[done]))) done++;
         if (done < n && afr_expired(t0, timeout_ns, &spins)) return -FI_ETIMEDOUT;
     }
     return 0;
