@@ -162,7 +162,7 @@ class Runner:
                          window=self._window(impl, p.size, p.domains), imm=imm, ack=ack,
                          reps=reps, warmup=warmup),
             self.rx.call(f"{pre}_stream_recv", per_engine=per_engine, imm=imm, ack=ack, reps=reps,
-                         warmup=warmup, counters=p.counters),
+                         warmup=warmup),
         )  # fmt: skip
         return times
 
@@ -175,16 +175,17 @@ class Runner:
         point the impls alternate (A B, B A, ...), so a ratio compares neighbours
         in time; across points, rounds make the drift hit every point alike
         (the scale target compares 64 peers x 10,000 counters with 1 x 1).
-        ``fresh``: each point on engines opened for it in every round (else on
-        the open ones, warmed up once; a point with background counters warms
-        up on every call, since its receiver arms them while the clock runs)."""
+        ``fresh``: each point on engines opened (and its background counters
+        armed) for it in every round, else on the open ones, warmed up once."""
         times: dict[tuple[Point, str], list[int]] = {(p, i): [] for p in pts for i in self.core}
         for r in range(reps):
             for p in pts:
                 if fresh:
                     await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
+                if p.counters > 1 and (fresh or r == 0):
+                    await self.rx.call("arm_background", counters=p.counters)
                 for impl in self.core if r % 2 == 0 else self.core[::-1]:
-                    warm = 1 if fresh or r == 0 or p.counters > 1 else 0
+                    warm = 1 if fresh or r == 0 else 0
                     times[p, impl] += await self._stream_times(impl, p, 1, warm)
                 if fresh:
                     await self._close()
