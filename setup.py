@@ -1,5 +1,36 @@
-"""Build glue: setuptools needs setup.py to run cffi's build of the native core."""
+"""Build glue: setuptools needs setup.py to run cffi's builds, the native core's and
+the benchmarks' raw baseline's, and to ship their C sources and headers.
+
+Each build file names its files once, in its ``FILES`` list (a literal): the
+build's sources and dependencies come from it, and so does the package data
+here, read from the file rather than by running it.
+"""
+
+import ast
+from pathlib import Path
 
 from setuptools import setup
 
-setup(cffi_modules=["asyncfabric/backends/libfabric/_build.py:ffibuilder"])
+ROOT = Path(__file__).resolve().parent
+CORE = "asyncfabric/backends/libfabric/_build.py"
+RAW = "asyncfabric/bench/_raw_build.py"
+
+
+def _files(build: str) -> list[str]:
+    tree = ast.parse((ROOT / build).read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == "FILES" for t in node.targets
+        ):
+            return list(ast.literal_eval(node.value))
+    raise SystemExit(f"{build} has no FILES list")
+
+
+setup(
+    cffi_modules=[f"{CORE}:ffibuilder", f"{RAW}:ffibuilder"],
+    package_data={
+        "asyncfabric": ["py.typed"],
+        "asyncfabric.backends.libfabric": _files(CORE),
+        "asyncfabric.bench": _files(RAW),
+    },
+)

@@ -6,10 +6,6 @@ arriving immediates that resolve awaitables when they reach a count.
 
 from __future__ import annotations
 
-from ._address import EngineAddress
-from ._counter import ImmCounter
-from ._descriptor import Descriptor, RemoteSlice
-from ._engine import Engine
 from ._errors import (
     AsyncFabricError,
     BackendUnavailable,
@@ -21,10 +17,19 @@ from ._errors import (
     RemoteAccessError,
     TransferError,
 )
-from ._imm import expected_imms
-from ._policy import ProgressPolicy
-from ._region import Region, RegionSlice
-from ._sync import run
+from .engine import (
+    Descriptor,
+    Engine,
+    EngineAddress,
+    ImmCounter,
+    Peer,
+    ProgressPolicy,
+    Region,
+    RegionSlice,
+    RemoteSlice,
+    run,
+)
+from .transport import Registration, expected_imms
 
 __version__ = "0.1.0"
 
@@ -38,11 +43,13 @@ __all__ = [
     "EngineClosed",
     "ImmCounter",
     "ImmTimeout",
+    "Peer",
     "PeerUnreachable",
     "ProgressPolicy",
     "Region",
     "RegionError",
     "RegionSlice",
+    "Registration",
     "RemoteAccessError",
     "RemoteSlice",
     "TransferError",

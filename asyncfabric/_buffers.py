@@ -1,4 +1,5 @@
-"""Turning user buffers (bytes-like, numpy, torch) into (address, length) pairs."""
+"""Turning user buffers (bytes-like, numpy, torch host or GPU tensors) into pointer, size and
+memory kind: shared by the engine and the transports, so neither needs the other."""
 
 from __future__ import annotations
 

@@ -88,7 +88,7 @@ async def _engine_run(
             pc.send(bytes(small.descriptor()))
             src = torch.randint(0, 256, (top,), dtype=torch.uint8, device=src_dev)
             region = eng.register(src)
-            out["cuda_path"] = eng.cuda_path
+            out["cuda_path"] = eng.transport.cuda_path
             ack = eng.counter(99)
             for n in sizes:
                 per = desc.expected_imms(n)

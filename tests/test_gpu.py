@@ -63,7 +63,9 @@ async def test_write_sizes_verified(provider, src_kind, dst_kind):
         host = src.cpu().numpy()
         with eng.register(src) as region:
             if provider == "shm" and src_kind == "cuda":
-                assert eng.cuda_path in ("staged", "direct")
+                assert eng.transport.cuda_path in ("staged", "direct")
+            if provider == "cuda_ipc":
+                assert eng.transport.cuda_path == "ipc"
             for i, n in enumerate(SIZES):
                 off = random.randrange(0, top - n + 1)
                 roff = random.randrange(0, top - n + 1)
@@ -125,5 +127,5 @@ async def test_cuda_direct_refused_when_not_offered():
         except af.RegionError as exc:
             assert "CUDA" in str(exc)
         else:  # this libfabric registers CUDA memory directly: that is fine too
-            assert eng.cuda_path == "direct"
+            assert eng.transport.cuda_path == "direct"
             r.close()

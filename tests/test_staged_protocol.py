@@ -1,20 +1,26 @@
 """The staged GPU path's protocol (pieces, landing notices, counting) on host memory.
 
-CPU CI has no GPU, so these register CPU torch tensors with the private
-``_force_staged`` switch: the copies between tensor and mirror are then plain
-host copies, but everything else (mirror registration, pieces, writes without
-immediates, landing notices, crediting counters only after the copy) is the
-real code path over a real provider. tests/test_gpu.py runs the same on GPUs.
+CPU CI has no GPU, so these stage CPU torch tensors with the staged wrapper's
+test switch (``eng.transport.stage_host_tensors = True``, or
+``asyncfabric.testing.peer.register_staged``): the copies between tensor and
+mirror are then plain host copies, but everything else (mirror registration,
+pieces, writes without immediates, landing notices, crediting counters only
+after the copy) is the real code path over a real provider. tests/test_gpu.py
+runs the same on GPUs; tests/unit/test_staged_wrapper.py on the loopback.
 """
 
 from __future__ import annotations
 
 import random
+import time
 
+import anyio
+import numpy as np
 import pytest
 
 import asyncfabric as af
-from asyncfabric.testing.peer import PeerProcess, sha256
+from asyncfabric.backends.staged import CopyFailed
+from asyncfabric.testing.peer import PeerProcess, register_staged, sha256
 
 torch = pytest.importorskip("torch")
 
@@ -31,7 +37,7 @@ async def test_staged_write_sizes(provider, kw, src_staged, dst_staged):
         rid, desc_b = await peer.alloc_tensor(top, None, "cpu", dst_staged)
         desc = af.Descriptor.from_bytes(desc_b)
         assert desc.staged == dst_staged
-        with eng.register(src, _force_staged=src_staged) as region:
+        with register_staged(eng, src) if src_staged else eng.register(src) as region:
             assert region.staged == src_staged
             for i, n in enumerate(SIZES):
                 off = random.randrange(0, top - n + 1)
@@ -49,7 +55,8 @@ async def test_staged_no_imm_then_imm_only(provider, kw):
         src = torch.randint(0, 256, (n,), dtype=torch.uint8)
         rid, desc_b = await peer.alloc_tensor(n, None, "cpu", True)
         desc = af.Descriptor.from_bytes(desc_b)
-        with eng.register(src, _force_staged=True) as region:
+        eng.transport.stage_host_tensors = True
+        with eng.register(src) as region:
             await eng.write(region, desc)
             await eng.write_imm(desc, 9)
             await peer.wait(9, 1)
@@ -60,6 +67,60 @@ async def test_staged_no_imm_then_imm_only(provider, kw):
 async def test_staged_paged_refused(provider, kw):
     async with af.Engine(provider, **kw) as eng:
         t = torch.zeros(8192, dtype=torch.uint8)
-        with eng.register(t, _force_staged=True) as region:
+        with register_staged(eng, t) as region:
             with pytest.raises(af.RegionError, match="write_paged"):
                 await eng.write_paged(region, region.descriptor(), [0], [1], page_size=4096)
+
+
+async def test_staged_failed_device_to_host_copy_fails_the_write(provider, kw):
+    """A failed sender-side copy fails that write, naming the copy; the engine stays usable."""
+    async with af.Engine(provider, **kw) as eng:
+        n = (9 << 20) + 1  # three pieces: the failure comes while others are in flight
+        src = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        dst = torch.zeros(n, dtype=torch.uint8)
+        with register_staged(eng, src) as rs, register_staged(eng, dst) as rd:
+            desc = rd.descriptor()
+            eng.transport.staged_memory(rs.registration).fault = "d2h"
+            with pytest.raises(CopyFailed, match="device-to-host"):
+                await eng.write(rs, desc, imm=3, timeout=30)
+            await eng.write(rs, desc, imm=4, timeout=30)
+            await eng.counter(4).wait(desc.expected_imms(n), timeout=30)
+            assert eng.counter(3).count == 0
+            assert torch.equal(src, dst)
+
+
+async def test_staged_failed_host_to_device_copy_fails_the_wait(provider, kw):
+    """A failed receiver-side copy (its immediates can never count) fails a pending
+    counter wait at once, through the transport's Fatal event, naming the copy."""
+    async with af.Engine(provider, **kw) as eng:
+        n = 1 << 20
+        src = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8)
+        dst = torch.zeros(n, dtype=torch.uint8)
+        with eng.register(src) as rs, register_staged(eng, dst) as rd:
+            desc = rd.descriptor()
+            eng.transport.staged_memory(rd.registration).fault = "h2d"
+            got: dict[str, BaseException | None] = {}
+
+            async def wait() -> None:
+                try:
+                    await eng.counter(8).wait(desc.expected_imms(n), timeout=30)
+                    got["wait"] = None
+                except Exception as exc:
+                    got["wait"] = exc
+
+            async def write() -> None:
+                try:
+                    await eng.write(rs, desc, imm=8, timeout=30)
+                    got["write"] = None
+                except Exception as exc:  # the Fatal may also fail the write, if still pending
+                    got["write"] = exc
+
+            t0 = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                await anyio.sleep(0.01)
+                tg.start_soon(write)
+            assert time.monotonic() - t0 < 10
+            assert isinstance(got["wait"], CopyFailed), got
+            assert "host-to-device" in str(got["wait"])
+            assert got["write"] is None or isinstance(got["write"], CopyFailed)

@@ -3,9 +3,10 @@
 Each role gets the worker's :class:`State` and plain keyword arguments, and
 returns plain data (per-repeat durations in ns, or round-trip times). The
 ``af_*`` roles use asyncfabric's public ``await`` API with O(1) Python work per
-operation; the ``raw_*`` roles do the same work through the C loops of raw.c
-on the same engines and registrations; the peer roles live in
-:mod:`asyncfabric.bench.peers`.
+operation; the ``raw_*`` roles do the same work through the C loops of
+:mod:`asyncfabric.bench._raw` (_rawloop.c), driving the same engines and
+registrations through the libfabric backend's native hook; the peer roles live
+in :mod:`asyncfabric.bench.peers`.
 
 Every repeat ends with the receiver acknowledging (a zero-byte write with the
 ``ack`` immediate) once it has counted everything, and the sender's clock stops
@@ -102,7 +103,7 @@ async def connect(st: State, descs: list[bytes]) -> dict[str, Any]:
         "backend": t.backend,
         "tx_credits": info[0]["tx_credits"],
         "inject_size": t.inject_size,
-        "cuda_path": str(getattr(st.engines[0], "cuda_path", "") or ""),
+        "cuda_path": str(getattr(t, "cuda_path", "") or ""),
     }
 
 
@@ -185,14 +186,15 @@ async def arm_background(st: State, counters: int) -> None:
             t.counter_arm(BACKGROUND_IMM + i, 1 << 62)
 
 
-def _raw() -> Any:
-    from ..backends.libfabric import ffi, lib
+def _raw(eng: Engine) -> tuple[Any, Any, Any]:
+    """The raw module's (ffi, lib) and ``eng``'s native hook (keep it while the loop runs)."""
+    from ..backends.libfabric.hook import native_hook
+    from ._raw import ffi, lib
 
-    return ffi, lib
+    return ffi, lib, native_hook(eng.transport)
 
 
-def _raw_targets(eng: Engine, descs: list[Descriptor], ndom: int) -> tuple[Any, Any, Any]:
-    ffi, _ = _raw()
+def _raw_targets(ffi: Any, eng: Engine, descs: list[Descriptor], ndom: int) -> tuple[Any, Any, Any]:
     ids, bases, keys = [], [], []
     for d in descs:
         ids.append(eng.connect(d).id)
@@ -225,12 +227,12 @@ async def raw_stream_send(
     pages: list[list[int]] | None = None,
     dst_stride: int = 0,
 ) -> list[int]:
-    """The same stream as af_stream_send (or one paged write) in raw.c's loop."""
-    ffi, lib = _raw()
+    """The same stream as af_stream_send (or one paged write) in _rawloop.c's loop."""
     eng, src = st.engines[0], st.regions[0]
+    ffi, lib, hk = _raw(eng)
     descs = st.remote[:targets]
     ndom = min(eng.domains, len(descs[0].bases))
-    ids, bases, keys = _raw_targets(eng, descs, ndom)
+    ids, bases, keys = _raw_targets(ffi, eng, descs, ndom)
     if pages is not None:
         sp = np.asarray(pages[0], np.uint64) * np.uint64(size)
         dp = np.asarray(pages[1], np.uint64) * np.uint64(dst_stride or size)
@@ -245,20 +247,20 @@ async def raw_stream_send(
         dp = sp.copy()
         lens = np.tile(ln, iters)
         peer = np.repeat(np.arange(iters, dtype=np.uint32) % np.uint32(len(descs)), nch)
-    h = eng.transport._e
     cast = ffi.from_buffer
     ptr = ffi.cast("void *", src.ptr)
+    mr = src.registration.handle
     el = ffi.new("uint64_t *")
     out = []
     for r in _reps(warmup, reps):
         rc = lib.afr_stream(
-            h, ids, len(descs), ndom, ptr, src._reg.handle,
+            hk.engine, hk.hook, ids, len(descs), ndom, ptr, mr,
             cast("uint64_t[]", sp), cast("uint64_t[]", dp), cast("uint64_t[]", lens),
             cast("uint32_t[]", peer), ffi.NULL, len(sp), imm, bases, keys, 1, window,
             ack, len(descs), int(TIMEOUT_S * 1e9), el,
         )  # fmt: skip
         _check(rc, "stream")
-        eng._after_call()
+        eng.poll()
         if r >= warmup:
             out.append(int(el[0]))
     return out
@@ -267,22 +269,22 @@ async def raw_stream_send(
 async def raw_stream_recv(
     st: State, per_engine: int, imm: int, ack: int, reps: int, warmup: int = 1
 ) -> None:
-    ffi, lib = _raw()
     ackd = st.remote[0]
+    raws = [_raw(e) for e in st.engines]
+    ffi = raws[0][0]
     imms = ffi.new("uint32_t[]", [imm])
     cnt = ffi.new("uint64_t[]", [per_engine])
     el = ffi.new("uint64_t *")
     peers = [e.connect(ackd).id for e in st.engines]
+    tmo = int(TIMEOUT_S * 1e9)
     for _ in _reps(warmup, reps):
-        for eng, pid in zip(st.engines, peers):
-            _check(lib.afr_wait(eng.transport._e, imms, cnt, 1, int(TIMEOUT_S * 1e9), el), "wait")
+        for eng, (_, lib, hk), pid in zip(st.engines, raws, peers):
+            _check(lib.afr_wait(hk.engine, hk.hook, imms, cnt, 1, tmo, el), "wait")
             _check(
-                lib.afr_send_imm(
-                    eng.transport._e, pid, ackd.bases[0], ackd.keys[0], ack, int(TIMEOUT_S * 1e9)
-                ),
+                lib.afr_send_imm(hk.engine, hk.hook, pid, ackd.bases[0], ackd.keys[0], ack, tmo),
                 "ack",
             )
-            eng._after_call()
+            eng.poll()
 
 
 async def torch_copy_send(
@@ -370,16 +372,17 @@ async def raw_pingpong(
     st: State, initiator: bool, size: int, iters: int, ping: int, pong: int, reps: int = 1,
     warmup: int = 1,
 ) -> list[int]:  # fmt: skip
-    ffi, lib = _raw()
     eng, src = st.engines[0], st.regions[0]
+    ffi, lib, hk = _raw(eng)
     d = st.remote[0]
     mine, theirs = (ping, pong) if initiator else (pong, ping)
     n = iters * (reps + warmup)
     rtt = ffi.new("uint64_t[]", n)
     rc = lib.afr_pingpong(
-        eng.transport._e, int(initiator), eng.connect(d).id, ffi.cast("void *", src.ptr),
-        src._reg.handle, size, d.bases[0], d.keys[0], mine, theirs, n, rtt, int(TIMEOUT_S * 1e9),
+        hk.engine, hk.hook, int(initiator), eng.connect(d).id, ffi.cast("void *", src.ptr),
+        src.registration.handle, size, d.bases[0], d.keys[0], mine, theirs, n, rtt,
+        int(TIMEOUT_S * 1e9),
     )  # fmt: skip
     _check(rc, "pingpong")
-    eng._after_call()
+    eng.poll()
     return list(rtt)[iters * warmup :] if initiator else []

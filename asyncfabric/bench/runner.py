@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._imm import expected_imms
+from ..transport.counting import expected_imms
 from . import peers as peerlib
 from .devices import GPU_SUITES, parse_device, resolve, unavailable
 from .schema import add_ratios, make_row

@@ -55,9 +55,10 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         bufs[id(r)] = buf
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
                     elif cmd == "alloc_t":
-                        # a torch tensor on `device`; staged=True forces the staged path
+                        # a torch tensor on `device`; staged=True stages even a host tensor
                         nbytes, seed, device, staged = args
-                        r = eng.register(_tensor(nbytes, seed, device), _force_staged=staged)
+                        t = _tensor(nbytes, seed, device)
+                        r = register_staged(eng, t) if staged else eng.register(t)
                         regions[id(r)] = r
                         bufs[id(r)] = r.buffer
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
@@ -132,6 +133,26 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                     conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
     asyncio.run(serve())
+
+
+def register_staged(eng: Any, tensor: Any, **kwargs: Any) -> Any:
+    """Register a torch tensor on the staged GPU path, even a CPU one (for CPU CI).
+
+    Sets the staged wrapper's ``stage_host_tensors`` switch around the call: a host
+    tensor then gets a host mirror and travels by the real staged protocol (pieces,
+    landing notices, credits after the copy), the copies being host copies.
+    """
+    t = eng.transport
+    if not hasattr(t, "stage_host_tensors"):
+        raise RuntimeError(
+            f"{t.backend}:{t.provider} has no staged path (it moves GPU memory itself)"
+        )
+    before = t.stage_host_tensors
+    t.stage_host_tensors = True
+    try:
+        return eng.register(tensor, **kwargs)
+    finally:
+        t.stage_host_tensors = before
 
 
 def _tensor(nbytes: int, seed: int | None, device: str) -> Any:

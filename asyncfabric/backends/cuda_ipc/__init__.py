@@ -1,45 +1,69 @@
 """cuda_ipc: GPU peers on one host, over NVLink (or PCIe) peer copies.
 
-A GPU region's descriptor carries a CUDA IPC handle of its allocation; a writer
-opens it once (cached per descriptor) and writes with copy-engine copies
-(cuMemcpyAsync) on a dedicated stream per device. The immediates are delivered
-only after the copy's event completed, as zero-byte writes through libfabric's
-shm provider into the peer's doorbell, so the receiver counts them with the
-same native ImmCounter machinery as over RDMA: the counting rule, the waits and
-the failure handling are identical. Control messages and host regions go
-through the same shm transport, so an engine of this backend talks to every
-peer on the host, GPU or not.
+A forwarding transport (:class:`~asyncfabric.transport.ForwardingTransport`)
+over a libfabric shm transport. A GPU region's descriptor carries a CUDA IPC
+handle of its allocation; a writer opens it once (cached per descriptor) and
+writes with copy-engine copies (cuMemcpyAsync) on a dedicated stream per device,
+ordered after the caller's producer stream. The immediates are delivered only
+after the copy completed, as zero-byte-chunk writes through shm into the peer's
+doorbell, so the receiver counts them with the same native counters as over
+RDMA: the counting rule (:func:`~asyncfabric.transport.expected_imms`), the
+waits and the failure handling are identical. Control messages and host
+regions go through the same shm transport, so an engine of this backend talks
+to every peer on the host, GPU or not; peer watch and release are the shm
+transport's own, forwarded by the base.
 
 No thread waits for a large copy: after it, a notify stream waits on an event
 and runs a native CUDA host function that rings the engine's notify fd
-(_staging.CopyWaiter, cudanote.c); the immediates are posted from the next
-drain on the event-loop thread. The copy stream itself never stalls on the
-host, so back-to-back writes keep the copy engines busy. Copies of at most
-INLINE_SYNC_BYTES are waited on inline, which saves the wake-up for small
-latency-bound writes.
+(:class:`~asyncfabric.backends.staged.CopyWaiter`, cudanote.c); the immediates
+are posted from the next drain on the event-loop thread. The copy stream itself
+never stalls on the host, so back-to-back writes keep the copy engines busy.
+Copies of at most INLINE_SYNC_BYTES are waited on inline, which saves the
+wake-up for small latency-bound writes.
+
+The doorbell posts are this transport's own (tokens at and above ``2**62``):
+:func:`drop_internal` keeps their completions, held or final, from the engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import struct
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
-from ..._errors import BackendUnavailable, PeerUnreachable, TransferError
-from ..._staging import CopyWaiter
-from ...abc import Backend, EventSink, PolicyNs, RegHandle, Transport
+from ..._errors import BackendUnavailable, DescriptorError, PeerUnreachable, RegionError
+from ...transport import (
+    EVENTS_READY,
+    NO_IMM,
+    Backend,
+    EventQueue,
+    ForwardingTransport,
+    OpDone,
+    PagedWrite,
+    Registration,
+    Remote,
+    Target,
+    Transport,
+    expected_imms,
+)
+from ...transport.events import Event
+from ...transport.status import IO_ERROR
+from ..staged.copies import CopyWaiter, producer_stream
 
 MAGIC = b"AFNV1"
 INLINE_SYNC_BYTES = 1 << 20
 DOOR_BYTES = 1 << 16  # immediates posted per native call, at most
-_INTERNAL = 1 << 62  # tokens of the imm posts this transport makes itself
+INTERNAL_TOKENS = 1 << 62  # tokens of the imm posts this transport makes itself
 _ADDR = struct.Struct("<16sQQ")  # boot id, doorbell base, doorbell key; then the shm address
 _GPU_EXT = struct.Struct("<iiQQ")  # device, owner pid, offset in allocation, nbytes; then handle
+_HANDLE_BYTES = 64
+_HOST, _GPU = b"H", b"C"  # first byte of a registration's ext
 
 
 def _boot_id() -> bytes:
@@ -55,11 +79,32 @@ def cuda_available() -> bool:
         import torch
     except ImportError:
         return False
-    return bool(torch.cuda.is_available())
+    try:
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def drop_internal(events: list[Event]) -> tuple[list[Event], int]:
+    """``events`` without the completions of our own doorbell posts (held or final),
+    and how many of those finally failed. Every other event passes unchanged
+    (an engine transfer's ``OpDone(token, status, held=True)`` included)."""
+    keep: list[Event] | None = None
+    failed = 0
+    for i, ev in enumerate(events):
+        if ev.__class__ is OpDone and ev.token >= INTERNAL_TOKENS:  # type: ignore[union-attr]
+            if ev.status and not ev.held:  # type: ignore[union-attr]
+                failed += 1
+            if keep is None:
+                keep = events[:i]
+        elif keep is not None:
+            keep.append(ev)
+    return (events if keep is None else keep), failed
 
 
 class CudaIpcBackend(Backend):
     name = "cuda_ipc"
+    needs = "torch with a CUDA device, and libfabric's shm"
 
     def providers(self) -> list[str]:
         from ..libfabric import LibfabricBackend
@@ -68,8 +113,13 @@ class CudaIpcBackend(Backend):
             return []
         return ["nvlink"]
 
+    def auto(self, *, local_only: bool, nvlink: bool) -> list[tuple[int, str]]:
+        if local_only and nvlink and self.providers():
+            return [(0, "nvlink")]
+        return []
+
     def open(
-        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, hmem: bool
+        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, cuda: str
     ) -> Transport:
         if provider not in ("", "nvlink"):
             raise BackendUnavailable(f"cuda_ipc has one provider, 'nvlink', not {provider!r}")
@@ -78,74 +128,74 @@ class CudaIpcBackend(Backend):
                 "cuda_ipc needs torch with a CUDA device; none is visible here "
                 "(use a libfabric provider, which stages GPU memory through host memory)"
             )
-        return CudaIpcTransport(ctrl_max=ctrl_max)
+        from ..libfabric import LibfabricTransport
+
+        inner = LibfabricTransport("shm", domains=1, node=None, ctrl_max=ctrl_max, hmem=False)
+        try:
+            return CudaIpcTransport(inner)
+        except BaseException:
+            inner.close()
+            raise
 
 
-class _GpuRemote:
+class _GpuRemote(Remote):
+    """A peer's GPU region, mapped into this process (or our own)."""
+
     __slots__ = ("ptr", "nbytes")
 
-    def __init__(self, ptr: int, nbytes: int) -> None:
+    def __init__(self, peer: int, ndom: int, target: Target, ptr: int, nbytes: int) -> None:
+        super().__init__(peer, ndom, target)
         self.ptr, self.nbytes = ptr, nbytes
 
 
-class _HostRemote:
-    __slots__ = ("inner",)
+class CudaIpcTransport(ForwardingTransport):
+    """CUDA IPC copies for GPU regions; the inner shm transport for everything else."""
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
+    cuda_native: ClassVar[bool] = True
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
+    cuda_path = "ipc"
 
-
-class CudaIpcTransport(Transport):
-    backend = "cuda_ipc"
-    provider = "nvlink"
-    cuda_native = True
-
-    def __init__(self, *, ctrl_max: int) -> None:
-        import torch
-
-        from ..libfabric import LibfabricTransport
-
-        self._torch = torch
-        self._inner = LibfabricTransport("shm", domains=1, node=None, ctrl_max=ctrl_max, hmem=False)
+    def __init__(self, inner: Transport) -> None:
+        super().__init__(inner)
+        self.backend = "cuda_ipc"
+        self.provider = "nvlink"
         self.ndomains = 1
         self.max_msg_size = 1 << 40
         self.inject_size = 0
-        self.ctrl_max = ctrl_max
+        self.hmem = False
         self._boot = _boot_id()
         self._door_buf = np.zeros(DOOR_BYTES, np.uint8)
-        door = self._inner.register(
+        door = inner.register(
             int(self._door_buf.ctypes.data),
             DOOR_BYTES,
             remote_write=True,
             remote_read=False,
             device="cpu",
             device_index=-1,
+            owner=self._door_buf,
         )
-        self._door_handle = door.handle
         # Many immediates in one native call: a write of `count` bytes in 1-byte chunks
         # from this zeroed buffer into the peer's doorbell carries `count` immediates.
         self._zeros = np.zeros(DOOR_BYTES, np.uint8)
-        self._zeros_reg = self._inner.register(
+        self._zeros_reg = inner.register(
             int(self._zeros.ctypes.data),
             DOOR_BYTES,
             remote_write=False,
             remote_read=False,
             device="cpu",
             device_index=-1,
+            owner=self._zeros,
         )
         self._addresses = [
-            MAGIC + _ADDR.pack(self._boot, door.bases[0], door.keys[0]) + self._inner.addresses[0]
+            MAGIC + _ADDR.pack(self._boot, door.bases[0], door.keys[0]) + inner.addresses[0]
         ]
-        self._doors: dict[int, Any] = {}
-        self._regs: dict[
-            int, tuple[str, int, int]
-        ] = {}  # handle -> (kind, inner handle|device, ptr)
-        self._reg_ids = itertools.count(0)
+        self._doors: dict[int, Remote] = {}
+        self._gpu_ids = itertools.count(1)
         self._opened: dict[bytes, int] = {}  # IPC handle -> mapped base
         self._streams: dict[int, Any] = {}
-        self._waiter = CopyWaiter(self._inner.notify_fd)
-        self._done: list[tuple[int, int]] = []
-        self._itokens = itertools.count(_INTERNAL)
+        self._waiter = CopyWaiter(inner.notify_fd)
+        self._q = EventQueue()
+        self._itokens = itertools.count(INTERNAL_TOKENS)
         self._imm_errors = 0
         self._copies = 0
         self._closed = False
@@ -156,26 +206,23 @@ class CudaIpcTransport(Transport):
     def addresses(self) -> list[bytes]:
         return list(self._addresses)
 
-    @property
-    def notify_fd(self) -> int:
-        return self._inner.notify_fd
-
-    def start(self, policy: PolicyNs) -> None:
-        self._inner.start(policy)
-
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._waiter.close()
         for s in self._streams.values():
-            s.synchronize()
-        from . import _driver
+            try:
+                s.synchronize()
+            except Exception:
+                pass
+        if self._opened:
+            from . import _driver
 
-        for base in self._opened.values():
-            _driver.ipc_close(base)
-        self._opened.clear()
-        self._inner.close()
+            for base in self._opened.values():
+                _driver.ipc_close(base)
+            self._opened.clear()
+        self.inner.close()
 
     def add_peer(self, addresses: Sequence[bytes]) -> int:
         a = addresses[0]
@@ -187,19 +234,19 @@ class CudaIpcTransport(Transport):
                 "the peer runs on another host (its boot id differs): cuda_ipc reaches GPUs of "
                 "this host only; use an RDMA provider (efa, verbs) between hosts"
             )
-        pid = self._inner.add_peer([a[len(MAGIC) + _ADDR.size :]])
-        self._doors[pid] = self._inner.remote([dbase], [dkey])
+        pid = self.inner.add_peer([a[len(MAGIC) + _ADDR.size :]])
+        self._doors[pid] = self.inner.remote(
+            pid, 1, Target((dbase,), (dkey,), DOOR_BYTES, chunk_bytes=1)
+        )
         return pid
 
     def _stream(self, device: int) -> Any:
         s = self._streams.get(device)
         if s is None:
-            s = self._streams[device] = self._torch.cuda.Stream(device=device)
-        return s
+            import torch
 
-    def cuda_order_after(self, producer: Any) -> None:
-        """Copies issued from now on start after the work queued on ``producer``."""
-        self._stream(producer.device.index).wait_stream(producer)
+            s = self._streams[device] = torch.cuda.Stream(device=device)
+        return s
 
     # ------------------------------------------------------------ memory
 
@@ -210,208 +257,169 @@ class CudaIpcTransport(Transport):
         *,
         remote_write: bool,
         remote_read: bool,
-        device: str,
-        device_index: int,
-    ) -> RegHandle:
-        h = next(self._reg_ids)
+        device: str = "cpu",
+        device_index: int = -1,
+        owner: Any = None,
+    ) -> Registration:
         if device != "cuda":
-            r = self._inner.register(
+            r = self.inner.register(
                 ptr,
                 nbytes,
                 remote_write=remote_write,
                 remote_read=remote_read,
                 device=device,
                 device_index=device_index,
+                owner=owner,
             )
-            self._regs[h] = ("host", r.handle, ptr)
-            return RegHandle(h, r.keys, r.bases, b"H")
+            return dataclasses.replace(r, ext=_HOST + r.ext)
         from . import _driver
 
         dev = max(device_index, 0)
         _driver.use_device(dev)
         base, size = _driver.allocation_of(ptr)
         if ptr + nbytes > base + size:
-            raise TransferError("the CUDA buffer runs past its allocation")
+            raise RegionError("the CUDA buffer runs past its allocation")
         handle = _driver.ipc_handle(base)
-        ext = b"C" + _GPU_EXT.pack(dev, os.getpid(), ptr - base, nbytes) + handle
-        self._regs[h] = ("cuda", dev, ptr)
-        return RegHandle(h, (h,), (ptr,), ext)
+        ext = _GPU + _GPU_EXT.pack(dev, os.getpid(), ptr - base, nbytes) + handle
+        h = next(self._gpu_ids)
+        return Registration(h, (h,), (ptr,), ptr, nbytes, "cuda", dev, ext)
 
-    def deregister(self, handle: int) -> None:
-        kind, inner, _ = self._regs.pop(handle, ("", -1, 0))
-        if kind == "host":
-            self._inner.deregister(inner)
+    def deregister(self, reg: Registration) -> None:
+        if reg.device != "cuda":
+            self.inner.deregister(reg)
 
-    def remote(self, bases: Sequence[int], keys: Sequence[int], ext: bytes = b"") -> Any:
-        if ext[:1] != b"C":
-            return _HostRemote(self._inner.remote(bases, keys))
-        from . import _driver
-
+    def remote(self, peer: int, ndom: int, target: Target) -> Remote:
+        ext = target.ext
+        tag = ext[:1]
+        if tag == _HOST:
+            return self.inner.remote(peer, 1, dataclasses.replace(target, ext=ext[1:]))
+        if tag != _GPU or len(ext) != 1 + _GPU_EXT.size + _HANDLE_BYTES or not target.bases:
+            raise DescriptorError(
+                "the descriptor is not a cuda_ipc region's (its extension is missing or "
+                "malformed); open both engines on cuda_ipc"
+            )
         dev, pid, off, nbytes = _GPU_EXT.unpack_from(ext, 1)
+        if pid == os.getpid():  # our own memory: no mapping needed
+            return _GpuRemote(peer, 1, target, int(target.bases[0]), nbytes)
         handle = ext[1 + _GPU_EXT.size :]
-        if pid == os.getpid():
-            return _GpuRemote(int(bases[0]), nbytes)  # our own memory: no mapping needed
         base = self._opened.get(handle)
         if base is None:
-            _driver.use_device(self._torch.cuda.current_device())
+            import torch
+
+            from . import _driver
+
+            _driver.use_device(torch.cuda.current_device())
             base = self._opened[handle] = _driver.ipc_open(handle)
-        return _GpuRemote(base + off, nbytes)
+        return _GpuRemote(peer, 1, target, base + off, nbytes)
 
     # ------------------------------------------------------------ transfers
 
     def _post_imms(self, peer: int, imm: int, count: int) -> None:
-        door, zp, zh = self._doors[peer], int(self._zeros.ctypes.data), self._zeros_reg.handle
+        door, zeros = self._doors[peer], self._zeros_reg
         while count > 0:
             n = min(count, DOOR_BYTES)
-            try:
-                self._inner.post_write(next(self._itokens), peer, 1, zp, zh, n, 1, door, 0, imm)
-            except Exception:
-                self._imm_errors += 1
+            self.inner.post_write(next(self._itokens), door, 0, zeros, 0, n, imm, None)
             count -= n
 
     def post_write(
         self,
         token: int,
-        peer: int,
-        ndom: int,
-        ptr: int,
-        handle: int,
-        nbytes: int,
-        chunk: int,
-        remote: Any,
+        dst: Remote,
         roff: int,
+        src: Registration | None,
+        soff: int,
+        nbytes: int,
         imm: int,
-    ) -> int:
+        stream: Any = None,
+    ) -> bool:
         if nbytes == 0:  # an immediate alone: straight into the peer's doorbell
-            return self._inner.post_write(
-                token, peer, 1, 0, -1, 0, chunk, self._doors[peer], 0, imm
-            )
-        kind, dev, _ = self._regs.get(handle, ("", -1, 0))
-        if isinstance(remote, _HostRemote):
-            if kind != "host":
-                raise TransferError(
+            return self.inner.post_write(token, self._doors[dst.peer], 0, None, 0, 0, imm, None)
+        assert src is not None
+        if dst.__class__ is not _GpuRemote:
+            if src.device == "cuda":
+                raise RegionError(
                     "cuda_ipc cannot write GPU memory into a peer's host memory; register a "
                     "CUDA tensor on the receiving side, or use a libfabric provider (staged path)"
                 )
-            return self._inner.post_write(
-                token, peer, 1, ptr, dev, nbytes, chunk, remote.inner, roff, imm
-            )
+            return self.inner.post_write(token, dst, roff, src, soff, nbytes, imm, stream)
+        import torch
+
         from . import _driver
 
-        device = dev if kind == "cuda" else self._torch.cuda.current_device()
+        on_gpu = src.device == "cuda"
+        device = src.device_index if on_gpu else torch.cuda.current_device()
         _driver.use_device(device)
-        cs = self._stream(device).cuda_stream
-        _driver.copy_async(remote.ptr + roff, ptr, nbytes, cs)
+        cs = self._stream(device)
+        if on_gpu:  # read the source after the work its producer has queued so far
+            cs.wait_stream(producer_stream(device, stream))
+        handle = int(cs.cuda_stream)
+        _driver.copy_async(dst.ptr + roff, src.ptr + soff, nbytes, handle)  # type: ignore[attr-defined]
         self._copies += 1
-        count = 0 if imm < 0 else max(1, -(-nbytes // chunk))
+        count = 0 if imm == NO_IMM else expected_imms(nbytes, chunk_bytes=dst.chunk)
         if nbytes <= INLINE_SYNC_BYTES:
-            _driver.stream_sync(cs)
-            self._post_imms(peer, imm, count)
-            return 1
-        self._waiter.after_stream(cs, device, partial(self._landed, token, peer, imm, count))
-        return 0
-
-    def _landed(
-        self, token: int, peer: int, imm: int, count: int, err: BaseException | None
-    ) -> None:
-        if err is None:
-            self._post_imms(peer, imm, count)
-        self._done.append((token, 0 if err is None else -5))
-
-    def post_paged(
-        self,
-        token: int,
-        peer: int,
-        ndom: int,
-        ptr: int,
-        handle: int,
-        src_off: np.ndarray,
-        dst_off: np.ndarray,
-        page: int,
-        remote: Any,
-        imm: int,
-    ) -> int:
-        kind, inner, _ = self._regs.get(handle, ("", -1, 0))
-        if isinstance(remote, _HostRemote) and kind == "host":
-            return self._inner.post_paged(
-                token, peer, 1, ptr, inner, src_off, dst_off, page, remote.inner, imm
-            )
-        raise TransferError(
-            "write_paged between GPU regions is not implemented on cuda_ipc yet; "
-            "use write() per contiguous run"
+            _driver.stream_sync(handle)
+            self._post_imms(dst.peer, imm, count)
+            return True
+        self._waiter.after_stream(
+            handle, device, partial(self._landed, token, dst.peer, imm, count)
         )
+        return False
 
-    def post_send(self, token: int, peer: int, data: bytes) -> int:
-        return self._inner.post_send(token, peer, data)
+    def _landed(self, token: int, peer: int, imm: int, count: int, err: Exception | None) -> None:
+        if err is None:
+            try:
+                self._post_imms(peer, imm, count)
+            except Exception as exc:
+                err = exc
+        self._q.push(OpDone(token, IO_ERROR if err else 0, False, err))
 
-    # ------------------------------------------------------------ counters and events
+    def post_paged(self, op: PagedWrite) -> bool:
+        if op.dst.__class__ is _GpuRemote or op.src.device == "cuda":
+            raise RegionError(
+                "write_paged between GPU regions is not implemented on cuda_ipc yet; "
+                "use write() per contiguous run"
+            )
+        return self.inner.post_paged(op)
 
-    def counter_arm(self, imm: int, want: int) -> bool:
-        return self._inner.counter_arm(imm, want)
-
-    def counter_give(self, imm: int, n: int) -> None:
-        self._inner.counter_give(imm, n)
-
-    def counter_disarm(self, imm: int) -> None:
-        self._inner.counter_disarm(imm)
-
-    def counter_avail(self, imm: int) -> int:
-        return self._inner.counter_avail(imm)
-
-    def counters_live(self) -> int:
-        return self._inner.counters_live()
+    # ------------------------------------------------------------ events
 
     def pending_events(self) -> int:
-        return self._inner.pending_events() + len(self._done) + self._waiter.pending()
+        return self.inner.pending_events() + len(self._q) + self._waiter.pending()
 
-    def drain(self, sink: EventSink) -> int:
-        self._waiter.run_done()
-        n = 0
-        if self._done:
-            done, self._done = self._done, []
-            for token, status in done:
-                sink._on_op(token, status)
-            n += len(done)
-        return n + self._inner.drain(_Filter(sink, self))
+    def drain(self) -> list[Event]:
+        self._waiter.run_done()  # finished large copies: post their immediates
+        evs = self.inner.drain()
+        if evs:
+            evs, failed = drop_internal(evs)
+            self._imm_errors += failed
+        if len(self._q):
+            evs += self._q.take()
+        return evs
 
-    def spin(self, ns: int) -> int:
-        return self._inner.spin(ns) or self.pending_events()
+    def spin(self, ns: int) -> bool:
+        if len(self._q) or self._waiter.pending():
+            return True
+        return bool(self.inner.spin(ns)) or bool(self._waiter.pending())
 
     def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
         # Immediates land in the inner shm engine; copy notices are ours to report.
-        r = self._inner.counter_take_spin(imm, want, ns)
-        return r | 2 if self._done or self._waiter.pending() else r
-
-    def error(self, status: int, what: str) -> Exception:
-        return self._inner.error(status, what)
+        if len(self._q) or self._waiter.pending():
+            return self.inner.counter_take_spin(imm, want, 0) | EVENTS_READY
+        r = self.inner.counter_take_spin(imm, want, ns)
+        if len(self._q) or self._waiter.pending():
+            r |= EVENTS_READY
+        return r
 
     def stats(self) -> dict[str, int]:
-        st = self._inner.stats()
+        st = self.inner.stats()
         st["cuda_copies"] = self._copies
         st["imm_post_errors"] = self._imm_errors
         return st
 
 
-class _Filter:
-    """Passes the inner transport's events on, keeping those of our own imm posts."""
-
-    __slots__ = ("_sink", "_t")
-
-    def __init__(self, sink: EventSink, t: CudaIpcTransport) -> None:
-        self._sink, self._t = sink, t
-
-    def _on_op(self, token: int, status: int) -> None:
-        if token >= _INTERNAL:
-            if status:
-                self._t._imm_errors += 1
-            return
-        self._sink._on_op(token, status)
-
-    def _on_counter(self, imm: int) -> None:
-        self._sink._on_counter(imm)
-
-    def _on_message(self, data: bytes) -> None:
-        self._sink._on_message(data)
-
-    def _on_fatal(self, domain: int, status: int) -> None:
-        self._sink._on_fatal(domain, status)
+__all__ = [
+    "CudaIpcBackend",
+    "CudaIpcTransport",
+    "cuda_available",
+    "drop_internal",
+]

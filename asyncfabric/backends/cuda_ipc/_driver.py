@@ -1,8 +1,8 @@
-"""The few CUDA driver calls cuda_ipc needs, through ctypes on libcuda.so.1.
+"""The CUDA IPC driver calls cuda_ipc needs, through ctypes on libcuda.so.1.
 
-The driver library ships with every NVIDIA driver, so nothing is built. torch
-owns the CUDA runtime in the process; it uses each device's primary context,
-which is the one these calls make current, so pointers and streams are shared.
+The loader, contexts and the stream/event calls are shared with the staged
+path (``asyncfabric.backends.staged._cuda``, re-exported here); this module adds
+what only cuda_ipc does: find an allocation, export it, map a peer's.
 """
 
 from __future__ import annotations
@@ -10,7 +10,33 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-from ..._errors import TransferError
+from ..staged._cuda import (
+    check,
+    copy_async,
+    event_create,
+    launch_host,
+    notify_after,
+    on_device,
+    stream_sync,
+    use_device,
+)
+from ..staged._cuda import lib as _base_lib
+
+__all__ = [
+    "allocation_of",
+    "check",
+    "copy_async",
+    "event_create",
+    "ipc_close",
+    "ipc_handle",
+    "ipc_open",
+    "launch_host",
+    "lib",
+    "notify_after",
+    "on_device",
+    "stream_sync",
+    "use_device",
+]
 
 IPC_LAZY_ENABLE_PEER_ACCESS = 1
 HANDLE_BYTES = 64
@@ -20,69 +46,21 @@ class _IpcHandle(ctypes.Structure):
     _fields_ = [("reserved", ctypes.c_char * HANDLE_BYTES)]
 
 
-_lib: Any = None
-_ctx: dict[int, ctypes.c_void_p] = {}
+_ipc_ready = False
 
 
 def lib() -> Any:
-    global _lib
-    if _lib is None:
-        try:
-            dll = ctypes.CDLL("libcuda.so.1")
-        except OSError as exc:
-            raise TransferError(
-                f"cannot load the CUDA driver (libcuda.so.1: {exc}); cuda_ipc needs an NVIDIA GPU"
-            ) from None
-        u64, sz, vp = ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
+    """libcuda.so.1 with the IPC calls' argument types set as well."""
+    global _ipc_ready
+    dll = _base_lib()
+    if not _ipc_ready:
+        u64, sz = ctypes.c_uint64, ctypes.c_size_t
         dll.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(sz), u64]
         dll.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), u64]
         dll.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(u64), _IpcHandle, ctypes.c_uint]
         dll.cuIpcCloseMemHandle.argtypes = [u64]
-        dll.cuMemcpyAsync.argtypes = [u64, u64, sz, vp]
-        dll.cuDevicePrimaryCtxRetain.argtypes = [ctypes.POINTER(vp), ctypes.c_int]
-        dll.cuCtxSetCurrent.argtypes = [vp]
-        dll.cuCtxGetCurrent.argtypes = [ctypes.POINTER(vp)]
-        dll.cuEventCreate.argtypes = [ctypes.POINTER(vp), ctypes.c_uint]
-        dll.cuEventRecord.argtypes = [vp, vp]
-        dll.cuStreamWaitEvent.argtypes = [vp, vp, ctypes.c_uint]
-        dll.cuLaunchHostFunc.argtypes = [vp, vp, vp]
-        dll.cuStreamSynchronize.argtypes = [vp]
-        dll.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        _lib = dll
-    return _lib
-
-
-def check(rc: int, what: str) -> None:
-    if rc:
-        s = ctypes.c_char_p()
-        lib().cuGetErrorString(rc, ctypes.byref(s))
-        text = s.value.decode() if s.value else "unknown"
-        raise TransferError(f"{what} failed: CUDA error {rc} ({text})", rc)
-
-
-def use_device(device: int) -> None:
-    """Make ``device``'s primary context current on this thread (as torch does)."""
-    ctx = _ctx.get(device)
-    if ctx is None:
-        ctx = ctypes.c_void_p()
-        check(lib().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), device), "cuDevicePrimaryCtxRetain")
-        _ctx[device] = ctx
-    check(lib().cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-
-
-class on_device:
-    """``with on_device(d):`` device ``d``'s context is current inside, the caller's after."""
-
-    def __init__(self, device: int) -> None:
-        self.device = device
-        self.saved = ctypes.c_void_p()
-
-    def __enter__(self) -> None:
-        check(lib().cuCtxGetCurrent(ctypes.byref(self.saved)), "cuCtxGetCurrent")
-        use_device(self.device)
-
-    def __exit__(self, *exc: object) -> None:
-        lib().cuCtxSetCurrent(self.saved)
+        _ipc_ready = True
+    return dll
 
 
 def allocation_of(ptr: int) -> tuple[int, int]:
@@ -102,6 +80,8 @@ def ipc_handle(base: int) -> bytes:
 
 
 def ipc_open(handle: bytes) -> int:
+    if len(handle) != HANDLE_BYTES:
+        raise ValueError(f"a CUDA IPC handle is {HANDLE_BYTES} bytes, got {len(handle)}")
     h = _IpcHandle.from_buffer_copy(handle)
     p = ctypes.c_uint64()
     check(
@@ -113,38 +93,3 @@ def ipc_open(handle: bytes) -> int:
 
 def ipc_close(ptr: int) -> None:
     lib().cuIpcCloseMemHandle(ptr)
-
-
-def copy_async(dst: int, src: int, n: int, stream: int) -> None:
-    check(lib().cuMemcpyAsync(dst, src, n, stream), f"cuMemcpyAsync of {n} bytes")
-
-
-EVENT_DISABLE_TIMING = 2
-
-
-def event_create() -> int:
-    """A CUDA event without timing, in the current context (reused, never freed)."""
-    ev = ctypes.c_void_p()
-    check(lib().cuEventCreate(ctypes.byref(ev), EVENT_DISABLE_TIMING), "cuEventCreate")
-    return int(ev.value or 0)
-
-
-def notify_after(copy_stream: int, event: int, notify_stream: int, fn: int, arg: int) -> None:
-    """Run host function ``fn(arg)`` once the work queued on ``copy_stream`` so far is done.
-
-    The copy stream only records ``event``; the notify stream waits on it and runs
-    the host function, so the copy stream never stalls on the host. The event can
-    be recorded again at once: a wait captures the event's state when enqueued.
-    """
-    d = lib()
-    check(d.cuEventRecord(event, copy_stream), "cuEventRecord")
-    check(d.cuStreamWaitEvent(notify_stream, event, 0), "cuStreamWaitEvent")
-    check(d.cuLaunchHostFunc(notify_stream, fn, arg), "cuLaunchHostFunc")
-
-
-def launch_host(stream: int, fn: int, arg: int) -> None:
-    check(lib().cuLaunchHostFunc(stream, fn, arg), "cuLaunchHostFunc")
-
-
-def stream_sync(stream: int) -> None:
-    check(lib().cuStreamSynchronize(stream), "cuStreamSynchronize")

@@ -1,40 +1,24 @@
-"""libfabric backend: the native core (afcore.c, built with cffi) behind the Transport interface."""
+"""libfabric backend: the native core (the *.c units here, built with cffi) behind the contract."""
 
 from __future__ import annotations
 
-import os
+import signal
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from ..._errors import BackendUnavailable, PeerUnreachable, RemoteAccessError, TransferError
-from ...abc import Backend, EventSink, PolicyNs, RegHandle, Transport
-
-
-def _rxe_universe_size() -> None:
-    """SoftRoCE (rxe) allows at most 32767 CQ entries, and verbs;ofi_rxm sizes its MSG CQ from
-    FI_UNIVERSE_SIZE (default 256), so fi_enable fails with EINVAL there. libfabric reads the
-    variable once, at its first fi_getinfo, so it is set here, before any, when an rxe device
-    exists and the user has not set it. Hardware HCAs (mlx5: millions of CQEs) are unaffected.
-    """
-    if "FI_UNIVERSE_SIZE" in os.environ:
-        return
-    try:
-        devs = os.listdir("/sys/class/infiniband")
-    except OSError:
-        return
-    for dev in devs:
-        try:
-            drv = os.path.basename(os.readlink(f"/sys/class/infiniband/{dev}/device/driver"))
-        except OSError:
-            drv = ""
-        if dev.startswith("rxe") or drv == "rdma_rxe":
-            os.environ["FI_UNIVERSE_SIZE"] = "8"
-            return
-
-
-_rxe_universe_size()
+from ..._errors import BackendUnavailable, PeerUnreachable, TransferError
+from ...transport.contract import (
+    Backend,
+    PagedWrite,
+    PolicyNs,
+    Registration,
+    Remote,
+    Target,
+    Transport,
+)
+from ...transport.events import CounterReady, Event, Fatal, Message, OpDone
+from ...transport.status import status_error
 
 try:
     from ._afcore import ffi, lib
@@ -47,16 +31,48 @@ except ImportError as exc:  # pragma: no cover - only without a build
 else:
     _IMPORT_ERROR = None
 
+# af_event kinds (afcore.h), memory access bits and FI_HMEM interfaces
 EV_OP, EV_COUNTER, EV_RECV, EV_FATAL = 1, 2, 3, 4
 ACCESS_REMOTE_WRITE, ACCESS_REMOTE_READ = 1, 2
 HMEM_SYSTEM, HMEM_CUDA = 0, 1
 DRAIN_BATCH = 256
 
-# libfabric errno values (fi_errno.h): peer loss versus access faults. ECANCELED (125)
-# comes from rxm cancelling what was queued to a connection that broke.
-_PEER_ERRNOS = {3, 103, 104, 107, 110, 111, 112, 113, 32, 5, 265, 125}
-_ACCESS_ERRNOS = {13, 1, 129, 257}
 _PROBE_ORDER = ("shm", "tcp", "verbs;ofi_rxm", "efa")
+# Bare specs this backend claims: libfabric provider names ("verbs;ofi_rxm" and any
+# other "core;utility" pair too).
+SHORT_NAMES = frozenset(
+    {"shm", "tcp", "efa", "verbs", "verbs;ofi_rxm", "tcp;ofi_rxm", "sockets", "udp;ofi_rxd"}
+)
+# "auto": efa, then verbs, then tcp between hosts; shm when every peer shares the host.
+_AUTO_RANK = {"efa": 10, "verbs;ofi_rxm": 20, "tcp": 30}
+_AUTO_LOCAL_RANK = {"shm": 10}
+
+
+def wants_hmem(cuda: str, provider: str) -> bool:
+    """Whether to ask the provider for FI_HMEM (registering GPU memory directly).
+
+    libfabric's shm provider turns CMA (one process_vm_readv per transfer) off for an
+    endpoint opened with FI_HMEM: every host-memory transfer then goes through its
+    bounce buffers, copied on both sides (docs/design.md, "The FI_HMEM rule on shm").
+    So on shm GPU tensors take the staged path unless ``cuda="direct"`` asks.
+    """
+    if cuda == "staged":
+        return False
+    return cuda == "direct" or provider.partition(";")[0] != "shm"
+
+
+def _keep_python_sigint() -> None:
+    """Give SIGINT back to Python once libfabric has loaded its providers.
+
+    The first ``fi_getinfo`` loads every provider, and some install C-level SIGINT
+    handlers (shm's; libinfinipath's under psm calls ``exit(1)``): Ctrl-C would
+    then end the process at once, with no KeyboardInterrupt and no clean close.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        signal.signal(signal.SIGINT, handler)  # reinstalls Python's own C-level handler
 
 
 def _require() -> None:
@@ -71,20 +87,46 @@ def strerror(status: int) -> str:
 
 class LibfabricBackend(Backend):
     name = "libfabric"
+    needs = "libfabric (Debian: libfabric1; building needs libfabric-dev)"
 
     def providers(self) -> list[str]:
         if _IMPORT_ERROR:
             return []
         err = ffi.new("char[256]")
-        return [p for p in _PROBE_ORDER if lib.afe_probe(p.encode(), ffi.NULL, err, 256) == 0]
+        found = [p for p in _PROBE_ORDER if lib.afe_probe(p.encode(), ffi.NULL, err, 256) == 0]
+        _keep_python_sigint()
+        return found
+
+    def accepts(self, spec: str) -> str | None:
+        return spec if spec in SHORT_NAMES or ";" in spec else None
+
+    def auto(self, *, local_only: bool, nvlink: bool) -> list[tuple[int, str]]:
+        ranks = _AUTO_LOCAL_RANK if local_only else _AUTO_RANK
+        return [(ranks[p], p) for p in self.providers() if p in ranks]
 
     def open(
-        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, hmem: bool
+        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, cuda: str = "auto"
     ) -> Transport:
         _require()
+        provider = provider or "tcp"
         return LibfabricTransport(
-            provider or "tcp", domains=domains, node=node, ctrl_max=ctrl_max, hmem=hmem
+            provider,
+            domains=domains,
+            node=node,
+            ctrl_max=ctrl_max,
+            hmem=wants_hmem(cuda, provider),
         )
+
+
+class LibfabricRemote(Remote):
+    """A peer region: per-domain bases and keys as native arrays, ready to post with."""
+
+    __slots__ = ("bases_c", "keys_c")
+
+    def __init__(self, peer: int, ndom: int, target: Target) -> None:
+        super().__init__(peer, ndom, target)
+        self.bases_c = ffi.new("uint64_t[]", list(target.bases))
+        self.keys_c = ffi.new("uint64_t[]", list(target.keys))
 
 
 class LibfabricTransport(Transport):
@@ -104,6 +146,7 @@ class LibfabricTransport(Transport):
             hmem = False
             rc = lib.afe_open(provider.encode(), node_c, domains, ctrl_max, 256, 0, out, err, 512)
         self.hmem = bool(hmem) and not rc
+        _keep_python_sigint()
         if rc:
             msg = ffi.string(err).decode(errors="replace") or strerror(rc)
             raise BackendUnavailable(f"cannot open libfabric provider {provider!r}: {msg}")
@@ -202,9 +245,10 @@ class LibfabricTransport(Transport):
         *,
         remote_write: bool,
         remote_read: bool,
-        device: str,
-        device_index: int,
-    ) -> RegHandle:
+        device: str = "cpu",
+        device_index: int = -1,
+        owner: Any = None,
+    ) -> Registration:
         access = (ACCESS_REMOTE_WRITE if remote_write else 0) | (
             ACCESS_REMOTE_READ if remote_read else 0
         )
@@ -226,84 +270,84 @@ class LibfabricTransport(Transport):
             raise TransferError(
                 f"memory registration of {nbytes} bytes failed: {strerror(rc)}", -rc
             )
-        return RegHandle(rc, tuple(int(k) for k in keys), tuple(int(b) for b in bases))
+        return Registration(
+            rc,
+            tuple(int(k) for k in keys),
+            tuple(int(b) for b in bases),
+            ptr,
+            nbytes,
+            device,
+            device_index,
+        )
 
-    def deregister(self, handle: int) -> None:
-        rc = lib.afe_mr_close(self._e, handle)
+    def deregister(self, reg: Registration) -> None:
+        rc = lib.afe_mr_close(self._e, reg.handle)
         if rc:
             raise TransferError(f"deregistration failed: {strerror(rc)}", -rc)
 
-    def remote(self, bases: Sequence[int], keys: Sequence[int], ext: bytes = b"") -> Any:
-        return (ffi.new("uint64_t[]", list(bases)), ffi.new("uint64_t[]", list(keys)))
+    def remote(self, peer: int, ndom: int, target: Target) -> LibfabricRemote:
+        return LibfabricRemote(peer, ndom, target)
 
     def post_write(
         self,
         token: int,
-        peer: int,
-        ndom: int,
-        ptr: int,
-        handle: int,
-        nbytes: int,
-        chunk: int,
-        remote: Any,
+        dst: Remote,
         roff: int,
+        src: Registration | None,
+        soff: int,
+        nbytes: int,
         imm: int,
-    ) -> int:
+        stream: Any = None,
+    ) -> bool:
+        r: LibfabricRemote = dst  # type: ignore[assignment]
+        if src is None:
+            ptr, handle = ffi.NULL, -1
+        else:
+            ptr, handle = ffi.cast("void *", src.ptr + soff), src.handle
         rc = lib.afe_post_write(
             self._e,
             token,
-            peer,
-            ndom,
-            ffi.cast("void *", ptr),
+            r.peer,
+            r.ndom,
+            ptr,
             handle,
             nbytes,
-            chunk,
-            remote[0],
-            remote[1],
+            r.chunk,
+            r.bases_c,
+            r.keys_c,
             roff,
             imm,
         )
         if rc < 0:
             raise self.error(rc, f"write of {nbytes} bytes")
-        return rc
+        return rc == 1
 
-    def post_paged(
-        self,
-        token: int,
-        peer: int,
-        ndom: int,
-        ptr: int,
-        handle: int,
-        src_off: np.ndarray,
-        dst_off: np.ndarray,
-        page: int,
-        remote: Any,
-        imm: int,
-    ) -> int:
+    def post_paged(self, op: PagedWrite) -> bool:
+        r: LibfabricRemote = op.dst  # type: ignore[assignment]
         rc = lib.afe_post_paged(
             self._e,
-            token,
-            peer,
-            ndom,
-            ffi.cast("void *", ptr),
-            handle,
-            ffi.from_buffer("uint64_t[]", src_off),
-            ffi.from_buffer("uint64_t[]", dst_off),
-            len(src_off),
-            page,
-            remote[0],
-            remote[1],
-            imm,
+            op.token,
+            r.peer,
+            r.ndom,
+            ffi.cast("void *", op.src.ptr),
+            op.src.handle,
+            ffi.from_buffer("uint64_t[]", op.src_off),
+            ffi.from_buffer("uint64_t[]", op.dst_off),
+            len(op.src_off),
+            op.page,
+            r.bases_c,
+            r.keys_c,
+            op.imm,
         )
         if rc < 0:
-            raise self.error(rc, f"paged write of {len(src_off)} pages")
-        return rc
+            raise self.error(rc, f"paged write of {len(op.src_off)} pages")
+        return rc == 1
 
-    def post_send(self, token: int, peer: int, data: bytes) -> int:
+    def post_send(self, token: int, peer: int, data: bytes) -> bool:
         rc = lib.afe_post_send(self._e, token, peer, data, len(data))
         if rc < 0:
             raise self.error(rc, f"send of {len(data)} bytes")
-        return rc
+        return rc == 1
 
     def counter_arm(self, imm: int, want: int) -> bool:
         return bool(lib.afe_counter_arm(self._e, imm, want))
@@ -323,39 +367,33 @@ class LibfabricTransport(Transport):
     def pending_events(self) -> int:
         return lib.afe_nevents(self._e)
 
-    def drain(self, sink: EventSink) -> int:
-        if self._draining:  # the outer drain picks up whatever arrives meanwhile
-            return 0
-        self._draining = True
-        total = 0
-        try:
-            buf, e = self._evbuf, self._e
-            while True:
-                n = lib.afe_drain(e, buf, DRAIN_BATCH)
-                for i in range(n):
-                    ev = buf[i]
-                    kind = ev.kind
-                    if kind == EV_OP:
-                        if ev.len:  # failed early; the provider still holds pieces of it
-                            sink._on_op(ev.token, ev.status, True)
-                        else:
-                            sink._on_op(ev.token, ev.status)
-                    elif kind == EV_COUNTER:
-                        sink._on_counter(ev.a)
-                    elif kind == EV_RECV:
-                        data = bytearray(ev.len)
-                        lib.afe_recv_take(e, ev.a, ffi.from_buffer(data), ev.len)
-                        sink._on_message(bytes(data))
-                    else:
-                        sink._on_fatal(ev.a, ev.status)
-                total += n
-                if n < DRAIN_BATCH and not lib.afe_nevents(e):
-                    return total
-        finally:
-            self._draining = False
+    def drain(self) -> list[Event]:
+        out: list[Event] = []
+        buf, e = self._evbuf, self._e
+        while True:
+            n = lib.afe_drain(e, buf, DRAIN_BATCH)
+            for i in range(n):
+                ev = buf[i]
+                kind = ev.kind
+                if kind == EV_OP:
+                    # len 1: failed early; the provider still holds pieces of it
+                    out.append(OpDone(ev.token, ev.status, bool(ev.len)))
+                elif kind == EV_COUNTER:
+                    out.append(CounterReady(ev.a))
+                elif kind == EV_RECV:
+                    data = bytearray(ev.len)
+                    lib.afe_recv_take(e, ev.a, ffi.from_buffer(data), ev.len)
+                    out.append(Message(bytes(data)))
+                else:
+                    err = self.error(
+                        ev.status, f"the completion queue of domain {ev.a} (a fatal error)"
+                    )
+                    out.append(Fatal(err))
+            if n < DRAIN_BATCH or not lib.afe_nevents(e):
+                return out
 
-    def spin(self, ns: int) -> int:
-        return lib.afe_spin(self._e, ns)
+    def spin(self, ns: int) -> bool:
+        return bool(lib.afe_spin(self._e, ns))
 
     def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
         return lib.afe_counter_take_spin(self._e, imm, want, ns)
@@ -364,26 +402,7 @@ class LibfabricTransport(Transport):
         lib.afe_release(self._e)
 
     def error(self, status: int, what: str) -> Exception:
-        errno = -status
-        text = strerror(status)
-        if errno in _ACCESS_ERRNOS:
-            return RemoteAccessError(f"{what} was refused by the target: {text}", errno)
-        if errno == 3:  # ESRCH, from the peer watch (afpeer.c)
-            return PeerUnreachable(
-                f"{what} failed: the peer's process has exited; its pending transfers failed "
-                "and new ones are refused (connect to a live engine)",
-                errno,
-            )
-        if errno == 110:
-            return PeerUnreachable(
-                f"{what} failed: the peer took or completed nothing within the engine's "
-                "peer_timeout (is the peer's engine still open, is the link up?); a later "
-                "transfer may succeed once it is reachable again",
-                errno,
-            )
-        if errno in _PEER_ERRNOS:
-            return PeerUnreachable(f"{what} failed, the peer is unreachable: {text}", errno)
-        return TransferError(f"{what} failed: {text} (libfabric errno {errno})", errno)
+        return status_error(status, what, f"{strerror(status)} (libfabric errno {-status})")
 
     def stats(self) -> dict[str, int]:
         st = ffi.new("af_stats *")

@@ -3,6 +3,12 @@
 Run by setuptools at install time (``cffi_modules`` in setup.py). The headers
 come from pkg-config's ``libfabric``, or from ``$LIBFABRIC_HOME`` (for example
 ``/opt/amazon/efa``) when it is set.
+
+The core is separate translation units, one concept each (afint.h lists them),
+named once in :data:`FILES`: the build's sources and dependencies, and the
+package data setup.py ships, all come from that list. Every unit includes
+afint.h first, which makes each -Wall/-Wextra warning an error in our code;
+cffi's generated wrapper is compiled with the same flags but only warns.
 """
 
 from __future__ import annotations
@@ -16,6 +22,35 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+
+# The native core, every file of it: C units (cffi's sources) and headers. A literal:
+# setup.py reads it (package data) without running this file.
+FILES = [
+    "events.c",  # the event ring, notify and wake fds
+    "counters.c",  # the immediate counter table
+    "ops.c",  # the op slab, posting, afe_post_*
+    "cq.c",  # completions and errors
+    "progress.c",  # the progress pass, thread and spins
+    "setup.c",  # getinfo, open/close, peers, registrations
+    "quirks.c",  # what differs per provider, one table
+    "afpeer.c",  # peer failure detection
+    "doorbell.c",  # waking sleeping engines on this host
+    "shmname.c",  # shm region names, reclaiming dead processes' regions
+    "hook.c",  # the native hook (afhook.h)
+    "cudanote.c",  # the CUDA host function
+    "afcore.h",  # public: what Python sees (cdef)
+    "cudanote.h",  # public: cudanote.c's part of the cdef
+    "afhook.h",  # public: the native hook, for C outside the core
+    "afint.h",  # internal: the engine's layout, shared inline helpers
+    "doorbell.h",
+    "quirks.h",
+    "shmname.h",
+]
+SOURCES = [f for f in FILES if f.endswith(".c")]
+# Parsed by cffi's cdef (no preprocessor), in this order.
+CDEFS = ["afcore.h", "cudanote.h"]
+# Every file: -Wall -Wextra (afint.h turns them into errors in our units).
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
 INSTALL_HINT = (
     "asyncfabric needs libfabric's development headers to build its native core. "
     "On Debian/Ubuntu: `apt-get install libfabric-dev`; on AWS with the EFA installer: "
@@ -24,8 +59,8 @@ INSTALL_HINT = (
 )
 
 
-def _flags() -> tuple[list[str], list[str], list[str]]:
-    """Return (include_dirs, library_dirs, runtime_library_dirs)."""
+def libfabric_flags() -> tuple[list[str], list[str], list[str]]:
+    """Return libfabric's (include_dirs, library_dirs, runtime_library_dirs)."""
     home = os.environ.get("LIBFABRIC_HOME")
     if home:
         inc = Path(home) / "include"
@@ -51,37 +86,39 @@ def _flags() -> tuple[list[str], list[str], list[str]]:
     raise SystemExit(f"libfabric headers not found. {INSTALL_HINT}")
 
 
+def _rel(name: str) -> str:
+    return os.path.relpath(HERE / name)
+
+
+def _check_units() -> None:
+    """Each of our units must include afint.h first: that is what holds it to -Werror."""
+    for name in SOURCES:
+        text = (HERE / name).read_text()
+        first = next((ln for ln in text.splitlines() if ln.startswith("#include")), "")
+        if first.split("/*")[0].strip() != '#include "afint.h"':
+            raise SystemExit(f'{HERE / name}: its first #include must be "afint.h"')
+
+
 def make_ffi() -> FFI:
+    _check_units()
     ffibuilder = FFI()
-    ffibuilder.cdef((HERE / "afcore.h").read_text())
-    # The benchmarks' raw baseline (raw.c): same engine, C loops, no Python per op.
-    ffibuilder.cdef((HERE / "raw.h").read_text())
-    # GPU copy notices (cudanote.c): a CUDA host function rings the notify fd.
-    ffibuilder.cdef((HERE / "cudanote.h").read_text())
-    incs, libdirs, rpath = _flags()
+    for name in CDEFS:
+        ffibuilder.cdef((HERE / name).read_text())
+    incs, libdirs, rpath = libfabric_flags()
     ffibuilder.set_source(
         "asyncfabric.backends.libfabric._afcore",
-        '#include "afcore.c"\n#include "raw.c"\n#include "afpeer.c"\n'
-        '#include "cudanote.h"\n#include "cudanote.c"\n',
-        include_dirs=[str(HERE), *incs],
+        # The wrapper needs only the declarations; the core is in SOURCES.
+        '#include <stddef.h>\n#include <stdint.h>\n#include "afcore.h"\n#include "cudanote.h"\n',
+        # setuptools wants paths relative to setup.py's directory, where it runs this;
+        # relative to the current directory, they also serve an in-place compile().
+        sources=[_rel(n) for n in SOURCES],
+        include_dirs=[str(HERE)],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
         libraries=["fabric", "pthread", "rt"],
-        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wno-unused-function"],
-        depends=[
-            str(HERE / n)
-            for n in (
-                "afcore.c",
-                "afcore.h",
-                "doorbell.h",
-                "shmname.h",
-                "afpeer.c",
-                "raw.c",
-                "raw.h",
-                "cudanote.c",
-                "cudanote.h",
-            )
-        ],
+        # libfabric's headers as system headers: warnings in them are not ours.
+        extra_compile_args=[*CFLAGS, *(f for d in incs for f in ("-isystem", d))],
+        depends=[_rel(n) for n in FILES],
     )
     return ffibuilder
 

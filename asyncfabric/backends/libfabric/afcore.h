@@ -1,7 +1,8 @@
 /* asyncfabric native core: the declarations Python sees through cffi.
  *
  * This header is parsed by cffi's cdef (no preprocessor), so it holds only
- * plain declarations. afcore.c includes it too, so the two cannot drift.
+ * plain declarations. The core's units include it too (through afint.h), so
+ * the two cannot drift.
  */
 
 typedef struct af_engine af_engine;
@@ -96,3 +97,11 @@ void afe_release(af_engine *e);
 int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len);
 
 const char *afe_strerror(int err);
+
+/* The native hook (afhook.h, hook.c): C code outside the core (the
+ * benchmarks' raw loops) drives this engine's endpoints through a filled
+ * af_hook. Opaque here: allocate afe_hook_size() bytes and pass them in.
+ * Returns 0, or -FI_EINVAL for an engine that is not open. */
+typedef struct af_hook af_hook;
+size_t afe_hook_size(void);
+int afe_hook(af_engine *e, af_hook *out);

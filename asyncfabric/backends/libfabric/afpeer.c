@@ -1,4 +1,4 @@
-/* asyncfabric native core: peer failure detection (included after afcore.c).
+/* asyncfabric native core: peer failure detection.
  *
  * Providers do not always say when a peer is gone: shm keeps "delivering"
  * into the shared memory of a process that was SIGKILLed and never answers
@@ -21,26 +21,17 @@
  * AF_EV_OP with len = 0 follows) or the engine closes. The provider never
  * touches memory that was unregistered, and a late completion never lands on
  * a reused context.
+ *
+ * The per-transfer bookkeeping (peer_op_begin, peer_op_end, peer_progress) is
+ * inline in afint.h: it runs on every post and completion.
  */
+#include "afint.h"
+
+#include <signal.h>
 #include <sys/epoll.h>
 #include <sys/syscall.h>
-#include <signal.h>
 
 #define AF_WATCH_NS 20000000ull /* how often the detection pass runs: 20 ms */
-
-static void peer_op_begin(af_engine *e, af_op *op) {
-    af_peer *p = &e->peers[op->peer];
-    if (p->inflight++ == 0) p->t_progress = now_ns();
-}
-
-static void peer_op_end(af_engine *e, af_op *op) {
-    af_peer *p = &e->peers[op->peer];
-    if (!op->reported && p->inflight) p->inflight--; /* a reported op was uncounted then */
-}
-
-static void peer_progress(af_engine *e, af_op *op) {
-    e->peers[op->peer].t_progress = now_ns();
-}
 
 static void pend_unlink(af_engine *e, uint32_t i) {
     uint32_t prev = AF_NONE, j = e->pend_head;
@@ -86,7 +77,7 @@ static void peer_dead(af_engine *e, uint32_t pi) {
     fail_peer(e, pi, -ESRCH);
 }
 
-static void peer_watch(af_engine *e) {
+void peer_watch(af_engine *e) {
     uint64_t t = now_ns();
     if (t - e->t_watch < AF_WATCH_NS) return;
     e->t_watch = t;
@@ -152,7 +143,7 @@ int afe_peer_dead(af_engine *e, uint32_t pi) {
     return d;
 }
 
-static void peer_close_all(af_engine *e) {
+void peer_close_all(af_engine *e) {
     for (uint32_t i = 0; i < e->npeers; i++)
         if (e->peers[i].pidfd >= 0) close(e->peers[i].pidfd);
     if (e->watch_fd >= 0) close(e->watch_fd);

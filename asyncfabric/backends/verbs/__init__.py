@@ -7,7 +7,7 @@ docs/backends/verbs.md for the design, the connection setup, and what runs in Py
 from __future__ import annotations
 
 from ..._errors import BackendUnavailable
-from ...abc import Backend, Transport
+from ...transport.contract import Backend, Transport
 
 try:
     import pyverbs.device as _pvdev
@@ -23,6 +23,11 @@ else:
 
 class VerbsBackend(Backend):
     name = "pyverbs"
+    needs = "rdma-core's python3-pyverbs and an ACTIVE RDMA port (ConnectX, SoftRoCE)"
+
+    def auto(self, *, local_only: bool, nvlink: bool) -> list[tuple[int, str]]:
+        # libfabric's verbs;ofi_rxm is the fast path; pyverbs is what remains without it
+        return [] if local_only else [(25, p) for p in self.providers()]
 
     def providers(self) -> list[str]:
         if _IMPORT_ERROR:
@@ -35,13 +40,12 @@ class VerbsBackend(Backend):
             return []
 
     def open(
-        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, hmem: bool
+        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, cuda: str = "auto"
     ) -> Transport:
         if _IMPORT_ERROR:
             raise BackendUnavailable(_IMPORT_ERROR)
-        # hmem asks for device-memory registration where the transport offers it; this
-        # backend registers host memory only (Transport.hmem stays False), so the engine
-        # stages CUDA tensors through pinned host memory.
+        # This backend registers host memory only (Transport.hmem stays False), so the
+        # staged wrapper (backends/staged) moves GPU tensors through pinned host memory.
         from ._transport import VerbsTransport
 
         return VerbsTransport(provider, domains=domains, ctrl_max=ctrl_max)

@@ -26,7 +26,6 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pyverbs.enums as e  # noqa: E402  (imported by the package only when pyverbs exists)
 from pyverbs.addr import AH, GID, AHAttr, GlobalRoute  # noqa: E402
 from pyverbs.cq import CQ, CompChannel  # noqa: E402
@@ -38,10 +37,12 @@ from pyverbs.srq import SRQ, SrqAttr, SrqInitAttr  # noqa: E402
 from pyverbs.wr import SGE, RecvWR, SendWR  # noqa: E402
 
 from ..._errors import BackendUnavailable, PeerUnreachable, RemoteAccessError, TransferError
-from ...abc import EventSink, PolicyNs, RegHandle, Transport
+from ...transport import status as st
+from ...transport.contract import PagedWrite, PolicyNs, Registration, Remote, Target, Transport
+from ...transport.counters import CounterTable
+from ...transport.counting import plan_chunks
+from ...transport.events import Event, EventQueue
 from ._device import DeviceChoice, discover
-
-EV_OP, EV_COUNTER, EV_RECV = 1, 2, 3
 
 # Queue-pair attributes, set deliberately (docs/backends/verbs.md explains each).
 QP_TIMEOUT = 14  # local ACK timeout 4.096 us * 2^14 = 67 ms per try
@@ -94,6 +95,26 @@ def _find_channel_fd(before: dict[str, str]) -> int:
         if "infiniband" in ln:
             return int(n)
     return int(new[0][0]) if len(new) == 1 else -1
+
+
+class VerbsRemote(Remote):
+    __slots__ = ("bases", "keys")
+
+    def __init__(self, peer: int, ndom: int, target: Target) -> None:
+        super().__init__(peer, ndom, target)
+        self.bases, self.keys = target.bases, target.keys
+
+
+def _errno_of(status: int) -> int:
+    """This backend's status as the contract's negative errno (transport.status)."""
+    if status > ST_WC:
+        return status  # already an errno: ETIMEDOUT, ECONNRESET, ETIME
+    wcs = ST_WC - status
+    if wcs == e.IBV_WC_REM_ACCESS_ERR:
+        return st.ACCESS_DENIED
+    if wcs in (e.IBV_WC_RETRY_EXC_ERR, e.IBV_WC_RNR_RETRY_EXC_ERR, e.IBV_WC_WR_FLUSH_ERR):
+        return st.PEER_RESET
+    return st.IO_ERROR
 
 
 class _Op:
@@ -276,9 +297,8 @@ class VerbsTransport(Transport):
         self.inject_size = 0
         self.ctrl_max = ctrl_max
         self._closed = False
-        self._events: deque[tuple[int, int, int]] = deque()
-        self._inbox: deque[bytes] = deque()
-        self._ctr: dict[int, list[int]] = {}  # imm -> [avail, want]
+        self._events = EventQueue()
+        self._ctr = CounterTable()
         self._mrs: dict[int, list[MR]] = {}
         self._next_mr = 1
         self._peers: list[list[_Conn]] = []
@@ -304,7 +324,6 @@ class VerbsTransport(Transport):
         self._busy = 0  # conns with batches in flight (watched for stalls)
         self._post_timeout = 5.0
         self._ticker = threading.Thread(target=self._tick_loop, daemon=True, name="af-verbs-tick")
-        self._draining = False
         self._spin_ns = 0
 
     # ------------------------------------------------------------ lifecycle
@@ -469,9 +488,10 @@ class VerbsTransport(Transport):
         *,
         remote_write: bool,
         remote_read: bool,
-        device: str,
-        device_index: int,
-    ) -> RegHandle:
+        device: str = "cpu",
+        device_index: int = -1,
+        owner: Any = None,
+    ) -> Registration:
         if device != "cpu":
             raise TransferError(f"the pyverbs backend registers host memory only, not {device}")
         access = e.IBV_ACCESS_LOCAL_WRITE
@@ -492,14 +512,14 @@ class VerbsTransport(Transport):
         h = self._next_mr
         self._next_mr += 1
         self._mrs[h] = mrs
-        return RegHandle(h, tuple(m.rkey for m in mrs), tuple(ptr for _ in mrs))
+        return Registration(h, tuple(m.rkey for m in mrs), tuple(ptr for _ in mrs), ptr, nbytes)
 
-    def deregister(self, handle: int) -> None:
-        for m in self._mrs.pop(handle, ()):
+    def deregister(self, reg: Registration) -> None:
+        for m in self._mrs.pop(reg.handle, ()):
             m.close()
 
-    def remote(self, bases: Sequence[int], keys: Sequence[int], ext: bytes = b"") -> Any:
-        return (tuple(bases), tuple(keys))
+    def remote(self, peer: int, ndom: int, target: Target) -> VerbsRemote:
+        return VerbsRemote(peer, ndom, target)
 
     # ------------------------------------------------------------ posting
 
@@ -510,74 +530,57 @@ class VerbsTransport(Transport):
                 raise self.error(c.failed, "posting to this peer")
         return conns
 
-    def _submit(self, op: _Op, conns: list[_Conn]) -> int:
+    def _submit(self, op: _Op, conns: list[_Conn]) -> bool:
         for i, specs in enumerate(op.specs):
             if specs:
                 c = conns[i]
                 c.waitq.append(op)
                 if c.ready and len(c.waitq) == 1:
                     self._pump(c)
-        return 0
-
-    def _start(self, token: int, peer: int, ndom: int, remote: Any, imm: int) -> tuple:
-        """What every write needs first: the peer's connections, the op, and the opcode."""
-        bases, keys = remote
-        code = OP_WRITE if imm < 0 else OP_WRITE_IMM
-        imm_be = socket.htonl(imm) if imm >= 0 else 0
-        return self._conns(peer), _Op(token, ndom), bases, keys, code, imm_be
+        return False
 
     def post_write(
         self,
         token: int,
-        peer: int,
-        ndom: int,
-        ptr: int,
-        handle: int,
-        nbytes: int,
-        chunk: int,
-        remote: Any,
+        dst: Remote,
         roff: int,
+        src: Registration | None,
+        soff: int,
+        nbytes: int,
         imm: int,
-    ) -> int:
-        conns, op, bases, keys, code, imm_be = self._start(token, peer, ndom, remote, imm)
-        if nbytes == 0:
+        stream: Any = None,
+    ) -> bool:
+        r: VerbsRemote = dst  # type: ignore[assignment]
+        conns, op = self._conns(r.peer), _Op(token, r.ndom)
+        code = OP_WRITE if imm < 0 else OP_WRITE_IMM
+        imm_be = socket.htonl(imm) if imm >= 0 else 0
+        bases, keys = r.bases, r.keys
+        if src is None or nbytes == 0:
             op.specs[0].append((code, 0, 0, 0, bases[0] + roff, keys[0], imm_be))
         else:
-            mrs = self._mrs[handle]
-            off = i = 0
-            while off < nbytes:
-                n = min(chunk, nbytes - off)
-                dd = i % ndom
+            mrs = self._mrs[src.handle]
+            ptr = src.ptr + soff
+            for off, n, dd in plan_chunks(nbytes, r.chunk, r.ndom):
                 op.specs[dd].append(
                     (code, ptr + off, n, mrs[dd].lkey, bases[dd] + roff + off, keys[dd], imm_be)
                 )
-                off += n
-                i += 1
         return self._submit(op, conns)
 
-    def post_paged(
-        self,
-        token: int,
-        peer: int,
-        ndom: int,
-        ptr: int,
-        handle: int,
-        src_off: np.ndarray,
-        dst_off: np.ndarray,
-        page: int,
-        remote: Any,
-        imm: int,
-    ) -> int:
-        conns, op, bases, keys, code, imm_be = self._start(token, peer, ndom, remote, imm)
-        mrs = self._mrs[handle]
-        for i, (s, t) in enumerate(zip(src_off.tolist(), dst_off.tolist())):
+    def post_paged(self, op_: PagedWrite) -> bool:
+        r: VerbsRemote = op_.dst  # type: ignore[assignment]
+        conns, op = self._conns(r.peer), _Op(op_.token, r.ndom)
+        code = OP_WRITE if op_.imm < 0 else OP_WRITE_IMM
+        imm_be = socket.htonl(op_.imm) if op_.imm >= 0 else 0
+        mrs, ptr, page = self._mrs[op_.src.handle], op_.src.ptr, op_.page
+        bases, keys, ndom = r.bases, r.keys, r.ndom
+        for i, (s, t) in enumerate(zip(op_.src_off.tolist(), op_.dst_off.tolist())):
             dd = i % ndom
             op.specs[dd].append(
                 (code, ptr + s, page, mrs[dd].lkey, bases[dd] + t, keys[dd], imm_be)
             )
         return self._submit(op, conns)
 
-    def post_send(self, token: int, peer: int, data: bytes) -> int:
+    def post_send(self, token: int, peer: int, data: bytes) -> bool:
         conns = self._conns(peer)
         op = _Op(token, 1)
         op.specs[0].append((OP_SEND, data))
@@ -661,7 +664,8 @@ class VerbsTransport(Transport):
     def _maybe_done(self, op: _Op) -> None:
         if op.outstanding == 0 and not any(op.specs):
             if op.token:
-                self._events.append((EV_OP, op.token, op.status))
+                err = self.error(op.status, "transfer") if op.status else None
+                self._events.op_done(op.token, _errno_of(op.status), error=err)
                 op.token = 0
 
     # ------------------------------------------------------------ completions
@@ -685,8 +689,7 @@ class VerbsTransport(Transport):
                             self._count(socket.ntohl(wc.imm_data))
                         elif wc.opcode == e.IBV_WC_RECV:
                             data = d.rx.read(wc.byte_len, idx * d.ctrl_max) if wc.byte_len else b""
-                            self._events.append((EV_RECV, 0, 0))
-                            self._inbox.append(data)
+                            self._events.message(bytes(data))
                     srq_repost.append(idx)
                 elif k == _K_SIG:
                     ent = d.sig.pop(idx, None)
@@ -731,14 +734,8 @@ class VerbsTransport(Transport):
 
     def _count(self, v: int) -> None:
         self._stats["imms"] += 1
-        c = self._ctr.get(v)
-        if c is None:
-            self._ctr[v] = [1, 0]
-            return
-        c[0] += 1
-        if c[1] and c[0] >= c[1]:
-            c[1] = 0
-            self._events.append((EV_COUNTER, v, 0))
+        if self._ctr.arrive(v):
+            self._events.counter_ready(v)
 
     def _service(self) -> None:
         """Consume completion-channel events and timer ticks; poll every CQ."""
@@ -776,78 +773,43 @@ class VerbsTransport(Transport):
     # ------------------------------------------------------------ counters
 
     def counter_arm(self, imm: int, want: int) -> bool:
-        c = self._ctr.get(imm)
-        if c is None:
-            c = self._ctr[imm] = [0, 0]
-        if c[0] >= want:
-            c[0] -= want
-            c[1] = 0
-            if not c[0]:
-                del self._ctr[imm]
-            return True
-        c[1] = want
-        return False
+        return self._ctr.arm(imm, want)
 
     def counter_give(self, imm: int, n: int) -> None:
-        c = self._ctr.setdefault(imm, [0, 0])
-        c[0] += n
-        if c[1] and c[0] >= c[1]:
-            c[1] = 0
-            self._events.append((EV_COUNTER, imm, 0))
+        if self._ctr.give(imm, n):
+            self._events.counter_ready(imm)
             os.eventfd_write(self._efd, 1)
 
     def counter_disarm(self, imm: int) -> None:
-        c = self._ctr.get(imm)
-        if c is not None:
-            c[1] = 0
-            if not c[0]:
-                del self._ctr[imm]
+        self._ctr.disarm(imm)
 
     def counter_avail(self, imm: int) -> int:
-        c = self._ctr.get(imm)
-        return c[0] if c else 0
+        return self._ctr.avail(imm)
 
     def counters_live(self) -> int:
-        return len(self._ctr)
+        return self._ctr.live()
 
     # ------------------------------------------------------------ events
 
     def pending_events(self) -> int:
         return len(self._events)
 
-    def drain(self, sink: EventSink) -> int:
-        if self._draining or self._closed:
-            return 0
-        self._draining = True
+    def drain(self) -> list[Event]:
+        if self._closed:
+            return []
         self._stats["wakeups"] += 1
-        total = 0
-        try:
-            self._service()
-            ev = self._events
-            while ev:
-                kind, a, st = ev.popleft()
-                total += 1
-                if kind == EV_OP:
-                    sink._on_op(a, st)
-                elif kind == EV_COUNTER:
-                    sink._on_counter(a)
-                else:
-                    sink._on_message(self._inbox.popleft())
-                if self._closed:
-                    break
-            return total
-        finally:
-            self._draining = False
+        self._service()
+        return self._events.take()
 
-    def spin(self, ns: int) -> int:
+    def spin(self, ns: int) -> bool:
         end = time.perf_counter_ns() + ns
         while True:
             for d in self._doms:
                 self._poll(d)
             if self._events:
-                return 1
+                return True
             if time.perf_counter_ns() >= end:
-                return 0
+                return False
 
     def error(self, status: int, what: str) -> Exception:
         if status == ST_SETUP_TIMEOUT:

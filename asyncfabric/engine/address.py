@@ -19,7 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from ._errors import DescriptorError
+from .._errors import DescriptorError
 
 MAGIC = b"AFA"
 VERSION = 1
@@ -36,6 +36,25 @@ class EngineAddress:
     domains: tuple[bytes, ...]
     host: bytes = bytes(8)
     pid: int = 0
+
+    def __post_init__(self) -> None:
+        # Built by hand, an address must still fit its wire format (to_bytes would
+        # write bytes that parse as something else).
+        if not isinstance(self.uid, bytes) or len(self.uid) != 8:
+            raise DescriptorError("engine address uid must be 8 bytes")
+        if not isinstance(self.host, bytes) or len(self.host) != 8:
+            raise DescriptorError("engine address host id must be 8 bytes")
+        if isinstance(self.pid, bool) or not isinstance(self.pid, int) or not 0 <= self.pid < 1 << 32:
+            raise DescriptorError(f"engine address pid {self.pid!r} does not fit 32 bits")
+        for name, v in (("backend", self.backend), ("provider", self.provider)):
+            if not isinstance(v, str) or not v.isascii() or len(v) > 255:
+                raise DescriptorError(f"engine address {name} must be ASCII of at most 255")
+        if not 1 <= len(self.domains) <= MAX_DOMAINS or not all(
+            isinstance(d, bytes) and 0 < len(d) <= 0xFFFF for d in self.domains
+        ):
+            raise DescriptorError(
+                f"engine address needs 1 to {MAX_DOMAINS} non-empty domain addresses"
+            )
 
     @property
     def same_host(self) -> bool:
@@ -82,13 +101,13 @@ class _Reader:
         return self.take(1, field)[0]
 
     def u16(self, field: str) -> int:
-        return struct.unpack("<H", self.take(2, field))[0]
+        return int(struct.unpack("<H", self.take(2, field))[0])
 
     def u32(self, field: str) -> int:
-        return struct.unpack("<I", self.take(4, field))[0]
+        return int(struct.unpack("<I", self.take(4, field))[0])
 
     def u64(self, field: str) -> int:
-        return struct.unpack("<Q", self.take(8, field))[0]
+        return int(struct.unpack("<Q", self.take(8, field))[0])
 
     def text(self, field: str) -> str:
         raw = self.take(self.u8(field + " length"), field)

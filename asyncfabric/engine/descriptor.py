@@ -20,9 +20,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._address import MAX_DOMAINS, EngineAddress, _Reader, parse
-from ._errors import DescriptorError, RegionError
-from ._imm import expected_imms
+from .._errors import DescriptorError, RegionError
+from ..transport.counting import expected_imms
+from .address import MAX_DOMAINS, EngineAddress, _Reader, parse
 
 MAGIC = b"AFD"
 VERSION = 1
@@ -47,6 +47,34 @@ class Descriptor:
     ext: bytes = b""
     # per-engine routes (Engine._route), keyed by engine uid (not part of the value)
     _cache: dict[bytes, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A descriptor may be built or edited by hand (dataclasses.replace); every field
+        # must still fit the wire format, or a transport would meet it as a raw
+        # OverflowError deep in a post.
+        if not isinstance(self.address, EngineAddress):
+            raise DescriptorError("descriptor address must be an EngineAddress")
+        _u("region_id", self.region_id, 32)
+        _u("nbytes", self.nbytes, 64, low=1)
+        _u("chunk_bytes", self.chunk_bytes, 64, low=1)
+        _u("flags", self.flags, 8)
+        if self.flags & ~_KNOWN_FLAGS:
+            raise DescriptorError(f"descriptor has unknown flags {self.flags:#x}")
+        nd = len(self.bases)
+        if not 1 <= nd <= MAX_DOMAINS or len(self.keys) != nd:
+            raise DescriptorError(
+                f"descriptor has {nd} bases and {len(self.keys)} keys; expected the same "
+                f"number, 1 to {MAX_DOMAINS}"
+            )
+        for i, (b, k) in enumerate(zip(self.bases, self.keys)):
+            _u(f"domain {i} base", b, 64)
+            _u(f"domain {i} key", k, 64)
+            if b + self.nbytes > 1 << 64:
+                raise DescriptorError(
+                    f"descriptor domain {i}: base {b:#x} + nbytes {self.nbytes} passes 2**64"
+                )
+        if not isinstance(self.ext, bytes) or len(self.ext) > 0xFFFF:
+            raise DescriptorError("descriptor ext must be bytes of at most 65535")
 
     @property
     def remote_write(self) -> bool:
@@ -147,6 +175,14 @@ class RemoteSlice:
     descriptor: Descriptor
     offset: int
     nbytes: int
+
+
+def _u(name: str, v: object, bits: int, low: int = 0) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v < 1 << bits:
+        raise DescriptorError(
+            f"descriptor {name} is {v!r}, outside [{low}, 2**{bits}): the descriptor was "
+            "forged or corrupted; use Descriptor.from_bytes on bytes from Region.descriptor()"
+        )
 
 
 def _slice_bounds(s: object, n: int, what: str) -> tuple[int, int]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._buffers import BufferInfo
-from ._descriptor import FLAG_REMOTE_READ, FLAG_REMOTE_WRITE, Descriptor, _slice_bounds
-from ._errors import RegionError
-from ._imm import expected_imms
-from .abc import RegHandle
+from .._buffers import BufferInfo
+from .._errors import RegionError
+from ..transport.contract import Registration
+from ..transport.counting import expected_imms
+from .descriptor import FLAG_REMOTE_READ, FLAG_REMOTE_WRITE, Descriptor, _slice_bounds
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from .engine import Engine
 
 
 class Region:
@@ -32,12 +32,11 @@ class Region:
         "_closed",
         "_inflight",
         "_desc",
-        "_stage",
         "__weakref__",
     )
 
     def __init__(
-        self, engine: Engine, info: BufferInfo, reg: RegHandle, region_id: int, flags: int
+        self, engine: Engine, info: BufferInfo, reg: Registration, region_id: int, flags: int
     ) -> None:
         self._engine = engine
         self._info = info
@@ -47,7 +46,6 @@ class Region:
         self._closed = False
         self._inflight = 0
         self._desc: Descriptor | None = None
-        self._stage: Any = None  # StagedMemory of a staged GPU region (docs/gpu.md)
 
     @property
     def nbytes(self) -> int:
@@ -66,13 +64,18 @@ class Region:
 
     @property
     def device(self) -> str:
-        """Where the memory lives (``"cpu"``)."""
+        """Where the memory lives (``"cpu"``, ``"cuda"``)."""
         return self._info.device
 
     @property
     def staged(self) -> bool:
         """True for GPU memory that travels through a pinned host mirror (docs/gpu.md)."""
-        return self._stage is not None
+        return self._reg.staged
+
+    @property
+    def registration(self) -> Registration:
+        """The transport's registration: its handle, and per domain the key and base."""
+        return self._reg
 
     @property
     def closed(self) -> bool:

@@ -1,11 +1,14 @@
 """The Engine: where transfers are submitted and their completions awaited.
 
-Data flow of one transfer (docs/design.md has the full picture)::
+The path of one transfer (docs/design.md has the full picture)::
 
-    write()  --validate, O(1)-->  Transport.post_write (native: chunk, stripe, post)
-        native progress thread: fi_cq_read -> count immediates / retire chunks
+    await write()  --validate, O(1)-->  Transport.post_write (native: chunk, stripe, post)
+        transport progress: completions -> count immediates / retire chunks
         -> one event per finished transfer or satisfied counter -> notify fd
     event loop: notify fd readable -> Engine._drain -> resolve the waiting future
+
+The engine knows transports only through ``asyncfabric.transport``: it imports
+no backend, and memory kinds (host, GPU) are the transport's business.
 """
 
 from __future__ import annotations
@@ -18,17 +21,18 @@ from typing import Any
 
 import numpy as np
 
-from . import _staging, backends
-from ._address import EngineAddress, host_id
-from ._buffers import buffer_info
-from ._counter import ImmCounter
-from ._descriptor import FLAG_STAGED, Descriptor, RemoteSlice
-from ._errors import EngineClosed, ImmTimeout, PeerUnreachable, RegionError, TransferError
-from ._imm import check_imm
-from ._loop import LoopAdapter, current_adapter
-from ._policy import ProgressPolicy
-from ._region import Region, RegionSlice, flags_for
-from .abc import Transport
+from .._buffers import buffer_info
+from .._errors import EngineClosed, ImmTimeout, PeerUnreachable, RegionError, TransferError
+from ..transport import registry
+from ..transport.contract import PagedWrite, Remote, Target, Transport
+from ..transport.counting import NO_IMM, check_imm
+from ..transport.events import CounterReady, Fatal, Message, OpDone
+from .address import EngineAddress, host_id
+from .counter import ImmCounter
+from .descriptor import FLAG_STAGED, Descriptor, RemoteSlice
+from .loop import LoopAdapter, current_adapter
+from .policy import ProgressPolicy
+from .region import Region, RegionSlice, flags_for
 
 DEFAULT_CHUNK = 1 << 20
 # uids of engines closed in this process: a descriptor naming one is refused up
@@ -38,7 +42,9 @@ _CLOSED_UIDS: set[bytes] = set()
 DEFAULT_CTRL_MAX = 8192
 
 
-class _Peer:
+class Peer:
+    """Another engine as this one reaches it: ``id`` is the transport's peer index."""
+
     __slots__ = ("id", "ndom", "address")
 
     def __init__(self, pid: int, ndom: int, address: EngineAddress) -> None:
@@ -53,10 +59,9 @@ class _Route:
     view of bases and keys on the first write only. A target in this very engine
     is checked on every write: its region may be unregistered in between."""
 
-    __slots__ = ("peer", "ndom", "remote", "self_target")
+    __slots__ = ("remote", "self_target")
 
-    def __init__(self, peer: _Peer, remote: Any, self_target: bool) -> None:
-        self.peer, self.ndom = peer.id, peer.ndom
+    def __init__(self, remote: Remote, self_target: bool) -> None:
         self.remote, self.self_target = remote, self_target
 
 
@@ -64,19 +69,16 @@ class Engine:
     """An endpoint on one or more domains (NICs). Open it with ``async with``.
 
     ``provider``: ``"auto"`` (efa, then verbs, then tcp; shm with
-    ``local_only=True``), a libfabric provider (``"shm"``, ``"tcp"``, ``"efa"``,
-    ``"verbs;ofi_rxm"``), or ``"BACKEND:PROVIDER"``. ``domains``: how many
-    domains to stripe over (several NICs; on loopback several instances stand
-    in). ``node``: the local address to bind (tcp, verbs). ``chunk_bytes``:
-    the largest single write; a longer write is split, one immediate per chunk.
-    ``peer_timeout``: a transfer the peer does not take within this many
-    seconds fails with :class:`PeerUnreachable`. ``cuda``: how CUDA tensors are
-    registered (docs/gpu.md): ``"auto"`` registers them directly when the provider
-    advertises FI_HMEM and accepts a CUDA registration, else stages them through
-    pinned host memory (on shm it stages: shm turns CMA off for FI_HMEM endpoints);
-    ``"direct"`` refuses to stage; ``"staged"`` always stages.
-    ``nvlink=True`` with ``provider="auto", local_only=True`` picks the cuda_ipc
-    backend (NVLink/PCIe peer copies between processes of one host) when CUDA is here.
+    ``local_only=True``; cuda_ipc with ``local_only=True, nvlink=True`` when CUDA
+    is here), a libfabric provider (``"shm"``, ``"tcp"``, ``"efa"``,
+    ``"verbs;ofi_rxm"``), ``"BACKEND:PROVIDER"``, or a backend's name.
+    ``domains``: how many domains to stripe over (several NICs; on loopback
+    several instances stand in). ``node``: the local address to bind (tcp,
+    verbs). ``chunk_bytes``: the largest single write; a longer write is split,
+    one immediate per chunk. ``peer_timeout``: a transfer the peer does not take
+    within this many seconds fails with :class:`PeerUnreachable`. ``cuda``: how
+    GPU tensors travel, handed to the transport (docs/gpu.md): ``"auto"``,
+    ``"direct"`` or ``"staged"``.
     """
 
     def __init__(
@@ -95,17 +97,23 @@ class Engine:
     ) -> None:
         if isinstance(domains, bool) or not isinstance(domains, int) or not 1 <= domains <= 16:
             raise ValueError(f"domains must be an int from 1 to 16, got {domains!r}")
-        if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
+        if chunk_bytes is not None and (
+            isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+        ):
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-        if not isinstance(peer_timeout, (int, float)) or peer_timeout <= 0:
+        if (
+            isinstance(peer_timeout, bool)
+            or not isinstance(peer_timeout, (int, float))
+            or not peer_timeout > 0
+        ):
             raise ValueError(f"peer_timeout must be > 0 seconds, got {peer_timeout!r}")
         self.peer_timeout = float(peer_timeout)
-        if not isinstance(ctrl_max, int) or not 64 <= ctrl_max <= 1 << 20:
+        if isinstance(ctrl_max, bool) or not isinstance(ctrl_max, int) or not 64 <= ctrl_max <= 1 << 20:
             raise ValueError(f"ctrl_max must be an int from 64 to 1 MiB, got {ctrl_max!r}")
         if cuda not in ("auto", "direct", "staged"):
             raise ValueError(f"cuda must be 'auto', 'direct' or 'staged', got {cuda!r}")
         self._cuda = cuda
-        self._backend, self._provider_req = backends.resolve(
+        self._backend, self._provider_req = registry.resolve(
             provider, local_only=local_only, nvlink=nvlink
         )
         self._spec = provider
@@ -117,6 +125,7 @@ class Engine:
         self._t: Transport = None  # type: ignore[assignment]
         self._opened = False
         self._closed = False
+        self._fatal: BaseException | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -131,17 +140,16 @@ class Engine:
         if self._opened:
             raise RuntimeError("engine is already open")
         self._loop: LoopAdapter = current_adapter()
-        self._t = self._backend.open(
+        t = self._t = registry.open_resolved(
+            self._backend,
             self._provider_req,
             domains=self._domains,
             node=self._node,
-            ctrl_max=self._ctrl_max + 1,  # one framing byte: user message or landing notice
-            hmem=_ask_hmem(self._cuda, self._provider_req),
+            ctrl_max=self._ctrl_max,
+            cuda=self._cuda,
         )
         self._opened = True
-        t = self._t
-        max_chunk = t.max_msg_size
-        self.chunk_bytes = min(self._chunk_req or DEFAULT_CHUNK, max_chunk)
+        self.chunk_bytes = min(self._chunk_req or DEFAULT_CHUNK, t.max_msg_size)
         self._addr = EngineAddress(
             os.urandom(8), t.backend, t.provider, tuple(t.addresses), host_id(), os.getpid()
         )
@@ -149,20 +157,24 @@ class Engine:
         self._tokens = itertools.count(1)
         self._ops: dict[int, tuple[Any, Region | None]] = {}
         self._counters: dict[int, ImmCounter] = {}
-        self._peers: dict[bytes, _Peer] = {}
+        self._peers: dict[bytes, Peer] = {}
         self._regions: dict[int, Region] = {}
         self._region_ids = itertools.count(1)
         self._inbox: deque[bytes] = deque()
         self._recv_waiters: deque[Any] = deque()
         self._wait_spin_ns = int(self.policy.wait_spin_us * 1e3)
-        self._fatal: BaseException | None = None
-        self._gpu: _staging.CopyWaiter | None = None
-        self._staging_errors = 0
-        self._cuda_direct: bool | None = None  # learned at the first CUDA registration
-        t.start(
-            dataclasses.replace(self.policy.to_ns(), post_timeout_ns=int(self.peer_timeout * 1e9))
-        )
-        self._loop.watch(t.notify_fd, self._drain)
+        self._draining = False
+        try:
+            t.start(
+                dataclasses.replace(
+                    self.policy.to_ns(), post_timeout_ns=int(self.peer_timeout * 1e9)
+                )
+            )
+            self._loop.watch(t.notify_fd, self._drain)
+        except BaseException:
+            self._closed = True
+            t.close()
+            raise
 
     async def __aenter__(self) -> Engine:
         await self._open()
@@ -182,24 +194,25 @@ class Engine:
             return
         self._closed = True
         self._loop.unwatch()
-        exc = EngineClosed("the engine was closed while this was pending")
+        self._fail_all(EngineClosed("the engine was closed while this was pending"))
+        self._ops.clear()
+        for r in list(self._regions.values()):
+            r._closed = True
+        self._regions.clear()
+        self._t.close()
+        _CLOSED_UIDS.add(self._addr.uid)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """Fail every pending transfer, counter wait and recv with ``exc``."""
         for w, _ in self._ops.values():
             if not w.done():
                 w.set_exception(exc)
-        self._ops.clear()
         for c in self._counters.values():
             c._fail_all(exc)
         while self._recv_waiters:
             w = self._recv_waiters.popleft()
             if not w.done():
                 w.set_exception(exc)
-        for r in list(self._regions.values()):
-            r._closed = True
-        self._regions.clear()
-        if self._gpu is not None:
-            self._gpu.close()
-        self._t.close()
-        _CLOSED_UIDS.add(self._addr.uid)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -208,6 +221,11 @@ class Engine:
             raise EngineClosed(
                 "the engine is not open yet: use `async with Engine(...)` or `await Engine.open(...)`"
             )
+        if self._fatal is not None:
+            raise TransferError(
+                f"the engine's transport failed earlier ({self._fatal}); nothing more can be "
+                "sent or received on it: close it and open a new Engine"
+            ) from self._fatal
 
     # ---------------------------------------------------------------- properties
 
@@ -225,7 +243,7 @@ class Engine:
 
     @property
     def backend(self) -> str:
-        """The backend's name (``"libfabric"``)."""
+        """The backend's name (``"libfabric"``, ``"pyverbs"``, ``"cuda_ipc"``)."""
         return self._backend.name
 
     @property
@@ -246,7 +264,11 @@ class Engine:
 
     @property
     def transport(self) -> Transport:
-        self._check_open()
+        """The transport under this engine (the contract of ``asyncfabric.transport``)."""
+        if self._closed:
+            raise EngineClosed("the engine is closed; open a new Engine")
+        if not self._opened:
+            raise EngineClosed("the engine is not open yet")
         return self._t
 
     def stats(self) -> dict[str, int]:
@@ -256,119 +278,52 @@ class Engine:
         st["live_counters"] = self._t.counters_live()
         st["live_regions"] = len(self._regions)
         st["pending_ops"] = len(self._ops)
-        st["staging_errors"] = self._staging_errors
         return st
-
-    def _gpu_helper(self) -> _staging.CopyWaiter:
-        if self._gpu is None:
-            self._gpu = _staging.CopyWaiter(self._t.notify_fd)
-        return self._gpu
 
     # ---------------------------------------------------------------- memory
 
-    def register(
-        self,
-        buf: Any,
-        *,
-        remote_write: bool = True,
-        remote_read: bool = True,
-        _force_staged: bool = False,
-    ) -> Region:
-        """Register a bytes-like object, numpy array or contiguous torch tensor (host or CUDA).
+    def register(self, buf: Any, *, remote_write: bool = True, remote_read: bool = True) -> Region:
+        """Register a bytes-like object, numpy array or contiguous torch tensor.
 
-        CUDA tensors are registered directly, through CUDA IPC (cuda_ipc backend), or
-        staged through a pinned host mirror of the same size; see docs/gpu.md.
+        Which memory kinds work is the transport's to say (``transport.devices``):
+        host memory everywhere, GPU tensors where a transport takes them (directly,
+        staged through host memory, or over CUDA IPC; docs/gpu.md).
         """
         self._check_open()
         info = buffer_info(buf)
-        if info.device not in ("cpu", "cuda"):
+        t = self._t
+        if info.device not in t.devices:
             raise RegionError(
-                f"{info.device} memory is not supported; register host or CUDA memory"
+                f"{info.device} memory cannot be registered on {t.backend}:{t.provider} "
+                f"(it takes {', '.join(sorted(t.devices))} memory); register host memory, "
+                "or install what the transport needs for this kind (docs/gpu.md)"
             )
-        if info.device == "cuda" or _force_staged:
-            return self._register_cuda(info, remote_write, remote_read, _force_staged)
         if info.readonly and remote_write:
             raise RegionError(
                 "buffer is read-only; register it with remote_write=False to use it only as a source"
             )
-        reg = self._t.register(
+        reg = t.register(
             info.ptr,
             info.nbytes,
             remote_write=remote_write,
             remote_read=remote_read,
             device=info.device,
             device_index=info.device_index,
+            owner=info.owner,
         )
         rid = next(self._region_ids) & 0xFFFFFFFF
-        region = Region(self, info, reg, rid, flags_for(remote_write, remote_read))
+        flags = flags_for(remote_write, remote_read) | (FLAG_STAGED if reg.staged else 0)
+        region = Region(self, info, reg, rid, flags)
         self._regions[rid] = region
         return region
-
-    def _register_cuda(
-        self, info: Any, remote_write: bool, remote_read: bool, force_staged: bool
-    ) -> Region:
-        t = self._t
-        flags = flags_for(remote_write, remote_read)
-        if not force_staged and (t.cuda_native or (t.hmem and self._cuda_direct is not False)):
-            try:
-                reg = t.register(
-                    info.ptr,
-                    info.nbytes,
-                    remote_write=remote_write,
-                    remote_read=remote_read,
-                    device=info.device,
-                    device_index=info.device_index,
-                )
-            except TransferError as exc:
-                if t.cuda_native or self._cuda == "direct":
-                    raise RegionError(f"cannot register CUDA memory: {exc}") from exc
-                self._cuda_direct = False  # FI_HMEM advertised, but not for CUDA: stage
-            else:
-                self._cuda_direct = True
-                rid = next(self._region_ids) & 0xFFFFFFFF
-                region = Region(self, info, reg, rid, flags)
-                self._regions[rid] = region
-                return region
-        if self._cuda == "direct" and not force_staged:
-            raise RegionError(
-                f"provider {t.provider!r} cannot register CUDA memory directly (it "
-                f"{'advertises' if t.hmem else 'does not advertise'} FI_HMEM, and no CUDA "
-                "registration succeeded); open the engine with cuda='auto' to stage through host"
-            )
-        _staging.check_stageable(info)
-        stage = _staging.StagedMemory(info.owner, self._gpu_helper())
-        reg = t.register(
-            stage.host_ptr,
-            stage.nbytes,
-            remote_write=remote_write,
-            remote_read=remote_read,
-            device="cpu",
-            device_index=-1,
-        )
-        rid = next(self._region_ids) & 0xFFFFFFFF
-        region = Region(self, info, reg, rid, flags | FLAG_STAGED)
-        region._stage = stage
-        self._regions[rid] = region
-        return region
-
-    @property
-    def cuda_path(self) -> str:
-        """How CUDA tensors travel on this engine: 'ipc', 'direct', 'staged' or 'unknown'
-        (auto, before the first CUDA registration decided)."""
-        self._check_open()
-        if self._t.cuda_native:
-            return "ipc"
-        if self._cuda == "staged" or not self._t.hmem or self._cuda_direct is False:
-            return "staged"
-        return "direct" if self._cuda_direct else "unknown"
 
     def _deregister(self, region: Region) -> None:
         if not self._closed:
-            self._t.deregister(region._reg.handle)
+            self._t.deregister(region._reg)
 
     # ---------------------------------------------------------------- peers
 
-    def connect(self, address: bytes | Descriptor | EngineAddress) -> _Peer:
+    def connect(self, address: bytes | Descriptor | EngineAddress) -> Peer:
         """Make a peer reachable (idempotent); writes and sends do this on their own."""
         self._check_open()
         if isinstance(address, Descriptor):
@@ -383,7 +338,7 @@ class Engine:
             )
         return self._peer(ea)
 
-    def _peer(self, ea: EngineAddress) -> _Peer:
+    def _peer(self, ea: EngineAddress) -> Peer:
         key = ea.uid
         p = self._peers.get(key)
         if p is not None:
@@ -407,7 +362,7 @@ class Engine:
         pid = self._t.add_peer(ea.domains[:ndom])
         if watch:
             self._t.watch_peer(pid, ea.pid)
-        p = _Peer(pid, ndom, ea)
+        p = Peer(pid, ndom, ea)
         self._peers[key] = p
         return p
 
@@ -417,11 +372,11 @@ class Engine:
         r = desc._cache.get(key)
         if r is None:
             self._check_target(desc)
-            r = _Route(
-                self._peer(desc.address),
-                self._t.remote(desc.bases, desc.keys, desc.ext),
-                desc.address.uid == key,
+            peer = self._peer(desc.address)
+            target = Target(
+                desc.bases, desc.keys, desc.nbytes, desc.chunk_bytes, desc.ext, desc.staged
             )
+            r = _Route(self._t.remote(peer.id, peer.ndom, target), desc.address.uid == key)
             desc._cache[key] = r
         elif r.self_target:
             self._check_target(desc)
@@ -486,7 +441,7 @@ class Engine:
         """One-sided write of ``src`` into ``dst``; done when the source buffer may be reused.
 
         With ``imm``, each chunk carries it: the receiver's counter for ``imm``
-        grows by ``dst.descriptor.expected_imms(nbytes)``. A CUDA source is read
+        grows by ``dst.descriptor.expected_imms(nbytes)``. A GPU source is read
         only after the work already queued on ``stream`` (default: the current
         stream of its device) at the time of the call (docs/gpu.md).
         """
@@ -496,55 +451,22 @@ class Engine:
         n = s.nbytes
         if n != d.nbytes:
             raise ValueError(f"source has {n} bytes but destination has {d.nbytes}")
-        imm_v = -1 if imm is None else check_imm(imm)
-        desc = d.descriptor
-        route = self._route(desc)
+        imm_v = NO_IMM if imm is None else check_imm(imm)
+        route = self._route(d.descriptor)
         region = s.region
-        if n and (region._stage is not None or desc.flags & FLAG_STAGED):
-            await _staging.staged_write(self, s, d, imm_v, timeout, stream)
-            return
-        if n and region._info.device == "cuda":
-            await self._after_producer(region, stream)
-        # The hot path posts directly rather than through _submit: repacking ten
-        # arguments through *args cost 0.5 us of a 2.8 us write (side by side).
         token = next(self._tokens)
-        rc = self._t.post_write(
-            token,
-            route.peer,
-            route.ndom,
-            region._info.ptr + s.offset,
-            region._reg.handle,
-            n,
-            desc.chunk_bytes,
-            route.remote,
-            d.offset,
-            imm_v,
-        )
-        if rc == 1:  # finished inside the call (injected): no waiter, no event
+        if stream is None:
+            done = self._t.post_write(
+                token, route.remote, d.offset, region._reg, s.offset, n, imm_v
+            )
+        else:
+            done = self._t.post_write(
+                token, route.remote, d.offset, region._reg, s.offset, n, imm_v, stream
+            )
+        if done:  # finished inside the call (injected): no waiter, no event
             self._after_call()
         else:
             await self._await_op(token, region, timeout)
-
-    async def _after_producer(self, region: Region, stream: Any) -> None:
-        """Order the transport's read of a CUDA source after its producer stream."""
-        prod = _staging.producer_stream(region._info.device_index, stream)
-        order = getattr(self._t, "cuda_order_after", None)
-        if order is not None:  # the transport's copy stream waits on the GPU itself
-            order(prod)
-            return
-        import torch
-
-        ev = torch.cuda.Event()
-        ev.record(prod)
-        if ev.query():
-            return
-        w = self._loop.new_waiter()
-        self._gpu_helper().when_done(
-            ev,
-            lambda e: w.done() or (w.set_exception(e) if e else w.set_result(None)),
-            prod.device.index,
-        )
-        await self._loop.wait(w, None)
 
     async def write_imm(
         self, dst: Descriptor | RemoteSlice, imm: int, *, timeout: float | None = None
@@ -553,22 +475,12 @@ class Engine:
         self._check_open()
         d = self._remote_slice(dst)
         imm_v = check_imm(imm)
-        desc = d.descriptor
-        route = self._route(desc)
-        await self._submit(
-            None,
-            timeout,
-            self._t.post_write,
-            route.peer,
-            route.ndom,
-            0,
-            -1,
-            0,
-            desc.chunk_bytes,
-            route.remote,
-            d.offset,
-            imm_v,
-        )
+        route = self._route(d.descriptor)
+        token = next(self._tokens)
+        if self._t.post_write(token, route.remote, d.offset, None, 0, 0, imm_v):
+            self._after_call()
+        else:
+            await self._await_op(token, None, timeout)
 
     async def write_paged(
         self,
@@ -621,55 +533,41 @@ class Engine:
         if sp.shape != dp.shape:
             raise ValueError(f"src_pages has {sp.size} entries but dst_pages has {dp.size}")
         n = int(sp.size)
-        imm_v = -1 if imm is None else check_imm(imm)
+        imm_v = NO_IMM if imm is None else check_imm(imm)
         route = self._route(dst)
-        if s.region._stage is not None or dst.staged:
-            raise RegionError(
-                "write_paged does not take staged GPU regions; register GPU memory on a "
-                "provider with FI_HMEM CUDA support or use the cuda_ipc backend, or use write()"
-            )
-        src_off = src_offset + sp * np.uint64(ss)
-        dst_off = dst_offset + dp * np.uint64(ds)
-        if n:
-            if int(src_off.max()) + page_size > s.region.nbytes:
-                raise RegionError(
-                    f"a source page reaches byte {int(src_off.max()) + page_size}, past the "
-                    f"{s.region.nbytes}-byte source region"
-                )
-            if int(dst_off.max()) + page_size > dst.nbytes:
-                raise RegionError(
-                    f"a destination page reaches byte {int(dst_off.max()) + page_size}, past the "
-                    f"{dst.nbytes}-byte destination region"
-                )
-        else:
+        if not n:
             return 0
+        src_off = np.ascontiguousarray(src_offset + sp * np.uint64(ss), np.uint64)
+        dst_off = np.ascontiguousarray(dst_offset + dp * np.uint64(ds), np.uint64)
+        if int(src_off.max()) + page_size > s.region.nbytes:
+            raise RegionError(
+                f"a source page reaches byte {int(src_off.max()) + page_size}, past the "
+                f"{s.region.nbytes}-byte source region"
+            )
+        if int(dst_off.max()) + page_size > dst.nbytes:
+            raise RegionError(
+                f"a destination page reaches byte {int(dst_off.max()) + page_size}, past the "
+                f"{dst.nbytes}-byte destination region"
+            )
         region = s.region
-        await self._submit(
-            region,
-            timeout,
-            self._t.post_paged,
-            route.peer,
-            route.ndom,
-            region.ptr,
-            region._reg.handle,
-            np.ascontiguousarray(src_off, np.uint64),
-            np.ascontiguousarray(dst_off, np.uint64),
-            page_size,
-            route.remote,
-            imm_v,
-        )
+        token = next(self._tokens)
+        op = PagedWrite(token, route.remote, region._reg, src_off, dst_off, page_size, imm_v)
+        if self._t.post_paged(op):
+            self._after_call()
+        else:
+            await self._await_op(token, region, timeout)
         return n
 
     async def send(
         self,
-        to: bytes | Descriptor | _Peer,
+        to: bytes | Descriptor | Peer,
         data: bytes | bytearray | memoryview,
         *,
         timeout: float | None = None,
     ) -> None:
         """Two-sided send of a small control message (at most ``ctrl_max`` bytes)."""
         self._check_open()
-        peer = to if isinstance(to, _Peer) else self.connect(to)
+        peer = to if isinstance(to, Peer) else self.connect(to)
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"send takes bytes, got {type(data).__name__}")
         data = bytes(data)
@@ -678,9 +576,11 @@ class Engine:
                 f"message of {len(data)} bytes exceeds ctrl_max={self._ctrl_max}; "
                 "use write() for bulk data or open the engines with a larger ctrl_max"
             )
-        await self._submit(
-            None, timeout, self._t.post_send, peer.id, bytes([_staging.MSG_USER]) + data
-        )
+        token = next(self._tokens)
+        if self._t.post_send(token, peer.id, data):
+            self._after_call()
+        else:
+            await self._await_op(token, None, timeout)
 
     async def recv(self, *, timeout: float | None = None) -> bytes:
         """Receive the next control message sent to this engine."""
@@ -692,7 +592,8 @@ class Engine:
         self._recv_waiters.append(w)
         self._spin_for(w)
         try:
-            return await self._loop.wait(w, timeout)
+            data: bytes = await self._loop.wait(w, timeout)
+            return data
         except BaseException as exc:
             if w.done() and not w.cancelled() and w.exception() is None:
                 self._inbox.appendleft(w.result())  # delivered but not taken: keep it
@@ -711,17 +612,16 @@ class Engine:
             c = self._counters[imm] = ImmCounter(self, imm)
         return c
 
-    # ---------------------------------------------------------------- completion plumbing
+    def poll(self) -> int:
+        """Act now on every event the transport has ready (completions, counters, messages).
 
-    async def _submit(
-        self, region: Region | None, timeout: float | None, post: Any, *args: Any
-    ) -> None:
-        """Post one transfer (``post(token, *args)``) and wait for its end."""
-        token = next(self._tokens)
-        if post(token, *args) == 1:  # finished inside the call (injected)
-            self._after_call()
-        else:
-            await self._await_op(token, region, timeout)
+        The event loop does this on its own whenever the transport signals; call it
+        after driving the transport directly (a native benchmark loop, say).
+        Returns how many events were handled."""
+        self._check_open()
+        return self._drain()
+
+    # ---------------------------------------------------------------- completion plumbing
 
     async def _await_op(self, token: int, region: Region | None, timeout: float | None) -> None:
         """Wait for the end of posted transfer ``token``.
@@ -760,21 +660,39 @@ class Engine:
         if self._t.pending_events():
             self._drain()
 
-    def _drain(self) -> None:
-        if not self._closed:
-            if self._gpu is not None:
-                self._gpu.run_done()
-            self._t.drain(self)
+    def _drain(self) -> int:
+        """Handle the transport's ready events (event-loop thread; never re-entered)."""
+        if self._closed or self._draining:
+            return 0
+        self._draining = True
+        try:
+            evs = self._t.drain()
+            for ev in evs:
+                if isinstance(ev, OpDone):
+                    self._on_op(ev)
+                elif isinstance(ev, CounterReady):
+                    c = self._counters.get(ev.imm)
+                    if c is not None:
+                        c._serve()
+                elif isinstance(ev, Message):
+                    self._on_message(ev.data)
+                elif isinstance(ev, Fatal):
+                    self._on_fatal(ev.error)
+                if self._closed:
+                    break
+            return len(evs)
+        finally:
+            self._draining = False
 
-    def _on_op(self, token: int, status: int, held: bool = False) -> None:
-        if held:
+    def _on_op(self, ev: OpDone) -> None:
+        if ev.held:
             # Failed early (peer lost): fail the caller now, but keep the source region
             # registered until the transport lets go of the transfer (a final event).
-            entry = self._ops.get(token)
+            entry = self._ops.get(ev.token)
             if entry is not None and not entry[0].done():
-                entry[0].set_exception(self._t.error(status, "transfer"))
+                entry[0].set_exception(ev.error or self._t.error(ev.status, "transfer"))
             return
-        entry = self._ops.pop(token, None)
+        entry = self._ops.pop(ev.token, None)
         if entry is None:
             return
         w, region = entry
@@ -784,23 +702,12 @@ class Engine:
                 self._deregister(region)
         if w.done():
             return
-        if status:
-            w.set_exception(self._t.error(status, "transfer"))
+        if ev.status or ev.error is not None:
+            w.set_exception(ev.error or self._t.error(ev.status, "transfer"))
         else:
             w.set_result(None)
 
-    def _on_counter(self, imm: int) -> None:
-        c = self._counters.get(imm)
-        if c is not None:
-            c._serve()
-
     def _on_message(self, data: bytes) -> None:
-        if not data:
-            return
-        if data[0] == _staging.MSG_LANDED:
-            _staging.on_landed(self, data[1:])
-            return
-        data = data[1:]
         while self._recv_waiters:
             w = self._recv_waiters.popleft()
             if not w.done():
@@ -808,27 +715,17 @@ class Engine:
                 return
         self._inbox.append(data)
 
-    def _on_fatal(self, domain: int, status: int) -> None:
-        self._fatal = self._t.error(status, f"domain {domain}")
+    def _on_fatal(self, error: Exception) -> None:
+        # The transport broke: nothing pending will complete. Fail it all now, with
+        # the cause, rather than let waiters time out; later calls raise too.
+        if self._fatal is None:
+            self._fatal = error
+        self._fail_all(error)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._opened else "not open")
         prov = self._t.provider if self._opened else self._spec
         return f"<Engine {self._backend.name}:{prov} domains={self._domains} {state}>"
-
-
-def _ask_hmem(cuda: str, provider: str) -> bool:
-    """Whether to ask the provider for FI_HMEM (registering GPU memory directly).
-
-    libfabric's shm provider turns CMA (one process_vm_readv per transfer) off for an
-    endpoint opened with FI_HMEM: every host-memory transfer then goes through its
-    bounce buffers, copied on both sides, for half the bandwidth at twice the CPU
-    (1 MiB writes on this 2-core machine: 8.4-8.9 against 16.5-21.2 GB/s, raw loop).
-    So on shm CUDA tensors take the staged path unless ``cuda="direct"`` asks.
-    """
-    if cuda == "staged":
-        return False
-    return cuda == "direct" or provider.partition(";")[0] != "shm"
 
 
 def _pid_alive(pid: int) -> bool:

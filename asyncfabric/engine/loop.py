@@ -64,7 +64,7 @@ class LoopAdapter:
     def new_waiter(self) -> Any:
         raise NotImplementedError
 
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+    def watch(self, fd: int, callback: Callable[[], object]) -> None:
         raise NotImplementedError
 
     def unwatch(self) -> None:
@@ -125,7 +125,7 @@ class AsyncioAdapter(LoopAdapter):
         finally:
             handle.cancel()
 
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+    def watch(self, fd: int, callback: Callable[[], object]) -> None:
         def on_readable() -> None:
             try:
                 os.read(fd, 8)
@@ -156,7 +156,7 @@ class TrioAdapter(LoopAdapter):
     def new_waiter(self) -> _TrioWaiter:
         return _TrioWaiter(self._trio.Event())
 
-    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+    def watch(self, fd: int, callback: Callable[[], object]) -> None:
         trio = self._trio
         # The watcher holds its own reference: an engine closed before the task
         # first runs has unwatched (self._scope is None by then), and a system

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ImmTimeout
+from .._errors import ImmTimeout
+from ..transport.contract import EVENTS_READY, NOT_POLLED, TAKEN
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from .engine import Engine
 
 
 class ImmCounter:
@@ -51,13 +52,13 @@ class ImmCounter:
             if timeout is not None:
                 spin = min(spin, int(timeout * 1e9))
             r = eng._t.counter_take_spin(self.imm, expected, spin)
-            if r & 2:
+            if r & EVENTS_READY:
                 eng._drain()
-            if r & 1:
+            if r & TAKEN:
                 return
-            # A spin cut short by other events (bit 1) did not have its time; one
-            # that polled nothing (bit 2) never started: both spin the usual way.
-            spun = not r & 6
+            # A spin cut short by other events did not have its time; one that
+            # polled nothing never started: both spin the usual way.
+            spun = not r & (EVENTS_READY | NOT_POLLED)
         w = eng._loop.new_waiter()
         self._waiters.append((expected, w))
         if len(self._waiters) == 1:

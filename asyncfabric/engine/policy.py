@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .abc import PolicyNs
+from ..transport.contract import PolicyNs
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,431 @@
+/* asyncfabric native core over libfabric: the internal header every unit of
+ * the core includes first, and the only one that knows the engine's layout.
+ *
+ * Owns, per engine: one or more domains (fabric, domain, CQ, AV, RDM endpoint),
+ * the memory registrations, the in-flight transfers, the immediate counters and
+ * a ring of events for Python. Every libfabric call and every table here is
+ * guarded by one engine mutex (the domains are opened FI_THREAD_DOMAIN), so the
+ * provider sees one caller at a time: either the progress thread or the Python
+ * thread inside an afe_* call.
+ *
+ * The hot loops live in the core: chunking a write, posting the pages of a
+ * paged write, reading completions and counting immediates. Python hears about
+ * a transfer once, when it is done, and about a counter once, when the count it
+ * armed for has arrived.
+ *
+ * The units, one concept each (the list is _build.py's SOURCES):
+ *   events.c    the event ring for Python, the notify and wake fds
+ *   counters.c  the immediate counter table and the need published to writers
+ *   ops.c       the op slab, posting (pump), afe_post_*
+ *   cq.c        completions: entries, errors, receive buffers
+ *   progress.c  one progress pass, the progress thread, Python's spins
+ *   setup.c     getinfo, opening and closing domains and engines, peers, MRs
+ *   quirks.c    what differs per provider, in one table
+ *   afpeer.c    peer failure detection
+ *   doorbell.c  waking sleeping engines on this host
+ *   shmname.c   shm region names, reclaiming dead processes' regions
+ *   hook.c      the native hook for C outside the core (afhook.h)
+ *   cudanote.c  the CUDA host function that rings the notify fd
+ *
+ * What the hot paths share (counting an immediate on every completion, the
+ * event push, the counter lookup, peer bookkeeping per transfer) is static
+ * inline here, so splitting the core costs no calls per completion or post.
+ * Functions shared across units are hidden (AF_INTERNAL): not exported from
+ * the module, never interposed, and inlinable inside their own unit.
+ */
+#ifndef AF_INT_H
+#define AF_INT_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <rdma/fabric.h>
+#include <rdma/fi_cm.h>
+#include <rdma/fi_domain.h>
+#include <rdma/fi_endpoint.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
+
+/* Our units build warning-free: in them every -Wall and -Wextra warning is an
+ * error, whatever the compiler is told on its command line (_build.py passes
+ * -Wall -Wextra to every file, cffi's generated wrapper included, but only our
+ * units are held to it here). Placed after the system and libfabric headers. */
+#pragma GCC diagnostic error "-Wall"
+#pragma GCC diagnostic error "-Wextra"
+
+#define AF_INTERNAL __attribute__((visibility("hidden")))
+
+#include "afcore.h"
+#include "afhook.h"
+#include "doorbell.h"
+#include "quirks.h"
+#include "shmname.h"
+
+#define AF_MAX_DOMS 16
+#define AF_NONE UINT32_MAX
+#define AF_AGAIN 1
+#define AF_DONE 0
+
+_Static_assert(AF_MAX_DOMS == AF_HOOK_MAX_DOMS, "the hook carries every domain");
+
+enum { AF_EV_OP = 1, AF_EV_COUNTER = 2, AF_EV_RECV = 3, AF_EV_FATAL = 4 };
+enum { OP_WRITE = 1, OP_PAGED = 2, OP_SEND = 3 };
+enum { AF_ACCESS_REMOTE_WRITE = 1, AF_ACCESS_REMOTE_READ = 2 };
+
+/* Tags tell a libfabric op_context apart: our contexts begin with the
+ * fi_context2 the provider may use, followed by the tag. */
+#define TAG_TX 0x7478u
+#define TAG_RX 0x7278u
+
+typedef struct af_wr {
+    struct fi_context2 ctx;
+    uint32_t tag;
+    uint32_t op;
+    int32_t sslot;
+    uint32_t next_free;
+} af_wr;
+
+typedef struct af_rx {
+    struct fi_context2 ctx;
+    uint32_t tag;
+    uint32_t slot;
+    uint8_t *buf;
+    int state; /* RX_* */
+} af_rx;
+
+enum { RX_IDLE = 0, RX_POSTED = 1, RX_HELD = 2 };
+
+typedef struct af_dom {
+    struct fi_info *info;
+    struct fid_fabric *fabric;
+    struct fid_domain *domain;
+    struct fid_av *av;
+    struct fid_cq *cq;
+    struct fid_ep *ep;
+    int wait_fd;
+    uint64_t max_msg, inject, mr_mode, key_size;
+    int rx_cq_data;
+    /* transmit contexts: one per completion-generating post, a fixed pool */
+    af_wr *wrs;
+    uint32_t nwr, wr_free, credits;
+    /* receive pool: control messages, and remote CQ data on FI_RX_CQ_DATA providers */
+    af_rx *rx;
+    uint32_t nrx;
+    int rx_retry; /* a repost failed (EAGAIN): progress tries again */
+    uint8_t *rxmem;
+    struct fid_mr *rx_mr;
+    void *rx_desc;
+    /* send slots for control messages too large to inject */
+    uint8_t *txmem;
+    struct fid_mr *tx_mr;
+    void *tx_desc;
+    int32_t *tx_free;
+    int32_t tx_top, ntx;
+} af_dom;
+
+typedef struct af_peer {
+    fi_addr_t addr[AF_MAX_DOMS];
+    af_bell bell;
+    /* failure detection (afpeer.c): a watched process, whether it is gone,
+     * how many transfers to it are live and when it last completed one */
+    int pidfd;
+    int32_t pid;
+    int dead;
+    uint32_t inflight;
+    uint64_t t_progress;
+} af_peer;
+
+typedef struct af_mr {
+    struct fid_mr *mr[AF_MAX_DOMS];
+    void *desc[AF_MAX_DOMS];
+    int live;
+    int next_free;
+    int iface; /* FI_HMEM_*: device memory is never injected (inject reads it with the CPU) */
+} af_mr;
+
+typedef struct af_op {
+    uint64_t token;
+    uint32_t kind, peer, ndom, next;
+    int32_t status, mr;
+    int active, pending;
+    int reported; /* failed early (afpeer.c); the final event follows when the provider lets go */
+    uint64_t total, posted, outstanding;
+    uint64_t t_queued;
+    uint8_t *laddr;
+    uint64_t len, chunk, page;
+    uint64_t raddr[AF_MAX_DOMS], rkey[AF_MAX_DOMS];
+    int64_t imm;
+    uint64_t *offs; /* paged: npages source offsets, then npages destination offsets */
+    void *msg;
+    uint32_t msglen;
+} af_op;
+
+typedef struct af_ctr {
+    uint32_t imm;
+    uint32_t used;
+    uint64_t avail; /* arrived and not yet taken */
+    uint64_t want;  /* armed threshold, 0 when nobody waits */
+} af_ctr;
+
+struct af_engine {
+    pthread_mutex_t lock;
+    int ndom;
+    af_dom dom[AF_MAX_DOMS];
+    uint32_t ctrl_max;
+
+    af_peer *peers;
+    uint32_t npeers, cap_peers;
+
+    af_mr *mrs;
+    int nmrs, cap_mrs, mr_free;
+
+    af_op *ops;
+    uint32_t cap_ops, op_free, pend_head, pend_tail;
+    uint64_t live_ops;
+
+    af_ctr *ctr;
+    uint64_t ctr_cap, ctr_n;
+    uint64_t armed; /* counters somebody waits on: keep the progress thread's naps short */
+    uint64_t need_min; /* <= the fewest arrivals any armed counter still needs (UINT64_MAX: none) */
+    int need_dirty;    /* a waiter left: need_min may have grown, rescan before publishing */
+    uint64_t t_need_scan;
+
+    af_event *ev;
+    uint32_t ev_cap, ev_head, ev_count;
+
+    int notify_fd, wake_fd;
+    af_bell_page *bell_page; /* our doorbell: peers on this host wake us through it */
+    int bell_fd;
+    char bell_name[64];
+    int py_ctx;       /* the Python thread holds the lock: it drains events itself */
+    uint64_t work_gen; /* bumped on every post: the progress thread must not sleep through it */
+    atomic_int spinners, stop;
+    atomic_int sleeping; /* progress thread: 1 blocked in block(), 2 standing aside for Python */
+    /* While the Python thread keeps calling in (posting, spinning) it reaps
+     * completions itself and the progress thread stays out of its way until
+     * this time passes or Python says it is going idle (afe_release). On two
+     * cores, one poller per process is what keeps up with the raw loop. */
+    _Atomic uint64_t py_until;
+    int started;
+    int opened; /* every domain is open and enabled: only then may anything progress them */
+    int all_local; /* every domain's provider is host_only (quirks.h): every writer rings our doorbell */
+    pthread_t thr;
+    af_policy pol;
+    af_stats st;
+    uint8_t scratch[64];
+    int watch_fd;       /* epoll over watched peers' pidfds (afpeer.c), -1 until needed */
+    uint64_t t_watch;   /* last failure-detection pass */
+};
+
+/* ------------------------------------------------------------------ cross-unit functions */
+
+/* events.c */
+AF_INTERNAL void kick(af_engine *e);       /* wake the progress thread */
+AF_INTERNAL void ev_grow(af_engine *e);    /* double the event ring (it is full) */
+AF_INTERNAL void ev_notify(af_engine *e);  /* ring the notify fd: events wait for Python */
+
+/* counters.c */
+AF_INTERNAL void ctr_grow(af_engine *e);
+AF_INTERNAL void ctr_delete(af_engine *e, af_ctr *c);
+AF_INTERNAL uint64_t need_now(af_engine *e, uint64_t t);
+
+/* ops.c */
+AF_INTERNAL void op_free(af_engine *e, uint32_t i);
+AF_INTERNAL int pump_pending(af_engine *e);
+
+/* cq.c */
+AF_INTERNAL int progress_dom(af_engine *e, af_dom *d);
+AF_INTERNAL void cq_hook_entry(af_engine *e, int dom, const struct fi_cq_data_entry *c);
+AF_INTERNAL int cq_hook_error(af_engine *e, int dom, const struct fi_cq_err_entry *err);
+AF_INTERNAL void cq_hook_repost_rx(af_engine *e, int dom);
+
+/* progress.c */
+AF_INTERNAL int progress_locked(af_engine *e);
+
+/* afpeer.c */
+AF_INTERNAL void peer_watch(af_engine *e);
+AF_INTERNAL void peer_close_all(af_engine *e);
+
+/* ------------------------------------------------------------------ inline helpers */
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static inline void enter_py(af_engine *e) {
+    pthread_mutex_lock(&e->lock);
+    e->py_ctx = 1;
+}
+
+/* A post from Python: mark the thread active, and reap completions on the way. */
+static inline void py_active(af_engine *e) {
+    if (e->pol.py_hold_ns) atomic_store_explicit(&e->py_until, now_ns() + e->pol.py_hold_ns, memory_order_relaxed);
+}
+
+static inline void leave_py(af_engine *e) {
+    e->py_ctx = 0;
+    pthread_mutex_unlock(&e->lock);
+}
+
+/* events: queue one for Python (lock held). */
+static inline void push_event(af_engine *e, uint32_t kind, uint32_t a, int32_t status, uint32_t len,
+                              uint64_t token) {
+    if (e->ev_count == e->ev_cap) ev_grow(e);
+    af_event *ev = &e->ev[(e->ev_head + e->ev_count) & (e->ev_cap - 1)];
+    ev->kind = kind;
+    ev->a = a;
+    ev->status = status;
+    ev->len = len;
+    ev->token = token;
+    e->ev_count++;
+    /* Only the first event of a batch rings the loop, and never when the Python
+     * thread itself is inside a call: it drains on the way out. */
+    if (e->ev_count == 1 && !e->py_ctx) ev_notify(e);
+}
+
+/* counters: open addressing with linear probing, keyed by the 32-bit
+ * immediate (counters.c). An entry lives while something arrived and was not
+ * taken, or somebody waits. */
+static inline uint64_t ctr_hash(uint32_t imm) { return (uint64_t)imm * 0x9E3779B97F4A7C15ull >> 17; }
+
+static inline af_ctr *ctr_find(af_engine *e, uint32_t imm, int create) {
+    for (;;) {
+        uint64_t mask = e->ctr_cap - 1, i = ctr_hash(imm) & mask;
+        while (e->ctr[i].used) {
+            if (e->ctr[i].imm == imm) return &e->ctr[i];
+            i = (i + 1) & mask;
+        }
+        if (!create) return NULL;
+        if ((e->ctr_n + 1) * 2 > e->ctr_cap) {
+            ctr_grow(e); /* then probe the larger table again */
+            continue;
+        }
+        e->ctr[i].used = 1;
+        e->ctr[i].imm = imm;
+        e->ctr[i].avail = 0;
+        e->ctr[i].want = 0;
+        e->ctr_n++;
+        return &e->ctr[i];
+    }
+}
+
+/* Take n arrivals of imm if that many are here and nobody is armed on it
+ * (an armed waiter is served first, by count_imm). Returns 1 when taken; the
+ * entry goes once nothing is left in it. */
+static inline int ctr_take(af_engine *e, uint32_t imm, uint64_t n) {
+    af_ctr *c = ctr_find(e, imm, 0);
+    if (!c || c->want || c->avail < n) return 0;
+    c->avail -= n;
+    if (!c->avail) ctr_delete(e, c);
+    return 1;
+}
+
+/* Publish "somebody waits here" for peers deciding whether to ring us. */
+static inline void publish_waiting(af_engine *e) {
+    if (e->bell_page) atomic_store_explicit(&e->bell_page->waiting, e->armed > 0, memory_order_relaxed);
+}
+
+/* need_min: a lower bound of what the nearest armed counter still needs. It
+ * only drops as counters arm and count; when a waiter leaves it is marked
+ * dirty and rescanned (at most once a millisecond) before it is published. */
+static inline void need_lower(af_engine *e, const af_ctr *c) {
+    uint64_t n = c->want - c->avail;
+    if (n < e->need_min) e->need_min = n;
+}
+
+static inline void need_raise(af_engine *e) {
+    if (e->armed == 0) {
+        e->need_min = UINT64_MAX;
+        e->need_dirty = 0;
+    } else {
+        e->need_dirty = 1;
+    }
+}
+
+/* One immediate arrived: on every remote-CQ-data completion. */
+static inline void count_imm(af_engine *e, uint32_t imm) {
+    af_ctr *c = ctr_find(e, imm, 1);
+    c->avail++;
+    e->st.imms++;
+    if (!c->want) return;
+    if (c->avail >= c->want) {
+        c->want = 0;
+        e->armed--;
+        need_raise(e);
+        publish_waiting(e);
+        push_event(e, AF_EV_COUNTER, imm, 0, 0, 0);
+    } else {
+        need_lower(e, c);
+    }
+}
+
+/* peers (afpeer.c): what is live to a peer, and when it last completed one. */
+static inline void peer_op_begin(af_engine *e, af_op *op) {
+    af_peer *p = &e->peers[op->peer];
+    if (p->inflight++ == 0) p->t_progress = now_ns();
+}
+
+static inline void peer_op_end(af_engine *e, af_op *op) {
+    af_peer *p = &e->peers[op->peer];
+    if (!op->reported && p->inflight) p->inflight--; /* a reported op was uncounted then */
+}
+
+static inline void peer_progress(af_engine *e, af_op *op) { e->peers[op->peer].t_progress = now_ns(); }
+
+/* ops (ops.c) */
+static inline int op_finished(const af_op *op) {
+    return !op->pending && op->posted == op->total && op->outstanding == 0;
+}
+
+static inline void maybe_finish(af_engine *e, uint32_t i) {
+    af_op *op = &e->ops[i];
+    if (!op_finished(op)) return;
+    push_event(e, AF_EV_OP, 0, op->status, 0, op->token);
+    op_free(e, i);
+}
+
+static inline int check_peer(af_engine *e, uint32_t peer, int ndom) {
+    if (peer >= e->npeers) return -FI_EINVAL;
+    if (e->peers[peer].dead) return -ESRCH; /* its process exited: fail now, never post into it */
+    if (ndom < 1 || ndom > e->ndom) return -FI_EINVAL;
+    for (int d = 0; d < ndom; d++)
+        if (e->peers[peer].addr[d] == FI_ADDR_NOTAVAIL) return -FI_EINVAL;
+    return 0;
+}
+
+static inline int check_mr(af_engine *e, int mr) {
+    if (mr < 0) return 0;
+    return mr < e->nmrs && e->mrs[mr].live ? 0 : -FI_EINVAL;
+}
+
+/* receive buffers (cq.c) */
+static inline int post_rx(af_engine *e, af_dom *d, af_rx *rx) {
+    ssize_t ret = fi_recv(d->ep, rx->buf, e->ctrl_max, d->rx_desc, FI_ADDR_UNSPEC, rx);
+    rx->state = ret ? RX_IDLE : RX_POSTED;
+    if (ret) d->rx_retry = 1;
+    return (int)ret;
+}
+
+#endif

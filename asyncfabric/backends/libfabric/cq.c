@@ -1,0 +1,134 @@
+/* Completions: what each CQ entry means (an immediate to count, a message for
+ * Python, a piece of one of our transfers done) and what an error entry fails.
+ * The progress thread, Python's spins and posts (progress.c, ops.c) and the
+ * native hook (afhook.h) all read completions through here. */
+#include "afint.h"
+
+static inline af_rx *as_rx(af_dom *d, void *ctx) {
+    uintptr_t p = (uintptr_t)ctx, lo = (uintptr_t)d->rx, hi = (uintptr_t)(d->rx + d->nrx);
+    return p >= lo && p < hi ? (af_rx *)ctx : NULL;
+}
+
+static inline af_wr *as_wr(af_dom *d, void *ctx) {
+    uintptr_t p = (uintptr_t)ctx, lo = (uintptr_t)d->wrs, hi = (uintptr_t)(d->wrs + d->nwr);
+    return p >= lo && p < hi ? (af_wr *)ctx : NULL;
+}
+
+static void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
+    uint32_t opi = wr->op;
+    if (wr->sslot >= 0) d->tx_free[d->tx_top++] = wr->sslot;
+    wr->next_free = d->wr_free;
+    d->wr_free = (uint32_t)(wr - d->wrs);
+    d->credits++;
+    af_op *op = &e->ops[opi];
+    if (status && !op->status) op->status = status;
+    peer_progress(e, op);
+    op->outstanding--;
+    maybe_finish(e, opi);
+}
+
+static inline void handle_entry(af_engine *e, af_dom *d, const struct fi_cq_data_entry *c) {
+    e->st.completions++;
+    if (c->flags & FI_REMOTE_CQ_DATA) {
+        count_imm(e, (uint32_t)c->data);
+        af_rx *rx = as_rx(d, c->op_context);
+        if (rx) post_rx(e, d, rx);
+        return;
+    }
+    af_rx *rx = as_rx(d, c->op_context);
+    if (rx) {
+        if (d == &e->dom[0]) {
+            rx->state = RX_HELD; /* until Python copies it out (afe_recv_take) */
+            push_event(e, AF_EV_RECV, rx->slot, 0, (uint32_t)c->len, 0);
+        } else {
+            post_rx(e, d, rx); /* messages go to domain 0; anything else is dropped */
+        }
+        return;
+    }
+    af_wr *wr = as_wr(d, c->op_context);
+    if (wr) complete_wr(e, d, wr, 0);
+}
+
+/* An error entry already read. Returns 0 when it was a receive buffer, else
+ * its status: the transfer it belonged to fails, or the CQ is reported dead. */
+static int handle_error_entry(af_engine *e, af_dom *d, const struct fi_cq_err_entry *err) {
+    e->st.cq_errors++;
+    int32_t status = -(int32_t)(err->err ? err->err : FI_EIO);
+    af_wr *wr = as_wr(d, err->op_context);
+    if (wr) {
+        complete_wr(e, d, wr, status);
+        return status;
+    }
+    af_rx *rx = as_rx(d, err->op_context);
+    if (rx) {
+        if (err->err == FI_ECANCELED) rx->state = RX_HELD; /* cancelled at close: never repost */
+        else post_rx(e, d, rx); /* a truncated or failed receive: the buffer is reused */
+        return 0;
+    }
+    push_event(e, AF_EV_FATAL, (uint32_t)(d - e->dom), status, 0, 0);
+    return status;
+}
+
+static void handle_error(af_engine *e, af_dom *d) {
+    struct fi_cq_err_entry err;
+    memset(&err, 0, sizeof err);
+    if (fi_cq_readerr(d->cq, &err, 0) < 0) return;
+    handle_error_entry(e, d, &err);
+}
+
+/* Receive buffers whose repost failed (EAGAIN) go back to the provider. */
+static void repost_idle(af_engine *e, af_dom *d) {
+    if (!d->rx_retry) return;
+    d->rx_retry = 0;
+    for (uint32_t i = 0; i < d->nrx; i++)
+        if (d->rx[i].state == RX_IDLE && post_rx(e, d, &d->rx[i])) break;
+}
+
+int progress_dom(af_engine *e, af_dom *d) {
+    struct fi_cq_data_entry ents[64];
+    int total = 0;
+    for (;;) {
+        ssize_t n = fi_cq_read(d->cq, ents, 64);
+        if (n == -FI_EAGAIN) break;
+        if (n == -FI_EAVAIL) {
+            handle_error(e, d);
+            total++;
+            continue;
+        }
+        if (n < 0) {
+            push_event(e, AF_EV_FATAL, (uint32_t)(d - e->dom), (int32_t)n, 0, 0);
+            break;
+        }
+        for (ssize_t i = 0; i < n; i++) handle_entry(e, d, &ents[i]);
+        total += (int)n;
+        if (n < 64) break;
+    }
+    repost_idle(e, d);
+    return total;
+}
+
+/* Copy a received message out and give its buffer back to the provider. */
+int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len) {
+    enter_py(e);
+    af_dom *d = &e->dom[0];
+    int rc = -FI_EINVAL;
+    if (slot < d->nrx && len <= e->ctrl_max && d->rx[slot].state == RX_HELD) {
+        memcpy(dst, d->rx[slot].buf, len);
+        post_rx(e, d, &d->rx[slot]);
+        rc = 0;
+    }
+    leave_py(e);
+    return rc;
+}
+
+/* The native hook's view of the above (afhook.h: handle_cq_entry,
+ * handle_cq_error, repost_rx), by domain index. */
+void cq_hook_entry(af_engine *e, int dom, const struct fi_cq_data_entry *c) {
+    handle_entry(e, &e->dom[dom], c);
+}
+
+int cq_hook_error(af_engine *e, int dom, const struct fi_cq_err_entry *err) {
+    return handle_error_entry(e, &e->dom[dom], err);
+}
+
+void cq_hook_repost_rx(af_engine *e, int dom) { repost_idle(e, &e->dom[dom]); }

@@ -1,0 +1,329 @@
+/* Transfers: the op slab, posting an op's pieces as far as the endpoints take
+ * them (pump), the queue of ops waiting for room, and afe_post_*. */
+#include "afint.h"
+
+static uint32_t op_alloc(af_engine *e) {
+    if (e->op_free == AF_NONE) {
+        uint32_t ncap = e->cap_ops ? e->cap_ops * 2 : 256;
+        af_op *n = realloc(e->ops, sizeof(af_op) * ncap);
+        if (!n) return AF_NONE;
+        e->ops = n;
+        for (uint32_t i = e->cap_ops; i < ncap; i++) {
+            e->ops[i].active = 0;
+            e->ops[i].next = i + 1 < ncap ? i + 1 : AF_NONE;
+        }
+        e->op_free = e->cap_ops;
+        e->cap_ops = ncap;
+    }
+    uint32_t i = e->op_free;
+    af_op *op = &e->ops[i];
+    e->op_free = op->next;
+    memset(op, 0, sizeof *op);
+    op->active = 1;
+    op->next = AF_NONE;
+    op->mr = -1;
+    op->imm = -1;
+    e->live_ops++;
+    return i;
+}
+
+void op_free(af_engine *e, uint32_t i) {
+    af_op *op = &e->ops[i];
+    peer_op_end(e, op);
+    free(op->offs);
+    free(op->msg);
+    op->offs = NULL;
+    op->msg = NULL;
+    op->active = 0;
+    op->next = e->op_free;
+    e->op_free = i;
+    e->live_ops--;
+}
+
+/* Transmit contexts: take one for a post, commit it once the post went out. */
+static inline int take_wr(af_dom *d, uint32_t opi, int32_t sslot, af_wr **out) {
+    if (d->wr_free == AF_NONE) return 0;
+    af_wr *wr = &d->wrs[d->wr_free];
+    wr->op = opi;
+    wr->sslot = sslot;
+    *out = wr;
+    return 1;
+}
+
+static inline void commit_wr(af_dom *d, af_wr *wr) {
+    d->wr_free = wr->next_free;
+    d->credits--;
+}
+
+/* Post as much of one transfer as the endpoints take. AF_AGAIN: back-pressure,
+ * the op keeps its cursor and is resumed when completions free room. */
+static int pump_op_inner(af_engine *e, uint32_t opi);
+
+/* Post what can go, then wake the peer if it sleeps and needs to act: an op
+ * whose completion waits for the target (anything not injected), a target
+ * somebody waits on (it must count the immediate), a message, or a target
+ * whose queue is full (EAGAIN). Injected writes to a target nobody waits on
+ * need no wake-up: it counts them when it next polls. */
+static int pump_op(af_engine *e, uint32_t opi) {
+    af_op *op = &e->ops[opi];
+    uint64_t before = op->posted, out_before = op->outstanding;
+    int r = pump_op_inner(e, opi);
+    op = &e->ops[opi];
+    af_bell *b = &e->peers[op->peer].bell;
+    if (b->page && (op->posted != before || r == AF_AGAIN)) {
+        /* Post, fence, then read the target's flags: a target that armed a
+         * counter and went to sleep after that read polls once more after its
+         * own fence and finds the post (the Dekker pair of doorbell.h). */
+        atomic_thread_fence(memory_order_seq_cst);
+        int needs = r == AF_AGAIN || op->outstanding != out_before || op->kind == OP_SEND;
+        uint64_t k = op->imm >= 0 ? op->posted - before : 0;
+        if (k && atomic_load_explicit(&b->page->sleeping, memory_order_relaxed)) {
+            /* Immediates for a sleeping target: ring once the writers' sum
+             * reaches what its nearest waiter needs (doorbell.h). */
+            int64_t p = atomic_fetch_add(&b->page->pending, (int64_t)k) + (int64_t)k;
+            needs = needs || (atomic_load_explicit(&b->page->waiting, memory_order_relaxed) &&
+                              (uint64_t)p >= atomic_load(&b->page->need));
+        }
+        if (needs && bell_ring(e->bell_fd, b)) e->st.wakeups++;
+    }
+    return r;
+}
+
+static int pump_op_inner(af_engine *e, uint32_t opi) {
+    af_op *op = &e->ops[opi];
+    int retried = 0;
+    while (op->posted < op->total) {
+        uint64_t c = op->posted;
+        uint32_t dn = (uint32_t)(c % op->ndom);
+        af_dom *d = &e->dom[dn];
+        fi_addr_t dest = e->peers[op->peer].addr[dn];
+        ssize_t ret;
+        af_wr *wr = NULL;
+        int32_t sslot = -1;
+
+        if (op->kind == OP_SEND) {
+            if (op->msglen <= d->inject) {
+                ret = fi_inject(d->ep, op->msg, op->msglen, dest);
+            } else {
+                if (d->tx_top == 0 || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
+                sslot = d->tx_free[d->tx_top - 1];
+                uint8_t *buf = d->txmem + (size_t)sslot * e->ctrl_max;
+                memcpy(buf, op->msg, op->msglen);
+                wr->sslot = sslot;
+                ret = fi_send(d->ep, buf, op->msglen, d->tx_desc, dest, wr);
+            }
+        } else {
+            uint8_t *src;
+            uint64_t dst, len;
+            if (op->kind == OP_WRITE) {
+                uint64_t off = c * op->chunk;
+                len = op->len - off < op->chunk ? op->len - off : op->chunk;
+                src = op->laddr + off;
+                dst = op->raddr[dn] + off;
+            } else {
+                src = op->laddr + op->offs[c];
+                dst = op->raddr[dn] + op->offs[op->total + c];
+                len = op->page;
+            }
+            if (len <= d->inject && !(op->mr >= 0 && e->mrs[op->mr].iface != FI_HMEM_SYSTEM)) {
+                ret = op->imm >= 0
+                          ? fi_inject_writedata(d->ep, src, len, (uint64_t)op->imm, dest, dst, op->rkey[dn])
+                          : fi_inject_write(d->ep, src, len, dest, dst, op->rkey[dn]);
+            } else {
+                if (!d->credits || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
+                void *desc = op->mr >= 0 ? e->mrs[op->mr].desc[dn] : NULL;
+                ret = op->imm >= 0
+                          ? fi_writedata(d->ep, src, len, desc, (uint64_t)op->imm, dest, dst, op->rkey[dn], wr)
+                          : fi_write(d->ep, src, len, desc, dest, dst, op->rkey[dn], wr);
+            }
+        }
+        if (ret == -FI_EAGAIN) {
+            e->st.eagain++;
+            if (!retried) {
+                /* Providers free send resources when their queue is progressed. */
+                retried = 1;
+                progress_dom(e, d);
+                continue;
+            }
+            return AF_AGAIN;
+        }
+        retried = 0;
+        if (ret) {
+            /* Stop posting; the op finishes, failed, once what is out comes back. */
+            if (!op->status) op->status = (int32_t)ret;
+            op->total = op->posted;
+            break;
+        }
+        if (wr) {
+            commit_wr(d, wr);
+            if (sslot >= 0) d->tx_top--;
+            op->outstanding++;
+        }
+        op->posted++;
+        e->st.posts++;
+    }
+    return AF_DONE;
+}
+
+/* Retry every queued op. One that cannot go out (a peer that is not there,
+ * no credits) does not hold up the others; one that cannot go out for
+ * post_timeout_ns fails with FI_ETIMEDOUT instead of waiting forever. */
+int pump_pending(af_engine *e) {
+    uint32_t prev = AF_NONE, i = e->pend_head;
+    uint64_t now = 0;
+    int posted = 0;
+    while (i != AF_NONE) {
+        af_op *op = &e->ops[i];
+        uint32_t next = op->next;
+        uint64_t before = op->posted;
+        int r = pump_op(e, i);
+        op = &e->ops[i];
+        posted += (int)(op->posted - before);
+        if (r == AF_AGAIN && e->pol.post_timeout_ns) {
+            if (!now) now = now_ns();
+            if (now - op->t_queued > e->pol.post_timeout_ns) {
+                if (!op->status) op->status = -FI_ETIMEDOUT;
+                op->total = op->posted;
+                r = AF_DONE;
+            }
+        }
+        if (r == AF_AGAIN) {
+            prev = i;
+            i = next;
+            continue;
+        }
+        if (prev == AF_NONE) e->pend_head = next;
+        else e->ops[prev].next = next;
+        if (e->pend_tail == i) e->pend_tail = prev;
+        op->pending = 0;
+        op->next = AF_NONE;
+        maybe_finish(e, i);
+        i = next;
+    }
+    return posted;
+}
+
+/* Start an op from the Python thread (lock held). Returns 1 when it finished
+ * during the call (every piece was injected), 0 when an event will follow,
+ * or a negative errno when it failed before anything went out. */
+static int start_op(af_engine *e, uint32_t i) {
+    af_op *op = &e->ops[i];
+    peer_op_begin(e, op);
+    if (pump_op(e, i) == AF_AGAIN) {
+        op->pending = 1;
+        op->t_queued = now_ns();
+        if (e->pend_tail == AF_NONE) e->pend_head = i;
+        else e->ops[e->pend_tail].next = i;
+        e->pend_tail = i;
+    }
+    e->work_gen++;
+    if (atomic_load(&e->sleeping) == 1) kick(e);
+    if (op_finished(op)) {
+        int st = op->status;
+        op_free(e, i);
+        return st ? st : 1;
+    }
+    return 0;
+}
+
+int afe_post_write(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *laddr, int mr,
+                   uint64_t len, uint64_t chunk, const uint64_t *rbase, const uint64_t *rkey,
+                   uint64_t roff, int64_t imm) {
+    enter_py(e);
+    int rc = check_peer(e, peer, ndom);
+    if (!rc) rc = check_mr(e, mr);
+    if (!rc && chunk == 0) rc = -FI_EINVAL;
+    uint32_t i = rc ? AF_NONE : op_alloc(e);
+    if (!rc && i == AF_NONE) rc = -FI_ENOMEM;
+    if (!rc) {
+        af_op *op = &e->ops[i];
+        op->kind = OP_WRITE;
+        op->token = token;
+        op->peer = peer;
+        op->ndom = (uint32_t)ndom;
+        op->laddr = laddr ? laddr : e->scratch;
+        op->mr = mr;
+        op->len = len;
+        op->chunk = chunk;
+        op->total = len ? (len + chunk - 1) / chunk : 1;
+        op->imm = imm;
+        for (int d = 0; d < ndom; d++) {
+            op->raddr[d] = rbase[d] + roff;
+            op->rkey[d] = rkey[d];
+        }
+        rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
+    }
+    leave_py(e);
+    return rc;
+}
+
+int afe_post_paged(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *laddr, int mr,
+                   const uint64_t *src_off, const uint64_t *dst_off, uint64_t npages,
+                   uint64_t page, const uint64_t *rbase, const uint64_t *rkey, int64_t imm) {
+    /* Copy the page maps so the caller's arrays need not outlive the call. */
+    uint64_t *offs = npages ? malloc(sizeof(uint64_t) * 2 * npages) : NULL;
+    if (npages && !offs) return -FI_ENOMEM;
+    if (npages) {
+        memcpy(offs, src_off, sizeof(uint64_t) * npages);
+        memcpy(offs + npages, dst_off, sizeof(uint64_t) * npages);
+    }
+    enter_py(e);
+    int rc = check_peer(e, peer, ndom);
+    if (!rc) rc = check_mr(e, mr);
+    uint32_t i = rc ? AF_NONE : op_alloc(e);
+    if (!rc && i == AF_NONE) rc = -FI_ENOMEM;
+    if (rc) {
+        free(offs);
+    } else {
+        af_op *op = &e->ops[i];
+        op->kind = OP_PAGED;
+        op->token = token;
+        op->peer = peer;
+        op->ndom = (uint32_t)ndom;
+        op->laddr = laddr;
+        op->mr = mr;
+        op->offs = offs;
+        op->page = page;
+        op->total = npages;
+        op->imm = imm;
+        for (int d = 0; d < ndom; d++) {
+            op->raddr[d] = rbase[d];
+            op->rkey[d] = rkey[d];
+        }
+        rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
+    }
+    leave_py(e);
+    return rc;
+}
+
+int afe_post_send(af_engine *e, uint64_t token, uint32_t peer, const void *buf, uint32_t len) {
+    if (len > e->ctrl_max) return -FI_EMSGSIZE;
+    void *msg = malloc(len ? len : 1);
+    if (!msg) return -FI_ENOMEM;
+    memcpy(msg, buf, len);
+    enter_py(e);
+    int rc = check_peer(e, peer, 1);
+    uint32_t i = rc ? AF_NONE : op_alloc(e);
+    if (!rc && i == AF_NONE) rc = -FI_ENOMEM;
+    if (rc) {
+        free(msg);
+    } else {
+        af_op *op = &e->ops[i];
+        op->kind = OP_SEND;
+        op->token = token;
+        op->peer = peer;
+        op->ndom = 1;
+        op->msg = msg;
+        op->msglen = len;
+        op->total = 1;
+        rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
+    }
+    leave_py(e);
+    return rc;
+}

@@ -1,0 +1,30 @@
+/* Provider quirks: everything the core does differently per libfabric
+ * provider, looked up in one table (quirks.c) instead of provider names
+ * compared where the difference bites.
+ *
+ * Internal: included through afint.h (AF_INTERNAL comes from there).
+ */
+#ifndef AF_QUIRKS_H
+#define AF_QUIRKS_H
+
+typedef struct af_quirks {
+    /* Never fi_inject* (d->inject = 0): every transfer takes a completion. */
+    unsigned no_inject : 1;
+    /* Name the endpoint's shared-memory region ourselves (fi_setname; shmname.h). */
+    unsigned own_name : 1;
+    /* Before opening: unlink what dead processes of this host left in /dev/shm. */
+    unsigned sweep_shm : 1;
+    /* Every peer is a process on this host that rings our doorbell when an
+     * arrival matters (doorbell.h), so armed counters need no short naps. */
+    unsigned host_only : 1;
+} af_quirks;
+
+/* The quirks of provider `prov` ("tcp;ofi_rxm", "shm", ...): every table row
+ * that matches it, merged. */
+AF_INTERNAL af_quirks af_quirks_for(const char *prov);
+
+/* Once per process, before its first fi_getinfo (libfabric reads some
+ * environment variables only then): the table's process-wide fix-ups. */
+AF_INTERNAL void af_quirks_init(void);
+
+#endif

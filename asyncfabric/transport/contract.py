@@ -1,0 +1,321 @@
+"""The contract between the engine and a backend: what a transport must do, typed.
+
+The engine (``asyncfabric.engine``) talks to a :class:`Transport` only, and a
+transport never calls into the engine: it reports through the typed events that
+:meth:`Transport.drain` returns. A backend is found through the entry-point
+group ``asyncfabric.backends`` (see :mod:`.registry`); its object is a
+:class:`Backend`, which opens transports.
+
+Rules every transport keeps:
+
+* Every method is synchronous, runs on the engine's event-loop thread, and never
+  blocks for the network.
+* ``post_*`` start a transfer named by the engine's ``token``. They return True
+  when it already finished inside the call (no event follows) and False when its
+  end will come as an :class:`~.events.OpDone`; they raise on immediate failure.
+* Immediates are counted inside the transport, whether or not anyone waits
+  (:class:`~.counters.CounterTable` does it for transports written in Python).
+  ``counter_arm`` takes ``want`` at once or arms the counter, and a
+  :class:`~.events.CounterReady` follows once ``want`` have arrived.
+* How many immediates a write delivers is the rule of :mod:`.counting`.
+* ``notify_fd`` becomes readable when ``drain`` has something to return, with one
+  exception: events a call made from the engine's own thread queues (a post, a
+  spin) need not ring it, because the engine checks ``pending_events`` after
+  every call. A wrapper that calls its inner transport from inside ``drain``
+  drains again while ``pending_events`` says so (backends/staged does).
+* A status is 0 or a negative errno; :func:`.status.status_error` turns it into
+  the exception (``Transport.error`` defaults to it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .events import Event
+from .status import status_error
+
+# Bits of counter_take_spin's result.
+TAKEN = 1
+"""The arrivals were taken: the wait is over."""
+EVENTS_READY = 2
+"""Other events are ready to drain (the spin stopped for them)."""
+NOT_POLLED = 4
+"""This transport has no such fast path: nothing was polled or taken."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyNs:
+    """Progress policy in nanoseconds, as handed to a transport (see ProgressPolicy)."""
+
+    spin_ns: int
+    idle_block_ns: int
+    busy_block_ns: int
+    post_timeout_ns: int = 5_000_000_000
+    py_hold_ns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """Memory registered with a transport.
+
+    ``handle`` names it in later calls; ``keys`` and ``bases`` are, per domain,
+    what a peer writes with (they travel in the region's descriptor); ``ext`` is
+    backend bytes a peer needs beyond them (cuda_ipc: an IPC handle); ``staged``
+    says writers must use the staged landing protocol (backends/staged).
+    """
+
+    handle: int
+    keys: tuple[int, ...]
+    bases: tuple[int, ...]
+    ptr: int = 0
+    nbytes: int = 0
+    device: str = "cpu"
+    device_index: int = -1
+    ext: bytes = b""
+    staged: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What a transport learns about a peer's region from its descriptor."""
+
+    bases: tuple[int, ...]
+    keys: tuple[int, ...]
+    nbytes: int
+    chunk_bytes: int
+    ext: bytes = b""
+    staged: bool = False
+
+
+class Remote:
+    """A transport's prepared view of one peer region (from :meth:`Transport.remote`).
+
+    The engine caches it per descriptor and engine and hands it back to every
+    post into that region. Transports subclass it to keep what they post with.
+    """
+
+    __slots__ = ("peer", "ndom", "chunk", "target")
+
+    def __init__(self, peer: int, ndom: int, target: Target) -> None:
+        self.peer = peer
+        self.ndom = ndom
+        self.chunk = target.chunk_bytes
+        self.target = target
+
+
+@dataclass(slots=True)
+class PagedWrite:
+    """Page ``i``: ``page`` bytes from ``src.ptr + src_off[i]`` to ``dst``'s byte ``dst_off[i]``.
+
+    One immediate per page when ``imm`` is not :data:`~.counting.NO_IMM`. The
+    offsets are contiguous ``uint64`` arrays, already bounds-checked.
+    """
+
+    token: int
+    dst: Remote
+    src: Registration
+    src_off: np.ndarray
+    dst_off: np.ndarray
+    page: int
+    imm: int
+
+
+class Transport(ABC):
+    """One engine's connection to the fabric: its domains, registrations, counters, progress."""
+
+    backend: str
+    provider: str
+    ndomains: int
+    max_msg_size: int
+    inject_size: int
+    ctrl_max: int
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    """Memory kinds :meth:`register` takes (``"cpu"``; wrappers add ``"cuda"``)."""
+    cuda_native: ClassVar[bool] = False
+    """The transport moves CUDA memory itself (cuda_ipc): nothing stages it."""
+    hmem: bool = False
+    """The transport was opened asking its provider for device-memory registration."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    @abstractmethod
+    def addresses(self) -> list[bytes]:
+        """Each domain's transport address, in domain order."""
+
+    @property
+    @abstractmethod
+    def notify_fd(self) -> int:
+        """A file descriptor that becomes readable when :meth:`drain` has events."""
+
+    @abstractmethod
+    def start(self, policy: PolicyNs) -> None:
+        """Start progress (a native thread, a ticker, ...) under ``policy``."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything; later calls need not work."""
+
+    # ------------------------------------------------------------ peers
+
+    @abstractmethod
+    def add_peer(self, addresses: Sequence[bytes]) -> int:
+        """Make a peer reachable by its domains' addresses; returns its peer index."""
+
+    def watch_peer(self, peer: int, pid: int) -> None:  # noqa: B027 (optional hook)
+        """Watch a same-host peer's process; transfers to it fail once it exits (optional)."""
+
+    def peer_dead(self, peer: int) -> bool:
+        """Whether the peer's process is known to be gone (optional)."""
+        return False
+
+    # ------------------------------------------------------------ memory
+
+    @abstractmethod
+    def register(
+        self,
+        ptr: int,
+        nbytes: int,
+        *,
+        remote_write: bool,
+        remote_read: bool,
+        device: str = "cpu",
+        device_index: int = -1,
+        owner: Any = None,
+    ) -> Registration:
+        """Register ``nbytes`` at ``ptr`` with every domain. ``owner`` is the object
+        holding the memory (a torch tensor, say), for transports that need it."""
+
+    @abstractmethod
+    def deregister(self, reg: Registration) -> None: ...
+
+    @abstractmethod
+    def remote(self, peer: int, ndom: int, target: Target) -> Remote:
+        """Prepare a peer region for posting (called once per descriptor and engine)."""
+
+    # ------------------------------------------------------------ transfers
+
+    @abstractmethod
+    def post_write(
+        self,
+        token: int,
+        dst: Remote,
+        roff: int,
+        src: Registration | None,
+        soff: int,
+        nbytes: int,
+        imm: int,
+        stream: Any = None,
+    ) -> bool:
+        """Write ``nbytes`` from ``src`` at ``soff`` to ``dst`` at ``roff``, in chunks of
+        ``dst.chunk`` striped over ``dst.ndom`` domains, each carrying ``imm`` (unless
+        it is NO_IMM). ``nbytes == 0`` (``src`` None): one immediate alone. ``stream``:
+        the producer a device source must be read after (None: its current stream)."""
+
+    @abstractmethod
+    def post_paged(self, op: PagedWrite) -> bool: ...
+
+    @abstractmethod
+    def post_send(self, token: int, peer: int, data: bytes) -> bool:
+        """A two-sided control message of at most ``ctrl_max`` bytes."""
+
+    # ------------------------------------------------------------ counters
+
+    @abstractmethod
+    def counter_arm(self, imm: int, want: int) -> bool: ...
+
+    @abstractmethod
+    def counter_give(self, imm: int, n: int) -> None: ...
+
+    @abstractmethod
+    def counter_disarm(self, imm: int) -> None: ...
+
+    @abstractmethod
+    def counter_avail(self, imm: int) -> int: ...
+
+    @abstractmethod
+    def counters_live(self) -> int: ...
+
+    # ------------------------------------------------------------ progress and events
+
+    @abstractmethod
+    def pending_events(self) -> int:
+        """How many events :meth:`drain` would return now (a cheap check)."""
+
+    @abstractmethod
+    def drain(self) -> list[Event]:
+        """Every event ready now, oldest first."""
+
+    @abstractmethod
+    def spin(self, ns: int) -> bool:
+        """Poll from the calling thread until an event is ready (True) or ``ns`` pass."""
+
+    def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
+        """Take ``want`` arrivals of ``imm`` now or within ``ns`` of polling, arming nothing.
+
+        Returns bits: TAKEN, EVENTS_READY, NOT_POLLED (the default: no such path;
+        the wait then arms, spins with :meth:`spin` and awaits as usual)."""
+        return NOT_POLLED
+
+    def release(self) -> None:  # noqa: B027 (optional hook)
+        """The calling thread goes idle: progress is the transport's own job again."""
+
+    def error(self, status: int, what: str) -> Exception:
+        """The exception for a negative status from this transport."""
+        return status_error(status, what)
+
+    @abstractmethod
+    def stats(self) -> dict[str, int]: ...
+
+
+class Backend(ABC):
+    """A family of transports (libfabric, pyverbs, ...), registered as an entry point.
+
+    ``"NAME"`` and ``"NAME:PROVIDER"`` select it by name; :meth:`accepts` claims
+    bare specs (``"shm"``); :meth:`auto` offers candidates for ``"auto"``.
+    """
+
+    name: ClassVar[str]
+    needs: ClassVar[str] = ""
+    """What it needs to work, for the error naming what is installed."""
+
+    def accepts(self, spec: str) -> str | None:
+        """The provider a bare spec (no ``NAME:``) means for this backend, or None."""
+        return None
+
+    def auto(self, *, local_only: bool, nvlink: bool) -> list[tuple[int, str]]:
+        """Candidates for ``"auto"``: ``(rank, provider)``, lower ranks first; only
+        providers that work here."""
+        return []
+
+    @abstractmethod
+    def providers(self) -> list[str]:
+        """The providers usable on this machine now."""
+
+    @abstractmethod
+    def open(
+        self, provider: str, *, domains: int, node: str | None, ctrl_max: int, cuda: str
+    ) -> Transport:
+        """Open a transport. ``cuda`` is the engine's wish for CUDA memory
+        (``"auto"``, ``"direct"``, ``"staged"``): whether to ask the provider for
+        device-memory registration is the backend's call."""
+
+
+class Wrapper(ABC):
+    """Wraps every transport an engine opens (entry-point group ``asyncfabric.wrappers``).
+
+    The staged GPU path is one: it returns a forwarding transport (see
+    :mod:`.forwarding`) or the transport itself when it has nothing to add.
+    """
+
+    name: ClassVar[str]
+    ctrl_overhead: ClassVar[int] = 0
+    """Bytes of framing the wrapper adds to each control message."""
+
+    @abstractmethod
+    def wrap(self, transport: Transport, *, cuda: str) -> Transport: ...

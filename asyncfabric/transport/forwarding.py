@@ -1,0 +1,138 @@
+"""ForwardingTransport: the one base for transports that wrap another.
+
+It forwards every method and attribute of :class:`~.contract.Transport` to the
+inner transport, optional hooks included, so a wrapper overrides only what it
+changes and can never drop a hook by omission (tests/unit/test_contract.py
+checks that every member of the contract is forwarded here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .contract import PagedWrite, PolicyNs, Registration, Remote, Target, Transport
+from .events import Event
+
+
+class ForwardingTransport(Transport):
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+        self.backend = inner.backend
+        self.provider = inner.provider
+        self.ndomains = inner.ndomains
+        self.max_msg_size = inner.max_msg_size
+        self.inject_size = inner.inject_size
+        self.ctrl_max = inner.ctrl_max
+        self.hmem = inner.hmem
+
+    def __getattr__(self, name: str) -> Any:
+        # Backend-specific extras (libfabric's per-domain ``info``, say) stay reachable.
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def addresses(self) -> list[bytes]:
+        return self.inner.addresses
+
+    @property
+    def notify_fd(self) -> int:
+        return self.inner.notify_fd
+
+    def start(self, policy: PolicyNs) -> None:
+        self.inner.start(policy)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def add_peer(self, addresses: Sequence[bytes]) -> int:
+        return self.inner.add_peer(addresses)
+
+    def watch_peer(self, peer: int, pid: int) -> None:
+        self.inner.watch_peer(peer, pid)
+
+    def peer_dead(self, peer: int) -> bool:
+        return self.inner.peer_dead(peer)
+
+    def register(
+        self,
+        ptr: int,
+        nbytes: int,
+        *,
+        remote_write: bool,
+        remote_read: bool,
+        device: str = "cpu",
+        device_index: int = -1,
+        owner: Any = None,
+    ) -> Registration:
+        return self.inner.register(
+            ptr,
+            nbytes,
+            remote_write=remote_write,
+            remote_read=remote_read,
+            device=device,
+            device_index=device_index,
+            owner=owner,
+        )
+
+    def deregister(self, reg: Registration) -> None:
+        self.inner.deregister(reg)
+
+    def remote(self, peer: int, ndom: int, target: Target) -> Remote:
+        return self.inner.remote(peer, ndom, target)
+
+    def post_write(
+        self,
+        token: int,
+        dst: Remote,
+        roff: int,
+        src: Registration | None,
+        soff: int,
+        nbytes: int,
+        imm: int,
+        stream: Any = None,
+    ) -> bool:
+        return self.inner.post_write(token, dst, roff, src, soff, nbytes, imm, stream)
+
+    def post_paged(self, op: PagedWrite) -> bool:
+        return self.inner.post_paged(op)
+
+    def post_send(self, token: int, peer: int, data: bytes) -> bool:
+        return self.inner.post_send(token, peer, data)
+
+    def counter_arm(self, imm: int, want: int) -> bool:
+        return self.inner.counter_arm(imm, want)
+
+    def counter_give(self, imm: int, n: int) -> None:
+        self.inner.counter_give(imm, n)
+
+    def counter_disarm(self, imm: int) -> None:
+        self.inner.counter_disarm(imm)
+
+    def counter_avail(self, imm: int) -> int:
+        return self.inner.counter_avail(imm)
+
+    def counters_live(self) -> int:
+        return self.inner.counters_live()
+
+    def pending_events(self) -> int:
+        return self.inner.pending_events()
+
+    def drain(self) -> list[Event]:
+        return self.inner.drain()
+
+    def spin(self, ns: int) -> bool:
+        return self.inner.spin(ns)
+
+    def counter_take_spin(self, imm: int, want: int, ns: int) -> int:
+        return self.inner.counter_take_spin(imm, want, ns)
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def error(self, status: int, what: str) -> Exception:
+        return self.inner.error(status, what)
+
+    def stats(self) -> dict[str, int]:
+        return self.inner.stats()

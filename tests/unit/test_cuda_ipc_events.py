@@ -1,0 +1,112 @@
+"""cuda_ipc's event filter and forwarded hooks, with no CUDA: over the loopback transport.
+
+Regression tests for issue 11: the old filter's ``_on_op(token, status)`` lacked
+``held``, so a stalled peer's ``held`` completion raised TypeError inside drain;
+and the old transport forwarded neither ``watch_peer`` nor ``release``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from asyncfabric.backends.cuda_ipc import (
+    INTERNAL_TOKENS,
+    CudaIpcBackend,
+    CudaIpcTransport,
+    drop_internal,
+)
+from asyncfabric.testing.loopback import LoopbackTransport
+from asyncfabric.transport import CounterReady, Fatal, Message, OpDone, Target
+from asyncfabric.transport.status import IO_ERROR, PEER_STALLED
+
+
+def test_drop_internal_passes_held_completions_and_drops_internal_tokens():
+    err = RuntimeError("x")
+    evs = [
+        OpDone(5, PEER_STALLED, held=True),
+        OpDone(INTERNAL_TOKENS + 1, IO_ERROR, held=True),
+        Message(b"m"),
+        OpDone(INTERNAL_TOKENS + 1, IO_ERROR),
+        OpDone(INTERNAL_TOKENS + 2, 0),
+        CounterReady(3),
+        OpDone(5, PEER_STALLED),
+        Fatal(err),
+    ]
+    kept, failed = drop_internal(evs)
+    assert kept == [
+        OpDone(5, PEER_STALLED, held=True),
+        Message(b"m"),
+        CounterReady(3),
+        OpDone(5, PEER_STALLED),
+        Fatal(err),
+    ]
+    assert failed == 1  # the internal post's final failure, counted once
+    same = [OpDone(1), Message(b"")]
+    assert drop_internal(same)[0] is same  # nothing to drop: no copy
+
+
+@pytest.fixture
+def pair():
+    a = CudaIpcTransport(LoopbackTransport(domains=1, ctrl_max=64, complete="event"))
+    b = CudaIpcTransport(LoopbackTransport(domains=1, ctrl_max=64, complete="event"))
+    pb = a.add_peer(b.addresses)
+    b.add_peer(a.addresses)
+    yield a, b, pb
+    a.close()
+    b.close()
+
+
+def test_drain_passes_held_and_keeps_its_own_posts(pair):
+    a, b, pb = pair
+    a._post_imms(pb, 42, 3)  # the doorbell writes a large copy ends with
+    # ...and what the shm transport reports when a peer stalls with writes outstanding
+    stalled = [
+        OpDone(7, PEER_STALLED, held=True),
+        OpDone(INTERNAL_TOKENS + 99, PEER_STALLED, held=True),
+    ]
+    inner_drain = a.inner.drain
+    a.inner.drain = lambda: inner_drain() + [stalled.pop(0) for _ in list(stalled)]
+    evs = a.drain()  # (raised TypeError before)
+    assert evs == [OpDone(7, PEER_STALLED, held=True)]
+    assert b.counter_avail(42) == 3
+    assert a.stats()["imm_post_errors"] == 0
+
+
+def test_immediate_alone_goes_to_the_doorbell(pair):
+    a, b, pb = pair
+    host = b.inner.register(0, 0, remote_write=True, remote_read=False)
+    remote = a.remote(pb, 1, Target(host.bases, host.keys, 0, 1 << 20, b"H"))
+    assert a.post_write(11, remote, 0, None, 0, 0, 6) is False
+    assert a.drain() == [OpDone(11)]
+    assert b.counter_avail(6) == 1
+
+
+def test_peer_watch_and_release_reach_the_inner_transport(pair):
+    a, _, pb = pair
+    calls = []
+    a.inner.watch_peer = lambda peer, pid: calls.append(("watch", peer, pid))
+    a.inner.release = lambda: calls.append(("release",))
+    a.inner.peer_dead = lambda peer: calls.append(("dead", peer)) or True
+    a.watch_peer(pb, 1234)
+    a.release()
+    assert a.peer_dead(pb)
+    assert calls == [("watch", pb, 1234), ("release",), ("dead", pb)]
+
+
+def test_identity_and_paths(pair):
+    a, _, _ = pair
+    assert (a.backend, a.provider, a.cuda_path, a.cuda_native) == (
+        "cuda_ipc",
+        "nvlink",
+        "ipc",
+        True,
+    )
+    assert "cuda" in a.devices
+
+
+def test_backend_offers_nvlink_only_when_asked():
+    b = CudaIpcBackend()
+    assert b.accepts("shm") is None and b.accepts("nvlink") is None
+    assert b.auto(local_only=False, nvlink=True) == []
+    assert b.auto(local_only=True, nvlink=False) == []
+    assert b.auto(local_only=True, nvlink=True) == ([(0, "nvlink")] if b.providers() else [])
