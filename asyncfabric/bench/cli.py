@@ -23,6 +23,7 @@ from .devices import parse_device
 from .peers import PEER_IMPLS
 from .runner import CORE_IMPLS, Runner
 from .suites import ORDER, points, select
+from .worker import WorkerError
 
 
 def _size(text: str) -> int:
@@ -37,7 +38,9 @@ def _size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from .._cli import CliParser
+
+    p = CliParser(
         prog="asyncfabric bench",
         description="Benchmark asyncfabric against a raw C loop on the same provider and peer "
         "libraries. Suites: " + ", ".join(ORDER) + ". Also: `plot RESULT.json`, `serve --listen`.",
@@ -148,13 +151,23 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
         for s in runner.skipped.values():
             console.print(f"[yellow]{s}[/yellow]")
         with prog:
-            for n in names:
-                npts = len(points(n, args.quick, args.sizes, args.iters))
-                nimpl = len(runner.core) + (len(runner.peers) if n in ("write", "pingpong") else 0)
-                nimpl += 1 if runner.devices.cuda and n == "write" else 0
-                tasks[n] = prog.add_task(n, total=npts * nimpl)
-            for n in names:
-                rows += await runner.run_suite(n, sizes=args.sizes, iters=args.iters)
+            try:
+                for n in names:
+                    npts = len(points(n, args.quick, args.sizes, args.iters))
+                    nimpl = len(runner.core) + (
+                        len(runner.peers) if n in ("write", "pingpong") else 0
+                    )
+                    nimpl += 1 if runner.devices.cuda and n == "write" else 0
+                    tasks[n] = prog.add_task(n, total=npts * nimpl)
+                for n in names:
+                    rows += await runner.run_suite(n, sizes=args.sizes, iters=args.iters)
+            except BaseException:
+                # a failure is one line (printed by asyncfabric.__main__): no bars around it
+                if console.is_terminal:
+                    prog.live.transient = True  # erased
+                else:
+                    console.quiet = True  # not even the final render a log file would get
+                raise
         skipped = runner.skipped_list()
     info["elapsed_s"] = round(time.monotonic() - t0, 1)
     info["provider"] = args.provider
@@ -168,14 +181,39 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _usage_error(message: str) -> int:
+    print(f"asyncfabric bench: error: {message} (see asyncfabric bench --help)", file=sys.stderr)
+    return 2
+
+
+def _worker_error(exc: WorkerError) -> Exception:
+    """A worker's error as the error it was: its report is ``role: ErrorClass: message``,
+    then the worker's traceback (kept on ``exc``, shown with --debug)."""
+    import asyncfabric
+
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else "benchmark worker failed"
+    _role, _, rest = first.partition(": ")
+    name, _, message = rest.partition(": ")
+    cls = getattr(asyncfabric, name, None)
+    if isinstance(cls, type) and issubclass(cls, asyncfabric.AsyncFabricError) and message:
+        try:
+            return cls(message)
+        except TypeError:  # a constructor that wants more than a message
+            pass
+    return WorkerError(first)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``asyncfabric bench``; a failure raises (``asyncfabric.__main__`` prints it as one line)."""
+    from .._cli import CliParser
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "plot":
         from .plot import main as plot_main
 
         return plot_main(argv[1:])
     if argv and argv[0] == "serve":
-        sp = argparse.ArgumentParser(prog="asyncfabric bench serve")
+        sp = CliParser(prog="asyncfabric bench serve")
         sp.add_argument("--listen", required=True, help="HOST:PORT to accept runs on")
         sp.add_argument(
             "--authkey", default=os.environ.get("ASYNCFABRIC_BENCH_KEY", "asyncfabric-bench")
@@ -190,6 +228,21 @@ def main(argv: list[str] | None = None) -> int:
         select(args.suites)
         parse_device(args.device)
     except ValueError as exc:
-        print(f"asyncfabric bench: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(_run(args, argv))
+        return _usage_error(str(exc))
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    unknown = [i for i in impls if i not in CORE_IMPLS + PEER_IMPLS]
+    if unknown or not impls:
+        return _usage_error(
+            f"unknown --impls {', '.join(unknown) or '(none given)'}; "
+            f"choose from {', '.join(CORE_IMPLS + PEER_IMPLS)}"
+        )
+    # an unknown provider fails here, alone (BackendUnavailable), before any worker starts
+    from .. import Engine
+    from .._cli import keep_ctrl_c
+
+    Engine(args.provider)
+    keep_ctrl_c()  # naming the provider loaded libfabric's, which take SIGINT
+    try:
+        return asyncio.run(_run(args, argv))
+    except WorkerError as exc:
+        raise _worker_error(exc) from exc
