@@ -37,8 +37,6 @@ SCRIPT = textwrap.dedent(
     "shm" not in registry.backends()["libfabric"].providers(), reason="no shm provider"
 )
 def test_ctrl_c_raises_keyboard_interrupt():
-    r = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60
-    )
+    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "interrupted cleanly" in r.stdout

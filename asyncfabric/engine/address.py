@@ -44,7 +44,11 @@ class EngineAddress:
             raise DescriptorError("engine address uid must be 8 bytes")
         if not isinstance(self.host, bytes) or len(self.host) != 8:
             raise DescriptorError("engine address host id must be 8 bytes")
-        if isinstance(self.pid, bool) or not isinstance(self.pid, int) or not 0 <= self.pid < 1 << 32:
+        if (
+            isinstance(self.pid, bool)
+            or not isinstance(self.pid, int)
+            or not 0 <= self.pid < 1 << 32
+        ):
             raise DescriptorError(f"engine address pid {self.pid!r} does not fit 32 bits")
         for name, v in (("backend", self.backend), ("provider", self.provider)):
             if not isinstance(v, str) or not v.isascii() or len(v) > 255:

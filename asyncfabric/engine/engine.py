@@ -108,7 +108,11 @@ class Engine:
         ):
             raise ValueError(f"peer_timeout must be > 0 seconds, got {peer_timeout!r}")
         self.peer_timeout = float(peer_timeout)
-        if isinstance(ctrl_max, bool) or not isinstance(ctrl_max, int) or not 64 <= ctrl_max <= 1 << 20:
+        if (
+            isinstance(ctrl_max, bool)
+            or not isinstance(ctrl_max, int)
+            or not 64 <= ctrl_max <= 1 << 20
+        ):
             raise ValueError(f"ctrl_max must be an int from 64 to 1 MiB, got {ctrl_max!r}")
         if cuda not in ("auto", "direct", "staged"):
             raise ValueError(f"cuda must be 'auto', 'direct' or 'staged', got {cuda!r}")
