@@ -4,6 +4,10 @@ It forwards every method and attribute of :class:`~.contract.Transport` to the
 inner transport, optional hooks included, so a wrapper overrides only what it
 changes and can never drop a hook by omission (tests/unit/test_contract.py
 checks that every member of the contract is forwarded here).
+
+A wrapper pays only for what it overrides: every method it leaves alone is the
+inner transport's own bound method, set on the instance, so a call through the
+wrapper costs what a call to the inner transport costs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ from .events import Event
 class ForwardingTransport(Transport):
     def __init__(self, inner: Transport) -> None:
         self.inner = inner
+        cls = type(self)
+        for name in _METHODS:
+            if getattr(cls, name) is getattr(ForwardingTransport, name):
+                setattr(self, name, getattr(inner, name))
         self.backend = inner.backend
         self.provider = inner.provider
         self.ndomains = inner.ndomains
@@ -136,3 +144,11 @@ class ForwardingTransport(Transport):
 
     def stats(self) -> dict[str, int]:
         return self.inner.stats()
+
+
+# Every plain method of the contract (properties cannot be bound per instance).
+_METHODS = tuple(
+    name
+    for name, v in vars(ForwardingTransport).items()
+    if not name.startswith("_") and callable(v) and name not in ("addresses", "notify_fd")
+)

@@ -81,16 +81,24 @@ def test_immediate_alone_goes_to_the_doorbell(pair):
     assert b.counter_avail(6) == 1
 
 
-def test_peer_watch_and_release_reach_the_inner_transport(pair):
-    a, _, pb = pair
+def test_peer_watch_and_release_reach_the_inner_transport():
     calls = []
-    a.inner.watch_peer = lambda peer, pid: calls.append(("watch", peer, pid))
-    a.inner.release = lambda: calls.append(("release",))
-    a.inner.peer_dead = lambda peer: calls.append(("dead", peer)) or True
-    a.watch_peer(pb, 1234)
-    a.release()
-    assert a.peer_dead(pb)
-    assert calls == [("watch", pb, 1234), ("release",), ("dead", pb)]
+    inner = LoopbackTransport(domains=1, ctrl_max=64, complete="event")
+    # (patched before wrapping: the wrapper binds the inner transport's methods once)
+    inner.watch_peer = lambda peer, pid: calls.append(("watch", peer, pid))
+    inner.release = lambda: calls.append(("release",))
+    inner.peer_dead = lambda peer: calls.append(("dead", peer)) or True
+    a = CudaIpcTransport(inner)
+    b = CudaIpcTransport(LoopbackTransport(domains=1, ctrl_max=64, complete="event"))
+    try:
+        pb = a.add_peer(b.addresses)
+        a.watch_peer(pb, 1234)
+        a.release()
+        assert a.peer_dead(pb)
+        assert calls == [("watch", pb, 1234), ("release",), ("dead", pb)]
+    finally:
+        a.close()
+        b.close()
 
 
 def test_identity_and_paths(pair):

@@ -369,7 +369,7 @@ class LibfabricTransport(Transport):
 
     def drain(self) -> list[Event]:
         out: list[Event] = []
-        buf, e = self._evbuf, self._e
+        buf, e, add = self._evbuf, self._e, out.append
         while True:
             n = lib.afe_drain(e, buf, DRAIN_BATCH)
             for i in range(n):
@@ -377,18 +377,18 @@ class LibfabricTransport(Transport):
                 kind = ev.kind
                 if kind == EV_OP:
                     # len 1: failed early; the provider still holds pieces of it
-                    out.append(OpDone(ev.token, ev.status, bool(ev.len)))
+                    add(OpDone(ev.token, ev.status, bool(ev.len)))
                 elif kind == EV_COUNTER:
-                    out.append(CounterReady(ev.a))
+                    add(CounterReady(ev.a))
                 elif kind == EV_RECV:
                     data = bytearray(ev.len)
                     lib.afe_recv_take(e, ev.a, ffi.from_buffer(data), ev.len)
-                    out.append(Message(bytes(data)))
+                    add(Message(bytes(data)))
                 else:
                     err = self.error(
                         ev.status, f"the completion queue of domain {ev.a} (a fatal error)"
                     )
-                    out.append(Fatal(err))
+                    add(Fatal(err))
             if n < DRAIN_BATCH or not lib.afe_nevents(e):
                 return out
 
