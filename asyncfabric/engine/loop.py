@@ -119,8 +119,12 @@ class AsyncioAdapter(LoopAdapter):
         try:
             return await waiter
         except asyncio.CancelledError:
-            if fired and task is not None and task.uncancel() == 0:
-                raise TimeoutError from None
+            if fired and task is not None:
+                # 3.11+: only our own cancel pending means a timeout; 3.10 has no
+                # uncancel(), and a fired timer is then taken as the cause.
+                uncancel = getattr(task, "uncancel", None)
+                if uncancel is None or uncancel() == 0:
+                    raise TimeoutError from None
             raise
         finally:
             handle.cancel()
