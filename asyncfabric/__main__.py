@@ -12,14 +12,8 @@ from ._cli import (
     EXIT_FAILED,
     EXIT_USAGE,
     USAGE,
-    CliParser,
     guarded,
-    keep_ctrl_c,
-    one_line,
-    report,
 )
-
-__all__ = ["CliParser", "guarded", "keep_ctrl_c", "main", "one_line", "report"]
 
 
 def _info() -> int:
@@ -27,7 +21,6 @@ def _info() -> int:
 
     for name, b in sorted(backends().items()):
         provs = b.providers()
-        keep_ctrl_c()
         print(f"{name}: {', '.join(provs) or '(no provider usable here)'}")
     return 0
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import signal
 import sys
-import threading
 import traceback
 from collections.abc import Callable
 from typing import NoReturn
@@ -38,21 +36,6 @@ class CliParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-
-
-def keep_ctrl_c() -> None:
-    """Give SIGINT back to Python once libfabric has loaded its providers.
-
-    Loading them (the first ``fi_getinfo``: opening or even naming a provider)
-    installs C-level SIGINT and SIGTERM handlers: libfabric's shm provider's, and
-    libinfinipath's under the psm provider, which calls ``exit(1)``. Ctrl-C would
-    then end the process at once: no KeyboardInterrupt, no clean close, status 1.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        signal.signal(signal.SIGINT, handler)  # reinstalls Python's own C handler
 
 
 def one_line(text: str) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 
 import asyncfabric as af
 
-from ._cli import CliParser, keep_ctrl_c
+from ._cli import CliParser
 
 IMM_DATA, IMM_PING, IMM_PONG = 1, 2, 3
 GRACE_S = 2.0  # how long the writer may take to fail by itself once the receiver is gone
@@ -47,7 +47,6 @@ async def receiver(
     provider: str, buffer_bytes: int, rounds: int, pings: int, timeout: float
 ) -> None:
     async with af.Engine(provider, **_kw(provider)) as eng:
-        keep_ctrl_c()
         dst = np.zeros(buffer_bytes, np.uint8)
         with eng.register(dst) as region:
             print(bytes(region.descriptor()).hex(), flush=True)  # out-of-band: stdout
@@ -190,7 +189,6 @@ async def writer(
     rounds = max(1, int(gib * (1 << 30) // buffer_bytes))
     # the writer's engine first: a provider that is unknown or unusable fails here, alone
     async with af.Engine(provider, **_kw(provider)) as eng:
-        keep_ctrl_c()
         rx = await _Receiver.start(
             ["--provider", provider, "--buffer-mib", str(buffer_bytes >> 20),
              "--rounds", str(rounds), "--pings", str(pings), "--timeout", str(timeout)],

@@ -238,10 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     # an unknown provider fails here, alone (BackendUnavailable), before any worker starts
     from .. import Engine
-    from .._cli import keep_ctrl_c
 
     Engine(args.provider)
-    keep_ctrl_c()  # naming the provider loaded libfabric's, which take SIGINT
     try:
         return asyncio.run(_run(args, argv))
     except WorkerError as exc:

@@ -64,27 +64,11 @@ def resolve(spec: str, *, local_only: bool = False, nvlink: bool = False) -> tup
     raise _unknown(spec, bs)
 
 
-def open_transport(
-    spec: str,
-    *,
-    domains: int,
-    node: str | None,
-    ctrl_max: int,
-    cuda: str = "auto",
-    local_only: bool = False,
-    nvlink: bool = False,
-) -> Transport:
-    """Resolve ``spec``, open its transport and pass it through every wrapper."""
-    backend, provider = resolve(spec, local_only=local_only, nvlink=nvlink)
-    return open_resolved(
-        backend, provider, domains=domains, node=node, ctrl_max=ctrl_max, cuda=cuda
-    )
-
-
 def open_resolved(
     backend: Backend, provider: str, *, domains: int, node: str | None, ctrl_max: int, cuda: str
 ) -> Transport:
-    """Open ``backend``'s ``provider`` and pass the transport through every wrapper.
+    """Open ``backend``'s ``provider`` (from :func:`resolve`) and pass the transport
+    through every wrapper.
 
     ``ctrl_max`` is what the user may send; the backend is asked for room for the
     wrappers' framing on top."""

@@ -256,12 +256,8 @@ class StagedTransport(ForwardingTransport):
         self.pending_events = inner.pending_events  # type: ignore[method-assign]
         self.spin = inner.spin  # type: ignore[method-assign]
         self.counter_take_spin = inner.counter_take_spin  # type: ignore[method-assign]
-        # ...and the counters always are: staging only gives to them.
-        self.counter_arm = inner.counter_arm  # type: ignore[method-assign]
-        self.counter_give = inner.counter_give  # type: ignore[method-assign]
-        self.counter_disarm = inner.counter_disarm  # type: ignore[method-assign]
-        self.counter_avail = inner.counter_avail  # type: ignore[method-assign]
-        self.counters_live = inner.counters_live  # type: ignore[method-assign]
+        # (what this class never overrides, the counters among it, ForwardingTransport
+        # has bound to the inner transport's methods already)
 
     def _activate(self) -> None:
         """Staging or GPU memory is needed from now on: intercept the hot paths."""
