@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._errors import (
     AsyncFabricError,
     BackendUnavailable,
+    BatchError,
     DescriptorError,
     EngineClosed,
     ImmTimeout,
@@ -16,8 +17,10 @@ from ._errors import (
     RegionError,
     RemoteAccessError,
     TransferError,
+    Unsupported,
 )
 from .engine import (
+    Batch,
     Descriptor,
     Engine,
     EngineAddress,
@@ -36,6 +39,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncFabricError",
     "BackendUnavailable",
+    "Batch",
+    "BatchError",
     "Descriptor",
     "DescriptorError",
     "Engine",
@@ -53,6 +58,7 @@ __all__ = [
     "RemoteAccessError",
     "RemoteSlice",
     "TransferError",
+    "Unsupported",
     "expected_imms",
     "run",
 ]

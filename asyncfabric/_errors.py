@@ -35,6 +35,21 @@ class PeerUnreachable(TransferError):
     """The peer could not be reached or went away; its pending transfers failed."""
 
 
+class BatchError(TransferError):
+    """Entries of a batch (``write_many``, ``scatter``, ``barrier``) failed; the rest landed.
+
+    ``failures`` maps each failed entry's index (its place in the batch) to its
+    exception; ``errno`` is the first failure's."""
+
+    def __init__(self, message: str, failures: dict[int, Exception], errno: int = 0) -> None:
+        super().__init__(message, errno)
+        self.failures = failures
+
+
+class Unsupported(TransferError):
+    """The transport cannot do this operation (a one-sided read where it has none)."""
+
+
 class RemoteAccessError(TransferError):
     """The target refused the access (revoked key, no remote-write permission)."""
 

@@ -7,6 +7,7 @@ backend and knows nothing of GPU memory (tests/unit/test_layering.py keeps it so
 from __future__ import annotations
 
 from .address import EngineAddress
+from .batch import Batch
 from .counter import ImmCounter
 from .descriptor import Descriptor, RemoteSlice
 from .engine import Engine, Peer
@@ -15,6 +16,7 @@ from .region import Region, RegionSlice
 from .sync import run
 
 __all__ = [
+    "Batch",
     "Descriptor",
     "Engine",
     "EngineAddress",

@@ -82,6 +82,11 @@ class Descriptor:
         return bool(self.flags & FLAG_REMOTE_WRITE)
 
     @property
+    def remote_read(self) -> bool:
+        """Whether peers may read the region (it was registered with ``remote_read``)."""
+        return bool(self.flags & FLAG_REMOTE_READ)
+
+    @property
     def staged(self) -> bool:
         """True when the target is GPU memory reached through a pinned host mirror."""
         return bool(self.flags & FLAG_STAGED)

@@ -22,12 +22,21 @@ from typing import Any
 import numpy as np
 
 from .._buffers import buffer_info
-from .._errors import EngineClosed, ImmTimeout, PeerUnreachable, RegionError, TransferError
+from .._errors import (
+    BatchError,
+    EngineClosed,
+    ImmTimeout,
+    PeerUnreachable,
+    RegionError,
+    TransferError,
+)
 from ..transport import registry
-from ..transport.contract import PagedWrite, Remote, Target, Transport
+from ..transport.batching import SUB_BIT, split_sub
+from ..transport.contract import PagedWrite, Remote, Target, Transport, WriteBatch
 from ..transport.counting import NO_IMM, check_imm
 from ..transport.events import CounterReady, Fatal, Message, OpDone
 from .address import EngineAddress, host_id
+from .batch import Batch, Compiled
 from .counter import ImmCounter
 from .descriptor import FLAG_STAGED, Descriptor, RemoteSlice
 from .loop import LoopAdapter, current_adapter
@@ -159,7 +168,8 @@ class Engine:
         )
         self._addr_bytes = self._addr.to_bytes()
         self._tokens = itertools.count(1)
-        self._ops: dict[int, tuple[Any, Region | None]] = {}
+        # token -> (waiter, what it holds: its source Region, a _BatchHold, or None)
+        self._ops: dict[int, tuple[Any, Any]] = {}
         self._counters: dict[int, ImmCounter] = {}
         self._peers: dict[bytes, Peer] = {}
         self._regions: dict[int, Region] = {}
@@ -199,11 +209,14 @@ class Engine:
         self._closed = True
         self._loop.unwatch()
         self._fail_all(EngineClosed("the engine was closed while this was pending"))
-        self._ops.clear()
+        # What the transport may still write (a batch's status array) stays alive
+        # until it is closed.
+        ops, self._ops = self._ops, {}
         for r in list(self._regions.values()):
             r._closed = True
         self._regions.clear()
         self._t.close()
+        del ops
         _CLOSED_UIDS.add(self._addr.uid)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -370,20 +383,22 @@ class Engine:
         self._peers[key] = p
         return p
 
-    def _route(self, desc: Descriptor) -> _Route:
-        """Check ``desc`` as a destination of this engine; the result is cached in it."""
+    def _route(self, desc: Descriptor, read: bool = False) -> _Route:
+        """Check ``desc`` as a destination (a source, ``read``) of this engine; the
+        result is cached in it."""
         key = self._addr.uid  # unique per engine, unlike id(self) after a close
-        r = desc._cache.get(key)
+        ckey = key + b"r" if read else key
+        r = desc._cache.get(ckey)
         if r is None:
-            self._check_target(desc)
+            self._check_target(desc, read)
             peer = self._peer(desc.address)
             target = Target(
                 desc.bases, desc.keys, desc.nbytes, desc.chunk_bytes, desc.ext, desc.staged
             )
             r = _Route(self._t.remote(peer.id, peer.ndom, target), desc.address.uid == key)
-            desc._cache[key] = r
+            desc._cache[ckey] = r
         elif r.self_target:
-            self._check_target(desc)
+            self._check_target(desc, read)
         return r
 
     # ---------------------------------------------------------------- transfers
@@ -418,14 +433,20 @@ class Engine:
             f"the destination must be a Descriptor or desc[a:b], got {type(dst).__name__}"
         )
 
-    def _check_target(self, desc: Descriptor) -> None:
+    def _check_target(self, desc: Descriptor, read: bool = False) -> None:
         if desc.address.uid == self._addr.uid:
             r = self._regions.get(desc.region_id)
             if r is None or r._reg.keys != desc.keys:
                 raise RegionError(
                     "the destination descriptor is for a region this engine has unregistered"
                 )
-        if not desc.remote_write:
+        if read:
+            if not desc.remote_read:
+                raise RegionError(
+                    "the peer's region was registered with remote_read=False; register it "
+                    "with remote_read=True to read from it"
+                )
+        elif not desc.remote_write:
             raise RegionError("the destination region was registered with remote_write=False")
         if desc.chunk_bytes > self._t.max_msg_size:
             raise TransferError(
@@ -562,6 +583,130 @@ class Engine:
             await self._await_op(token, region, timeout)
         return n
 
+    async def write_many(
+        self, ops: Batch | Any, *, imm: int | None = None, timeout: float | None = None
+    ) -> None:
+        """Post many writes in one call and wait for all of them.
+
+        ``ops``: a :class:`Batch` (build it once, post it again and again: O(1)
+        Python per post), or ``(src, dst)`` / ``(src, dst, imm)`` tuples, ``imm``
+        being the default immediate. The writes may go to many peers; each is
+        chunked and counted like :meth:`write`. Every entry is checked before
+        anything is posted (the error names the first bad one). When some fail,
+        :class:`BatchError` says which (``failures``: index to exception); the
+        others landed.
+        """
+        self._check_open()
+        batch = ops if isinstance(ops, Batch) else Batch.of(ops, imm=imm)
+        await self._post_batch(batch.compile(self), timeout)
+
+    async def scatter(
+        self,
+        src: Region | RegionSlice,
+        targets: Any,
+        *,
+        imm: int | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Slices of one source to many peers' descriptors, in one call.
+
+        ``targets``: destinations (``Descriptor`` or ``desc[a:b]``), filled from
+        consecutive slices of ``src`` in order; or ``(src_offset, dst)`` pairs,
+        each slice starting at its offset into ``src``."""
+        self._check_open()
+        s = self._local(src)
+        b = Batch()
+        pos = 0
+        for i, t in enumerate(targets):
+            if isinstance(t, tuple):
+                if len(t) != 2 or isinstance(t[0], bool) or not isinstance(t[0], int):
+                    raise TypeError(f"scatter target {i}: expected (src_offset, dst), got {t!r}")
+                pos, t = t
+            d = self._remote_slice(t)
+            if pos < 0 or pos + d.nbytes > s.nbytes:
+                raise RegionError(
+                    f"scatter target {i}: {d.nbytes} bytes at offset {pos} reach past the "
+                    f"{s.nbytes}-byte source"
+                )
+            b.add(s.region[s.offset + pos : s.offset + pos + d.nbytes], d, imm=imm)
+            pos += d.nbytes
+        if not len(b):
+            raise ValueError("scatter needs at least one target")
+        await self._post_batch(b.compile(self), timeout)
+
+    async def barrier(
+        self, targets: Any, imm: int, *, timeout: float | None = None
+    ) -> None:
+        """One immediate ``imm`` to each target's engine (a zero-byte write per
+        descriptor), in one call. Each receiver's counter for ``imm`` grows by one
+        per target naming it."""
+        self._check_open()
+        b = Batch()
+        for t in targets:
+            b.add_imm(t, imm)
+        if not len(b):
+            raise ValueError("barrier needs at least one target")
+        await self._post_batch(b.compile(self), timeout)
+
+    async def read(
+        self,
+        dst: Region | RegionSlice,
+        src: Descriptor | RemoteSlice,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """One-sided read (pull): ``src``, a slice of a peer's region, into local ``dst``.
+
+        The peer's region must be registered with ``remote_read=True`` (the
+        default). No immediate reaches the peer: it does not learn of the read.
+        Transports without one-sided reads raise :class:`Unsupported`."""
+        self._check_open()
+        s = self._local(dst)
+        d = self._remote_slice(src)
+        if s.nbytes != d.nbytes:
+            raise ValueError(f"the local slice has {s.nbytes} bytes but the remote {d.nbytes}")
+        if not s.nbytes:
+            raise ValueError("a read of zero bytes reads nothing; give a non-empty slice")
+        route = self._route(d.descriptor, read=True)
+        region = s.region
+        token = next(self._tokens)
+        if self._t.post_read(token, route.remote, d.offset, region._reg, s.offset, s.nbytes):
+            self._after_call()
+        else:
+            await self._await_op(token, region, timeout)
+
+    async def _post_batch(self, c: Compiled, timeout: float | None) -> None:
+        token = next(self._tokens)
+        wb = WriteBatch(
+            token, c.srcs, c.dsts, c.src, c.dst, c.soff, c.doff, c.nbytes, c.imm,
+            np.zeros(c.n, np.int32), c.cache, {},
+        )  # fmt: skip
+        if self._t.post_batch(wb):
+            self._after_call()
+            self._batch_raise(wb)
+            return
+        hold = _BatchHold(wb, c.regions)
+        await self._await_op(token, hold, timeout)
+
+    def _batch_raise(self, wb: WriteBatch) -> None:
+        bad = np.flatnonzero(wb.status)
+        if not bad.size and not wb.errors:
+            return
+        idx = sorted(set(bad.tolist()) | set(wb.errors))
+        failures = {
+            i: wb.errors.get(i) or self._t.error(int(wb.status[i]), f"batch entry {i}")
+            for i in idx
+        }
+        shown = "; ".join(f"entry {i}: {failures[i]}" for i in idx[:3])
+        more = f" (and {len(idx) - 3} more)" if len(idx) > 3 else ""
+        first = failures[idx[0]]
+        raise BatchError(
+            f"{len(idx)} of {len(wb.status)} writes of the batch failed, the others landed: "
+            f"{shown}{more}; see .failures for each",
+            failures,
+            getattr(first, "errno", 0),
+        )
+
     async def send(
         self,
         to: bytes | Descriptor | Peer,
@@ -627,7 +772,7 @@ class Engine:
 
     # ---------------------------------------------------------------- completion plumbing
 
-    async def _await_op(self, token: int, region: Region | None, timeout: float | None) -> None:
+    async def _await_op(self, token: int, region: Any, timeout: float | None) -> None:
         """Wait for the end of posted transfer ``token``.
 
         The waiter is registered after the post: its completion can only reach
@@ -636,7 +781,10 @@ class Engine:
         """
         w = self._loop.new_waiter()
         self._ops[token] = (w, region)
-        if region is not None:
+        if isinstance(region, _BatchHold):
+            for r in region.regions:
+                r._inflight += 1
+        elif region is not None:
             region._inflight += 1
         self._after_call()
         if not w.done():
@@ -673,7 +821,10 @@ class Engine:
             evs = self._t.drain()
             for ev in evs:
                 if isinstance(ev, OpDone):
-                    self._on_op(ev)
+                    if ev.token & SUB_BIT:
+                        self._on_sub(ev)
+                    else:
+                        self._on_op(ev)
                 elif isinstance(ev, CounterReady):
                     c = self._counters.get(ev.imm)
                     if c is not None:
@@ -689,6 +840,16 @@ class Engine:
             self._draining = False
 
     def _on_op(self, ev: OpDone) -> None:
+        entry = self._ops.get(ev.token)
+        if entry is not None and isinstance(entry[1], _BatchHold):
+            hold = entry[1]
+            if ev.status and not hold.wb.status.any():
+                hold.wb.status[:] = ev.status  # no entry named: none is known to have landed
+            reported = -1 in hold.early  # a native batch reports early once, as entry -1
+            if ev.held:
+                hold.early.add(-1)
+            self._on_batch(ev.token, entry, not ev.held, not reported)
+            return
         if ev.held:
             # Failed early (peer lost): fail the caller now, but keep the source region
             # registered until the transport lets go of the transfer (a final event).
@@ -711,6 +872,48 @@ class Engine:
         else:
             w.set_result(None)
 
+    def _on_sub(self, ev: OpDone) -> None:
+        """The end of one entry of a batch posted by the contract's fallback."""
+        token, i = split_sub(ev.token)
+        entry = self._ops.get(token)
+        if entry is None:
+            return
+        hold: _BatchHold = entry[1]
+        if ev.status or ev.error is not None:
+            if not hold.wb.status[i]:
+                hold.wb.status[i] = ev.status or -5  # EIO
+            if ev.error is not None:
+                hold.wb.errors.setdefault(i, ev.error)
+        reported = ev.held or i in hold.early
+        if ev.held:
+            hold.early.add(i)
+        self._on_batch(token, entry, not ev.held, not reported)
+
+    def _on_batch(self, token: int, entry: tuple[Any, Any], final: bool, report: bool) -> None:
+        """Count a batch's ends down: resolve its waiter once every entry reported,
+        release its regions once the transport let go of every entry."""
+        w, hold = entry
+        if report:
+            hold.unrep -= 1
+        if final:
+            hold.left -= 1
+        if hold.unrep <= 0 and not w.done():
+            try:
+                self._batch_raise(hold.wb)
+            except BatchError as exc:
+                w.set_exception(exc)
+            else:
+                if hold.left <= 0:
+                    w.set_result(None)
+        if hold.left <= 0:
+            self._ops.pop(token, None)
+            for r in hold.regions:
+                r._inflight -= 1
+                if r._closed and r._inflight == 0:
+                    self._deregister(r)
+            if not w.done():
+                w.set_result(None)
+
     def _on_message(self, data: bytes) -> None:
         while self._recv_waiters:
             w = self._recv_waiters.popleft()
@@ -730,6 +933,21 @@ class Engine:
         state = "closed" if self._closed else ("open" if self._opened else "not open")
         prov = self._t.provider if self._opened else self._spec
         return f"<Engine {self._backend.name}:{prov} domains={self._domains} {state}>"
+
+
+class _BatchHold:
+    """A batch in flight: what it holds, and how many of its ends are still to come.
+
+    A native batch ends once (``left`` = 1); the fallback's, once per entry in
+    flight. ``unrep``: ends not yet reported (an early report of a lost peer
+    counts); ``early``: the fallback's entries reported early."""
+
+    __slots__ = ("wb", "regions", "left", "unrep", "early")
+
+    def __init__(self, wb: WriteBatch, regions: tuple[Region, ...]) -> None:
+        self.wb, self.regions = wb, regions
+        self.left = self.unrep = wb.subops or 1
+        self.early: set[int] = set()
 
 
 def _pid_alive(pid: int) -> bool:

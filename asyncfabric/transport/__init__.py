@@ -18,6 +18,7 @@ from .contract import (
     Target,
     Transport,
     Wrapper,
+    WriteBatch,
 )
 from .counters import CounterTable
 from .counting import NO_IMM, check_imm, expected_imms, piece_bytes, plan_chunks
@@ -48,6 +49,7 @@ __all__ = [
     "Target",
     "Transport",
     "Wrapper",
+    "WriteBatch",
     "check_imm",
     "expected_imms",
     "piece_bytes",

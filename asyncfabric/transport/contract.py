@@ -125,6 +125,38 @@ class PagedWrite:
     imm: int
 
 
+@dataclass(slots=True)
+class WriteBatch:
+    """Many writes in one post. Entry ``i`` writes ``nbytes[i]`` bytes from
+    ``srcs[src[i]]`` at ``soff[i]`` to ``dsts[dst[i]]`` at ``doff[i]``, carrying
+    ``imm[i]`` (or none: NO_IMM), chunked and counted by the rule of :mod:`.counting`
+    like a single write. A zero-byte entry (its source None) is one immediate alone.
+
+    The arrays (``uint32`` indexes, ``uint64`` offsets and sizes, ``int64``
+    immediates) are contiguous and already checked. The engine keeps them, and
+    ``status``, alive until the batch's end. The transport writes ``status[i]``:
+    0, or the negative errno entry ``i`` failed with. ``errors`` holds an
+    exception for an entry where the transport has one to give. ``cache`` is
+    shared by every post of the same compiled batch: a transport keeps its packed
+    form there, under its own key, so reposting a batch costs O(1) Python.
+    ``subops`` is the contract fallback's count of entries still in flight.
+    """
+
+    token: int
+    srcs: tuple[Registration | None, ...]
+    dsts: tuple[Remote, ...]
+    src: np.ndarray
+    dst: np.ndarray
+    soff: np.ndarray
+    doff: np.ndarray
+    nbytes: np.ndarray
+    imm: np.ndarray
+    status: np.ndarray
+    cache: dict[str, Any]
+    errors: dict[int, Exception]
+    subops: int = 0
+
+
 class Transport(ABC):
     """One engine's connection to the fabric: its domains, registrations, counters, progress."""
 
@@ -219,6 +251,32 @@ class Transport(ABC):
 
     @abstractmethod
     def post_paged(self, op: PagedWrite) -> bool: ...
+
+    def post_batch(self, batch: WriteBatch) -> bool:
+        """Post every entry of ``batch``; True when all finished inside the call.
+
+        Its end is one ``OpDone(batch.token)``, and failed entries have their
+        ``status`` set (the OpDone's status is then nonzero). Raises, posting
+        nothing, when the batch cannot be taken at all. The default is the
+        contract's fallback (:func:`.batching.post_batch_each`): every entry
+        through :meth:`post_write`, each ending in its own OpDone under a
+        sub-token that the engine folds back into the batch."""
+        from .batching import post_batch_each
+
+        return post_batch_each(self, batch)
+
+    def post_read(
+        self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
+    ) -> bool:
+        """One-sided read: ``nbytes`` of the peer's region at ``roff`` into ``dst`` at
+        ``doff``, chunked and striped like a write (no immediates). The default
+        refuses: a transport without one-sided reads says so."""
+        from .._errors import Unsupported
+
+        raise Unsupported(
+            f"{self.backend}:{self.provider} has no one-sided read; write from the peer "
+            "instead (the push model), or use a provider with FI_READ (shm, tcp, verbs, efa)"
+        )
 
     @abstractmethod
     def post_send(self, token: int, peer: int, data: bytes) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .contract import PagedWrite, PolicyNs, Registration, Remote, Target, Transport
+from .contract import PagedWrite, PolicyNs, Registration, Remote, Target, Transport, WriteBatch
 from .events import Event
 
 
@@ -105,6 +105,14 @@ class ForwardingTransport(Transport):
 
     def post_paged(self, op: PagedWrite) -> bool:
         return self.inner.post_paged(op)
+
+    def post_batch(self, batch: WriteBatch) -> bool:
+        return self.inner.post_batch(batch)
+
+    def post_read(
+        self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
+    ) -> bool:
+        return self.inner.post_read(token, src, roff, dst, doff, nbytes)
 
     def post_send(self, token: int, peer: int, data: bytes) -> bool:
         return self.inner.post_send(token, peer, data)

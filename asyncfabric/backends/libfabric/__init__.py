@@ -7,6 +7,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from ..._errors import BackendUnavailable, PeerUnreachable, TransferError
 from ...transport.contract import (
     Backend,
@@ -16,6 +18,7 @@ from ...transport.contract import (
     Remote,
     Target,
     Transport,
+    WriteBatch,
 )
 from ...transport.events import CounterReady, Event, Fatal, Message, OpDone
 from ...transport.status import status_error
@@ -36,6 +39,11 @@ EV_OP, EV_COUNTER, EV_RECV, EV_FATAL = 1, 2, 3, 4
 ACCESS_REMOTE_WRITE, ACCESS_REMOTE_READ = 1, 2
 HMEM_SYSTEM, HMEM_CUDA = 0, 1
 DRAIN_BATCH = 256
+# af_bent (afcore.h): one entry of a native batch
+BENT = np.dtype(
+    [("src", "<u8"), ("roff", "<u8"), ("len", "<u8"), ("imm", "<i8"), ("mr", "<i4"),
+     ("tgt", "<u4"), ("idx", "<u4"), ("pad", "<u4")]
+)  # fmt: skip
 
 _PROBE_ORDER = ("shm", "tcp", "verbs;ofi_rxm", "efa")
 # Bare specs this backend claims: libfabric provider names ("verbs;ofi_rxm" and any
@@ -343,6 +351,39 @@ class LibfabricTransport(Transport):
             raise self.error(rc, f"paged write of {len(op.src_off)} pages")
         return rc == 1
 
+    def post_batch(self, batch: WriteBatch) -> bool:
+        packed = batch.cache.get("libfabric")
+        if packed is None:
+            packed = batch.cache["libfabric"] = _pack_batch(batch)
+        tgts, ntgt, ents, n = packed
+        rc = lib.afe_post_batch(
+            self._e, batch.token, tgts, ntgt, ents, n, ffi.from_buffer("int32_t[]", batch.status)
+        )
+        if rc < 0:
+            raise self.error(rc, f"batch of {n} writes")
+        return rc > 0
+
+    def post_read(
+        self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
+    ) -> bool:
+        r: LibfabricRemote = src  # type: ignore[assignment]
+        rc = lib.afe_post_read(
+            self._e,
+            token,
+            r.peer,
+            r.ndom,
+            ffi.cast("void *", dst.ptr + doff),
+            dst.handle,
+            nbytes,
+            r.chunk,
+            r.bases_c,
+            r.keys_c,
+            roff,
+        )
+        if rc < 0:
+            raise self.error(rc, f"read of {nbytes} bytes")
+        return rc == 1
+
     def post_send(self, token: int, peer: int, data: bytes) -> bool:
         rc = lib.afe_post_send(self._e, token, peer, data, len(data))
         if rc < 0:
@@ -408,3 +449,33 @@ class LibfabricTransport(Transport):
         st = ffi.new("af_stats *")
         lib.afe_stats(self._e, st)
         return {k: int(getattr(st, k)) for k, _ in ffi.typeof("af_stats").fields}
+
+
+def _pack_batch(batch: WriteBatch) -> tuple[Any, int, Any, int]:
+    """The native form of a batch (afcore.h): targets, and entries sorted by peer.
+
+    Built once per compiled batch (it is cached in ``batch.cache``); the entries'
+    ``idx`` keep each one's place, where the core writes its status."""
+    dsts = batch.dsts
+    tgts = ffi.new("af_btgt[]", len(dsts))
+    for i, r in enumerate(dsts):
+        t = tgts[i]
+        t.peer, t.ndom, t.chunk = r.peer, r.ndom, r.chunk
+        for d in range(r.ndom):
+            t.base[d] = r.target.bases[d]
+            t.key[d] = r.target.keys[d]
+    ptr = np.array([0 if s is None else s.ptr for s in batch.srcs], np.uint64)
+    mr = np.array([-1 if s is None else s.handle for s in batch.srcs], np.int32)
+    peer = np.array([r.peer for r in dsts], np.uint32)[batch.dst]
+    order = np.argsort(peer, kind="stable") if len(dsts) > 1 else np.arange(len(peer))
+    n = len(order)
+    ents = np.zeros(n, BENT)
+    src = batch.src[order]
+    ents["src"] = np.where(batch.nbytes[order] > 0, ptr[src] + batch.soff[order], 0)
+    ents["roff"] = batch.doff[order]
+    ents["len"] = batch.nbytes[order]
+    ents["imm"] = batch.imm[order]
+    ents["mr"] = mr[src]
+    ents["tgt"] = batch.dst[order]
+    ents["idx"] = order
+    return tgts, len(dsts), ffi.from_buffer("af_bent[]", ents), n

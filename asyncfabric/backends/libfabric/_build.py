@@ -29,6 +29,7 @@ FILES = [
     "events.c",  # the event ring, notify and wake fds
     "counters.c",  # the immediate counter table
     "ops.c",  # the op slab, posting, afe_post_*
+    "batch.c",  # batches: many writes, one call, one event
     "cq.c",  # completions and errors
     "progress.c",  # the progress pass, thread and spins
     "setup.c",  # getinfo, open/close, peers, registrations

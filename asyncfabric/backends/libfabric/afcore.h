@@ -82,6 +82,40 @@ int afe_post_paged(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *
                    uint64_t page, const uint64_t *rbase, const uint64_t *rkey, int64_t imm);
 int afe_post_send(af_engine *e, uint64_t token, uint32_t peer, const void *buf, uint32_t len);
 
+/* A batch (batch.c): many writes in one call. Entries come grouped by peer
+ * (every entry to one peer is contiguous: the caller sorts them); each is
+ * chunked at its target's chunk and striped over its domains, and carries its
+ * immediate (or none, imm < 0). `idx` is the entry's place in the caller's
+ * order: its status lands in status[idx] (0, or the negative errno it failed
+ * with). The entries, targets and status array are the caller's and must stay
+ * alive until the batch's one AF_EV_OP for `token`; nothing is copied. */
+typedef struct af_bent {
+    uint64_t src;   /* source address (0 with len 0: an immediate alone) */
+    uint64_t roff;  /* byte offset in the target region */
+    uint64_t len;
+    int64_t imm;
+    int32_t mr;     /* source registration, or -1 */
+    uint32_t tgt;   /* index into the targets */
+    uint32_t idx;
+    uint32_t pad;
+} af_bent;
+
+typedef struct af_btgt {
+    uint32_t peer;
+    uint32_t ndom;
+    uint64_t chunk;
+    uint64_t base[16];
+    uint64_t key[16];
+} af_btgt;
+
+int afe_post_batch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t ntgt,
+                   const af_bent *ents, uint64_t n, int32_t *status);
+/* One-sided read: len bytes of the peer's region (rbase + roff, striped like a
+ * write) into laddr, registered as mr (required). */
+int afe_post_read(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *laddr, int mr,
+                  uint64_t len, uint64_t chunk, const uint64_t *rbase, const uint64_t *rkey,
+                  uint64_t roff);
+
 int afe_counter_arm(af_engine *e, uint32_t imm, uint64_t want);
 void afe_counter_disarm(af_engine *e, uint32_t imm);
 uint64_t afe_counter_avail(af_engine *e, uint32_t imm);

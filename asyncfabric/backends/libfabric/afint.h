@@ -17,6 +17,7 @@
  *   events.c    the event ring for Python, the notify and wake fds
  *   counters.c  the immediate counter table and the need published to writers
  *   ops.c       the op slab, posting (pump), afe_post_*
+ *   batch.c     batches: one call, many writes, one event
  *   cq.c        completions: entries, errors, receive buffers
  *   progress.c  one progress pass, the progress thread, Python's spins
  *   setup.c     getinfo, opening and closing domains and engines, peers, MRs
@@ -81,7 +82,9 @@
 _Static_assert(AF_MAX_DOMS == AF_HOOK_MAX_DOMS, "the hook carries every domain");
 
 enum { AF_EV_OP = 1, AF_EV_COUNTER = 2, AF_EV_RECV = 3, AF_EV_FATAL = 4 };
-enum { OP_WRITE = 1, OP_PAGED = 2, OP_SEND = 3 };
+/* OP_BATCH: one peer's share of a batch (batch.c), a child of an OP_GROUP,
+ * which posts nothing and reports the whole batch once. */
+enum { OP_WRITE = 1, OP_PAGED = 2, OP_SEND = 3, OP_READ = 4, OP_BATCH = 5, OP_GROUP = 6 };
 enum { AF_ACCESS_REMOTE_WRITE = 1, AF_ACCESS_REMOTE_READ = 2 };
 
 /* Tags tell a libfabric op_context apart: our contexts begin with the
@@ -95,6 +98,7 @@ typedef struct af_wr {
     uint32_t op;
     int32_t sslot;
     uint32_t next_free;
+    uint32_t ent; /* OP_BATCH: the entry this piece belongs to (its idx) */
 } af_wr;
 
 typedef struct af_rx {
@@ -170,6 +174,16 @@ typedef struct af_op {
     uint64_t *offs; /* paged: npages source offsets, then npages destination offsets */
     void *msg;
     uint32_t msglen;
+    /* OP_BATCH: entries [lo, hi) of the batch, all to this op's peer; the
+     * cursor is entry bj, byte boff of it; stripe picks the next domain.
+     * OP_GROUP: live children (not finished) and unrep (neither finished nor
+     * reported early); the status array of the batch. Children name it. */
+    uint32_t group;
+    uint32_t live, unrep;
+    const af_bent *ents;
+    const af_btgt *tgts;
+    uint64_t lo, hi, bj, boff, stripe;
+    int32_t *bstatus;
 } af_op;
 
 typedef struct af_ctr {
@@ -244,6 +258,13 @@ AF_INTERNAL uint64_t need_now(af_engine *e, uint64_t t);
 /* ops.c */
 AF_INTERNAL void op_free(af_engine *e, uint32_t i);
 AF_INTERNAL int pump_pending(af_engine *e);
+AF_INTERNAL void op_stop(af_engine *e, af_op *op, int32_t status);
+AF_INTERNAL uint32_t op_alloc(af_engine *e);
+AF_INTERNAL void op_launch(af_engine *e, uint32_t i);
+
+/* batch.c */
+AF_INTERNAL void batch_child_done(af_engine *e, uint32_t i);
+AF_INTERNAL void batch_child_reported(af_engine *e, uint32_t i);
 
 /* cq.c */
 AF_INTERNAL int progress_dom(af_engine *e, af_dom *d);
@@ -383,11 +404,13 @@ static inline void count_imm(af_engine *e, uint32_t imm) {
 
 /* peers (afpeer.c): what is live to a peer, and when it last completed one. */
 static inline void peer_op_begin(af_engine *e, af_op *op) {
+    if (op->kind == OP_GROUP) return;
     af_peer *p = &e->peers[op->peer];
     if (p->inflight++ == 0) p->t_progress = now_ns();
 }
 
 static inline void peer_op_end(af_engine *e, af_op *op) {
+    if (op->kind == OP_GROUP) return;
     af_peer *p = &e->peers[op->peer];
     if (!op->reported && p->inflight) p->inflight--; /* a reported op was uncounted then */
 }
@@ -402,6 +425,10 @@ static inline int op_finished(const af_op *op) {
 static inline void maybe_finish(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
     if (!op_finished(op)) return;
+    if (op->kind == OP_BATCH) { /* its group reports, once for the batch */
+        batch_child_done(e, i);
+        return;
+    }
     push_event(e, AF_EV_OP, 0, op->status, 0, op->token);
     op_free(e, i);
 }

@@ -51,16 +51,16 @@ static void pend_unlink(af_engine *e, uint32_t i) {
 static void fail_peer(af_engine *e, uint32_t pi, int32_t status) {
     for (uint32_t i = 0; i < e->cap_ops; i++) {
         af_op *op = &e->ops[i];
-        if (!op->active || op->peer != pi || op->reported) continue;
-        if (!op->status) op->status = status;
+        if (!op->active || op->kind == OP_GROUP || op->peer != pi || op->reported) continue;
         if (op->pending) pend_unlink(e, i);
-        op->total = op->posted; /* post nothing more */
+        op_stop(e, op, status); /* post nothing more */
         if (op->outstanding == 0) {
             maybe_finish(e, i);
         } else {
             op->reported = 1;
             if (e->peers[pi].inflight) e->peers[pi].inflight--;
-            push_event(e, AF_EV_OP, 0, op->status, 1, op->token);
+            if (op->kind == OP_BATCH) batch_child_reported(e, i); /* the group reports */
+            else push_event(e, AF_EV_OP, 0, op->status, 1, op->token);
         }
     }
 }

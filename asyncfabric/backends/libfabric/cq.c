@@ -15,13 +15,14 @@ static inline af_wr *as_wr(af_dom *d, void *ctx) {
 }
 
 static void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
-    uint32_t opi = wr->op;
+    uint32_t opi = wr->op, ent = wr->ent;
     if (wr->sslot >= 0) d->tx_free[d->tx_top++] = wr->sslot;
     wr->next_free = d->wr_free;
     d->wr_free = (uint32_t)(wr - d->wrs);
     d->credits++;
     af_op *op = &e->ops[opi];
     if (status && !op->status) op->status = status;
+    if (status && op->kind == OP_BATCH && !op->bstatus[ent]) op->bstatus[ent] = status;
     peer_progress(e, op);
     op->outstanding--;
     maybe_finish(e, opi);

@@ -2,7 +2,7 @@
  * them (pump), the queue of ops waiting for room, and afe_post_*. */
 #include "afint.h"
 
-static uint32_t op_alloc(af_engine *e) {
+uint32_t op_alloc(af_engine *e) {
     if (e->op_free == AF_NONE) {
         uint32_t ncap = e->cap_ops ? e->cap_ops * 2 : 256;
         af_op *n = realloc(e->ops, sizeof(af_op) * ncap);
@@ -23,6 +23,7 @@ static uint32_t op_alloc(af_engine *e) {
     op->next = AF_NONE;
     op->mr = -1;
     op->imm = -1;
+    op->group = AF_NONE;
     e->live_ops++;
     return i;
 }
@@ -114,27 +115,53 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
             }
         } else {
             uint8_t *src;
-            uint64_t dst, len;
-            if (op->kind == OP_WRITE) {
+            uint64_t dst, len, key = op->rkey[dn];
+            int mr = op->mr;
+            int64_t imm = op->imm;
+            const af_bent *en = NULL;
+            if (op->kind == OP_WRITE || op->kind == OP_READ) {
                 uint64_t off = c * op->chunk;
                 len = op->len - off < op->chunk ? op->len - off : op->chunk;
                 src = op->laddr + off;
                 dst = op->raddr[dn] + off;
-            } else {
+            } else if (op->kind == OP_PAGED) {
                 src = op->laddr + op->offs[c];
                 dst = op->raddr[dn] + op->offs[op->total + c];
                 len = op->page;
+            } else { /* OP_BATCH: entry bj, from byte boff, at its own target */
+                en = &op->ents[op->bj];
+                const af_btgt *t = &op->tgts[en->tgt];
+                dn = (uint32_t)(op->stripe % t->ndom);
+                d = &e->dom[dn];
+                dest = e->peers[op->peer].addr[dn];
+                uint64_t rem = en->len - op->boff;
+                len = rem < t->chunk ? rem : t->chunk;
+                src = en->src ? (uint8_t *)(uintptr_t)en->src + op->boff : e->scratch;
+                dst = t->base[dn] + en->roff + op->boff;
+                key = t->key[dn];
+                mr = en->mr;
+                imm = en->imm;
             }
-            if (len <= d->inject && !(op->mr >= 0 && e->mrs[op->mr].iface != FI_HMEM_SYSTEM)) {
-                ret = op->imm >= 0
-                          ? fi_inject_writedata(d->ep, src, len, (uint64_t)op->imm, dest, dst, op->rkey[dn])
-                          : fi_inject_write(d->ep, src, len, dest, dst, op->rkey[dn]);
+            void *desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
+            if (op->kind == OP_READ) {
+                if (!d->credits || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
+                ret = fi_read(d->ep, src, len, desc, dest, dst, key, wr);
+            } else if (len <= d->inject && !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM)) {
+                ret = imm >= 0 ? fi_inject_writedata(d->ep, src, len, (uint64_t)imm, dest, dst, key)
+                               : fi_inject_write(d->ep, src, len, dest, dst, key);
             } else {
                 if (!d->credits || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
-                void *desc = op->mr >= 0 ? e->mrs[op->mr].desc[dn] : NULL;
-                ret = op->imm >= 0
-                          ? fi_writedata(d->ep, src, len, desc, (uint64_t)op->imm, dest, dst, op->rkey[dn], wr)
-                          : fi_write(d->ep, src, len, desc, dest, dst, op->rkey[dn], wr);
+                if (en) wr->ent = en->idx;
+                ret = imm >= 0 ? fi_writedata(d->ep, src, len, desc, (uint64_t)imm, dest, dst, key, wr)
+                               : fi_write(d->ep, src, len, desc, dest, dst, key, wr);
+            }
+            if (en && ret == 0) {
+                op->stripe++;
+                op->boff += len;
+                if (op->boff >= en->len) {
+                    op->bj++;
+                    op->boff = 0;
+                }
             }
         }
         if (ret == -FI_EAGAIN) {
@@ -150,8 +177,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
         retried = 0;
         if (ret) {
             /* Stop posting; the op finishes, failed, once what is out comes back. */
-            if (!op->status) op->status = (int32_t)ret;
-            op->total = op->posted;
+            op_stop(e, op, (int32_t)ret);
             break;
         }
         if (wr) {
@@ -182,8 +208,7 @@ int pump_pending(af_engine *e) {
         if (r == AF_AGAIN && e->pol.post_timeout_ns) {
             if (!now) now = now_ns();
             if (now - op->t_queued > e->pol.post_timeout_ns) {
-                if (!op->status) op->status = -FI_ETIMEDOUT;
-                op->total = op->posted;
+                op_stop(e, op, -FI_ETIMEDOUT);
                 r = AF_DONE;
             }
         }
@@ -203,13 +228,24 @@ int pump_pending(af_engine *e) {
     return posted;
 }
 
-/* Start an op from the Python thread (lock held). Returns 1 when it finished
- * during the call (every piece was injected), 0 when an event will follow,
- * or a negative errno when it failed before anything went out. */
-static int start_op(af_engine *e, uint32_t i) {
+/* Post nothing more of `op`: it finishes, failed with `status` (unless it had
+ * failed already), once what is out comes back. A batch's entries that did
+ * not go out whole are failed with it. */
+void op_stop(af_engine *e, af_op *op, int32_t status) {
+    (void)e;
+    if (!op->status) op->status = status;
+    if (op->kind == OP_BATCH && op->bstatus)
+        for (uint64_t j = op->bj; j < op->hi; j++)
+            if (!op->bstatus[op->ents[j].idx]) op->bstatus[op->ents[j].idx] = status;
+    op->total = op->posted;
+}
+
+/* Post what of op i can go now; queue the rest for progress (lock held). */
+void op_launch(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
     peer_op_begin(e, op);
     if (pump_op(e, i) == AF_AGAIN) {
+        op = &e->ops[i];
         op->pending = 1;
         op->t_queued = now_ns();
         if (e->pend_tail == AF_NONE) e->pend_head = i;
@@ -218,6 +254,14 @@ static int start_op(af_engine *e, uint32_t i) {
     }
     e->work_gen++;
     if (atomic_load(&e->sleeping) == 1) kick(e);
+}
+
+/* Start an op from the Python thread (lock held). Returns 1 when it finished
+ * during the call (every piece was injected), 0 when an event will follow,
+ * or a negative errno when it failed before anything went out. */
+static int start_op(af_engine *e, uint32_t i) {
+    op_launch(e, i);
+    af_op *op = &e->ops[i];
     if (op_finished(op)) {
         int st = op->status;
         op_free(e, i);
@@ -254,6 +298,39 @@ int afe_post_write(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *
         rc = start_op(e, i);
         py_active(e);
         progress_locked(e); /* reap: this thread is the poller while it is busy */
+    }
+    leave_py(e);
+    return rc;
+}
+
+int afe_post_read(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *laddr, int mr,
+                  uint64_t len, uint64_t chunk, const uint64_t *rbase, const uint64_t *rkey,
+                  uint64_t roff) {
+    enter_py(e);
+    int rc = check_peer(e, peer, ndom);
+    /* the provider writes into local memory: it must be registered */
+    if (!rc && (mr < 0 || check_mr(e, mr))) rc = -FI_EINVAL;
+    if (!rc && (chunk == 0 || len == 0 || !laddr)) rc = -FI_EINVAL;
+    uint32_t i = rc ? AF_NONE : op_alloc(e);
+    if (!rc && i == AF_NONE) rc = -FI_ENOMEM;
+    if (!rc) {
+        af_op *op = &e->ops[i];
+        op->kind = OP_READ;
+        op->token = token;
+        op->peer = peer;
+        op->ndom = (uint32_t)ndom;
+        op->laddr = laddr;
+        op->mr = mr;
+        op->len = len;
+        op->chunk = chunk;
+        op->total = (len + chunk - 1) / chunk;
+        for (int d = 0; d < ndom; d++) {
+            op->raddr[d] = rbase[d] + roff;
+            op->rkey[d] = rkey[d];
+        }
+        rc = start_op(e, i);
+        py_active(e);
+        progress_locked(e);
     }
     leave_py(e);
     return rc;

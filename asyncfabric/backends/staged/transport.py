@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
-from ..._errors import DescriptorError, RegionError, TransferError
+from ..._errors import DescriptorError, RegionError, TransferError, Unsupported
 from ...transport import (
     EVENTS_READY,
     NO_IMM,
@@ -43,9 +43,11 @@ from ...transport import (
     Target,
     Transport,
     Wrapper,
+    WriteBatch,
     expected_imms,
     piece_bytes,
 )
+from ...transport.batching import post_batch_each
 from ...transport.events import Event
 from ...transport.status import IO_ERROR
 from .copies import (
@@ -72,7 +74,15 @@ _STAGE_ID = struct.Struct("<Q")  # leads a staged registration's ext: the receiv
 _INTERNAL = 1 << 62  # tokens of the posts this wrapper makes itself
 _DRAIN_ROUNDS = 8  # inner drains per drain, at most, while our follow-ups cause events
 # Methods bound to the inner transport's until staging is first needed.
-_HOT = ("post_write", "post_paged", "pending_events", "spin", "counter_take_spin")
+_HOT = (
+    "post_write",
+    "post_paged",
+    "post_batch",
+    "post_read",
+    "pending_events",
+    "spin",
+    "counter_take_spin",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +263,8 @@ class StagedTransport(ForwardingTransport):
         # Nothing staged yet: the hot paths are the inner transport's own methods.
         self.post_write = inner.post_write  # type: ignore[method-assign]
         self.post_paged = inner.post_paged  # type: ignore[method-assign]
+        self.post_batch = inner.post_batch  # type: ignore[method-assign]
+        self.post_read = inner.post_read  # type: ignore[method-assign]
         self.pending_events = inner.pending_events  # type: ignore[method-assign]
         self.spin = inner.spin  # type: ignore[method-assign]
         self.counter_take_spin = inner.counter_take_spin  # type: ignore[method-assign]
@@ -460,6 +472,26 @@ class StagedTransport(ForwardingTransport):
                 "write each contiguous run with write()"
             )
         return self.inner.post_paged(op)
+
+    def post_batch(self, batch: WriteBatch) -> bool:  # type: ignore[override]
+        # GPU sources and staged targets need this wrapper's own write path (stream
+        # order, staging): the contract's fallback posts each entry through it.
+        if any(r is not None and (r.staged or r.device == "cuda") for r in batch.srcs) or any(
+            d.__class__ is StagedRemote for d in batch.dsts
+        ):
+            return post_batch_each(self, batch)
+        return self.inner.post_batch(batch)
+
+    def post_read(  # type: ignore[override]
+        self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
+    ) -> bool:
+        if dst.staged or src.__class__ is StagedRemote:
+            raise Unsupported(
+                "a one-sided read does not take staged GPU regions (either side); read into "
+                "host memory, register the GPU memory on a provider with FI_HMEM CUDA support "
+                "(cuda='direct'), or have the peer write instead"
+            )
+        return self.inner.post_read(token, src, roff, dst, doff, nbytes)
 
     def post_send(self, token: int, peer: int, data: bytes) -> bool:
         return self.inner.post_send(token, peer, _USER + data)
