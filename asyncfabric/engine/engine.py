@@ -634,9 +634,7 @@ class Engine:
             raise ValueError("scatter needs at least one target")
         await self._post_batch(b.compile(self), timeout)
 
-    async def barrier(
-        self, targets: Any, imm: int, *, timeout: float | None = None
-    ) -> None:
+    async def barrier(self, targets: Any, imm: int, *, timeout: float | None = None) -> None:
         """One immediate ``imm`` to each target's engine (a zero-byte write per
         descriptor), in one call. Each receiver's counter for ``imm`` grows by one
         per target naming it."""
@@ -694,8 +692,7 @@ class Engine:
             return
         idx = sorted(set(bad.tolist()) | set(wb.errors))
         failures = {
-            i: wb.errors.get(i) or self._t.error(int(wb.status[i]), f"batch entry {i}")
-            for i in idx
+            i: wb.errors.get(i) or self._t.error(int(wb.status[i]), f"batch entry {i}") for i in idx
         }
         shown = "; ".join(f"entry {i}: {failures[i]}" for i in idx[:3])
         more = f" (and {len(idx) - 3} more)" if len(idx) > 3 else ""

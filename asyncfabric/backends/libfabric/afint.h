@@ -99,6 +99,7 @@ typedef struct af_wr {
     int32_t sslot;
     uint32_t next_free;
     uint32_t ent; /* OP_BATCH: the entry this piece belongs to (its idx) */
+    uint32_t live; /* posted, its completion not yet read */
 } af_wr;
 
 typedef struct af_rx {

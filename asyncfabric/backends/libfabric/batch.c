@@ -40,8 +40,15 @@ void batch_child_done(af_engine *e, uint32_t i) {
     group_check(e, g);
 }
 
+/* Child i is reported before the provider gave its pieces back: the entries
+ * with a piece still out are the ones not known to have landed. */
 void batch_child_reported(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
+    for (int d = 0; d < e->ndom; d++)
+        for (uint32_t k = 0; k < e->dom[d].nwr; k++) {
+            af_wr *wr = &e->dom[d].wrs[k];
+            if (wr->live && wr->op == i && !op->bstatus[wr->ent]) op->bstatus[wr->ent] = op->status;
+        }
     af_op *gp = &e->ops[op->group];
     if (op->status && !gp->status) gp->status = op->status;
     gp->unrep--;

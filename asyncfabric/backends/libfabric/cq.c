@@ -16,6 +16,7 @@ static inline af_wr *as_wr(af_dom *d, void *ctx) {
 
 static void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
     uint32_t opi = wr->op, ent = wr->ent;
+    wr->live = 0;
     if (wr->sslot >= 0) d->tx_free[d->tx_top++] = wr->sslot;
     wr->next_free = d->wr_free;
     d->wr_free = (uint32_t)(wr - d->wrs);

@@ -52,6 +52,7 @@ static inline int take_wr(af_dom *d, uint32_t opi, int32_t sslot, af_wr **out) {
 }
 
 static inline void commit_wr(af_dom *d, af_wr *wr) {
+    wr->live = 1;
     d->wr_free = wr->next_free;
     d->credits--;
 }

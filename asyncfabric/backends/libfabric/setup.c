@@ -25,6 +25,7 @@ static struct fi_info *make_hints(const char *prov, int want_hmem) {
     h->domain_attr->threading = FI_THREAD_DOMAIN;
     h->domain_attr->cq_data_size = 4;
     h->fabric_attr->prov_name = strdup(prov);
+    if (!strcmp(prov, "tcp")) h->tx_attr->op_flags = FI_DELIVERY_COMPLETE;
     return h;
 }
 
