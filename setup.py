@@ -14,6 +14,7 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CORE = "asyncfabric/backends/libfabric/_build.py"
 RAW = "asyncfabric/bench/_raw_build.py"
+INDEPENDENT = "asyncfabric/bench/independent/__init__.py"  # af_indep.c, built on first use
 
 
 def _files(build: str) -> list[str]:
@@ -32,5 +33,6 @@ setup(
         "asyncfabric": ["py.typed"],
         "asyncfabric.backends.libfabric": _files(CORE),
         "asyncfabric.bench": _files(RAW),
+        "asyncfabric.bench.independent": _files(INDEPENDENT),
     },
 )

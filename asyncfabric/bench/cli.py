@@ -21,7 +21,7 @@ from typing import Any
 from . import schema
 from .devices import parse_device
 from .peers import PEER_IMPLS
-from .runner import CORE_IMPLS, Runner
+from .runner import CORE_IMPLS, INDEPENDENT_IMPLS, Runner
 from .suites import ORDER, points, select
 from .worker import WorkerError
 
@@ -49,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--provider", default="shm", help="libfabric provider (default shm)")
     p.add_argument(
         "--impls",
-        default=",".join(CORE_IMPLS + PEER_IMPLS),
-        help="comma-separated: asyncfabric,raw,ucxx,nixl,gloo,zmq (peers not installed are skipped)",
+        default=",".join(CORE_IMPLS + INDEPENDENT_IMPLS + PEER_IMPLS),
+        help="comma-separated: asyncfabric,raw,independent,ucxx,nixl,nixl64,mooncake,gloo,zmq "
+        "(peers not installed are skipped)",
     )
     p.add_argument("--json", help="write rows to this JSON file")
     p.add_argument("--csv", help="write rows to this CSV file")
@@ -105,13 +106,14 @@ def render_table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], cons
         devs = sorted({r.get("device", "cpu") for r in rs} - {"cpu"})
         t = Table(title=suite + (f" on {', '.join(devs)}" if devs else ""), show_lines=False)
         for col in ("impl", "size", "pages", "peers", "ctrs", "doms", "GB/s", "ops/s",
-                    "p50 µs", "p99 µs", "vs raw"):  # fmt: skip
+                    "p50 µs", "p99 µs", "vs raw", "vs indep"):  # fmt: skip
             t.add_column(col, justify="left" if col == "impl" else "right")
         for r in rs:
             t.add_row(
                 r["impl"], _human(r["size_bytes"]), str(r["pages"]), str(r["peers"]),
                 str(r["counters"]), str(r["domains"]), _fmt(r["gbps"], 3), f"{r['ops_per_s']:.0f}",
                 _fmt(r["lat_p50_us"]), _fmt(r["lat_p99_us"]), _fmt(r["ratio_vs_raw"], 3),
+                _fmt(r.get("ratio_vs_independent"), 3),
             )  # fmt: skip
         console.print(t)
     for s in skipped:
@@ -158,6 +160,7 @@ async def _run(args: argparse.Namespace, argv: list[str]) -> int:
                         len(runner.peers) if n in ("write", "pingpong") else 0
                     )
                     nimpl += 1 if runner.devices.cuda and n == "write" else 0
+                    nimpl += 1 if runner.independent and n in ("write", "pingpong") else 0
                     tasks[n] = prog.add_task(n, total=npts * nimpl)
                 for n in names:
                     rows += await runner.run_suite(n, sizes=args.sizes, iters=args.iters)
@@ -230,11 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return _usage_error(str(exc))
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    unknown = [i for i in impls if i not in CORE_IMPLS + PEER_IMPLS]
+    unknown = [i for i in impls if i not in CORE_IMPLS + INDEPENDENT_IMPLS + PEER_IMPLS]
     if unknown or not impls:
         return _usage_error(
             f"unknown --impls {', '.join(unknown) or '(none given)'}; "
-            f"choose from {', '.join(CORE_IMPLS + PEER_IMPLS)}"
+            f"choose from {', '.join(CORE_IMPLS + INDEPENDENT_IMPLS + PEER_IMPLS)}"
         )
     # an unknown provider fails here, alone (BackendUnavailable), before any worker starts
     from .. import Engine

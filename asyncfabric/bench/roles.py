@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .. import Descriptor, Engine, ProgressPolicy
+from .. import Batch, Descriptor, Engine, ProgressPolicy
 from .peers import *  # noqa: F403 (the peer roles are roles too)
 from .peers import PeerState
 
 TIMEOUT_S = 60.0
+BATCH_MAX = 4096  # writes per write_many call in the batch streams
 POLICIES = {
     "default": ProgressPolicy,
     "latency": ProgressPolicy.latency,
@@ -142,6 +143,55 @@ async def af_stream_send(
     async def lane(k: int) -> None:
         for j in range(k, iters, lanes):
             await write(s, dsts[j % ntg], imm=imm)
+
+    out = []
+    for r in _reps(warmup, reps):
+        t0 = time.perf_counter_ns()
+        if lanes == 1:
+            await lane(0)
+        else:
+            await asyncio.gather(*(lane(k) for k in range(lanes)))
+        await ackc.wait(ntg, timeout=TIMEOUT_S)
+        dt = time.perf_counter_ns() - t0
+        if r >= warmup:
+            out.append(dt)
+    return out
+
+
+async def batch_stream_send(
+    st: State,
+    size: int,
+    iters: int,
+    targets: int,
+    window: int,
+    imm: int,
+    ack: int,
+    reps: int,
+    warmup: int = 1,
+) -> list[int]:
+    """The same stream as ``af_stream_send`` through ``write_many``: the writes are
+    built once into batches of at most BATCH_MAX (round-robin over the receivers),
+    and each repeat posts them, two batches in flight when there are several."""
+    eng, src = st.engines[0], st.regions[0]
+    dsts = st.remote[:targets]
+    ntg = len(dsts)
+    ackc = eng.counter(ack)
+    batches = []
+    for lo in range(0, iters, BATCH_MAX):
+        hi = min(iters, lo + BATCH_MAX)
+        b = Batch()
+        for t in range(ntg):
+            k = len(range(lo + (t - lo) % ntg, hi, ntg))  # writes j in [lo, hi), j % ntg == t
+            if k:
+                zero = np.zeros(k, np.uint64)
+                b.add_many(src, dsts[t], zero, zero, size, imm=imm)
+        batches.append(b)
+    lanes = min(2, len(batches))
+    write_many = eng.write_many
+
+    async def lane(k: int) -> None:
+        for j in range(k, len(batches), lanes):
+            await write_many(batches[j], timeout=TIMEOUT_S)
 
     out = []
     for r in _reps(warmup, reps):
@@ -332,6 +382,32 @@ async def af_paged_send(
     for r in _reps(warmup, reps):
         t0 = time.perf_counter_ns()
         await eng.write_paged(src, dst, sp, dp, page_size=size, dst_stride=dst_stride, imm=imm)
+        await ackc.wait(1, timeout=TIMEOUT_S)
+        dt = time.perf_counter_ns() - t0
+        if r >= warmup:
+            out.append(dt)
+    return out
+
+
+async def batch_paged_send(
+    st: State,
+    size: int,
+    pages: list[list[int]],
+    dst_stride: int,
+    imm: int,
+    ack: int,
+    reps: int,
+    warmup: int = 1,
+) -> list[int]:
+    """The paged point as a Batch of pages (``add_pages``), built once, posted per repeat."""
+    eng, src = st.engines[0], st.regions[0]
+    b = Batch().add_pages(src, st.remote[0], pages[0], pages[1], page_size=size,
+                          dst_stride=dst_stride, imm=imm)  # fmt: skip
+    ackc = eng.counter(ack)
+    out = []
+    for r in _reps(warmup, reps):
+        t0 = time.perf_counter_ns()
+        await eng.write_many(b, timeout=TIMEOUT_S)
         await ackc.wait(1, timeout=TIMEOUT_S)
         dt = time.perf_counter_ns() - t0
         if r >= warmup:

@@ -14,11 +14,20 @@ from . import peers as peerlib
 from .devices import GPU_SUITES, parse_device, resolve, unavailable
 from .schema import add_ratios, make_row
 from .suites import SUITES, Point, points
-from .worker import Worker
+from .worker import Worker, WorkerError
 
-CORE_IMPLS = ("asyncfabric", "raw")
+CORE_IMPLS = ("asyncfabric", "batch", "raw")
+# the roles each core impl streams with: (sender prefix, receiver prefix)
+_STREAM_ROLES = {"asyncfabric": ("af", "af"), "batch": ("batch", "af"), "raw": ("raw", "raw")}
+# A baseline outside the worker pair: af_indep.c (independent/), libfabric alone, in two
+# processes of its own, pinned; it runs the write (bw) and pingpong suites.
+INDEPENDENT_IMPLS = ("independent",)
+INDEPENDENT_SUITES = ("write", "pingpong")
+INDEPENDENT_PROVIDERS = ("shm", "tcp")
+INDEPENDENT_WINDOW = 64  # writes in flight, as the asyncfabric rows' 64 lanes
 PEER_BACKEND = {"zmq": ("zmq", "ipc"), "gloo": ("gloo", "tcp"), "ucxx": ("ucx", "auto"),
-                "nixl": ("ucx", "auto")}  # fmt: skip
+                "nixl": ("ucx", "auto"), "nixl64": ("ucx", "auto"),
+                "mooncake": ("mooncake", "tcp")}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -44,11 +53,10 @@ class Runner:
         on_point: Callable[[str, dict[str, Any] | None], None] | None = None,
         device: str = "cpu",
     ) -> None:
-        unknown = [i for i in impls if i not in CORE_IMPLS + peerlib.PEER_IMPLS]
+        known = CORE_IMPLS + INDEPENDENT_IMPLS + peerlib.PEER_IMPLS
+        unknown = [i for i in impls if i not in known]
         if unknown:
-            raise ValueError(
-                f"unknown impls {unknown}; choose from {CORE_IMPLS + peerlib.PEER_IMPLS}"
-            )
+            raise ValueError(f"unknown impls {unknown}; choose from {known}")
         self.provider, self.quick, self.policy = provider, quick, policy
         self.node = node or ("127.0.0.1" if provider == "tcp" and not connect else None)
         self.core = [i for i in impls if i in CORE_IMPLS]
@@ -71,9 +79,26 @@ class Runner:
                     "raw: its C loop reads host memory; with --device cuda the baseline "
                     "is torch_copy (torch's own copy between the same devices)"
                 )
+            if "batch" in self.core:
+                self.core.remove("batch")
+                self.skipped["batch"] = (
+                    "batch: not run with --device cuda (GPU sources take the staged "
+                    "wrapper's per-write path, which the asyncfabric rows measure)"
+                )
             for i in self.peers:
                 self.skipped[i] = f"{i}: not run with --device cuda (host buffers only)"
             self.peers = []
+        if connect:
+            for i in [i for i in self.peers if i in peerlib.OWN_WORKERS]:
+                self.peers.remove(i)
+                self.skipped[i] = (f"{i} skipped: runs only on workers this runner spawns "
+                                   "(its library crashes at process exit), not with --connect")  # fmt: skip
+        self.independent = "independent" in impls
+        if self.independent:
+            why = self._independent_skip(provider, connect)
+            if why:
+                self.independent = False
+                self.skipped["independent"] = why
         self._connect, self._authkey = connect, authkey
         self._on_point = on_point or (lambda what, row: None)
         self._imm = 1000
@@ -126,7 +151,7 @@ class Runner:
              ops_per_rep: int, rtts: list[int] | None = None) -> dict[str, Any]:  # fmt: skip
         if impl == "torch_copy":
             backend, prov = "torch", self.info.get("provider", self.provider)
-        elif impl in CORE_IMPLS:
+        elif impl in CORE_IMPLS or impl == "independent":
             backend, prov = (
                 self.info.get("backend", "libfabric"),
                 self.info.get("provider", self.provider),
@@ -156,13 +181,13 @@ class Runner:
     async def _stream_times(self, impl: str, p: Point, reps: int, warmup: int) -> list[int]:
         imm, ack = self._imms()
         per_engine = (p.iters // p.peers) * expected_imms(p.size, chunk_bytes=self.chunk)
-        pre = "af" if impl == "asyncfabric" else "raw"
+        pre, rx_pre = _STREAM_ROLES[impl]
         times, _ = await asyncio.gather(
             self.tx.call(f"{pre}_stream_send", size=p.size, iters=p.iters, targets=p.peers,
                          window=self._window(impl, p.size, p.domains), imm=imm, ack=ack,
                          reps=reps, warmup=warmup),
-            self.rx.call(f"{pre}_stream_recv", per_engine=per_engine, imm=imm, ack=ack, reps=reps,
-                         warmup=warmup),
+            self.rx.call(f"{rx_pre}_stream_recv", per_engine=per_engine, imm=imm, ack=ack,
+                         reps=reps, warmup=warmup),
         )  # fmt: skip
         return times
 
@@ -204,6 +229,46 @@ class Runner:
         return self._row("write", "torch_copy", p, times, bytes_per_rep=p.size * p.iters,
                          ops_per_rep=p.iters)  # fmt: skip
 
+    def _independent_skip(self, provider: str, connect: str | None) -> str | None:
+        """Why af_indep.c cannot run here, or None."""
+        if self.devices.cuda:
+            return "independent: not run with --device cuda (af_indep.c moves host buffers)"
+        if connect:
+            return ("independent skipped: af_indep.c runs both its processes on this host, "
+                    "not with --connect")  # fmt: skip
+        if provider not in INDEPENDENT_PROVIDERS:
+            return (f"independent skipped: af_indep.c runs on "
+                    f"{' and '.join(INDEPENDENT_PROVIDERS)}, not {provider}")  # fmt: skip
+        from . import independent
+
+        ok, why = independent.available()
+        return None if ok else f"independent skipped: {why}"
+
+    async def _independent(self, suite: str, p: Point, reps: int) -> list[dict[str, Any]]:
+        """af_indep.c at one point: its own sender and receiver, pinned to two CPUs.
+
+        A failure (a libfabric error, or the receiver's check of the bytes) is
+        reported in ``skipped`` and ends the independent rows of this run."""
+        from . import independent
+
+        mode = "bw" if suite == "write" else "pingpong"
+        try:
+            res = await asyncio.to_thread(
+                independent.run_pair, self.provider, mode, p.size, p.iters, INDEPENDENT_WINDOW,
+                reps, cpus=independent.default_cpus(), node=self.node,
+            )  # fmt: skip
+        except RuntimeError as exc:
+            self.independent = False
+            self.skipped["independent"] = f"independent failed in {suite} at {p.size} B: {exc}"
+            self._on_point(suite, None)
+            return []
+        if mode == "bw":
+            return [self._row(suite, "independent", p, res["times_ns"],
+                              bytes_per_rep=p.size * p.iters, ops_per_rep=p.iters)]  # fmt: skip
+        rtts = res["rtts_ns"]
+        return [self._row(suite, "independent", p, [sum(rtts)], rtts=rtts,
+                          bytes_per_rep=2 * p.size * len(rtts), ops_per_rep=len(rtts))]  # fmt: skip
+
     def _bytes_per_rep(self) -> int | None:
         # NVLink moves ~380 GB/s: 64 MiB a repeat would be 0.2 ms, under the ack's
         # round trip; the staged path is bounded by host bandwidth (a few GB/s).
@@ -234,14 +299,17 @@ class Runner:
 
     async def _paged(self, impl: str, p: Point, reps: int, maps: list[list[int]]) -> dict[str, Any]:
         imm, ack = self._imms()
-        if impl == "asyncfabric":
+        if impl == "batch":
+            send = self.tx.call("batch_paged_send", size=p.size, pages=maps,
+                                dst_stride=2 * p.size, imm=imm, ack=ack, reps=reps)  # fmt: skip
+        elif impl == "asyncfabric":
             send = self.tx.call("af_paged_send", size=p.size, pages=maps, dst_stride=2 * p.size,
                                 imm=imm, ack=ack, reps=reps)  # fmt: skip
         else:
             send = self.tx.call("raw_stream_send", size=p.size, iters=1, targets=1,
                                 window=self._window("raw", p.size, 1), imm=imm, ack=ack, reps=reps,
                                 pages=maps, dst_stride=2 * p.size)  # fmt: skip
-        pre = "af" if impl == "asyncfabric" else "raw"
+        pre = _STREAM_ROLES[impl][1]
         times, _ = await asyncio.gather(
             send,
             self.rx.call(f"{pre}_stream_recv", per_engine=p.pages, imm=imm, ack=ack, reps=reps),
@@ -252,7 +320,7 @@ class Runner:
 
     # ------------------------------------------------------------ peers setup
 
-    async def _peers_open(self, impl: str) -> None:
+    async def _peers_open(self, impl: str, nbytes: int = 0) -> None:
         if impl == "zmq":
             ep = peerlib.zmq_endpoint()
             await asyncio.gather(
@@ -272,6 +340,51 @@ class Runner:
                 self.rx.call("ucxx_accept"),
                 self.tx.call("ucxx_connect", host="127.0.0.1", port=port),
             )
+        elif impl in ("nixl", "nixl64"):  # agents named apart: both metadata land in each
+            a, b = await asyncio.gather(
+                self.tx.call("nixl_open", agent=f"afbench-{impl}-sender", nbytes=nbytes),
+                self.rx.call("nixl_open", agent=f"afbench-{impl}-receiver", nbytes=nbytes),
+            )
+            await asyncio.gather(
+                self.tx.call("nixl_connect", peer=b), self.rx.call("nixl_connect", peer=a)
+            )
+        elif impl == "mooncake":
+            a, b = await asyncio.gather(
+                self.tx.call("mooncake_open", nbytes=nbytes),
+                self.rx.call("mooncake_open", nbytes=nbytes),
+            )
+            await asyncio.gather(
+                self.tx.call("mooncake_connect", peer=b), self.rx.call("mooncake_connect", peer=a)
+            )
+
+    async def _peer_rows(self, name: str, impl: str, pts: list[Point], reps: int
+                         ) -> list[dict[str, Any]]:  # fmt: skip
+        async def measure() -> list[dict[str, Any]]:
+            await self._peers_open(impl, nbytes=max(p.size for p in pts))
+            return [await (self._peer_stream(name, impl, p, reps) if name == "write"
+                           else self._pingpong(impl, p, reps)) for p in pts]  # fmt: skip
+
+        if impl not in peerlib.OWN_WORKERS:
+            return await measure()
+        if name == "pingpong" and impl == "nixl64":  # batching is for streams: that is nixl's
+            for _ in pts:
+                self._on_point(name, None)
+            return []
+        # NIXL and Mooncake crash at process exit: a worker pair of their own for each run,
+        # whose exit status is not looked at; one that dies mid-run skips the peer.
+        shared = self.tx, self.rx
+        self.tx = Worker.spawn(f"afbench-{impl}-sender")
+        self.rx = Worker.spawn(f"afbench-{impl}-receiver")
+        try:
+            await asyncio.gather(self.tx.ready(), self.rx.ready())
+            return await measure()
+        except WorkerError as exc:
+            first = (str(exc).strip().splitlines() or ["worker died"])[0]
+            self.skipped[impl] = f"{impl} failed in {name}: {first}"
+            return []
+        finally:
+            await asyncio.gather(self.tx.aclose(), self.rx.aclose())
+            self.tx, self.rx = shared
 
     # ------------------------------------------------------------ suites
 
@@ -308,13 +421,13 @@ class Runner:
                     rows += await self._rounds(name, [p], reps, fresh=False)
                 else:
                     for impl in self.core:
-                        rows.append(await self._pingpong(impl, p, reps))
+                        if impl != "batch":  # a round trip is one write each way
+                            rows.append(await self._pingpong(impl, p, reps))
+                if self.independent and name in INDEPENDENT_SUITES:
+                    rows += await self._independent(name, p, reps)
             await self._close()
             for impl in self.peers:
-                await self._peers_open(impl)
-                for p in pts:
-                    rows.append(await (self._peer_stream(name, impl, p, reps) if name == "write"
-                                       else self._pingpong(impl, p, reps)))  # fmt: skip
+                rows += await self._peer_rows(name, impl, pts, reps)
         elif name == "paged":
             rng = np.random.default_rng(7)
             for p in pts:

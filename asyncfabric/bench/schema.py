@@ -3,7 +3,9 @@
 Units: ``gbps`` is 10^9 bytes per second (not bits); latencies are microseconds.
 ``ratio_vs_raw`` compares a row with the raw C baseline of the same point, so
 that 1.0 means "as fast as raw": throughput / raw throughput for bandwidth
-suites, raw latency / latency for ``pingpong``.
+suites, raw latency / latency for ``pingpong``. ``ratio_vs_independent`` is the
+same against the ``independent`` row (af_indep.c, libfabric alone), for every
+other row of the point, raw's included.
 """
 
 from __future__ import annotations
@@ -19,7 +21,19 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA = "asyncfabric.bench/1"
-IMPLS = ("asyncfabric", "raw", "ucxx", "nixl", "gloo", "zmq", "torch_copy")
+IMPLS = (
+    "asyncfabric",
+    "batch",
+    "raw",
+    "independent",
+    "ucxx",
+    "nixl",
+    "nixl64",
+    "mooncake",
+    "gloo",
+    "zmq",
+    "torch_copy",
+)
 
 # (name, type, meaning); the order is the CSV column order.
 FIELDS: tuple[tuple[str, type, str], ...] = (
@@ -27,10 +41,13 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
     (
         "impl",
         str,
-        "asyncfabric, raw, ucxx, nixl, gloo, zmq, or torch_copy (CUDA: torch's own copy "
-        "between the same devices in one process, the baseline of --device cuda rows)",
+        "asyncfabric, raw, independent (af_indep.c: a C program on libfabric alone, the "
+        "bar), ucxx, nixl (NIXL, one descriptor a WRITE transfer), nixl64 (NIXL, "
+        "64 descriptors a transfer), mooncake (Mooncake Transfer Engine), gloo, zmq, or "
+        "torch_copy (CUDA: torch's own copy between the same devices in one process, the "
+        "baseline of --device cuda rows)",
     ),
-    ("backend", str, "transport under the impl (libfabric, ucx, gloo, zmq)"),
+    ("backend", str, "transport under the impl (libfabric, ucx, mooncake, gloo, zmq)"),
     ("provider", str, "provider or transport (shm, tcp, ipc, ...)"),
     ("size_bytes", int, "bytes per write (per page for paged)"),
     ("pages", int, "pages per paged write (0 otherwise)"),
@@ -53,6 +70,12 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
         float,
         "vs the raw C baseline of the same point (1.0 = as fast), or vs torch_copy where "
         "there is no raw row (--device cuda); None for the baselines",
+    ),
+    (
+        "ratio_vs_independent",
+        float,
+        "vs the independent libfabric-only baseline of the same point (1.0 = as fast; "
+        "write and pingpong); None for independent rows and where it did not run",
     ),
     ("policy", str, "progress policy of the engines (asyncfabric and raw)"),
     (
@@ -141,6 +164,7 @@ def make_row(
         "lat_p50_us": percentile(us, 50),
         "lat_p99_us": percentile(us, 99),
         "ratio_vs_raw": None,
+        "ratio_vs_independent": None,
         "policy": policy,
         "device": device,
     }
@@ -154,11 +178,24 @@ def point_key(row: dict[str, Any]) -> tuple:
     )  # fmt: skip
 
 
-BASELINES = ("raw", "torch_copy")
+BASELINES = ("raw", "torch_copy", "independent")
+
+
+def _ratio(row: dict[str, Any], base: dict[str, Any]) -> float | None:
+    if row["suite"] == "pingpong":
+        return base["lat_p50_us"] / row["lat_p50_us"] if row["lat_p50_us"] else None
+    return row["ops_per_s"] / base["ops_per_s"] if base["ops_per_s"] else None
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Fill ratio_vs_raw of every non-baseline row whose point has a raw (else torch_copy) row."""
+    """Fill ratio_vs_raw of every non-baseline row whose point has a raw (else torch_copy) row,
+    and ratio_vs_independent of every row but the independent one where the point has one."""
+    indep = {point_key(r): r for r in rows if r["impl"] == "independent"}
+    for r in rows:
+        ib = indep.get(point_key(r))
+        r["ratio_vs_independent"] = (
+            _ratio(r, ib) if ib is not None and r["impl"] != "independent" else None
+        )
     raw = {point_key(r): r for r in rows if r["impl"] == "raw"}
     copy = {point_key(r): r for r in rows if r["impl"] == "torch_copy"}
     for r in rows:
@@ -183,7 +220,7 @@ def validate_row(row: dict[str, Any]) -> None:
         if name not in row:
             continue
         v = row[name]
-        if v is None and name == "ratio_vs_raw":
+        if v is None and name in ("ratio_vs_raw", "ratio_vs_independent"):
             continue
         if typ is float and isinstance(v, (int, float)) and not isinstance(v, bool):
             continue
