@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import sys
 import traceback
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
@@ -38,6 +39,12 @@ async def _serve(conn: Connection) -> None:
             if name == "exit":
                 await state.close()
                 conn.send(("ok", None))
+                # NIXL, Mooncake: their teardown at interpreter exit crashes (a spawned worker
+                # only: `bench serve` goes on serving)
+                if state.hard_exit and mp.parent_process() is not None:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(0)
                 return
             try:
                 fn = getattr(roles, name, None)
