@@ -87,7 +87,10 @@ class Engine:
     one immediate per chunk. ``peer_timeout``: a transfer the peer does not take
     within this many seconds fails with :class:`PeerUnreachable`. ``cuda``: how
     GPU tensors travel, handed to the transport (docs/gpu.md): ``"auto"``,
-    ``"direct"`` or ``"staged"``.
+    ``"direct"`` or ``"staged"``. ``workers``: progress threads, each owning
+    ``domains / workers`` of the domains (several NICs on a machine with cores to
+    spare; docs/progress.md); ``cpus``: CPUs to pin them to (a list, or ``"auto"``
+    for this process's CPUs in order); default: one thread, not pinned.
     """
 
     def __init__(
@@ -103,6 +106,8 @@ class Engine:
         peer_timeout: float = 5.0,
         cuda: str = "auto",
         nvlink: bool = False,
+        workers: int = 1,
+        cpus: Any = None,
     ) -> None:
         if isinstance(domains, bool) or not isinstance(domains, int) or not 1 <= domains <= 16:
             raise ValueError(f"domains must be an int from 1 to 16, got {domains!r}")
@@ -117,6 +122,13 @@ class Engine:
         ):
             raise ValueError(f"peer_timeout must be > 0 seconds, got {peer_timeout!r}")
         self.peer_timeout = float(peer_timeout)
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= domains:
+            raise ValueError(
+                f"workers must be an int from 1 to domains ({domains}), got {workers!r}: each "
+                "progress worker owns at least one domain"
+            )
+        self._workers = workers
+        self._cpus = _check_cpus(cpus)
         if (
             isinstance(ctrl_max, bool)
             or not isinstance(ctrl_max, int)
@@ -181,7 +193,10 @@ class Engine:
         try:
             t.start(
                 dataclasses.replace(
-                    self.policy.to_ns(), post_timeout_ns=int(self.peer_timeout * 1e9)
+                    self.policy.to_ns(),
+                    post_timeout_ns=int(self.peer_timeout * 1e9),
+                    workers=self._workers,
+                    cpus=self._cpus,
                 )
             )
             self._loop.watch(t.notify_fd, self._drain)
@@ -945,6 +960,25 @@ class _BatchHold:
         self.wb, self.regions = wb, regions
         self.left = self.unrep = wb.subops or 1
         self.early: set[int] = set()
+
+
+def _check_cpus(cpus: Any) -> tuple[int, ...]:
+    if cpus is None:
+        return ()
+    allowed = os.sched_getaffinity(0)
+    if cpus == "auto":  # spread over the CPUs this process may use, in order
+        return tuple(sorted(allowed))[:16]
+    try:
+        out = tuple(cpus)
+    except TypeError:
+        raise TypeError(f"cpus must be a list of CPU numbers or 'auto', got {cpus!r}") from None
+    bad = [c for c in out if isinstance(c, bool) or not isinstance(c, int) or c not in allowed]
+    if bad or not out:
+        raise ValueError(
+            f"cpus {list(out)!r}: each must be a CPU this process may run on "
+            f"({sorted(allowed)}); give at least one, or leave cpus out (not pinned)"
+        )
+    return out[:16]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -57,6 +57,10 @@ class PolicyNs:
     busy_block_ns: int
     post_timeout_ns: int = 5_000_000_000
     py_hold_ns: int = 0
+    workers: int = 1
+    """Progress threads, each owning ``domains / workers`` domains (a transport may run one)."""
+    cpus: tuple[int, ...] = ()
+    """CPUs to pin progress thread ``i`` to (``cpus[i % len(cpus)]``); empty: not pinned."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -207,6 +207,7 @@ class LibfabricTransport(Transport):
         return int(lib.afe_notify_fd(self._e))
 
     def start(self, policy: PolicyNs) -> None:
+        cpus = list(policy.cpus)[:16]
         p = ffi.new(
             "af_policy *",
             (
@@ -215,6 +216,9 @@ class LibfabricTransport(Transport):
                 policy.busy_block_ns,
                 policy.post_timeout_ns,
                 policy.py_hold_ns,
+                policy.workers,
+                len(cpus),
+                cpus + [0] * (16 - len(cpus)),
             ),
         )
         rc = lib.afe_start(self._e, p)

@@ -32,6 +32,7 @@ FILES = [
     "batch.c",  # batches: many writes, one call, one event
     "cq.c",  # completions and errors
     "progress.c",  # the progress pass, thread and spins
+    "workers.c",  # several progress threads, each owning domains
     "setup.c",  # getinfo, open/close, peers, registrations
     "quirks.c",  # what differs per provider, one table
     "afpeer.c",  # peer failure detection

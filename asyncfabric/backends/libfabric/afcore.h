@@ -39,6 +39,9 @@ typedef struct af_policy {
     uint64_t busy_block_ns;  /* ...and at most this long while transfers are in flight */
     uint64_t post_timeout_ns; /* a transfer that cannot be posted this long fails (0: never) */
     uint64_t py_hold_ns;     /* after a post from Python, Python polls and the thread stands aside */
+    uint32_t workers;        /* progress threads: 0 or 1, one for every domain; more: workers.c */
+    uint32_t ncpus;          /* how many of cpus are given: progress threads are pinned to them */
+    int32_t cpus[16];        /* thread i runs on cpus[i % ncpus] */
 } af_policy;
 
 typedef struct af_stats {

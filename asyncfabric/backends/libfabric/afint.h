@@ -20,6 +20,7 @@
  *   batch.c     batches: one call, many writes, one event
  *   cq.c        completions: entries, errors, receive buffers
  *   progress.c  one progress pass, the progress thread, Python's spins
+ *   workers.c   several progress threads, each owning some domains
  *   setup.c     getinfo, opening and closing domains and engines, peers, MRs
  *   quirks.c    what differs per provider, in one table
  *   afpeer.c    peer failure detection
@@ -138,7 +139,18 @@ typedef struct af_dom {
     void *tx_desc;
     int32_t *tx_free;
     int32_t tx_top, ntx;
+    /* With several workers (workers.c) every libfabric call on this domain is
+     * made holding this lock; its owner holds it only across its CQ reads. */
+    pthread_mutex_t lock;
+    int owner;
 } af_dom;
+
+typedef struct af_worker {
+    struct af_engine *e;
+    pthread_t thr;
+    int id, cpu, started;
+    int wake_fd;
+} af_worker;
 
 typedef struct af_peer {
     fi_addr_t addr[AF_MAX_DOMS];
@@ -185,6 +197,7 @@ typedef struct af_op {
     const af_btgt *tgts;
     uint64_t lo, hi, bj, boff, stripe;
     int32_t *bstatus;
+    uint64_t rot; /* chunk c goes to domain (c + rot) % ndom */
 } af_op;
 
 typedef struct af_ctr {
@@ -242,6 +255,13 @@ struct af_engine {
     uint8_t scratch[64];
     int watch_fd;       /* epoll over watched peers' pidfds (afpeer.c), -1 until needed */
     uint64_t t_watch;   /* last failure-detection pass */
+    /* workers.c: with nworkers > 1, worker i owns the domains d with d % nworkers == i
+     * (dom[d].owner) in place of the one progress thread; rot turns each op's first
+     * chunk to the next domain, so single-chunk writes spread over them too. */
+    int nworkers;
+    af_worker wk[AF_MAX_DOMS];
+    uint64_t rot;
+    uint32_t reap_skip; /* ops.c: injected writes since the last reap */
 };
 
 /* ------------------------------------------------------------------ cross-unit functions */
@@ -275,6 +295,14 @@ AF_INTERNAL void cq_hook_repost_rx(af_engine *e, int dom);
 
 /* progress.c */
 AF_INTERNAL int progress_locked(af_engine *e);
+AF_INTERNAL void pin_thread(int cpu);
+
+/* workers.c */
+AF_INTERNAL int workers_start(af_engine *e);
+AF_INTERNAL void workers_stop(af_engine *e);
+
+/* cq.c: one batch of entries already read, handled under the engine lock */
+AF_INTERNAL void cq_handle(af_engine *e, af_dom *d, const struct fi_cq_data_entry *ents, ssize_t n);
 
 /* afpeer.c */
 AF_INTERNAL void peer_watch(af_engine *e);
@@ -294,6 +322,20 @@ static inline void cpu_relax(void) {
 #elif defined(__aarch64__)
     __asm__ volatile("yield");
 #endif
+}
+
+/* A domain's lock, with several workers only (one thread, or the engine lock, is
+ * enough otherwise). Posts try it and queue the op when its worker is reading. */
+static inline void dom_lock(af_engine *e, af_dom *d) {
+    if (e->nworkers > 1) pthread_mutex_lock(&d->lock);
+}
+
+static inline int dom_trylock(af_engine *e, af_dom *d) {
+    return e->nworkers > 1 ? pthread_mutex_trylock(&d->lock) == 0 : 1;
+}
+
+static inline void dom_unlock(af_engine *e, af_dom *d) {
+    if (e->nworkers > 1) pthread_mutex_unlock(&d->lock);
 }
 
 static inline void enter_py(af_engine *e) {
@@ -450,7 +492,9 @@ static inline int check_mr(af_engine *e, int mr) {
 
 /* receive buffers (cq.c) */
 static inline int post_rx(af_engine *e, af_dom *d, af_rx *rx) {
+    dom_lock(e, d);
     ssize_t ret = fi_recv(d->ep, rx->buf, e->ctrl_max, d->rx_desc, FI_ADDR_UNSPEC, rx);
+    dom_unlock(e, d);
     rx->state = ret ? RX_IDLE : RX_POSTED;
     if (ret) d->rx_retry = 1;
     return (int)ret;

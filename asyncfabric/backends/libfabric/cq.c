@@ -74,7 +74,10 @@ static int handle_error_entry(af_engine *e, af_dom *d, const struct fi_cq_err_en
 static void handle_error(af_engine *e, af_dom *d) {
     struct fi_cq_err_entry err;
     memset(&err, 0, sizeof err);
-    if (fi_cq_readerr(d->cq, &err, 0) < 0) return;
+    dom_lock(e, d);
+    ssize_t r = fi_cq_readerr(d->cq, &err, 0);
+    dom_unlock(e, d);
+    if (r < 0) return;
     handle_error_entry(e, d, &err);
 }
 
@@ -90,7 +93,9 @@ int progress_dom(af_engine *e, af_dom *d) {
     struct fi_cq_data_entry ents[64];
     int total = 0;
     for (;;) {
+        dom_lock(e, d);
         ssize_t n = fi_cq_read(d->cq, ents, 64);
+        dom_unlock(e, d);
         if (n == -FI_EAGAIN) break;
         if (n == -FI_EAVAIL) {
             handle_error(e, d);
@@ -107,6 +112,11 @@ int progress_dom(af_engine *e, af_dom *d) {
     }
     repost_idle(e, d);
     return total;
+}
+
+void cq_handle(af_engine *e, af_dom *d, const struct fi_cq_data_entry *ents, ssize_t n) {
+    for (ssize_t i = 0; i < n; i++) handle_entry(e, d, &ents[i]);
+    repost_idle(e, d);
 }
 
 /* Copy a received message out and give its buffer back to the provider. */

@@ -23,6 +23,8 @@ void ev_notify(af_engine *e) {
 void kick(af_engine *e) {
     uint64_t one = 1;
     if (write(e->wake_fd, &one, sizeof one) < 0) { /* a full counter already wakes it */ }
+    for (int i = 0; i < e->nworkers; i++)
+        if (e->wk[i].started && write(e->wk[i].wake_fd, &one, sizeof one) < 0) { /* as above */ }
 }
 
 int afe_drain(af_engine *e, af_event *out, int max) {

@@ -3,9 +3,18 @@
  * are thin: each is what the core's own paths do, under the engine lock. */
 #include "afint.h"
 
-static void hook_lock(af_engine *e) { enter_py(e); }
+/* The hook's caller becomes the only one to touch the endpoints: with several
+ * workers it holds every domain's lock too (engine, then domains: the order of
+ * every path that holds both). */
+static void hook_lock(af_engine *e) {
+    enter_py(e);
+    for (int d = 0; d < e->ndom; d++) dom_lock(e, &e->dom[d]);
+}
 
-static void hook_unlock(af_engine *e) { leave_py(e); }
+static void hook_unlock(af_engine *e) {
+    for (int d = e->ndom - 1; d >= 0; d--) dom_unlock(e, &e->dom[d]);
+    leave_py(e);
+}
 
 static int hook_check_peer(af_engine *e, uint32_t peer, int ndom) { return check_peer(e, peer, ndom); }
 

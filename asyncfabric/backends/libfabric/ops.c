@@ -24,6 +24,8 @@ uint32_t op_alloc(af_engine *e) {
     op->mr = -1;
     op->imm = -1;
     op->group = AF_NONE;
+    op->rot = e->nworkers > 1 ? e->rot++ : 0;
+    op->stripe = op->rot; /* a batch child's first piece */
     e->live_ops++;
     return i;
 }
@@ -96,18 +98,28 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
     int retried = 0;
     while (op->posted < op->total) {
         uint64_t c = op->posted;
-        uint32_t dn = (uint32_t)(c % op->ndom);
+        uint32_t dn = (uint32_t)((c + op->rot) % op->ndom);
         af_dom *d = &e->dom[dn];
         fi_addr_t dest = e->peers[op->peer].addr[dn];
         ssize_t ret;
         af_wr *wr = NULL;
         int32_t sslot = -1;
 
+        if (op->kind == OP_BATCH) { /* its own target's domains: found below */
+            const af_bent *en0 = &op->ents[op->bj];
+            dn = (uint32_t)(op->stripe % op->tgts[en0->tgt].ndom);
+            d = &e->dom[dn];
+            dest = e->peers[op->peer].addr[dn];
+        }
+        if (!dom_trylock(e, d)) return AF_AGAIN; /* its worker is reading: it posts it later */
         if (op->kind == OP_SEND) {
             if (op->msglen <= d->inject) {
                 ret = fi_inject(d->ep, op->msg, op->msglen, dest);
             } else {
-                if (d->tx_top == 0 || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
+                if (d->tx_top == 0 || !take_wr(d, opi, -1, &wr)) {
+                    dom_unlock(e, d);
+                    return AF_AGAIN;
+                }
                 sslot = d->tx_free[d->tx_top - 1];
                 uint8_t *buf = d->txmem + (size_t)sslot * e->ctrl_max;
                 memcpy(buf, op->msg, op->msglen);
@@ -132,9 +144,6 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
             } else { /* OP_BATCH: entry bj, from byte boff, at its own target */
                 en = &op->ents[op->bj];
                 const af_btgt *t = &op->tgts[en->tgt];
-                dn = (uint32_t)(op->stripe % t->ndom);
-                d = &e->dom[dn];
-                dest = e->peers[op->peer].addr[dn];
                 uint64_t rem = en->len - op->boff;
                 len = rem < t->chunk ? rem : t->chunk;
                 src = en->src ? (uint8_t *)(uintptr_t)en->src + op->boff : e->scratch;
@@ -145,13 +154,19 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
             }
             void *desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
             if (op->kind == OP_READ) {
-                if (!d->credits || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
+                if (!d->credits || !take_wr(d, opi, -1, &wr)) {
+                    dom_unlock(e, d);
+                    return AF_AGAIN;
+                }
                 ret = fi_read(d->ep, src, len, desc, dest, dst, key, wr);
             } else if (len <= d->inject && !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM)) {
                 ret = imm >= 0 ? fi_inject_writedata(d->ep, src, len, (uint64_t)imm, dest, dst, key)
                                : fi_inject_write(d->ep, src, len, dest, dst, key);
             } else {
-                if (!d->credits || !take_wr(d, opi, -1, &wr)) return AF_AGAIN;
+                if (!d->credits || !take_wr(d, opi, -1, &wr)) {
+                    dom_unlock(e, d);
+                    return AF_AGAIN;
+                }
                 if (en) wr->ent = en->idx;
                 ret = imm >= 0 ? fi_writedata(d->ep, src, len, desc, (uint64_t)imm, dest, dst, key, wr)
                                : fi_write(d->ep, src, len, desc, dest, dst, key, wr);
@@ -165,6 +180,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                 }
             }
         }
+        dom_unlock(e, d);
         if (ret == -FI_EAGAIN) {
             e->st.eagain++;
             if (!retried) {
@@ -254,7 +270,7 @@ void op_launch(af_engine *e, uint32_t i) {
         e->pend_tail = i;
     }
     e->work_gen++;
-    if (atomic_load(&e->sleeping) == 1) kick(e);
+    if (atomic_load(&e->sleeping) == 1 || (e->nworkers > 1 && e->ops[i].pending)) kick(e);
 }
 
 /* Start an op from the Python thread (lock held). Returns 1 when it finished
@@ -298,7 +314,11 @@ int afe_post_write(af_engine *e, uint64_t token, uint32_t peer, int ndom, void *
         }
         rc = start_op(e, i);
         py_active(e);
-        progress_locked(e); /* reap: this thread is the poller while it is busy */
+        /* Reap: this thread is the poller while it is busy. A write that went out
+         * whole as inject left nothing to reap; such a caller (a round trip, a
+         * stream of small writes) is about to poll anyway, so only every 16th
+         * reaps, which keeps a long inject stream's queue moving. */
+        if (rc != 1 || (++e->reap_skip & 15) == 0) progress_locked(e);
     }
     leave_py(e);
     return rc;

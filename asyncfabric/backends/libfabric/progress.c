@@ -115,6 +115,7 @@ static void *progress_main(void *arg) {
     /* Naps of tens of microseconds mean nothing with Linux's default 50 us
      * timer slack. */
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    if (e->pol.ncpus) pin_thread(e->pol.cpus[0]);
     uint64_t last = now_ns();
     uint32_t idle_polls = 0;
     while (!atomic_load(&e->stop)) {
@@ -177,9 +178,25 @@ static void *progress_main(void *arg) {
     return NULL;
 }
 
+void pin_thread(int cpu) {
+    if (cpu < 0 || cpu >= CPU_SETSIZE) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    pthread_setaffinity_np(pthread_self(), sizeof set, &set); /* a CPU we may not use: left as is */
+}
+
 int afe_start(af_engine *e, const af_policy *policy) {
     if (e->started) return -FI_EALREADY;
     e->pol = *policy;
+    if (e->pol.ncpus > 16) e->pol.ncpus = 16;
+    if (e->pol.workers > 1) {
+        if ((int)e->pol.workers > e->ndom) return -FI_EINVAL;
+        int rc = workers_start(e);
+        if (rc) return rc;
+        e->started = 1;
+        return 0;
+    }
     if (pthread_create(&e->thr, NULL, progress_main, e)) return -FI_EOTHER;
     e->started = 1;
     return 0;

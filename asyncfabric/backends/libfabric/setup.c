@@ -253,6 +253,7 @@ int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max, ui
         return -FI_ENOMEM;
     }
     pthread_mutex_init(&e->lock, NULL);
+    for (int d = 0; d < AF_MAX_DOMS; d++) pthread_mutex_init(&e->dom[d].lock, NULL);
     e->ctrl_max = ctrl_max;
     e->ndom = ndom;
     e->op_free = AF_NONE;
@@ -353,7 +354,9 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_l
         p->inflight = 0;
         p->t_progress = 0;
         for (int d = 0; d < ndom && !rc; d++) {
+            dom_lock(e, &e->dom[d]);
             int n = fi_av_insert(e->dom[d].av, addrs[d], 1, &p->addr[d], 0, NULL);
+            dom_unlock(e, &e->dom[d]);
             if (n != 1) rc = n < 0 ? n : -FI_EADDRNOTAVAIL;
         }
         if (!rc) {
@@ -392,7 +395,9 @@ int afe_mr_reg(af_engine *e, void *addr, uint64_t len, uint64_t access, int ifac
         memset(m, 0, sizeof *m);
         for (int d = 0; d < e->ndom && !rc; d++) {
             af_dom *dm = &e->dom[d];
+            dom_lock(e, dm);
             rc = reg_one(dm, addr, len, fa, iface, device, &m->mr[d]);
+            dom_unlock(e, dm);
             if (rc) break;
             m->desc[d] = fi_mr_desc(m->mr[d]);
             keys[d] = fi_mr_key(m->mr[d]);
@@ -420,7 +425,9 @@ int afe_mr_close(af_engine *e, int idx) {
         rc = 0;
         for (int d = 0; d < e->ndom; d++) {
             if (m->mr[d]) {
+                dom_lock(e, &e->dom[d]);
                 int r = fi_close(&m->mr[d]->fid);
+                dom_unlock(e, &e->dom[d]);
                 if (r && !rc) rc = r;
             }
             m->mr[d] = NULL;
@@ -438,9 +445,11 @@ void afe_close(af_engine *e) {
     if (e->started) {
         atomic_store(&e->stop, 1);
         kick(e);
-        pthread_join(e->thr, NULL);
+        if (e->nworkers > 1) workers_stop(e);
+        else pthread_join(e->thr, NULL);
         e->started = 0;
     }
+    e->nworkers = 0; /* one thread again (this one): no domain locks from here on */
     /* Let providers finish handling connection events (a peer that died, a
      * shutdown in flight) before their endpoints go: rxm in libfabric 1.17 can
      * crash closing an endpoint with such events unread. Not after a failed
@@ -474,6 +483,7 @@ void afe_close(af_engine *e) {
     if (e->notify_fd >= 0) close(e->notify_fd);
     if (e->wake_fd >= 0) close(e->wake_fd);
     pthread_mutex_destroy(&e->lock);
+    for (int d = 0; d < AF_MAX_DOMS; d++) pthread_mutex_destroy(&e->dom[d].lock);
     free(e);
 }
 
