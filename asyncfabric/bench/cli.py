@@ -5,6 +5,7 @@ asyncfabric bench write pingpong --quick
 asyncfabric bench write pingpong --provider cuda_ipc --device cuda:0,cuda:1   # NVLink
 asyncfabric bench write pingpong --provider shm --device cuda    # GPU staged through host
 asyncfabric bench plot out.json --out plots/
+asyncfabric bench model --workers 1,4,8 --batch 1,16,64   # costs here -> throughput at scale
 asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
 asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
 """
@@ -105,13 +106,14 @@ def render_table(rows: list[dict[str, Any]], skipped: list[dict[str, str]], cons
             continue
         devs = sorted({r.get("device", "cpu") for r in rs} - {"cpu"})
         t = Table(title=suite + (f" on {', '.join(devs)}" if devs else ""), show_lines=False)
-        for col in ("impl", "size", "pages", "peers", "ctrs", "doms", "GB/s", "ops/s",
+        for col in ("impl", "size", "pages", "peers", "ctrs", "doms", "wkrs", "GB/s", "ops/s",
                     "p50 µs", "p99 µs", "vs raw", "vs indep"):  # fmt: skip
             t.add_column(col, justify="left" if col == "impl" else "right")
         for r in rs:
             t.add_row(
                 r["impl"], _human(r["size_bytes"]), str(r["pages"]), str(r["peers"]),
-                str(r["counters"]), str(r["domains"]), _fmt(r["gbps"], 3), f"{r['ops_per_s']:.0f}",
+                str(r["counters"]), str(r["domains"]), str(r.get("workers", 1)), _fmt(r["gbps"], 3),
+                f"{r['ops_per_s']:.0f}",
                 _fmt(r["lat_p50_us"]), _fmt(r["lat_p99_us"]), _fmt(r["ratio_vs_raw"], 3),
                 _fmt(r.get("ratio_vs_independent"), 3),
             )  # fmt: skip
@@ -215,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         from .plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv and argv[0] == "model":
+        from .model import main as model_main
+
+        return model_main(argv[1:])
     if argv and argv[0] == "serve":
         sp = CliParser(prog="asyncfabric bench serve")
         sp.add_argument("--listen", required=True, help="HOST:PORT to accept runs on")

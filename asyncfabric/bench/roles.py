@@ -68,12 +68,16 @@ async def open_engines(
     policy: str = "default",
     node: str | None = None,
     device: str = "cpu",
+    workers: int = 1,
+    cpus: list[int] | None = None,
 ) -> list[bytes]:
     """Open ``count`` engines, each with one registered, pre-faulted region; return descriptors.
 
-    ``device`` other than cpu: the regions are CUDA tensors on that device."""
+    ``device`` other than cpu: the regions are CUDA tensors on that device. ``workers``
+    and ``cpus``: the engines' progress workers and where they are pinned."""
     await st.close_engines()
-    kw: dict[str, Any] = {"domains": domains, "progress": POLICIES[policy]()}
+    kw: dict[str, Any] = {"domains": domains, "progress": POLICIES[policy](),
+                          "workers": workers, "cpus": cpus}  # fmt: skip
     if node:
         kw["node"] = node
     if device != "cpu":
@@ -89,6 +93,13 @@ async def open_engines(
         st.engines.append(eng)
         st.regions.append(eng.register(buf))
     return [bytes(r.descriptor()) for r in st.regions]
+
+
+async def pin(st: State, cpus: list[int]) -> None:
+    """Run this worker process (its threads too) on ``cpus`` only."""
+    import os
+
+    os.sched_setaffinity(0, cpus)
 
 
 async def connect(st: State, descs: list[bytes]) -> dict[str, Any]:

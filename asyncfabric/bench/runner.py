@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,18 @@ INDEPENDENT_WINDOW = 64  # writes in flight, as the asyncfabric rows' 64 lanes
 PEER_BACKEND = {"zmq": ("zmq", "ipc"), "gloo": ("gloo", "tcp"), "ucxx": ("ucx", "auto"),
                 "nixl": ("ucx", "auto"), "nixl64": ("ucx", "auto"),
                 "mooncake": ("mooncake", "tcp")}  # fmt: skip
+
+
+def _worker_cpus(workers: int) -> tuple[list[int] | None, list[int] | None]:
+    """Where the two engines' workers go when there are several: CPUs 2.. for the
+    sender's, the next ones for the receiver's (CPUs 0 and 1 are left to the
+    processes' Python threads); None (not pinned) when the machine lacks the CPUs."""
+    if workers <= 1:
+        return None, None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 + 2 * workers:
+        return None, None
+    return cpus[2 : 2 + workers], cpus[2 + workers : 2 + 2 * workers]
 
 
 def _free_port() -> int:
@@ -127,15 +140,21 @@ class Runner:
     # ------------------------------------------------------------ engines
 
     async def _open(
-        self, tx_bytes: int, rx_bytes: int, receivers: int = 1, domains: int = 1
-    ) -> None:
+        self, tx_bytes: int, rx_bytes: int, receivers: int = 1, domains: int = 1,
+        workers: int = 1,
+    ) -> None:  # fmt: skip
         kw = {"provider": self.provider, "domains": domains, "policy": self._suite_policy,
-              "node": self.node}  # fmt: skip
+              "node": self.node, "workers": workers}  # fmt: skip
         dv = self.devices
+        # Workers pinned: the sender's to the CPUs after the first two (its Python and
+        # the receiver's), the receiver's after those.
+        tx_cpus, rx_cpus = _worker_cpus(workers)
         txd, rxd = await asyncio.gather(
-            self.tx.call("open_engines", count=1, nbytes=tx_bytes, device=dv.tx, **kw),
-            self.rx.call("open_engines", count=receivers, nbytes=rx_bytes, device=dv.rx, **kw),
-        )
+            self.tx.call("open_engines", count=1, nbytes=tx_bytes, device=dv.tx, cpus=tx_cpus,
+                         **kw),
+            self.rx.call("open_engines", count=receivers, nbytes=rx_bytes, device=dv.rx,
+                         cpus=rx_cpus, **kw),
+        )  # fmt: skip
         a, _ = await asyncio.gather(
             self.tx.call("connect", descs=rxd), self.rx.call("connect", descs=txd)
         )
@@ -161,7 +180,8 @@ class Runner:
         row = make_row(
             suite=suite, impl=impl, backend=backend, provider=prov, size_bytes=p.size,
             iters=ops_per_rep, times_ns=times, bytes_per_rep=bytes_per_rep, ops_per_rep=ops_per_rep,
-            pages=p.pages, peers=p.peers, counters=p.counters, domains=p.domains, rtts_ns=rtts,
+            pages=p.pages, peers=p.peers, counters=p.counters, domains=p.domains,
+            workers=p.workers, rtts_ns=rtts,
             policy=self._suite_policy if impl in CORE_IMPLS else "",
             device=self.devices.label(self.info.get("cuda_path", "")),
         )  # fmt: skip
@@ -206,7 +226,8 @@ class Runner:
         for r in range(reps):
             for p in pts:
                 if fresh:
-                    await self._open(p.size, p.size, receivers=p.peers, domains=p.domains)
+                    await self._open(p.size, p.size, receivers=p.peers, domains=p.domains,
+                                     workers=p.workers)  # fmt: skip
                 if p.counters > 1 and (fresh or r == 0):
                     await self.rx.call("arm_background", counters=p.counters)
                 for impl in self.core if r % 2 == 0 else self.core[::-1]:
@@ -268,6 +289,67 @@ class Runner:
         rtts = res["rtts_ns"]
         return [self._row(suite, "independent", p, [sum(rtts)], rtts=rtts,
                           bytes_per_rep=2 * p.size * len(rtts), ops_per_rep=len(rtts))]  # fmt: skip
+
+    async def _pairs(self, p: Point, reps: int) -> list[dict[str, Any]]:
+        """K = p.peers pairs of processes at once, pair k pinned to CPUs 2k and 2k+1:
+        batch streams of engines, then af_indep pairs. A repeat's aggregate is every
+        pair's bytes over the slowest pair's time (they start together)."""
+        k = p.peers
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2 * k:
+            self.skipped[f"pairs K={k}"] = (
+                f"pairs: K={k} needs {2 * k} CPUs, this machine has {len(cpus)}"
+            )
+            self._on_point("pairs", None)
+            return []
+        rows = []
+        if "batch" in self.core:
+            ws = [(Worker.spawn(f"afbench-p{i}-tx"), Worker.spawn(f"afbench-p{i}-rx"))
+                  for i in range(k)]  # fmt: skip
+            try:
+                await asyncio.gather(*(w.ready() for pair in ws for w in pair))
+                kw = {"provider": self.provider, "policy": "default", "node": self.node}
+                for i, (tx, rx) in enumerate(ws):
+                    await asyncio.gather(tx.call("pin", cpus=[cpus[2 * i]]),
+                                         rx.call("pin", cpus=[cpus[2 * i + 1]]))  # fmt: skip
+                    txd, rxd = await asyncio.gather(
+                        tx.call("open_engines", nbytes=p.size, **kw),
+                        rx.call("open_engines", nbytes=p.size, **kw),
+                    )
+                    await asyncio.gather(
+                        tx.call("connect", descs=rxd), rx.call("connect", descs=txd)
+                    )
+                imm, ack = self._imms()
+                per = p.iters * expected_imms(p.size, chunk_bytes=1 << 20)  # default chunk
+                calls = []
+                for tx, rx in ws:
+                    calls.append(tx.call("batch_stream_send", size=p.size, iters=p.iters, targets=1,
+                                         window=64, imm=imm, ack=ack, reps=reps))  # fmt: skip
+                    calls.append(rx.call("af_stream_recv", per_engine=per, imm=imm, ack=ack,
+                                         reps=reps))  # fmt: skip
+                res = await asyncio.gather(*calls)
+                times = [max(res[2 * i][r] for i in range(k)) for r in range(reps)]
+                rows.append(self._row("pairs", "batch", p, times, bytes_per_rep=k * p.size * p.iters,
+                                      ops_per_rep=k * p.iters))  # fmt: skip
+            finally:
+                await asyncio.gather(*(w.aclose() for pair in ws for w in pair))
+        if self.independent:
+            from . import independent
+
+            try:
+                res = await asyncio.gather(*(
+                    asyncio.to_thread(independent.run_pair, self.provider, "bw", p.size, p.iters,
+                                      INDEPENDENT_WINDOW, reps, cpus=(cpus[2 * i], cpus[2 * i + 1]),
+                                      node=self.node)
+                    for i in range(k)
+                ))  # fmt: skip
+            except RuntimeError as exc:
+                self.skipped["independent"] = f"independent failed in pairs at K={k}: {exc}"
+                return rows
+            times = [max(r_["times_ns"][r] for r_ in res) for r in range(reps)]
+            rows.append(self._row("pairs", "independent", p, times,
+                                  bytes_per_rep=k * p.size * p.iters, ops_per_rep=k * p.iters))  # fmt: skip
+        return rows
 
     def _bytes_per_rep(self) -> int | None:
         # NVLink moves ~380 GB/s: 64 MiB a repeat would be 0.2 ms, under the ack's
@@ -436,7 +518,10 @@ class Runner:
                 for impl in self.core:
                     rows.append(await self._paged(impl, p, reps, maps))
                 await self._close()
-        else:  # fanout, scale, domains: one sender engine, p.peers receiver engines
+        elif name == "pairs":
+            for p in pts:
+                rows += await self._pairs(p, reps)
+        else:  # fanout, scale, domains, workers: one sender engine, p.peers receiver engines
             rows += await self._rounds(name, pts, reps)
         add_ratios(rows)
         return rows

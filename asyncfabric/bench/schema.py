@@ -54,6 +54,7 @@ FIELDS: tuple[tuple[str, type, str], ...] = (
     ("peers", int, "receiving peers"),
     ("counters", int, "live counters per receiving engine"),
     ("domains", int, "domains striped over"),
+    ("workers", int, "progress workers per engine (each owns domains / workers domains)"),
     ("iters", int, "operations per repeat"),
     ("repeats", int, "timed repeats (after warm-up)"),
     ("gbps", float, "median over repeats, 10^9 bytes/s"),
@@ -130,6 +131,7 @@ def make_row(
     peers: int = 1,
     counters: int = 1,
     domains: int = 1,
+    workers: int = 1,
     rtts_ns: Sequence[int] | None = None,
     policy: str = "",
     device: str = "cpu",
@@ -156,6 +158,7 @@ def make_row(
         "peers": int(peers),
         "counters": int(counters),
         "domains": int(domains),
+        "workers": int(workers),
         "iters": int(iters),
         "repeats": len(times_ns),
         "gbps": statistics.median(gbps),
@@ -172,9 +175,9 @@ def make_row(
 
 def point_key(row: dict[str, Any]) -> tuple:
     return tuple(
-        row.get(k, "cpu")
+        row.get(k, 1 if k == "workers" else "cpu")
         for k in ("suite", "provider", "size_bytes", "pages", "peers", "counters", "domains",
-                  "device")
+                  "workers", "device")
     )  # fmt: skip
 
 

@@ -30,6 +30,7 @@ class Point:
     peers: int = 1
     counters: int = 1
     domains: int = 1
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,26 @@ SUITES: dict[str, Suite] = {
             reps=5,
         ),
         Suite(
+            "workers",
+            "one engine pair over D = 1, 2, 4 domains with D pinned progress workers each "
+            "(a many-core machine; shm domains stand in for NICs) -> aggregate GB/s",
+            tuple(
+                Point(s, stream_iters(s, budget=4 * BYTES_PER_REP), domains=d, workers=d)
+                for s in (64 * KiB, MiB)
+                for d in (1, 2, 4)
+            ),  # fmt: skip
+            (Point(64 * KiB, 64, domains=1, workers=1), Point(64 * KiB, 64, domains=2, workers=2)),
+        ),
+        Suite(
+            "pairs",
+            "K = 1, 2, 4, 8 independent sender/receiver process pairs at once, each pair "
+            "pinned to two CPUs of its own, batch streams vs K af_indep pairs -> aggregate GB/s",
+            tuple(
+                Point(s, stream_iters(s), peers=k) for s in (64 * KiB, MiB) for k in (1, 2, 4, 8)
+            ),
+            (Point(64 * KiB, 64, peers=1),),
+        ),
+        Suite(
             "domains",
             "writes striped over 1, 2, 4 domains -> aggregate GB/s",
             tuple(Point(16 * MiB, 8, domains=d) for d in (1, 2, 4)),
@@ -110,7 +131,7 @@ SUITES: dict[str, Suite] = {
 for _k, _s in list(SUITES.items()):
     object.__setattr__(_s, "quick", tuple(_s.quick))
 
-ORDER = ("write", "paged", "pingpong", "fanout", "scale", "domains")
+ORDER = ("write", "paged", "pingpong", "fanout", "scale", "domains", "workers", "pairs")
 
 
 def select(names: list[str] | tuple[str, ...]) -> list[str]:
@@ -145,10 +166,11 @@ def points(
         pts = [
             Point(z, stream_iters(z, budget=budget or BYTES_PER_REP) if name == "write"
                   else base.iters, base.pages, p.peers,
-                  p.counters, p.domains)
-            for z in sizes for p in {(q.peers, q.counters, q.domains): q for q in pts}.values()
+                  p.counters, p.domains, p.workers)
+            for z in sizes
+            for p in {(q.peers, q.counters, q.domains, q.workers): q for q in pts}.values()
         ]  # fmt: skip
     if iters:
         pts = [Point(p.size, iters - iters % p.peers or p.peers, p.pages, p.peers, p.counters,
-                     p.domains) for p in pts]  # fmt: skip
+                     p.domains, p.workers) for p in pts]  # fmt: skip
     return pts
