@@ -44,13 +44,14 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                     if cmd == "alloc":
                         nbytes, seed, *rest = args
                         remote_write = rest[0] if rest else True
+                        remote_read = rest[1] if len(rest) > 1 else True
                         if seed is None:
                             buf = np.zeros(nbytes, np.uint8)
                         else:
                             buf = np.random.default_rng(seed).integers(
                                 0, 256, nbytes, dtype=np.uint8
                             )
-                        r = eng.register(buf, remote_write=remote_write)
+                        r = eng.register(buf, remote_write=remote_write, remote_read=remote_read)
                         regions[id(r)] = r
                         bufs[id(r)] = buf
                         conn.send(("ok", (id(r), bytes(r.descriptor()))))
@@ -243,9 +244,14 @@ class PeerProcess:
 
     # conveniences
     async def alloc(
-        self, nbytes: int, seed: int | None = None, *, remote_write: bool = True
+        self,
+        nbytes: int,
+        seed: int | None = None,
+        *,
+        remote_write: bool = True,
+        remote_read: bool = True,
     ) -> tuple[int, bytes]:
-        return await self.call("alloc", nbytes, seed, remote_write)
+        return await self.call("alloc", nbytes, seed, remote_write, remote_read)
 
     async def wait(self, imm: int, n: int, timeout: float = 30) -> None:
         await self.call("wait", imm, n, timeout, timeout=timeout + 30)

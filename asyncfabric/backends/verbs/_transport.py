@@ -8,7 +8,12 @@ progress thread blocked in ``get_cq_event`` would freeze the whole interpreter: 
 
 What is Python and what is native: posting builds one pyverbs SendWR per chunk or page and
 posts them as one chained list per queue pair and batch (one ``ibv_post_send``); only the
-last WR of a batch is signaled, so completion work is per batch. Receive completions of
+last WR of a chain is signaled, so completion work is per chain. A write, paged write or read
+is one chain (as long as the send queue has room); a ``write_many`` batch is, per peer and
+domain, chains of at most :attr:`VerbsTransport.chain_wrs` WRs (``ASYNCFABRIC_VERBS_CHAIN``),
+so a failed chain names the entries it carried and credits come back as chains end. Every
+WR of a chain carries the chain's id: an error completion of any of them ends the chain with
+the real status. Receive completions of
 WriteImm are counted in Python (one dict update per immediate) and their receive buffers are
 reposted as one chained list per poll batch. The libfabric backend does all of this natively.
 """
@@ -38,7 +43,15 @@ from pyverbs.wr import SGE, RecvWR, SendWR  # noqa: E402
 
 from ..._errors import BackendUnavailable, PeerUnreachable, RemoteAccessError, TransferError
 from ...transport import status as st
-from ...transport.contract import PagedWrite, PolicyNs, Registration, Remote, Target, Transport
+from ...transport.contract import (
+    PagedWrite,
+    PolicyNs,
+    Registration,
+    Remote,
+    Target,
+    Transport,
+    WriteBatch,
+)
 from ...transport.counters import CounterTable
 from ...transport.counting import plan_chunks
 from ...transport.events import Event, EventQueue
@@ -50,6 +63,7 @@ QP_RETRY_CNT = 7  # transport retries: a dead peer is declared after ~8 tries (~
 QP_RNR_RETRY = 7  # 7 = retry forever on RNR: a live receiver that is slow is not an error
 QP_MIN_RNR_TIMER = 12  # 0.64 ms between RNR retries
 SQ_DEPTH = 512
+CHAIN_WRS = 16  # WRs per post_send chain of a batch, unless ASYNCFABRIC_VERBS_CHAIN says
 SRQ_DEPTH = 1024
 UD_SLOTS = 64
 SEND_SLOTS = 64
@@ -76,6 +90,21 @@ _KMASK = (1 << _KSHIFT) - 1
 OP_WRITE = e.IBV_WR_RDMA_WRITE
 OP_WRITE_IMM = e.IBV_WR_RDMA_WRITE_WITH_IMM
 OP_SEND = e.IBV_WR_SEND
+OP_READ = e.IBV_WR_RDMA_READ
+
+
+def _chain_env() -> int:
+    """``ASYNCFABRIC_VERBS_CHAIN``: WRs per ``post_send`` chain of a batch (read once)."""
+    v = os.environ.get("ASYNCFABRIC_VERBS_CHAIN", "")
+    try:
+        n = int(v) if v else CHAIN_WRS
+    except ValueError:
+        n = 0
+    if not 1 <= n <= SQ_DEPTH:
+        raise BackendUnavailable(
+            f"ASYNCFABRIC_VERBS_CHAIN={v!r}: give a number of work requests, 1..{SQ_DEPTH}"
+        )
+    return n
 
 
 def _fd_links() -> dict[str, str]:
@@ -118,7 +147,14 @@ def _errno_of(status: int) -> int:
 
 
 class _Op:
-    __slots__ = ("token", "specs", "outstanding", "status", "slot")
+    """One transfer's work on one peer: per domain, the WRs still to post (``specs``).
+
+    A spec is ``(opcode, local addr, length, lkey, remote addr, rkey, imm_be, entry)``
+    (``entry``: the batch entry it belongs to, -1 outside batches) or ``(OP_SEND, data)``.
+    ``chain`` caps the WRs of one post (0: what the send queue has room for); ``group`` is
+    the batch this op is one peer's part of."""
+
+    __slots__ = ("token", "specs", "outstanding", "status", "slot", "chain", "group")
 
     def __init__(self, token: int, ndom: int) -> None:
         self.token = token
@@ -126,6 +162,18 @@ class _Op:
         self.outstanding = 0
         self.status = 0
         self.slot = -1
+        self.chain = 0
+        self.group: _Group | None = None
+
+
+class _Group:
+    """A batch in flight: its peers' ops count down to its one OpDone."""
+
+    __slots__ = ("token", "wb", "left", "status")
+
+    def __init__(self, token: int, wb: WriteBatch, left: int) -> None:
+        self.token, self.wb, self.left = token, wb, left
+        self.status = 0
 
 
 class _Conn:
@@ -287,6 +335,8 @@ class _Dom:
 
 class VerbsTransport(Transport):
     backend = "pyverbs"
+    chain_wrs: int = _chain_env()
+    """WRs per ``post_send`` chain of a ``write_many`` batch, each chain signaled once."""
 
     def __init__(self, spec: str, *, domains: int, ctrl_max: int) -> None:
         dev = discover(spec)
@@ -450,9 +500,10 @@ class VerbsTransport(Transport):
                 if c.busy and not c.failed and now - c.last_progress > self._post_timeout:
                     # A dead peer's device may drop packets without the requester ever timing
                     # out (seen with rxe): fail what is in flight after peer_timeout of silence.
-                    for op, c2, _ in d.sig.values():
+                    for op, c2, _, ents in d.sig.values():
                         if c2 is c:
                             op.status = op.status or ST_STALLED
+                            self._fail_ents(op, ents, ST_STALLED)
                     self._fail_conn(c, ST_STALLED)
                     continue
                 if not c.deadline or c.ready or c.failed:
@@ -475,9 +526,26 @@ class VerbsTransport(Transport):
             pass
         while c.waitq:
             op = c.waitq.popleft()
-            op.specs[c.dom.index].clear()
+            specs = op.specs[c.dom.index]
+            if op.group is not None:
+                self._fail_ents(op, [sp[7] for sp in specs], status)
+            specs.clear()
             op.status = op.status or status
             self._maybe_done(op)
+
+    def _fail_ents(self, op: _Op, ents: Any, status: int) -> None:
+        """Batch entries ``ents`` of ``op`` failed with ``status`` (the first status stays)."""
+        g = op.group
+        if g is None or not ents:
+            return
+        st_, errs, code = g.wb.status, g.wb.errors, _errno_of(status)
+        exc = None
+        for i in ents:
+            if not st_[i]:
+                st_[i] = code
+                if exc is None:
+                    exc = self.error(status, "write")
+                errs.setdefault(i, exc)
 
     # ------------------------------------------------------------ memory
 
@@ -556,14 +624,15 @@ class VerbsTransport(Transport):
         imm_be = socket.htonl(imm) if imm >= 0 else 0
         bases, keys = r.bases, r.keys
         if src is None or nbytes == 0:
-            op.specs[0].append((code, 0, 0, 0, bases[0] + roff, keys[0], imm_be))
+            op.specs[0].append((code, 0, 0, 0, bases[0] + roff, keys[0], imm_be, -1))
         else:
             mrs = self._mrs[src.handle]
             ptr = src.ptr + soff
             for off, n, dd in plan_chunks(nbytes, r.chunk, r.ndom):
                 op.specs[dd].append(
-                    (code, ptr + off, n, mrs[dd].lkey, bases[dd] + roff + off, keys[dd], imm_be)
-                )
+                    (code, ptr + off, n, mrs[dd].lkey, bases[dd] + roff + off, keys[dd], imm_be,
+                     -1)
+                )  # fmt: skip
         return self._submit(op, conns)
 
     def post_paged(self, op_: PagedWrite) -> bool:
@@ -576,7 +645,58 @@ class VerbsTransport(Transport):
         for i, (s, t) in enumerate(zip(op_.src_off.tolist(), op_.dst_off.tolist())):
             dd = i % ndom
             op.specs[dd].append(
-                (code, ptr + s, page, mrs[dd].lkey, bases[dd] + t, keys[dd], imm_be)
+                (code, ptr + s, page, mrs[dd].lkey, bases[dd] + t, keys[dd], imm_be, -1)
+            )
+        return self._submit(op, conns)
+
+    def post_batch(self, batch: WriteBatch) -> bool:
+        """Each peer's entries as one op: chains of at most ``chain_wrs`` WRs, one post each."""
+        packed = batch.cache.get("pyverbs")
+        if packed is None:
+            packed = batch.cache["pyverbs"] = self._pack_batch(batch)
+        runs = [(self._conns(peer), specs) for peer, specs in packed]  # refused: none posted
+        g = _Group(batch.token, batch, len(runs))
+        for conns, specs in runs:
+            op = _Op(batch.token, 0)
+            op.specs = [deque(s) for s in specs]
+            op.chain, op.group = self.chain_wrs, g
+            self._submit(op, conns)
+        return False
+
+    def _pack_batch(self, b: WriteBatch) -> list[tuple[int, list[list[tuple]]]]:
+        """The batch's specs per peer and domain, in entry order (cached per compiled batch)."""
+        peers: dict[int, list[list[tuple]]] = {}
+        srcs, dsts = b.srcs, b.dsts
+        cols = (b.src.tolist(), b.dst.tolist(), b.soff.tolist(), b.doff.tolist(),
+                b.nbytes.tolist(), b.imm.tolist())  # fmt: skip
+        for i, (si, di, so, do, n, imm) in enumerate(zip(*cols)):
+            r: VerbsRemote = dsts[di]  # type: ignore[assignment]
+            specs = peers.get(r.peer)
+            if specs is None:
+                specs = peers[r.peer] = [[] for _ in range(r.ndom)]
+            code = OP_WRITE if imm < 0 else OP_WRITE_IMM
+            imm_be = socket.htonl(imm) if imm >= 0 else 0
+            bases, keys = r.bases, r.keys
+            src = srcs[si]
+            if src is None or n == 0:
+                specs[0].append((code, 0, 0, 0, bases[0] + do, keys[0], imm_be, i))
+                continue
+            mrs, ptr = self._mrs[src.handle], src.ptr + so
+            for off, ln, dd in plan_chunks(n, r.chunk, r.ndom):
+                specs[dd].append(
+                    (code, ptr + off, ln, mrs[dd].lkey, bases[dd] + do + off, keys[dd], imm_be, i)
+                )
+        return list(peers.items())
+
+    def post_read(
+        self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
+    ) -> bool:
+        r: VerbsRemote = src  # type: ignore[assignment]
+        conns, op = self._conns(r.peer), _Op(token, r.ndom)
+        mrs, ptr, bases, keys = self._mrs[dst.handle], dst.ptr + doff, r.bases, r.keys
+        for off, n, dd in plan_chunks(nbytes, r.chunk, r.ndom):
+            op.specs[dd].append(
+                (OP_READ, ptr + off, n, mrs[dd].lkey, bases[dd] + roff + off, keys[dd], 0, -1)
             )
         return self._submit(op, conns)
 
@@ -598,6 +718,7 @@ class VerbsTransport(Transport):
             specs = op.specs[di]
             sid = self._next_sig
             self._next_sig += 1
+            ents: list[int] | None = None  # the batch entries this chain carries
             if specs[0][0] == OP_SEND:
                 if not d.tx_free:
                     return
@@ -616,18 +737,20 @@ class VerbsTransport(Transport):
                 op.slot = slot
                 k = 1
             else:
-                k = min(room, len(specs))
+                k = min(room, len(specs), op.chain or room)
                 head = prev = None
                 keep = []  # see _post_srq: the chain's Python objects must outlive the post
+                if op.group is not None:
+                    ents = []
+                wr_id = (_K_SIG << _KSHIFT) | sid  # on every WR: an error WC names the chain
                 for j in range(k):
-                    code, la, n, lkey, ra, rkey, imm_be = specs.popleft()
-                    last = j == k - 1
+                    code, la, n, lkey, ra, rkey, imm_be, ent = specs.popleft()
                     wr = SendWR(
-                        wr_id=((_K_SIG << _KSHIFT) | sid) if last else 0,
+                        wr_id=wr_id,
                         opcode=code,
                         num_sge=1,
                         sg=[SGE(la, n, lkey) if n else d.zero_sge],
-                        send_flags=e.IBV_SEND_SIGNALED if last else 0,
+                        send_flags=e.IBV_SEND_SIGNALED if j == k - 1 else 0,
                     )
                     wr.set_wr_rdma(rkey, ra)
                     if code == OP_WRITE_IMM:
@@ -638,10 +761,14 @@ class VerbsTransport(Transport):
                         prev.next_wr = wr
                     prev = wr
                     keep.append(wr)
+                    if ents is not None:
+                        ents.append(ent)
             try:
                 c.qp.post_send(head)
             except Exception as exc:
                 op.status = op.status or ST_PEER_LOST
+                if op.group is not None:
+                    self._fail_ents(op, [*(ents or ()), *(sp[7] for sp in specs)], ST_PEER_LOST)
                 specs.clear()
                 c.waitq.popleft()
                 self._maybe_done(op)
@@ -655,7 +782,7 @@ class VerbsTransport(Transport):
                 self._tick.set()
             c.busy += 1
             op.outstanding += 1
-            d.sig[sid] = (op, c, k)
+            d.sig[sid] = (op, c, k, ents)
             self._stats["posts"] += k
             self._stats["batches"] += 1
             if not specs:
@@ -663,10 +790,20 @@ class VerbsTransport(Transport):
 
     def _maybe_done(self, op: _Op) -> None:
         if op.outstanding == 0 and not any(op.specs):
-            if op.token:
+            if not op.token:
+                return
+            g = op.group
+            if g is None:
                 err = self.error(op.status, "transfer") if op.status else None
                 self._events.op_done(op.token, _errno_of(op.status), error=err)
-                op.token = 0
+            else:
+                g.left -= 1
+                if op.status and not g.status:
+                    g.status = op.status
+                if g.left == 0:  # the batch's one event; its failed entries are marked
+                    err = self.error(g.status, "batch") if g.status else None
+                    self._events.op_done(g.token, _errno_of(g.status), error=err)
+            op.token = 0
 
     # ------------------------------------------------------------ completions
 
@@ -695,7 +832,7 @@ class VerbsTransport(Transport):
                     ent = d.sig.pop(idx, None)
                     if ent is None:
                         continue
-                    op, c, cnt = ent
+                    op, c, cnt, ents = ent
                     c.sq_used -= cnt
                     c.busy -= 1
                     if not c.busy:
@@ -709,6 +846,7 @@ class VerbsTransport(Transport):
                         self._stats["cq_errors"] += 1
                         st = ST_WC - wc.status
                         op.status = op.status or st
+                        self._fail_ents(op, ents, st)
                         # RC: any error completion moves the queue pair to ERROR
                         self._fail_conn(c, st)
                     self._maybe_done(op)

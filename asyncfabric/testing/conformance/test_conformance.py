@@ -1,7 +1,9 @@
 """The conformance suite: what every backend must do (see the package docstring for how to run it).
 
-Writes, paged writes, counters, send/recv, bad input, peer loss; two OS processes
-where a peer matters (asyncfabric.testing.peer), real transports only. Which specs
+Writes, paged writes, counters, send/recv, bad input, peer loss, batches (write_many,
+reposts, scatter, barrier, bad entries refused whole) and one-sided reads (required of
+every backend); two OS processes where a peer matters (asyncfabric.testing.peer), real
+transports only. Which specs
 run is chosen in :func:`pytest_generate_tests` (asyncfabric.testing.conformance.select).
 """
 
@@ -234,3 +236,230 @@ async def test_peer_dies_mid_transfer(spec, kw):
         errs = [r for r in results if r is not None]
         assert all(isinstance(r, af.TransferError) for r in errs), errs[:3]
         assert elapsed < 60
+
+
+# ---------------------------------------------------------------- batches and one-sided reads
+
+
+def _imms_of(desc: af.Descriptor, entries: list[tuple[int, int]]) -> dict[int, int]:
+    """``{imm: immediates expected}`` for entries ``(nbytes, imm)`` written into ``desc``."""
+    want: dict[int, int] = {}
+    for n, imm in entries:
+        want[imm] = want.get(imm, 0) + desc.expected_imms(n)
+    return want
+
+
+async def _counts_are(peer: PeerProcess, want: dict[int, int]) -> None:
+    """The peer's counters reach ``want`` exactly: each wait ends, nothing is left over."""
+    for imm, n in want.items():
+        await peer.wait(imm, n)
+    for imm in want:
+        assert await peer.call("count", imm) == 0, f"imm {imm}: more immediates than expected"
+
+
+async def test_write_many_verified(spec, kw):
+    """One write_many: entries of 0 B to 3 MiB (some of several chunks), different immediates."""
+    sizes = [1, 7, 4096, 65_537, (2 << 20) + 5, 0, 3 << 20, 513, 0]
+    imms = [10, 11, 10, 12, 11, 13, 14, 10, 10]
+    async with (
+        PeerProcess(spec, chunk_bytes=1 << 20, **kw) as peer,
+        af.Engine(spec, **kw) as eng,
+    ):
+        total = sum(sizes)
+        src = random_bytes(total)
+        rid, desc_b = await peer.alloc(total)
+        desc = af.Descriptor.from_bytes(desc_b)
+        soffs = np.cumsum([0, *sizes[:-1]]).tolist()
+        doffs = (total - np.cumsum(sizes)).tolist()  # placed in reverse order over there
+        with eng.register(src) as region:
+            batch = af.Batch()
+            for n, imm, so, do in zip(sizes, imms, soffs, doffs):
+                if n:
+                    batch.add(region[so : so + n], desc[do : do + n], imm=imm)
+                else:
+                    batch.add_imm(desc, imm)
+            assert len(batch) == len(sizes)
+            await eng.write_many(batch)
+            want = _imms_of(desc, list(zip(sizes, imms)))
+            assert want[14] == 3 and want[11] == 4  # several chunks per entry
+            await _counts_are(peer, want)
+            for n, so, do in zip(sizes, soffs, doffs):
+                assert await peer.digest(rid, do, n) == sha256(src, so, n), f"{n} B entry"
+            # as tuples, with a default immediate, to the same region from new data
+            src[:] = random_bytes(total, seed=1)
+            ops = [
+                (region[0:4096], desc[8192:12288]),
+                (region[4096:4096 + (1 << 20) + 1], desc[12288:12288 + (1 << 20) + 1], 16),
+                (region[100:101], desc[0:1]),
+            ]  # fmt: skip
+            await eng.write_many(ops, imm=15)
+            await _counts_are(peer, {15: 2, 16: 2})
+            assert await peer.digest(rid, 8192, 4096) == sha256(src, 0, 4096)
+            big = (1 << 20) + 1
+            assert await peer.digest(rid, 12288, big) == sha256(src, 4096, big)
+            assert await peer.digest(rid, 0, 1) == sha256(src, 100, 1)
+
+
+async def test_write_many_arrays_reposted(spec, kw):
+    """A Batch of arrays (add_many, add_pages) posted again and again: each post counts in full."""
+    page, npages = 4096, 48
+    async with (
+        PeerProcess(spec, chunk_bytes=1 << 16, **kw) as peer,
+        af.Engine(spec, **kw) as eng,
+    ):
+        nb = npages * page + (1 << 17)
+        rid, desc_b = await peer.alloc(nb)
+        desc = af.Descriptor.from_bytes(desc_b)
+        src = random_bytes(nb, seed=2)
+        rng = np.random.default_rng(9)
+        perm = rng.permutation(npages)
+        with eng.register(src) as region:
+            batch = af.Batch()
+            batch.add_pages(region, desc, np.arange(npages), perm, page_size=page, imm=20)
+            sizes = np.array([1, 100, 4096, 1 << 16], np.uint64)  # 4 entries, imm per entry
+            offs = npages * page + np.array([0, 1024, 8192, 1 << 16], np.uint64)
+            batch.add_many(region, desc, offs, offs, sizes, imm=np.array([21, 22, 21, 22]))
+            batch.add_imm(desc[0:0], 23)
+            want = {20: npages, 21: 2, 22: 2, 23: 1}
+            for rnd in range(3):  # new data each time: a repost writes what is there now
+                src[:] = random_bytes(nb, seed=100 + rnd)
+                await eng.write_many(batch)
+                await _counts_are(peer, want)
+                got = np.frombuffer(await peer.call("read", rid, 0, nb), np.uint8)
+                for s, d in enumerate(perm.tolist()):
+                    assert sha256(got, d * page, page) == sha256(src, s * page, page)
+                for o, n in zip(offs.tolist(), sizes.tolist()):
+                    assert sha256(got, o, n) == sha256(src, o, n)
+            # three posts of one batch at once: the counts add up
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(eng.write_many, batch)
+            await _counts_are(peer, {k: 3 * v for k, v in want.items()})
+
+
+async def test_scatter_and_barrier_to_two_peers(spec, kw):
+    """scatter: consecutive slices of one source to two peers' regions; barriers to both."""
+    n1, n2, n3 = 4096, (1 << 20) + 17, 65_536
+    async with (
+        PeerProcess(spec, chunk_bytes=1 << 20, **kw) as p1,
+        PeerProcess(spec, chunk_bytes=1 << 20, **kw) as p2,
+        af.Engine(spec, **kw) as eng,
+    ):
+        r1, b1 = await p1.alloc(n1 + n3)
+        r2, b2 = await p2.alloc(n2)
+        d1, d2 = af.Descriptor.from_bytes(b1), af.Descriptor.from_bytes(b2)
+        src = random_bytes(n1 + n2 + n3)
+        with eng.register(src) as region:
+            await eng.scatter(region, [d1[0:n1], d2[0:n2], d1[n1 : n1 + n3]], imm=31)
+            await _counts_are(p1, {31: 2})
+            await _counts_are(p2, {31: 2})  # n2 is two chunks
+            assert await p1.digest(r1, 0, n1) == sha256(src, 0, n1)
+            assert await p2.digest(r2, 0, n2) == sha256(src, n1, n2)
+            assert await p1.digest(r1, n1, n3) == sha256(src, n1 + n2, n3)
+            # (source offset, destination) pairs, from a slice of the region
+            src[:] = random_bytes(n1 + n2 + n3, seed=4)
+            sl = region[n1 : n1 + n2 + n3]
+            await eng.scatter(sl, [(n2, d1[0:n3]), (0, d2[0:n2])], imm=32)
+            await _counts_are(p1, {32: 1})
+            await _counts_are(p2, {32: 2})
+            assert await p1.digest(r1, 0, n3) == sha256(src, n1 + n2, n3)
+            assert await p2.digest(r2, 0, n2) == sha256(src, n1, n2)
+            await eng.barrier([d1, d2, d1[0:8]], 33)  # p1 is named twice
+            await _counts_are(p1, {33: 2})
+            await _counts_are(p2, {33: 1})
+        # N descriptors, N immediates, no data: over both peers, in one call and in two
+        more = [(p, *(await p.alloc(64))) for p in (p1, p1, p1, p2, p2)]
+        descs = [af.Descriptor.from_bytes(b) for _, _, b in more]
+        await eng.barrier(descs, 40)
+        await _counts_are(p1, {40: 3})
+        await _counts_are(p2, {40: 2})
+        await eng.barrier(descs[:2], 41)
+        await eng.barrier(descs[2:], 41)
+        await _counts_are(p1, {41: 3})
+        await _counts_are(p2, {41: 2})
+        for p, rid, _ in more:
+            assert not np.frombuffer(await p.call("read", rid, 0, 64), np.uint8).any()
+
+
+async def test_bad_batch_refused_whole(spec, kw):
+    """A bad entry refuses the whole batch, naming its index, before anything is posted."""
+    async with PeerProcess(spec, **kw) as peer, af.Engine(spec, **kw) as eng:
+        rid, b = await peer.alloc(1024)
+        _, ro_b = await peer.alloc(1024, remote_write=False)
+        desc, ro = af.Descriptor.from_bytes(b), af.Descriptor.from_bytes(ro_b)
+        a = eng.register(random_bytes(1024))
+        gone = eng.register(random_bytes(1024))
+        good = [(a[i * 64 : (i + 1) * 64], desc[i * 64 : (i + 1) * 64]) for i in range(3)]
+        with pytest.raises(ValueError, match="entry 3"):  # sizes differ
+            await eng.write_many([*good, (a[0:16], desc[512:544])], imm=50)
+        with pytest.raises(ValueError, match="entry 3"):  # the immediate is not 32 bits
+            await eng.write_many([*good, (a[0:16], desc[512:528], 1 << 32)], imm=50)
+        with pytest.raises(af.RegionError, match="entry 3"):  # past the destination
+            af.Batch.of(good, imm=50).add_many(a, desc, [0, 64], [1000, 0], 64, imm=50)
+        batch = af.Batch.of(good, imm=50).add(a[0:64], ro[0:64], imm=50)
+        with pytest.raises(af.RegionError, match="entry 3.*remote_write=False"):
+            await eng.write_many(batch)  # found when the batch is checked for this engine
+        batch = af.Batch.of(good, imm=50).add(gone[0:64], desc[512:576], imm=50)
+        gone.close()
+        with pytest.raises(af.RegionError, match="entry 3.*unregistered"):
+            await eng.write_many(batch)
+        with pytest.raises(af.RegionError, match="target 3"):
+            await eng.scatter(a, [desc[0:256], desc[256:512], desc[512:768], desc[0:512]], imm=50)
+        await anyio.sleep(0.2)  # give a (wrongly) posted entry time to land
+        assert await peer.call("count", 50) == 0, "an entry of a refused batch was posted"
+        assert not np.frombuffer(await peer.call("read", rid, 0, 1024), np.uint8).any()
+        await eng.write_many(good, imm=51)  # the engine still works after all that
+        await _counts_are(peer, {51: 3})
+        assert await peer.digest(rid, 0, 192) == sha256(a.buffer, 0, 192)
+
+
+async def test_read_verified(spec, kw):
+    """One-sided read of a peer's region, byte for byte (required of every backend); a region
+    registered with remote_read=False is refused."""
+    sizes = [1, 7, 4096, 65_537, (3 << 20) + 3]
+    top = max(sizes)
+    async with (
+        PeerProcess(spec, chunk_bytes=1 << 20, **kw) as peer,
+        af.Engine(spec, **kw) as eng,
+    ):
+        rid, b = await peer.alloc(top, seed=21)
+        desc = af.Descriptor.from_bytes(b)
+        dst = np.zeros(top, np.uint8)
+        with eng.register(dst) as region:
+            try:
+                await eng.read(region[0:1], desc[0:1])
+            except af.Unsupported as exc:
+                pytest.fail(
+                    f"conformance: {spec} has no one-sided read ({exc}); reading is required "
+                    "of every backend: implement Transport.post_read",
+                    pytrace=False,
+                )
+            for n in sizes:
+                off = random.randrange(0, top - n + 1)
+                roff = random.randrange(0, top - n + 1)
+                await eng.read(region[off : off + n], desc[roff : roff + n])
+                assert sha256(dst, off, n) == await peer.digest(rid, roff, n), f"{n} B"
+            # many in flight at once
+            size, count = 16384, 32
+
+            async def one(i: int) -> None:
+                sl = slice(i * size, (i + 1) * size)
+                await eng.read(region[sl], desc[sl])
+
+            dst[:] = 0
+            async with anyio.create_task_group() as tg:
+                for i in range(count):
+                    tg.start_soon(one, i)
+            assert sha256(dst, 0, size * count) == await peer.digest(rid, 0, size * count)
+        # a region registered with remote_read=False cannot be read
+        _, no_b = await peer.alloc(4096, seed=5, remote_read=False)
+        no = af.Descriptor.from_bytes(no_b)
+        assert not no.remote_read and no.remote_write
+        with eng.register(np.zeros(4096, np.uint8)) as region:
+            with pytest.raises(af.RegionError, match="remote_read=False"):
+                await eng.read(region, no)
+            with pytest.raises(ValueError, match="bytes"):
+                await eng.read(region[0:16], desc[0:32])
+            assert not region.buffer.any()
+            await eng.read(region, desc[4096:8192])  # the engine reads on
+            assert sha256(region.buffer) == await peer.digest(rid, 4096, 4096)

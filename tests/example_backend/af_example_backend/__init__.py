@@ -5,7 +5,9 @@ thin plugin on the contract (asyncfabric.transport), and it passes the conforman
 Loopback TCP (127.0.0.1 only), one domain. A sender thread per peer sends one frame at a
 time and waits for its ack, within peer_timeout; a reader thread per incoming connection
 lands writes (key and bounds checked), counts their immediates and acks every frame
-(-EACCES when refused). A write completes on its acks.
+(-EACCES when refused). A write completes on its acks. A read is a frame asking for bytes,
+acked with them (and copied where the reader's own frame said). Batches: the contract's
+fallback (every entry through post_write).
 """
 
 import contextlib
@@ -21,7 +23,7 @@ import asyncfabric.transport as tp
 from asyncfabric.transport import status as st
 
 _H = struct.Struct("<BQQQqQ")  # kind, key (msg: nonce), offset, length, imm (ack: status), token
-WRITE, MSG, ACK = 1, 2, 3
+WRITE, MSG, ACK, READ = 1, 2, 3, 4
 _ADDR = struct.Struct("<4sHQ")  # b"afx1", port, nonce
 
 
@@ -100,6 +102,13 @@ class ExampleTransport(tp.PythonTransport):  # counters, events, notify fd: from
                     s.sendall(frame)
                     if len(ack := f.read(_H.size)) < _H.size:
                         break
+                    kind, _, _, want, to, _ = _H.unpack_from(frame)
+                    if n := _H.unpack(ack)[3]:  # a read's bytes: as many as, where, we asked
+                        if kind != READ or n != want or len(data := f.read(n)) < n:
+                            break
+                        with self.lock:
+                            if not self._closed:  # else the memory may be gone
+                                ctypes.memmove(to, data, n)
                     self._acked(p, *_H.unpack(ack)[4:])
         except OSError as exc:  # refused, reset, ...; no errno: timed out
             status = -exc.errno if exc.errno else st.PEER_TIMEOUT
@@ -136,13 +145,16 @@ class ExampleTransport(tp.PythonTransport):  # counters, events, notify fd: from
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while len(hdr := f.read(_H.size)) == _H.size:
                 kind, key, off, n, imm, token = _H.unpack(hdr)
+                if kind == READ:
+                    s.sendall(self._read(key, off, n, token))
+                    continue
                 if n > self.max_msg_size or len(data := f.read(n)) < n:
                     break
                 s.sendall(_H.pack(ACK, 0, 0, 0, self._land(kind, key, off, imm, data), token))
 
     def _land(self, kind, key, off, imm, data):
         with self.lock:
-            ptr, size, writable = self._regs.get(key, (0, 0, False))
+            ptr, size, writable, _ = self._regs.get(key, (0, 0, False, False))
             if kind == MSG and key == self._nonce:  # the nonce: a message meant for us
                 self.message(data)
             elif kind != WRITE or not writable or off + len(data) > size:
@@ -153,9 +165,16 @@ class ExampleTransport(tp.PythonTransport):  # counters, events, notify fd: from
                     self.arrive(imm)
             return st.OK
 
+    def _read(self, key, off, n, token):
+        with self.lock:
+            ptr, size, _, readable = self._regs.get(key, (0, 0, False, False))
+            if not readable or n > self.max_msg_size or off + n > size:
+                return _H.pack(ACK, 0, 0, 0, st.ACCESS_DENIED, token)
+            return _H.pack(ACK, 0, 0, n, st.OK, token) + ctypes.string_at(ptr + off, n)
+
     def register(self, ptr, nbytes, *, remote_write, remote_read, **_):
         key = secrets.randbits(48)  # (deregister takes the lock: a landing may be under way)
-        self._regs[key] = (ptr, nbytes, remote_write)
+        self._regs[key] = (ptr, nbytes, remote_write, remote_read)
         return tp.Registration(key, (key,), (0,), ptr, nbytes)
 
     def deregister(self, reg):
@@ -173,17 +192,27 @@ class ExampleTransport(tp.PythonTransport):  # counters, events, notify fd: from
         frames = [(at + d, ctypes.string_at(op.src.ptr + s, op.page)) for s, d in pages]
         return self._post(op.dst.peer, WRITE, op.dst.target.keys[0], op.imm, op.token, frames)
 
+    def post_read(self, token, src, roff, dst, doff, nbytes):
+        at, plan = src.target.bases[0] + roff, tp.plan_chunks(nbytes, src.chunk, 1)
+        frames = [_H.pack(READ, src.target.keys[0], at + o, n, dst.ptr + doff + o, token)
+                  for o, n, _ in plan]  # fmt: skip
+        return self._queue(src.peer, token, frames)
+
     def post_send(self, token, peer, data):
         return self._post(peer, MSG, self._peers[peer].nonce, -1, token, [(0, bytes(data))])
 
     def _post(self, peer, kind, key, imm, token, frames):
+        frames = [_H.pack(kind, key, off, len(data), imm, token) + data for off, data in frames]
+        return self._queue(peer, token, frames)
+
+    def _queue(self, peer, token, frames):
         p = self._peers[peer]
         with self.lock:
             if p.failed:
                 raise self.error(p.failed, "posting to this peer")
             p.pending[token] = [len(frames), 0]
-        for off, data in frames:
-            p.q.put(_H.pack(kind, key, off, len(data), imm, token) + data)
+        for frame in frames:
+            p.q.put(frame)
         return False  # an OpDone follows, on the last ack
 
     def stats(self):
