@@ -29,7 +29,9 @@ QUICK = [(["write", "pingpong"], "8,4K,64K,1M"), (["paged"], "4K")]
 
 
 def run(tree: Path, out: Path, provider: str, repeats: int, quick: bool) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONUNBUFFERED="1")
+    # the tree first; what PYTHONPATH held already (a machine's extra site dir) after it
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1")
     rows: list[dict] = []
     for suites, sizes in QUICK if quick else CALLS:
         cmd = [sys.executable, "-m", "asyncfabric", "bench", *suites, "--provider", provider,
