@@ -129,7 +129,9 @@ async def test_million_writes_through_write_many():
             assert await p.call("count", 700 + i) == 0, f"peer {i}: immediates beyond {posts * k}"
         st = eng.stats()
         assert st["posts"] >= TOTAL and st["live_ops"] == 0 and st["pending_ops"] == 0
-        print(f"\n[soak] {PROVIDER} write_many: {TOTAL} writes in {took:.1f} s = {TOTAL / took:,.0f}/s")
+        print(
+            f"\n[soak] {PROVIDER} write_many: {TOTAL} writes in {took:.1f} s = {TOTAL / took:,.0f}/s"
+        )
         src.close()
         await eng.aclose()
         del batch, src
