@@ -55,6 +55,19 @@ class Compiled:
     __slots__ = ("n", "srcs", "dsts", "regions", "src", "dst", "soff", "doff", "nbytes", "imm",
                  "cache", "self_targets", "descs")  # fmt: skip
 
+    n: int
+    srcs: tuple[Registration | None, ...]
+    dsts: tuple[Remote, ...]
+    regions: tuple[Region, ...]
+    descs: tuple[Descriptor, ...]
+    self_targets: tuple[Descriptor, ...]
+    src: np.ndarray
+    dst: np.ndarray
+    soff: np.ndarray
+    doff: np.ndarray
+    nbytes: np.ndarray
+    imm: np.ndarray
+
     def __init__(self) -> None:
         self.cache: dict[str, Any] = {}
 

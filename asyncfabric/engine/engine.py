@@ -702,9 +702,9 @@ class Engine:
         await self._await_op(token, hold, timeout)
 
     def _batch_raise(self, wb: WriteBatch) -> None:
-        bad = np.flatnonzero(wb.status)
-        if not bad.size and not wb.errors:
+        if not wb.errors and not wb.status.any():
             return
+        bad = np.flatnonzero(wb.status)
         idx = sorted(set(bad.tolist()) | set(wb.errors))
         failures = {
             i: wb.errors.get(i) or self._t.error(int(wb.status[i]), f"batch entry {i}") for i in idx
