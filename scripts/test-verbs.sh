@@ -11,7 +11,7 @@ if [[ ${ASYNCFABRIC_SKIP_GUEST:-0} == 1 ]]; then
 fi
 start=$SECONDS
 set +e
-bash scripts/softroce/run-in-guest.sh --timeout 600 \
+bash scripts/softroce/run-in-guest.sh --timeout 900 \
   --env 'ASYNCFABRIC_CONFORMANCE=libfabric:verbs;ofi_rxm,pyverbs' -- \
   .venv/bin/python -m pytest -q -p anyio -p no:cacheprovider --color=no tests/conformance "$@"
 rc=$?
@@ -20,7 +20,7 @@ case $rc in
   0) echo "test-verbs: passed in the SoftRoCE guest ($((SECONDS - start)) s)" ;;
   77) echo "test-verbs: SKIPPED: QEMU/SoftRoCE guest cannot run on this machine (see above);" \
            "verbs;ofi_rxm and pyverbs were not tested"; exit 0 ;;
-  124) echo "test-verbs: FAILED: the guest ran past 600 s" >&2 ;;
+  124) echo "test-verbs: FAILED: the guest ran past 900 s" >&2 ;;
   125) echo "test-verbs: FAILED: the SoftRoCE rig failed (no exit code from the guest)" >&2 ;;
   *) echo "test-verbs: FAILED in the SoftRoCE guest (exit $rc)" >&2 ;;
 esac

@@ -1,8 +1,10 @@
 """The backend conformance suite: what every transport must do, as pytest tests.
 
 Writes verified byte for byte (one chunk, many chunks, many in flight, zero bytes),
-paged writes, immediates counted out of order, counter semantics, send/recv both
-ways, bad input, a peer that never answers and a peer that dies mid-transfer.
+paged writes, batches (``write_many`` with mixed sizes and immediates, reposted
+arrays, scatter and barrier to two peers, a bad entry refusing the whole batch),
+one-sided reads (required of every backend), immediates counted out of order,
+counter semantics, send/recv both ways, bad input, a peer that never answers and a peer that dies mid-transfer.
 Where a peer matters it runs in a second OS process
 (:class:`asyncfabric.testing.peer.PeerProcess`).
 
