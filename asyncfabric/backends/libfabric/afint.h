@@ -262,6 +262,8 @@ struct af_engine {
     af_worker wk[AF_MAX_DOMS];
     uint64_t rot;
     uint32_t reap_skip; /* ops.c: injected writes since the last reap */
+    int hooked;         /* hook.c: a hook caller holds every lock (hook_thr) */
+    pthread_t hook_thr;
 };
 
 /* ------------------------------------------------------------------ cross-unit functions */
@@ -326,16 +328,23 @@ static inline void cpu_relax(void) {
 
 /* A domain's lock, with several workers only (one thread, or the engine lock, is
  * enough otherwise). Posts try it and queue the op when its worker is reading. */
+/* Whether this thread must take domain locks: with several workers, unless it
+ * is the native hook's caller, which holds them all already (hook.c), so the
+ * core's paths it calls into must not take them again. */
+static inline int dom_locking(af_engine *e) {
+    return e->nworkers > 1 && !(e->hooked && pthread_equal(e->hook_thr, pthread_self()));
+}
+
 static inline void dom_lock(af_engine *e, af_dom *d) {
-    if (e->nworkers > 1) pthread_mutex_lock(&d->lock);
+    if (dom_locking(e)) pthread_mutex_lock(&d->lock);
 }
 
 static inline int dom_trylock(af_engine *e, af_dom *d) {
-    return e->nworkers > 1 ? pthread_mutex_trylock(&d->lock) == 0 : 1;
+    return dom_locking(e) ? pthread_mutex_trylock(&d->lock) == 0 : 1;
 }
 
 static inline void dom_unlock(af_engine *e, af_dom *d) {
-    if (e->nworkers > 1) pthread_mutex_unlock(&d->lock);
+    if (dom_locking(e)) pthread_mutex_unlock(&d->lock);
 }
 
 static inline void enter_py(af_engine *e) {

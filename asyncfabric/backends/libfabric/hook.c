@@ -9,9 +9,12 @@
 static void hook_lock(af_engine *e) {
     enter_py(e);
     for (int d = 0; d < e->ndom; d++) dom_lock(e, &e->dom[d]);
+    e->hook_thr = pthread_self(); /* the core's paths it calls must not lock them again */
+    e->hooked = 1;
 }
 
 static void hook_unlock(af_engine *e) {
+    e->hooked = 0;
     for (int d = e->ndom - 1; d >= 0; d--) dom_unlock(e, &e->dom[d]);
     leave_py(e);
 }
