@@ -712,8 +712,9 @@ class Engine:
         shown = "; ".join(f"entry {i}: {failures[i]}" for i in idx[:3])
         more = f" (and {len(idx) - 3} more)" if len(idx) > 3 else ""
         first = failures[idx[0]]
+        landed = "; the others landed" if len(idx) < len(wb.status) else ""
         raise BatchError(
-            f"{len(idx)} of {len(wb.status)} writes of the batch failed, the others landed: "
+            f"{len(idx)} of {len(wb.status)} writes of the batch failed{landed}: "
             f"{shown}{more}; see .failures for each",
             failures,
             getattr(first, "errno", 0),
