@@ -29,6 +29,7 @@ Rules every transport keeps:
 
 from __future__ import annotations
 
+import array
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -84,6 +85,35 @@ class Registration:
     staged: bool = False
 
 
+class NativeOps:
+    """A transport's C table of hot operations (``transport/native_ops.h``).
+
+    ``table``: the address of its ``af_native_ops``; ``ctx``: what every call
+    takes; ``keep``: objects that must outlive the table's use. The gate is an
+    int the engine reads before every native call: :meth:`close` clears it, for
+    a wrapper that takes over the hot paths after the engine bound the table."""
+
+    __slots__ = ("table", "ctx", "keep", "_gate")
+
+    def __init__(self, table: int, ctx: int, keep: Any = None) -> None:
+        self.table, self.ctx, self.keep = table, ctx, keep
+        self._gate = array.array("i", [1])
+
+    @property
+    def gate(self) -> int:
+        """The address of the gate (nonzero: the table may be used)."""
+        addr: int = self._gate.buffer_info()[0]
+        return addr
+
+    @property
+    def open(self) -> bool:
+        return bool(self._gate[0])
+
+    def close(self) -> None:
+        """From now on every call goes through the transport's Python methods."""
+        self._gate[0] = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """What a transport learns about a peer's region from its descriptor."""
@@ -103,13 +133,16 @@ class Remote:
     post into that region. Transports subclass it to keep what they post with.
     """
 
-    __slots__ = ("peer", "ndom", "chunk", "target")
+    __slots__ = ("peer", "ndom", "chunk", "target", "native")
 
     def __init__(self, peer: int, ndom: int, target: Target) -> None:
         self.peer = peer
         self.ndom = ndom
         self.chunk = target.chunk_bytes
         self.target = target
+        # The address of the transport's native form of this target, for its
+        # native_ops().post_write; 0: none (every post goes through post_write).
+        self.native = 0
 
 
 @dataclass(slots=True)
@@ -323,6 +356,15 @@ class Transport(ABC):
         Returns bits: TAKEN, EVENTS_READY, NOT_POLLED (the default: no such path;
         the wait then arms, spins with :meth:`spin` and awaits as usual)."""
         return NOT_POLLED
+
+    def native_ops(self) -> NativeOps | None:
+        """The native hot path (``native_ops.h``), or None: the engine then makes
+        every post and poll through the Python methods, which are the contract.
+
+        With it, the engine posts writes from host registrations (``device``
+        "cpu", not ``staged``) into targets whose ``Remote.native`` is set, and
+        takes counters, without a Python call into the transport."""
+        return None
 
     def release(self) -> None:  # noqa: B027 (optional hook)
         """The calling thread goes idle: progress is the transport's own job again."""

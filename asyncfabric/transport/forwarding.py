@@ -15,7 +15,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .contract import PagedWrite, PolicyNs, Registration, Remote, Target, Transport, WriteBatch
+from .contract import (
+    NativeOps,
+    PagedWrite,
+    PolicyNs,
+    Registration,
+    Remote,
+    Target,
+    Transport,
+    WriteBatch,
+)
 from .events import Event
 
 
@@ -147,6 +156,13 @@ class ForwardingTransport(Transport):
     def release(self) -> None:
         self.inner.release()
 
+    def native_ops(self) -> NativeOps | None:
+        # Not forwarded: the native table posts and polls on the inner transport
+        # directly, past whatever this wrapper does on those paths. A wrapper
+        # that adds nothing to them opts in by returning the inner one's (and
+        # closes it if it starts to: see backends/staged).
+        return None
+
     def error(self, status: int, what: str) -> Exception:
         return self.inner.error(status, what)
 
@@ -154,9 +170,12 @@ class ForwardingTransport(Transport):
         return self.inner.stats()
 
 
-# Every plain method of the contract (properties cannot be bound per instance).
+# Every plain method of the contract (properties cannot be bound per instance), but
+# native_ops: a wrapper hands out the inner table only by saying so.
 _METHODS = tuple(
     name
     for name, v in vars(ForwardingTransport).items()
-    if not name.startswith("_") and callable(v) and name not in ("addresses", "notify_fd")
+    if not name.startswith("_")
+    and callable(v)
+    and name not in ("addresses", "notify_fd", "native_ops")
 )
