@@ -12,6 +12,7 @@ import numpy as np
 from ..._errors import BackendUnavailable, PeerUnreachable, TransferError
 from ...transport.contract import (
     Backend,
+    NativeOps,
     PagedWrite,
     PolicyNs,
     Registration,
@@ -127,14 +128,21 @@ class LibfabricBackend(Backend):
 
 
 class LibfabricRemote(Remote):
-    """A peer region: per-domain bases and keys as native arrays, ready to post with."""
+    """A peer region: per-domain bases and keys as native arrays, ready to post with,
+    and the whole of it as an ``af_btgt`` for the native table (``native``)."""
 
-    __slots__ = ("bases_c", "keys_c")
+    __slots__ = ("bases_c", "keys_c", "_tgt")
 
     def __init__(self, peer: int, ndom: int, target: Target) -> None:
         super().__init__(peer, ndom, target)
         self.bases_c = ffi.new("uint64_t[]", list(target.bases))
         self.keys_c = ffi.new("uint64_t[]", list(target.keys))
+        t = self._tgt = ffi.new("af_btgt *")
+        t.peer, t.ndom, t.chunk = peer, ndom, self.chunk
+        for d in range(ndom):
+            t.base[d] = target.bases[d]
+            t.key[d] = target.keys[d]
+        self.native = int(ffi.cast("uintptr_t", t))
 
 
 class LibfabricTransport(Transport):
@@ -172,6 +180,7 @@ class LibfabricTransport(Transport):
         self._evbuf = ffi.new("af_event[]", DRAIN_BATCH)
         self._u64 = ffi.new("uint64_t[]", 2 * domains)
         self._draining = False
+        self._native: NativeOps | None = None
 
     def _dominfo(self, i: int) -> dict[str, Any]:
         info = ffi.new("af_dominfo *")
@@ -228,8 +237,16 @@ class LibfabricTransport(Transport):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._native is not None:
+                self._native.close()
             lib.afe_close(self._e)
             self._e = ffi.NULL
+
+    def native_ops(self) -> NativeOps:
+        if self._native is None:
+            table = int(ffi.cast("uintptr_t", lib.afe_native_ops()))
+            self._native = NativeOps(table, int(ffi.cast("uintptr_t", self._e)))
+        return self._native
 
     def add_peer(self, addresses: Sequence[bytes]) -> int:
         keep = [ffi.from_buffer(a) for a in addresses]

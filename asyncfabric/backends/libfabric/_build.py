@@ -22,6 +22,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
+CONTRACT = HERE.parent.parent / "transport"
 
 # The native core, every file of it: C units (cffi's sources) and headers. A literal:
 # setup.py reads it (package data) without running this file.
@@ -40,6 +41,7 @@ FILES = [
     "shmname.c",  # shm region names, reclaiming dead processes' regions
     "hook.c",  # the native hook (afhook.h)
     "cudanote.c",  # the CUDA host function
+    "native.c",  # the contract's native table (transport/native_ops.h)
     "afcore.h",  # public: what Python sees (cdef)
     "cudanote.h",  # public: cudanote.c's part of the cdef
     "afhook.h",  # public: the native hook, for C outside the core
@@ -114,13 +116,14 @@ def make_ffi() -> FFI:
         # setuptools wants paths relative to setup.py's directory, where it runs this;
         # relative to the current directory, they also serve an in-place compile().
         sources=[_rel(n) for n in SOURCES],
-        include_dirs=[str(HERE)],
+        # ../../transport: the contract's native_ops.h
+        include_dirs=[str(HERE), str(CONTRACT)],
         library_dirs=libdirs,
         runtime_library_dirs=rpath,
         libraries=["fabric", "pthread", "rt"],
         # libfabric's headers as system headers: warnings in them are not ours.
         extra_compile_args=[*CFLAGS, *(f for d in incs for f in ("-isystem", d))],
-        depends=[_rel(n) for n in FILES],
+        depends=[_rel(n) for n in FILES] + [os.path.relpath(CONTRACT / "native_ops.h")],
     )
     return ffibuilder
 

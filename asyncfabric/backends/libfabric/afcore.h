@@ -135,6 +135,10 @@ int afe_recv_take(af_engine *e, uint32_t slot, void *dst, uint32_t len);
 
 const char *afe_strerror(int err);
 
+/* native.c: the transport contract's native table (transport/native_ops.h),
+ * an af_native_ops whose calls take this engine as their context. */
+const void *afe_native_ops(void);
+
 /* The native hook (afhook.h, hook.c): C code outside the core (the
  * benchmarks' raw loops) drives this engine's endpoints through a filled
  * af_hook. Opaque here: allocate afe_hook_size() bytes and pass them in.

@@ -36,6 +36,7 @@ from ...transport import (
     EventQueue,
     ForwardingTransport,
     Message,
+    NativeOps,
     OpDone,
     PagedWrite,
     Registration,
@@ -260,6 +261,7 @@ class StagedTransport(ForwardingTransport):
         self._landing: dict[int, StagedMemory] = {}  # stage id -> a staged target of ours
         self._sids = itertools.count(1)
         self._errors = 0
+        self._native: NativeOps | None = None
         # Nothing staged yet: the hot paths are the inner transport's own methods.
         self.post_write = inner.post_write  # type: ignore[method-assign]
         self.post_paged = inner.post_paged  # type: ignore[method-assign]
@@ -279,6 +281,17 @@ class StagedTransport(ForwardingTransport):
         self._active = True
         for name in _HOT:
             self.__dict__.pop(name, None)
+        if self._native is not None:
+            self._native.close()  # the engine's native calls would pass us by
+
+    def native_ops(self) -> NativeOps | None:
+        # Until staging is first needed this wrapper adds nothing to the hot paths,
+        # so the inner table serves; activation closes it.
+        if self._active:
+            return None
+        if self._native is None:
+            self._native = self.inner.native_ops()
+        return self._native
 
     @property
     def cuda_path(self) -> str:
