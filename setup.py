@@ -9,7 +9,7 @@ here, read from the file rather than by running it.
 import ast
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 ROOT = Path(__file__).resolve().parent
 CORE = "asyncfabric/backends/libfabric/_build.py"
@@ -27,10 +27,23 @@ def _files(build: str) -> list[str]:
     raise SystemExit(f"{build} has no FILES list")
 
 
+# The engine's native fast path (a CPython extension over the transport contract's
+# native table, asyncfabric/transport/native_ops.h; it links no backend).
+FASTPATH = Extension(
+    "asyncfabric.engine._fastpath",
+    sources=["asyncfabric/engine/_fastpath.c"],
+    include_dirs=["asyncfabric/transport"],
+    depends=["asyncfabric/transport/native_ops.h"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
+)
+
 setup(
+    ext_modules=[FASTPATH],
     cffi_modules=[f"{CORE}:ffibuilder", f"{RAW}:ffibuilder"],
     package_data={
         "asyncfabric": ["py.typed"],
+        "asyncfabric.engine": ["_fastpath.c"],
+        "asyncfabric.transport": ["native_ops.h"],
         "asyncfabric.backends.libfabric": _files(CORE),
         "asyncfabric.bench": _files(RAW),
         "asyncfabric.bench.independent": _files(INDEPENDENT),

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._errors import ImmTimeout
 from ..transport.contract import EVENTS_READY, NOT_POLLED, TAKEN
+from .fastpath import TAKE_BUSY, TAKE_NOT_HERE
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -46,19 +47,27 @@ class ImmCounter:
             return
         spun = False
         spin = eng._wait_spin_ns
-        if spin and not self._waiters and not eng._loop.has_ready():
+        if spin and not self._waiters:
             # Fast path: nobody queued ahead and nothing else to run, so poll for the
-            # arrivals from this thread and take them without a future or an event.
+            # arrivals from this thread and take them without a future or an event
+            # (in one native call where the engine has its fast path).
             if timeout is not None:
                 spin = min(spin, int(timeout * 1e9))
-            r = eng._t.counter_take_spin(self.imm, expected, spin)
-            if r & EVENTS_READY:
-                eng._drain()
-            if r & TAKEN:
-                return
-            # A spin cut short by other events did not have its time; one that
-            # polled nothing never started: both spin the usual way.
-            spun = not r & (EVENTS_READY | NOT_POLLED)
+            r = eng._fp.take(self.imm, expected, spin)
+            if r == TAKE_NOT_HERE:
+                r = (
+                    TAKE_BUSY
+                    if eng._loop.has_ready()
+                    else eng._t.counter_take_spin(self.imm, expected, spin)
+                )
+            if r >= 0:
+                if r & EVENTS_READY:
+                    eng._drain()
+                if r & TAKEN:
+                    return
+                # A spin cut short by other events did not have its time; one that
+                # polled nothing never started: both spin the usual way.
+                spun = not r & (EVENTS_READY | NOT_POLLED)
         w = eng._loop.new_waiter()
         self._waiters.append((expected, w))
         if len(self._waiters) == 1:

@@ -35,10 +35,12 @@ from ..transport.batching import SUB_BIT, split_sub
 from ..transport.contract import PagedWrite, Remote, Target, Transport, WriteBatch
 from ..transport.counting import NO_IMM, check_imm
 from ..transport.events import CounterReady, Fatal, Message, OpDone
+from . import fastpath
 from .address import EngineAddress, host_id
 from .batch import Batch, Compiled
 from .counter import ImmCounter
 from .descriptor import FLAG_STAGED, Descriptor, RemoteSlice
+from .fastpath import DONE, DONE_EVENTS, FAILED, LAST_CODE
 from .loop import LoopAdapter, current_adapter
 from .policy import ProgressPolicy
 from .region import Region, RegionSlice, flags_for
@@ -179,7 +181,9 @@ class Engine:
             os.urandom(8), t.backend, t.provider, tuple(t.addresses), host_id(), os.getpid()
         )
         self._addr_bytes = self._addr.to_bytes()
-        self._tokens = itertools.count(1)
+        # the native fast path (fastpath.py) or its stand-in; tokens come from it
+        self._fp: Any = fastpath.NoFastPath()
+        self._next_token = self._fp.next_token
         # token -> (waiter, what it holds: its source Region, a _BatchHold, or None)
         self._ops: dict[int, tuple[Any, Any]] = {}
         self._counters: dict[int, ImmCounter] = {}
@@ -200,6 +204,11 @@ class Engine:
                 )
             )
             self._loop.watch(t.notify_fd, self._drain)
+            self._fp = fastpath.make(
+                self, self._addr.uid, t, getattr(self._loop, "_ready", None),
+                RegionSlice, RemoteSlice, Region, Descriptor, _Route,
+            )  # fmt: skip
+            self._next_token = self._fp.next_token
         except BaseException:
             self._closed = True
             t.close()
@@ -222,6 +231,7 @@ class Engine:
             self._closed = True
             return
         self._closed = True
+        self._fp.on = 0  # before the transport closes: its native table goes with it
         self._loop.unwatch()
         self._fail_all(EngineClosed("the engine was closed while this was pending"))
         # What the transport may still write (a batch's status array) stays alive
@@ -485,6 +495,20 @@ class Engine:
         only after the work already queued on ``stream`` (default: the current
         stream of its device) at the time of the call (docs/gpu.md).
         """
+        if stream is None:
+            # The native fast path (fastpath.py): the same checks, then the post, in
+            # one call; anything it does not take goes the Python way below.
+            r = self._fp.write(src, dst, imm)
+            if r == DONE:
+                return
+            if r > LAST_CODE:
+                await self._await_op(r, src if isinstance(src, Region) else src.region, timeout)
+                return
+            if r == DONE_EVENTS:
+                self._drain()
+                return
+            if r == FAILED:
+                raise self._t.error(self._fp.status, "write")
         self._check_open()
         s = self._local(src)
         d = self._remote_slice(dst)
@@ -494,7 +518,7 @@ class Engine:
         imm_v = NO_IMM if imm is None else check_imm(imm)
         route = self._route(d.descriptor)
         region = s.region
-        token = next(self._tokens)
+        token = self._next_token()
         if stream is None:
             done = self._t.post_write(
                 token, route.remote, d.offset, region._reg, s.offset, n, imm_v
@@ -512,11 +536,22 @@ class Engine:
         self, dst: Descriptor | RemoteSlice, imm: int, *, timeout: float | None = None
     ) -> None:
         """A zero-byte write that only delivers ``imm`` (one immediate) to ``dst``'s engine."""
+        r = self._fp.write_imm(dst, imm)
+        if r == DONE:
+            return
+        if r > LAST_CODE:
+            await self._await_op(r, None, timeout)
+            return
+        if r == DONE_EVENTS:
+            self._drain()
+            return
+        if r == FAILED:
+            raise self._t.error(self._fp.status, "write of an immediate")
         self._check_open()
         d = self._remote_slice(dst)
         imm_v = check_imm(imm)
         route = self._route(d.descriptor)
-        token = next(self._tokens)
+        token = self._next_token()
         if self._t.post_write(token, route.remote, d.offset, None, 0, 0, imm_v):
             self._after_call()
         else:
@@ -590,7 +625,7 @@ class Engine:
                 f"{dst.nbytes}-byte destination region"
             )
         region = s.region
-        token = next(self._tokens)
+        token = self._next_token()
         op = PagedWrite(token, route.remote, region._reg, src_off, dst_off, page_size, imm_v)
         if self._t.post_paged(op):
             self._after_call()
@@ -682,14 +717,14 @@ class Engine:
             raise ValueError("a read of zero bytes reads nothing; give a non-empty slice")
         route = self._route(d.descriptor, read=True)
         region = s.region
-        token = next(self._tokens)
+        token = self._next_token()
         if self._t.post_read(token, route.remote, d.offset, region._reg, s.offset, s.nbytes):
             self._after_call()
         else:
             await self._await_op(token, region, timeout)
 
     async def _post_batch(self, c: Compiled, timeout: float | None) -> None:
-        token = next(self._tokens)
+        token = self._next_token()
         wb = WriteBatch(
             token, c.srcs, c.dsts, c.src, c.dst, c.soff, c.doff, c.nbytes, c.imm,
             np.zeros(c.n, np.int32), c.cache, {},
@@ -738,7 +773,7 @@ class Engine:
                 f"message of {len(data)} bytes exceeds ctrl_max={self._ctrl_max}; "
                 "use write() for bulk data or open the engines with a larger ctrl_max"
             )
-        token = next(self._tokens)
+        token = self._next_token()
         if self._t.post_send(token, peer.id, data):
             self._after_call()
         else:
@@ -940,6 +975,7 @@ class Engine:
         # the cause, rather than let waiters time out; later calls raise too.
         if self._fatal is None:
             self._fatal = error
+        self._fp.on = 0  # every call takes the Python path, which raises
         self._fail_all(error)
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ class Region:
         "_closed",
         "_inflight",
         "_desc",
+        "_fast",
         "__weakref__",
     )
 
@@ -46,6 +47,14 @@ class Region:
         self._closed = False
         self._inflight = 0
         self._desc: Descriptor | None = None
+        # What the engine's native fast path posts from (fastpath.py): host
+        # memory the transport registered itself; GPU and staged memory take the
+        # Python path, where the transport's wrappers see them.
+        self._fast = (
+            (reg.ptr, reg.handle, info.nbytes)
+            if reg.device == "cpu" and not reg.staged and reg.ptr and reg.handle >= 0
+            else None
+        )
 
     @property
     def nbytes(self) -> int:
