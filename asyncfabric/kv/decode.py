@@ -24,7 +24,7 @@ from .endpoint import PROBE_S, Endpoint
 from .errors import LayoutMismatch, OutOfBlocks, RequestAborted, RequestFailed
 from .imms import PROBE_TAG, TagPool, imm_of
 from .layout import KVLayout, pages_per_block
-from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, REFUSE, RESULT, WELCOME, Msg
+from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, NOTE, REFUSE, RESULT, WELCOME, Msg
 
 
 @dataclass
@@ -71,6 +71,7 @@ class DecodeRequest:
         self._done = False
         self._posted: asyncio.Future[int] | None = None  # the peer's answer to our abort
         self._cw: asyncio.Task[None] | None = None  # the counter wait of wait(), if any
+        self._notes: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
     def landed(self) -> bool:
@@ -111,6 +112,19 @@ class DecodeRequest:
                     await cw
                 except BaseException:
                     pass
+
+    async def note(self, timeout: float | None = None) -> bytes:
+        """The next note the prefill side sent with ``PrefillRequest.note`` (e.g. the
+        first generated token, known only once the prefill finished)."""
+        get = asyncio.ensure_future(self._notes.get())
+        done, _ = await asyncio.wait({get, self._fail}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if get in done:
+            return get.result()
+        get.cancel()
+        if self._fail.done():
+            self._fail.result()
+        raise af.ImmTimeout(f"no note for KV request {self.id!r} within {timeout} s")
 
     async def finish(self, result: bytes = b"") -> None:
         """Send ``result`` to the prefill side that asked, publish the full blocks to
@@ -230,6 +244,10 @@ class KVDecode(Endpoint):
             r = self._requests.get((m.link, m.request))
             if r is not None:
                 self.spawn(self._peer_abort(r, m))
+        elif m.kind == NOTE:
+            r = self._requests.get((m.link, m.request))
+            if r is not None:
+                r._notes.put_nowait(m.parts[0])
         elif m.kind == ABORTED:
             r = self._requests.get((m.link, m.request))
             if r is not None and r._posted is not None and not r._posted.done():

@@ -23,7 +23,7 @@ from .errors import KVError, LayoutMismatch, OutOfBlocks, RequestAborted, Reques
 from .imms import PROBE_TAG, imm_of
 from .layout import KVLayout, pages_per_block
 from .plan import add_layers
-from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, REFUSE, RESULT, WELCOME, Msg
+from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, NOTE, REFUSE, RESULT, WELCOME, Msg
 
 _nonce = itertools.count(1)
 
@@ -104,6 +104,12 @@ class PrefillRequest:
         """Wait until every posted write finished (raises the first failure)."""
         if self._posts:
             await asyncio.gather(*self._posts)
+
+    async def note(self, data: bytes) -> None:
+        """Send ``data`` to the decode side's ``DecodeRequest.note()`` (small: it
+        travels as a control message)."""
+        await self._side.send(self.link.address, Msg(NOTE, link=self.link.link, request=self.id,
+                                                     parts=[bytes(data)]))  # fmt: skip
 
     async def result(self, timeout: float | None = None) -> bytes:
         """The decode side's result for this request (``DecodeRequest.finish``).

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import KVError
 
 MAGIC = b"AFKV"
-HELLO, WELCOME, REFUSE, ALLOC, GRANT, DENY, ABORT, ABORTED, RESULT = range(1, 10)
+HELLO, WELCOME, REFUSE, ALLOC, GRANT, DENY, ABORT, ABORTED, RESULT, NOTE = range(1, 11)
 _HDR = struct.Struct("<4sB")
 
 

@@ -1,0 +1,68 @@
+"""End to end with a real model: prefill here, KV through asyncfabric (shm) into a
+decode process's paged cache, greedy decoding there; tokens identical to generate()."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+
+import pytest
+
+pytest.importorskip("transformers")
+import torch  # noqa: E402
+
+import asyncfabric as af  # noqa: E402
+from asyncfabric.kv import KVPrefill  # noqa: E402
+from asyncfabric.testing import kv_model as km  # noqa: E402
+
+pytestmark = pytest.mark.asyncio
+
+PROMPTS = [1, 3, 4, 5, 17, 33, 64]  # lengths, several not a multiple of the 4-token block
+
+
+@pytest.mark.parametrize(
+    "model_kw,layout_kw",
+    [
+        ({"kv_heads": 2}, {}),  # GQA, vLLM flash layout
+        ({"kv_heads": 4}, {"order": "block_first"}),  # MHA, FlashInfer layout
+        ({"kv_heads": 1}, {"tensors": "per_layer_kv"}),  # MQA, K and V tensors per layer
+    ],
+)
+async def test_tokens_identical_to_generate(model_kw, layout_kw):
+    torch.set_num_threads(1)
+    model = km.tiny_llama(0, **model_kw)
+    new = 8
+    prompts = [km.np_prompt(i, n) for i, n in enumerate(PROMPTS)]
+    prompts.append(prompts[-1][:40] + km.np_prompt(99, 9))  # prefix hit on the decode side
+    want = [km.reference(model, p, new) for p in prompts]
+
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=km.decode_process,
+                       args=(there, 0, 256, 4, model_kw, layout_kw))  # fmt: skip
+    proc.start()
+    try:
+        addr = await asyncio.get_running_loop().run_in_executor(None, here.recv)
+        async with af.Engine("shm") as eng:
+            async with KVPrefill(eng, km.layout_for(model, 64, 4)) as pre:
+                link = await pre.connect(addr)
+                # concurrent requests, every other one pipelined layer by layer
+                reqs = [
+                    await km.prefill(pre, link, model, f"r{i}", p, new, pipeline=i % 2 == 0)
+                    for i, p in enumerate(prompts[:-1])
+                ]
+                got = await asyncio.gather(*(r.result(60) for r in reqs))
+                last = await km.prefill(pre, link, model, "hit", prompts[-1], new)
+                assert last.hits == 10  # 40 shared tokens = 10 full blocks not written
+                got.append(await last.result(60))
+                assert pre.pool.in_use == 0
+        toks = [json.loads(g)["tokens"] for g in got]
+        for p, w, t in zip(prompts, want, toks):
+            assert t == w, f"prompt of {len(p)} tokens: decode {t} != generate {w}"
+        here.send("stop")
+        assert here.recv() == 0  # the decode side released every block
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
