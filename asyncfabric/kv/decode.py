@@ -24,6 +24,7 @@ from .endpoint import PROBE_S, Endpoint
 from .errors import LayoutMismatch, OutOfBlocks, RequestAborted, RequestFailed
 from .imms import PROBE_TAG, TagPool, imm_of
 from .layout import KVLayout, pages_per_block
+from .plan import expected_imms
 from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, NOTE, REFUSE, RESULT, WELCOME, Msg
 
 
@@ -59,11 +60,13 @@ class DecodeRequest:
 
     def __init__(
         self, side: KVDecode, link: _Link, rid: str, tokens: int, blocks: np.ndarray,
-        hits: int, tag: int, hashes: list[bytes], meta: bytes,
+        hits: int, tag: int, hashes: list[bytes], meta: bytes, src_blocks: np.ndarray,
     ) -> None:  # fmt: skip
         self.id, self.tokens, self.blocks, self.hits = rid, tokens, blocks, hits
         self.meta, self.tag, self.imm = meta, tag, imm_of(side.slot, tag)
-        self.expected = side.layout.layers * (len(blocks) - hits) * link.ppb
+        self.expected = expected_imms(
+            link.layout, side.layout, link.ppb, src_blocks[hits:], blocks[hits:], side.chunk_bytes
+        )
         self._side, self._link, self._hashes = side, link, hashes
         self._counter = side.engine.counter(self.imm)
         self._fail: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -217,6 +220,7 @@ class KVDecode(Endpoint):
         self._requests: dict[tuple[int, str], DecodeRequest] = {}
         self._queue: asyncio.Queue[DecodeRequest] = asyncio.Queue()
         self.refused: list[LayoutMismatch] = []  # handshakes refused, for the operator
+        self.chunk_bytes = self.cache.descriptors()[0].chunk_bytes
 
     @property
     def requests(self) -> Sequence[DecodeRequest]:
@@ -280,6 +284,11 @@ class KVDecode(Endpoint):
         tokens, meta, hashes = int(m.num), m.parts[0], m.parts[1:]
         n = self.layout.blocks_for(tokens)
         try:
+            if len(m.blocks) != n:
+                raise ValueError(
+                    f"request {m.request!r}: {tokens} tokens take {n} blocks of "
+                    f"{self.layout.block_tokens}, but {len(m.blocks)} source blocks came"
+                )
             if (m.link, m.request) in self._requests:
                 raise ValueError(f"request id {m.request!r} is already in flight on this link")
             blocks, hits = self.pool.acquire(n, hashes)
@@ -298,7 +307,7 @@ class KVDecode(Endpoint):
             self.spawn(self.send(link.address, Msg(DENY, link=link.id, request=m.request, num=-1,
                                                    parts=[str(exc).encode()])))  # fmt: skip
             return
-        r = DecodeRequest(self, link, m.request, tokens, blocks, hits, tag, hashes, meta)
+        r = DecodeRequest(self, link, m.request, tokens, blocks, hits, tag, hashes, meta, m.blocks)
         self._requests[(link.id, r.id)] = r
         self.spawn(self._grant(link, r))
 

@@ -1,6 +1,18 @@
-"""Which writes move a request's pages: one ``Batch`` entry per page, built with
-array calls (``Batch.add_many``), so the Python cost per layer does not grow with
-the number of blocks."""
+"""Which writes move a request's pages, and how many immediates they deliver.
+
+A page is one block's K or V half of one layer (or both halves, when both sides
+keep them adjacent: ``pages_per_block``). Blocks that follow each other on
+*both* sides (source block ``s, s+1, ...`` to destination ``d, d+1, ...``) sit
+next to each other in memory on both sides, so they travel as one write: a run.
+Both sides compute the runs from the same two block lists (the request's
+source blocks travel in its ALLOC, the destination blocks in its GRANT), so both
+know the count: each run delivers ``ceil(run_bytes / chunk_bytes)`` immediates
+(the engine's counting rule for one write), for every layer and half. With no
+two blocks adjacent that is one immediate per page.
+
+Entries are added with array calls (``Batch.add_many``), so the Python cost of a
+post does not grow with the number of blocks.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +22,47 @@ import asyncfabric as af
 
 from .cache import PagedCache
 from .layout import KVLayout
+
+
+def _mergeable(lay: KVLayout, ppb: int) -> bool:
+    """Whether consecutive blocks' pages are adjacent in ``lay``'s memory."""
+    return ppb == 1 or lay.order == "kv_first"
+
+
+def runs(
+    src: KVLayout, dst: KVLayout, ppb: int, src_blocks: np.ndarray, dst_blocks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(index of each run's first block, blocks in each run)."""
+    n = len(src_blocks)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if not (_mergeable(src, ppb) and _mergeable(dst, ppb)):
+        return np.arange(n, dtype=np.int64), np.ones(n, np.int64)
+    s = np.asarray(src_blocks, np.int64)
+    d = np.asarray(dst_blocks, np.int64)
+    brk = (np.diff(s) != 1) | (np.diff(d) != 1)
+    starts = np.concatenate(([0], np.flatnonzero(brk) + 1)).astype(np.int64)
+    lens = np.diff(np.concatenate((starts, [n]))).astype(np.int64)
+    return starts, lens
+
+
+def unit_bytes(lay: KVLayout, ppb: int) -> int:
+    return lay.block_bytes if ppb == 1 else lay.half_bytes
+
+
+def expected_imms(
+    src: KVLayout, dst: KVLayout, ppb: int, src_blocks: np.ndarray, dst_blocks: np.ndarray,
+    chunk_bytes: int,
+) -> int:  # fmt: skip
+    """Immediates the whole request delivers (every layer, every half)."""
+    _, lens = runs(src, dst, ppb, src_blocks, dst_blocks)
+    nb = lens * unit_bytes(src, ppb)
+    per_layer = int(np.sum(np.maximum(1, -(-nb // chunk_bytes))))
+    return src.layers * ppb_halves(ppb) * per_layer
+
+
+def ppb_halves(ppb: int) -> int:
+    return 1 if ppb == 1 else 2
 
 
 def add_layers(
@@ -23,15 +76,16 @@ def add_layers(
     imm: int,
     ppb: int,
 ) -> int:
-    """Add the pages of ``layers`` to ``batch``; return how many (one immediate each)."""
+    """Add the writes of ``layers`` to ``batch``; return how many."""
     lay = src.layout
+    starts, lens = runs(lay, dst, ppb, src_blocks, dst_blocks)
+    sb, db = np.asarray(src_blocks)[starts], np.asarray(dst_blocks)[starts]
+    nbytes = (lens * unit_bytes(lay, ppb)).astype(np.uint64)
     n = 0
-    halves = (0,) if ppb == 1 else (0, 1)
-    nbytes = lay.block_bytes if ppb == 1 else lay.half_bytes
     for layer in layers:
-        for kv in halves:
-            ts, so = lay.where(layer, kv, src_blocks)
-            td, do = dst.where(layer, kv, dst_blocks)
+        for kv in range(ppb_halves(ppb)):
+            ts, so = lay.where(layer, kv, sb)
+            td, do = dst.where(layer, kv, db)
             batch.add_many(src.regions[ts], dst_descs[td], so, do, nbytes, imm=imm)
             n += len(so)
     return n

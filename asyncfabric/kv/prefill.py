@@ -22,7 +22,7 @@ from .endpoint import PROBE_S, Endpoint
 from .errors import KVError, LayoutMismatch, OutOfBlocks, RequestAborted, RequestFailed
 from .imms import PROBE_TAG, imm_of
 from .layout import KVLayout, pages_per_block
-from .plan import add_layers
+from .plan import add_layers, expected_imms
 from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, NOTE, REFUSE, RESULT, WELCOME, Msg
 
 _nonce = itertools.count(1)
@@ -53,10 +53,11 @@ class PrefillRequest:
         self.id, self.tokens, self.blocks = rid, tokens, blocks
         self.dst_blocks, self.hits, self.imm = dst_blocks, hits, imm
         self.link = link
-        self.pages = side.layout.layers * (len(blocks) - hits) * link.ppb
+        self.pages = expected_imms(side.layout, link.layout, link.ppb, blocks[hits:],
+                                   dst_blocks[hits:], link.descriptors[0].chunk_bytes)  # fmt: skip
         self._side = side
         self._posts: list[asyncio.Task[None]] = []
-        self.posted = 0  # pages posted so far
+        self.posted = 0  # immediates posted so far (of ``pages``)
         self._next_layer = 0
         self._aborted: str | None = None
         self._result: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -89,7 +90,7 @@ class PrefillRequest:
             t: asyncio.Task[None] = self._side.spawn(asyncio.sleep(0))
         else:
             b = self.batch(layers)
-            self.posted += len(b)
+            self.posted += len(layers) * self.pages // self._side.layout.layers
             t = self._side.spawn(self._side.engine.write_many(b))
         self._posts.append(t)
         return t
@@ -239,7 +240,7 @@ class KVPrefill(Endpoint):
         self._grants[key] = fut
         try:
             await self.send(link.address, Msg(ALLOC, link=link.link, request=request, num=tokens,
-                                              parts=[meta, *prefix]))  # fmt: skip
+                                              blocks=blocks, parts=[meta, *prefix]))  # fmt: skip
             m = await asyncio.wait_for(fut, timeout or self.engine.peer_timeout * 2)
         except BaseException:
             self.pool.release(blocks, keep=False)
