@@ -221,13 +221,16 @@ class KVPrefill(Endpoint):
         *,
         prefix: Sequence[bytes] = (),
         meta: bytes = b"",
+        blocks: np.ndarray | Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> PrefillRequest:
         """Ask ``link``'s decode side for the blocks of a ``tokens``-token request.
 
         ``prefix``: hashes of the prompt's leading full blocks
         (:func:`asyncfabric.kv.block_hashes`), for prefix-cache hits;
-        ``meta``: bytes the decode side gets with the request (``DecodeRequest.meta``).
+        ``meta``: bytes the decode side gets with the request (``DecodeRequest.meta``);
+        ``blocks``: this side's blocks that hold the KV, when the caller manages its
+        cache itself (default: taken from this side's pool, released with the request).
         """
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
             raise ValueError(f"tokens must be a positive int, got {tokens!r}")
@@ -235,7 +238,16 @@ class KVPrefill(Endpoint):
         key = (link.address, request)
         if key in self._requests or key in self._grants:
             raise ValueError(f"request id {request!r} is already in flight to this decode side")
-        blocks, _ = self.pool.acquire(n)  # OutOfBlocks on this side: nothing sent
+        if blocks is None:
+            blocks, _ = self.pool.acquire(n)  # OutOfBlocks on this side: nothing sent
+        else:
+            blocks = np.asarray(blocks, np.int64)
+            if blocks.shape != (n,) or blocks.min() < 0 or blocks.max() >= self.layout.blocks:
+                raise ValueError(
+                    f"blocks: {tokens} tokens take {n} blocks, each from 0 to "
+                    f"{self.layout.blocks - 1}; got {blocks.tolist()[:8]}..."
+                )
+            self.pool.acquire_exact(blocks)
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._grants[key] = fut
         try:
