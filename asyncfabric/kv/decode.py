@@ -73,7 +73,6 @@ class DecodeRequest:
         self._landed = False
         self._done = False
         self._posted: asyncio.Future[int] | None = None  # the peer's answer to our abort
-        self._cw: asyncio.Task[None] | None = None  # the counter wait of wait(), if any
         self._notes: asyncio.Queue[bytes] = asyncio.Queue()
 
     @property
@@ -89,32 +88,30 @@ class DecodeRequest:
             raise RequestAborted(self.id, "the request was already released")
         loop = asyncio.get_running_loop()
         end = None if timeout is None else loop.time() + timeout
-        cw = self._cw = loop.create_task(self._counter.wait(self.expected))
-        try:
-            while True:
-                step = PROBE_S if end is None else max(0.0, min(PROBE_S, end - loop.time()))
-                done, _ = await asyncio.wait({cw, self._fail}, timeout=step)
-                if self._fail.done():
-                    self._fail.result()
-                if cw in done:
-                    cw.result()
-                    self._landed = True
-                    return
-                if end is not None and loop.time() >= end:
-                    raise af.ImmTimeout(
-                        f"KV request {self.id!r}: {self.expected} pages not all landed within "
-                        f"{timeout} s ({self._counter.count} so far)"
-                    )
-                err = await self._side.alive(self._link.probe, self._link.probe_imm)
-                if err is not None:
-                    self._side._lost_link(self._link, err)
-        finally:
-            if not cw.done():
-                cw.cancel()
-                try:
-                    await cw
-                except BaseException:
-                    pass
+        # The counter is awaited in this task, in steps: between steps the prefill side
+        # is probed, and a failure or an abort set meanwhile is raised. A timed-out
+        # step consumes nothing, so the count carries over.
+        while True:
+            if self._fail.done():
+                self._fail.result()
+            step = PROBE_S if end is None else max(0.0, min(PROBE_S, end - loop.time()))
+            try:
+                await self._counter.wait(self.expected, timeout=step)
+            except af.ImmTimeout:
+                pass
+            else:
+                self._landed = True
+                return
+            if self._fail.done():
+                self._fail.result()
+            if end is not None and loop.time() >= end:
+                raise af.ImmTimeout(
+                    f"KV request {self.id!r}: {self.expected} pages not all landed within "
+                    f"{timeout} s ({self._counter.count} so far)"
+                )
+            err = await self._side.alive(self._link.probe, self._link.probe_imm)
+            if err is not None:
+                self._side._lost_link(self._link, err)
 
     async def note(self, timeout: float | None = None) -> bytes:
         """The next note the prefill side sent with ``PrefillRequest.note`` (e.g. the
@@ -165,12 +162,8 @@ class DecodeRequest:
 
     async def _drain(self, posted: int | None) -> None:
         """Consume what arrived (or ``posted``, all the peer wrote), so the tag is clean."""
-        if self._cw is not None and not self._cw.done():
-            self._cw.cancel()  # a cancelled wait consumes nothing; it must not queue first
-            try:
-                await self._cw
-            except BaseException:
-                pass
+        # A wait() in progress queues ahead of this one; it gives up within a probe
+        # step (consuming nothing) once it sees the failure set before this drain.
         c = self._counter
         n = c.count if posted is None else posted
         if n:
