@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+MOONCAKE_BATCH = 64  # entries per batch_transfer_sync_write (larger batches fail)
 IMPLS = ("kv", "kv-layers", "af-batch", "af-paged", "nixl", "mooncake")
 ACK_IMM = 0x0ACC0000  # the application nibble: the bench's own immediates
 DATA_IMM = 0x0DA70000
@@ -70,15 +71,24 @@ def _blocks(a: dict[str, Any], tokens: int) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- asyncfabric roles
 
 
+def _touch(cache: Any) -> None:
+    """Write every page once, as the peers' buffers are (np.ones): no first-touch
+    page faults, and no reads of the shared zero page, inside the clock."""
+    for t in cache.tensors:
+        t.fill_(1)
+
+
 async def _af_decode(impl: str, a: dict[str, Any], conn: Any) -> None:
     import asyncfabric as af
     from asyncfabric.kv import KVDecode
     from asyncfabric.kv.cache import PagedCache
 
     lay = _layout(a)
-    async with af.Engine(a["provider"]) as eng:
+    async with af.Engine(a["provider"], chunk_bytes=a["chunk"], domains=a["domains"],
+                         workers=a["domains"]) as eng:
         if impl.startswith("kv"):
             async with KVDecode(eng, lay) as dec:
+                _touch(dec.cache)
                 conn.send(eng.address)
                 while True:
                     try:
@@ -90,6 +100,7 @@ async def _af_decode(impl: str, a: dict[str, Any], conn: Any) -> None:
                     await r.wait()
                     await r.finish(b"")
         with PagedCache(eng, lay) as cache:
+            _touch(cache)
             conn.send((eng.address, [bytes(d) for d in cache.descriptors()]))
             ack = af.Descriptor.from_bytes(conn.recv())
             c = eng.counter(DATA_IMM)
@@ -112,9 +123,10 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
     lay = _layout(a)
     rows = []
     clock = time.perf_counter
-    async with af.Engine(a["provider"]) as eng:
+    async with af.Engine(a["provider"], domains=a["domains"], workers=a["domains"]) as eng:
         if impl.startswith("kv"):
             async with KVPrefill(eng, lay) as pre:
+                _touch(pre.cache)
                 link = await pre.connect(conn.recv())
                 for tokens in a["tokens"]:
                     src, _ = _blocks(a, tokens)
@@ -138,9 +150,14 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
                                     if mode == "pipe":
                                         r.post(layer)
                                 t1 = clock()  # the end of the prefill's compute
+                            tw = clock()
                             await r.push()
+                            tp = clock()
                             await r.result()
                             t2 = clock()
+                            if os.environ.get("KVB_DEBUG"):
+                                print(f"post {1e3*(tw-t1):.2f} push {1e3*(tp-tw):.2f} "
+                                      f"result {1e3*(t2-tp):.2f}", file=sys.stderr)
                             if i >= a["warmup"]:
                                 grant.append(t1 - t0)
                                 times.append(t2 - t1)
@@ -157,6 +174,7 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
         conn.send(bytes(ack_reg.descriptor()))
         ackc = eng.counter(ACK_IMM)
         with PagedCache(eng, lay) as cache:
+            _touch(cache)
             ppb = pages_per_block(lay, lay)
             for tokens in a["tokens"]:
                 src, dst = _blocks(a, tokens)
@@ -306,19 +324,30 @@ def _mooncake(role: str, a: dict[str, Any], conn: Any) -> list[dict[str, Any]]:
     for tokens in a["tokens"]:
         src, dst = _blocks(a, tokens)
         si, di = _page_idx(a, src), _page_idx(a, dst)
-        s_addr = [lp[i][0] for i in si]
-        d_addr = [rp[i][0] for i in di]
-        lens = [lay.half_bytes] * len(si)
+        # adjacent pages merged into one entry (as NIXL does itself), MOONCAKE_BATCH a call
+        s_addr, d_addr, lens = [], [], []
+        for x, y in zip(si, di):
+            sa, da = lp[x][0], rp[y][0]
+            if lens and s_addr[-1] + lens[-1] == sa and d_addr[-1] + lens[-1] == da:
+                lens[-1] += lay.half_bytes
+            else:
+                s_addr.append(sa)
+                d_addr.append(da)
+                lens.append(lay.half_bytes)
+        k = MOONCAKE_BATCH
         times = []
         for i in range(a["warmup"] + a["reps"]):
             t0 = time.perf_counter()
-            if te.batch_transfer_sync_write(peer, s_addr, d_addr, lens) != 0:
-                raise RuntimeError("Mooncake batch_transfer_sync_write failed")
+            for j in range(0, len(lens), k):
+                rc = te.batch_transfer_sync_write(peer, s_addr[j : j + k], d_addr[j : j + k],
+                                                  lens[j : j + k])  # fmt: skip
+                if rc != 0:
+                    raise RuntimeError(f"Mooncake batch_transfer_sync_write failed ({rc})")
             notify("end")
             wait()
             if i >= a["warmup"]:
                 times.append(time.perf_counter() - t0)
-        rows.append(_row("mooncake", a, tokens, times, len(si)))
+        rows.append(_row("mooncake", a, tokens, times, len(lens)))
     conn.send(None)
     return rows
 
@@ -419,6 +448,10 @@ def main(argv: list[str]) -> int:
                    help="kv rows with compute stood in by a sleep per layer (--layer-ms)")
     p.add_argument("--layer-ms", type=float, default=2.0,
                    help="compute per layer per 1k tokens, for --pipeline (default 2 ms)")
+    p.add_argument("--chunk", type=lambda x: int(x) << 20, default=None,
+                   help="the decode engine's chunk_bytes in MiB (default: the engine's)")
+    p.add_argument("--domains", type=int, default=1,
+                   help="domains (and as many progress workers) per engine, for many cores")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -426,9 +459,9 @@ def main(argv: list[str]) -> int:
     a = {
         "provider": args.provider, "layers": args.layers, "kv_heads": args.kv_heads,
         "head_dim": args.head_dim, "block_tokens": bt, "dtype": args.dtype, "order": args.order,
-        "pool": -(-max(tokens) // bt), "tokens": tokens, "blocks": args.blocks,
+        "pool": -(-max(tokens) // bt) + 64, "tokens": tokens, "blocks": args.blocks,
         "reps": args.reps, "warmup": args.warmup, "pipeline": args.pipeline,
-        "layer_ms": args.layer_ms,
+        "layer_ms": args.layer_ms, "chunk": args.chunk, "domains": args.domains,
     }  # fmt: skip
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     bad = [i for i in impls if i not in IMPLS]
@@ -447,7 +480,13 @@ def main(argv: list[str]) -> int:
             skipped.append(f"{impl} skipped: its page lists are written for order=kv_first")
             continue
         print(f"running {impl} ...", file=sys.stderr, flush=True)
-        rows += run_impl(impl, a)
+        try:
+            rows += run_impl(impl, a)
+        except Exception as exc:  # one baseline failing must not lose the others' rows
+            if impl.startswith(("kv", "af")):
+                raise
+            skipped.append(f"{impl} failed: {exc}")
+            print(f"{impl} failed: {exc}", file=sys.stderr)
     _table(rows, a)
     if args.json:
         with open(args.json, "w") as f:

@@ -76,6 +76,17 @@ class PrefillRequest:
         blocks now; returns the task that ends when they are written."""
         if isinstance(layers, int):
             layers = range(layers, layers + 1)
+        self._check_post(layers)
+        if self.hits == len(self.blocks) or not len(layers):
+            t: asyncio.Task[None] = self._side.spawn(asyncio.sleep(0))
+        else:
+            b = self.batch(layers)
+            self.posted += len(layers) * self.pages // self._side.layout.layers
+            t = self._side.spawn(self._side.engine.write_many(b))
+        self._posts.append(t)
+        return t
+
+    def _check_post(self, layers: range) -> None:
         if self._aborted is not None:
             raise RequestAborted(self.id, self._aborted)
         if self._done:
@@ -86,19 +97,18 @@ class PrefillRequest:
                 f"got {layers.start}..{layers.stop - 1}"
             )
         self._next_layer = layers.stop
-        if self.hits == len(self.blocks) or not len(layers):
-            t: asyncio.Task[None] = self._side.spawn(asyncio.sleep(0))
-        else:
-            b = self.batch(layers)
-            self.posted += len(layers) * self.pages // self._side.layout.layers
-            t = self._side.spawn(self._side.engine.write_many(b))
-        self._posts.append(t)
-        return t
 
     async def push(self) -> None:
         """Write every layer not posted yet, then wait until all are written."""
-        if self._next_layer < self._side.layout.layers:
-            self.post(range(self._next_layer, self._side.layout.layers))
+        layers = range(self._next_layer, self._side.layout.layers)
+        if layers and self.hits < len(self.blocks):
+            self._check_post(layers)
+            b = self.batch(layers)
+            self.posted += len(layers) * self.pages // self._side.layout.layers
+            # awaited in this task, not a side task: the engine spins for its own
+            # waiter only when nothing else is ready to run
+            await self._side.engine.write_many(b)
+        self._next_layer = self._side.layout.layers
         await self.written()
 
     async def written(self) -> None:
