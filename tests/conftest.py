@@ -42,6 +42,10 @@ def etcd_url():
 
     from asyncfabric.testing.etcd import EtcdUnavailable, start_etcd
 
+    try:
+        import aetcd  # noqa: F401
+    except ImportError:
+        pytest.skip("etcd store tests skipped: the aetcd client is not installed (extra 'etcd')")
     url = os.environ.get("ASYNCFABRIC_TEST_ETCD")
     if url:
         yield url

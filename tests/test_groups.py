@@ -237,3 +237,18 @@ async def test_bad_arguments(provider, kw):
                 await af.store.connect("af://127.0.0.1:1", secret=b"0123456789")
         finally:
             await srv.aclose()
+
+
+async def test_wrong_secret_refused_in_process():
+    srv = await af.store.serve("127.0.0.1:0", secret=b"right-secret-0123")
+    try:
+        with pytest.raises(af.StoreAuthError, match="different secret"):
+            await af.store.connect(srv.url, secret=b"wrong-secret-0123")
+        with pytest.raises(af.StoreAuthError, match="needs a shared secret"):
+            await af.store.connect(srv.url, secret=None)
+        assert srv.auth_failures == 1
+        good = await af.store.connect(srv.url, secret=b"right-secret-0123")
+        assert await good.list("") == ([], (await good.list(""))[1])  # nothing was written
+        await good.aclose()
+    finally:
+        await srv.aclose()
