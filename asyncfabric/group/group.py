@@ -521,14 +521,13 @@ class _Events:
         if self._done:
             raise StopAsyncIteration
         item = await self._q.get()
-        if item is _END or isinstance(item, BaseException):
-            self._done = True
-            self._group._subs.discard(self._q)
-            if item is _END:
-                raise StopAsyncIteration
+        if isinstance(item, (Joined, Left)):
+            return item
+        self._done = True
+        self._group._subs.discard(self._q)
+        if isinstance(item, BaseException):
             raise item
-        assert isinstance(item, (Joined, Left))
-        return item
+        raise StopAsyncIteration  # _END: this member left
 
     async def aclose(self) -> None:
         self._done = True
