@@ -128,3 +128,46 @@ def wait_until(pred, timeout: float, what: str):
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not happen within {timeout} s")
         time.sleep(0.05)
+
+
+class EtcdProc:
+    """A dedicated etcd (not the shared one) that a test may kill and restart on the
+    same ports and data dir, as an etcd member restarts."""
+
+    def __init__(self, tmp) -> None:
+        import shutil
+        import socket
+
+        self.exe = shutil.which("etcd")
+        if self.exe is None:
+            raise RuntimeError("no etcd binary")
+
+        def free() -> int:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return s.getsockname()[1]
+
+        self.data = str(tmp / "etcd-data")
+        self.cu, self.pu = f"http://127.0.0.1:{free()}", f"http://127.0.0.1:{free()}"
+        self.url = "etcd://" + self.cu[len("http://") :]
+        self.p: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        from asyncfabric.testing.etcd import _healthy
+
+        self.p = subprocess.Popen(
+            [self.exe, "--name", "r", "--data-dir", self.data, "--listen-client-urls", self.cu,
+             "--advertise-client-urls", self.cu, "--listen-peer-urls", self.pu,
+             "--initial-advertise-peer-urls", self.pu, "--initial-cluster", f"r={self.pu}",
+             "--log-level", "error"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_until(lambda: _healthy(self.cu, ()), 30, "etcd health")
+
+    def kill(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.send_signal(signal.SIGKILL)
+            self.p.wait(10)
+
+    close = kill

@@ -11,7 +11,7 @@ import struct
 import time
 
 import pytest
-from group_procs import SECRET, Node, StoreProc
+from group_procs import SECRET, EtcdProc, Node, StoreProc
 
 import asyncfabric as af
 
@@ -149,7 +149,26 @@ async def _members_eventually(g, names, timeout=T):
     await asyncio.wait_for(poll(), timeout)
 
 
-def test_store_restart_members_reregister(store_proc, provider, monkeypatch):
+@pytest.fixture(params=["embedded", "etcd"])
+def restartable_store(request, tmp_path):
+    """A store the test may kill and restart: the CLI server (restarts empty) or a
+    dedicated etcd (restarts with its data and leases)."""
+    if request.param == "etcd":
+        pytest.importorskip("aetcd", reason="the etcd extra is not installed")
+        try:
+            s = EtcdProc(tmp_path)
+        except RuntimeError as exc:
+            pytest.skip(f"etcd store tests skipped: {exc}")
+    else:
+        s = StoreProc()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_store_restart_members_reregister(restartable_store, provider, monkeypatch):
+    store_proc = restartable_store
     monkeypatch.setenv("ASYNCFABRIC_STORE_SECRET", SECRET)
     kw = {"node": "127.0.0.1"} if provider == "tcp" else {}
 
@@ -162,9 +181,11 @@ def test_store_restart_members_reregister(store_proc, provider, monkeypatch):
             evs = a.events()
             store_proc.kill()
             await asyncio.sleep(1.0)
-            store_proc.start()  # same port, empty
+            store_proc.start()  # same port; the embedded store comes back empty
             # both re-register into the new store: the store sees them again
-            checker = await af.store.connect(store_proc.url, secret=SECRET)
+            checker = await af.store.connect(
+                store_proc.url, **({"secret": SECRET} if store_proc.url.startswith("af:") else {})
+            )
 
             async def registered():
                 while True:

@@ -194,7 +194,13 @@ async def test_view_ranks_barrier_allgather_and_member_lost(group_store, provide
 
 
 async def test_local_views_helper(provider):
-    async with local_views(3, provider=provider) as views:
+    async with local_views(3, provider=provider) as views:  # its own embedded store
+        assert [v.rank for v in views] == [0, 1, 2]
+        await asyncio.gather(*(v.barrier(timeout=T) for v in views))
+
+
+async def test_local_views_on_a_given_store(group_store, provider):
+    async with local_views(3, provider=provider, store=group_store) as views:
         assert [v.rank for v in views] == [0, 1, 2]
         await asyncio.gather(*(v.barrier(timeout=T) for v in views))
         r = views[2].engine.register(bytearray(16))
