@@ -148,6 +148,7 @@ class EtcdProc:
                 return s.getsockname()[1]
 
         self.data = str(tmp / "etcd-data")
+        self.log = tmp / "etcd.log"
         self.cu, self.pu = f"http://127.0.0.1:{free()}", f"http://127.0.0.1:{free()}"
         self.url = "etcd://" + self.cu[len("http://") :]
         self.p: subprocess.Popen[bytes] | None = None
@@ -156,14 +157,19 @@ class EtcdProc:
     def start(self) -> None:
         from asyncfabric.testing.etcd import _healthy
 
+        with open(self.log, "ab") as log:
+            self._spawn(log)
+        wait_until(lambda: _healthy(self.cu, ()), 30, "etcd health")
+        assert self.p.poll() is None, self.log.read_text()[-2000:]
+
+    def _spawn(self, log) -> None:
         self.p = subprocess.Popen(
             [self.exe, "--name", "r", "--data-dir", self.data, "--listen-client-urls", self.cu,
              "--advertise-client-urls", self.cu, "--listen-peer-urls", self.pu,
              "--initial-advertise-peer-urls", self.pu, "--initial-cluster", f"r={self.pu}",
              "--log-level", "error"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
         )  # fmt: skip
-        wait_until(lambda: _healthy(self.cu, ()), 30, "etcd health")
 
     def kill(self) -> None:
         if self.p is not None and self.p.poll() is None:

@@ -258,3 +258,26 @@ async def test_wrong_secret_refused_in_process():
         await good.aclose()
     finally:
         await srv.aclose()
+
+
+async def test_region_on_close_and_region_of(provider, kw):
+    calls = []
+    async with af.Engine(provider, **kw) as eng, af.Engine(provider, **kw) as other:
+        r1 = eng.register(bytearray(64))
+        r2 = eng.register(bytearray(64))
+        d1 = r1.descriptor()
+        assert eng.region_of(d1) is r1
+        assert other.region_of(d1) is None  # another engine's descriptor
+        r1.on_close(lambda r: calls.append(("r1", r)))
+        r2.on_close(lambda r: calls.append(("r2", r)))
+        r1.close()
+        r1.close()  # once only
+        assert calls == [("r1", r1)]
+        assert eng.region_of(d1) is None  # closed: not live
+        with pytest.raises(TypeError, match="callable"):
+            r2.on_close("nope")
+    # closing the engine closes r2, and runs its callback
+    assert calls == [("r1", r1), ("r2", r2)]
+    # a callback added after close runs at once
+    r1.on_close(lambda r: calls.append(("late", r)))
+    assert calls[-1] == ("late", r1)
