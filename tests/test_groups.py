@@ -281,3 +281,13 @@ async def test_region_on_close_and_region_of(provider, kw):
     # a callback added after close runs at once
     r1.on_close(lambda r: calls.append(("late", r)))
     assert calls[-1] == ("late", r1)
+
+
+def test_groups_refuse_trio():
+    trio = pytest.importorskip("trio")
+
+    async def main():
+        with pytest.raises(RuntimeError, match="asyncio-only"):
+            await af.join(group="g", name="a", engine=None)
+
+    trio.run(main)
