@@ -213,3 +213,44 @@ def test_store_restart_members_reregister(restartable_store, provider, monkeypat
             await b.leave()
 
     asyncio.run(main())
+
+
+def test_store_cli_needs_a_secret_and_reads_a_file(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASYNCFABRIC_STORE")}
+    r = subprocess.run(
+        [sys.executable, "-m", "asyncfabric", "store", "serve", "--listen", "127.0.0.1:0"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "StoreAuthError" in r.stderr and "ASYNCFABRIC_STORE_SECRET" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1  # one line, no traceback
+    r = subprocess.run(
+        [sys.executable, "-m", "asyncfabric", "store", "serve", "--listen", "nonsense"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 1 and "HOST:PORT" in r.stderr
+    # --secret-file: the server takes the secret from it
+    f = tmp_path / "secret"
+    f.write_text("from-a-file-0123456789\n")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "asyncfabric", "store", "serve", "--listen", "127.0.0.1:0",
+         "--secret-file", str(f)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = p.stdout.readline().split()[-1]
+
+        async def check():
+            s = await af.store.connect(url, secret_file=str(f))
+            await s.put("k", b"v")
+            assert (await s.get("k")).value == b"v"
+            await s.aclose()
+
+        asyncio.run(check())
+    finally:
+        p.terminate()
+        p.wait(20)
+    assert p.returncode == 0  # SIGTERM stops it cleanly
