@@ -186,6 +186,9 @@ async def test_view_ranks_barrier_allgather_and_member_lost(group_store, provide
             await va.barrier()  # the view stays failed
         with pytest.raises(af.ViewTimeout, match="has 2 of the 3"):
             await gs[1].wait_for(3, timeout=0.3)
+        # of 2 members, a view of 1 holds the first to join ("a"): "b" is not in it
+        with pytest.raises(af.ViewTimeout, match="'b' is not among the first 1"):
+            await gs[2].wait_for(1, timeout=0.3)
         for g in gs[1:]:
             await g.leave()
     finally:

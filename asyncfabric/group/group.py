@@ -458,6 +458,12 @@ class Group:
                     return v
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                if len(self._members) >= n:
+                    raise ViewTimeout(
+                        f"{self.name!r} is not among the first {n} members to join group "
+                        f"{self.group!r} ({sorted(self._members)}), and none of them left "
+                        f"within {timeout} s; ask for a view of all of them, or use another group"
+                    )
                 raise ViewTimeout(
                     f"group {self.group!r} has {len(self._members)} of the {n} members "
                     f"this view needs after {timeout} s ({sorted(self._members)}); start "
