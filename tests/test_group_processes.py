@@ -231,7 +231,7 @@ def test_store_cli_needs_a_secret_and_reads_a_file(tmp_path):
         [sys.executable, "-m", "asyncfabric", "store", "serve", "--listen", "nonsense"],
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert r.returncode == 1 and "HOST:PORT" in r.stderr
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr  # a usage error
     # --secret-file: the server takes the secret from it
     f = tmp_path / "secret"
     f.write_text("from-a-file-0123456789\n")

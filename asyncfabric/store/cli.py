@@ -26,6 +26,12 @@ def main(argv: list[str]) -> int:
         help="file holding the shared secret (default: $ASYNCFABRIC_STORE_SECRET)",
     )
     a = p.parse_args(argv)
+    from .server import split_hostport
+
+    try:
+        split_hostport(a.listen, "--listen")
+    except ValueError as exc:
+        p.error(str(exc))
     return asyncio.run(_serve(a.listen, a.secret_file))
 
 
