@@ -14,6 +14,7 @@ from .decode import DecodeRequest, KVDecode
 from .errors import (
     KVError,
     LayoutMismatch,
+    MemberDraining,
     NoDecodeMembers,
     OutOfBlocks,
     RequestAborted,
@@ -22,6 +23,7 @@ from .errors import (
 from .hashing import block_hashes
 from .layout import KVLayout, pages_per_block
 from .prefill import DecodeLink, KVPrefill, PrefillRequest
+from .router import RoutedRequest, Router
 
 __all__ = [
     "DecodeLink",
@@ -31,12 +33,15 @@ __all__ = [
     "KVLayout",
     "KVPrefill",
     "LayoutMismatch",
+    "MemberDraining",
     "NoDecodeMembers",
     "OutOfBlocks",
     "PagedCache",
     "PrefillRequest",
     "RequestAborted",
     "RequestFailed",
+    "RoutedRequest",
+    "Router",
     "block_hashes",
     "pages_per_block",
 ]

@@ -214,11 +214,25 @@ class KVDecode(Endpoint):
         self._queue: asyncio.Queue[DecodeRequest] = asyncio.Queue()
         self.refused: list[LayoutMismatch] = []  # handshakes refused, for the operator
         self.chunk_bytes = self.cache.descriptors()[0].chunk_bytes
+        self.draining = False
 
     @property
     def requests(self) -> Sequence[DecodeRequest]:
         """Requests granted and not yet released."""
         return list(self._requests.values())
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Take no new requests (their ALLOC is refused as draining, and a router sends
+        them elsewhere) and return once every request in flight was released."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = None if timeout is None else loop.time() + timeout
+        while self._requests:
+            if end is not None and loop.time() > end:
+                raise af.ImmTimeout(
+                    f"{len(self._requests)} KV requests still in flight after {timeout} s"
+                )
+            await asyncio.sleep(0.01)
 
     async def next_request(self, timeout: float | None = None) -> DecodeRequest:
         """The next granted request (its pages may still be landing: ``await req.wait()``)."""
@@ -273,6 +287,10 @@ class KVDecode(Endpoint):
     def _alloc(self, m: Msg) -> None:
         link = self._links.get(m.link)
         if link is None:
+            return
+        if self.draining:
+            self.spawn(self.send(link.address, Msg(DENY, link=link.id, request=m.request,
+                                                   num=-2)))  # fmt: skip
             return
         tokens, meta, hashes = int(m.num), m.parts[0], m.parts[1:]
         n = self.layout.blocks_for(tokens)

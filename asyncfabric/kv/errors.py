@@ -43,5 +43,10 @@ class RequestAborted(RequestFailed):
     """The request was cancelled or aborted by one of the sides; its blocks were released."""
 
 
+class MemberDraining(KVError):
+    """The decode member is finishing its requests before it leaves: it takes no new
+    ones (the router sends the request elsewhere)."""
+
+
 class NoDecodeMembers(KVError):
     """The router has no live decode member to send a request to."""

@@ -19,7 +19,14 @@ import asyncfabric as af
 
 from .blocks import BlockPool
 from .endpoint import PROBE_S, Endpoint
-from .errors import KVError, LayoutMismatch, OutOfBlocks, RequestAborted, RequestFailed
+from .errors import (
+    KVError,
+    LayoutMismatch,
+    MemberDraining,
+    OutOfBlocks,
+    RequestAborted,
+    RequestFailed,
+)
 from .imms import PROBE_TAG, imm_of
 from .layout import KVLayout, pages_per_block
 from .plan import add_layers, expected_imms
@@ -271,6 +278,9 @@ class KVPrefill(Endpoint):
             self._grants.pop(key, None)
         if m.kind == DENY:
             self.pool.release(blocks, keep=False)
+            if m.num == -2:
+                raise MemberDraining(f"the decode side is draining before it leaves; request "
+                                     f"{request!r} was not taken")  # fmt: skip
             if m.num < 0:
                 raise KVError(f"the decode side refused request {request!r}: "
                               f"{m.parts[0].decode()}")  # fmt: skip

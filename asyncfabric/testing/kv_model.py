@@ -170,3 +170,60 @@ def decode_process(conn: Any, seed: int, blocks: int, block_tokens: int, model_k
 
 def np_prompt(seed: int, n: int) -> list[int]:
     return [int(x) for x in np.random.default_rng(seed).integers(1, VOCAB, n)]
+
+
+# ---------------------------------------------------------------- a KV-only decode member
+
+
+def kv_layout(blocks: int = 256) -> KVLayout:
+    """A small layout for members that only move KV (no model)."""
+    return KVLayout(layers=4, blocks=blocks, block_tokens=16, kv_heads=2, head_dim=32,
+                    dtype="float16")  # fmt: skip
+
+
+def decode_member_process(conn: Any, store_url: str, secret: str, group: str, name: str,
+                          decode_s: float = 0.1) -> None:  # fmt: skip
+    """A decode member: joins ``group`` (meta role=decode), serves requests (waits for
+    the KV, "decodes" for ``decode_s``, answers with its name) until ``conn`` says
+    ``"leave"``: then it drains, leaves and reports how many requests it served."""
+    os.environ["ASYNCFABRIC_STORE_SECRET"] = secret
+
+    async def main() -> None:
+        async with af.Engine("shm") as eng:
+            async with KVDecode(eng, kv_layout()) as dec:
+                g = await af.join(store_url, group=group, name=name, engine=eng,
+                                  meta={"role": "decode"}, ttl=2.0)  # fmt: skip
+                served = 0
+
+                async def one(r: Any) -> None:
+                    nonlocal served
+                    try:
+                        await r.wait()
+                        await asyncio.sleep(decode_s)
+                        await r.finish(name.encode())
+                        served += 1
+                    except af.AsyncFabricError:
+                        await r.abort("decode failed")
+
+                stop = asyncio.Event()
+                loop = asyncio.get_running_loop()
+                loop.add_reader(conn.fileno(), stop.set)
+                conn.send("joined")
+                tasks: set[asyncio.Task[None]] = set()
+                while not stop.is_set():
+                    try:
+                        r = await dec.next_request(timeout=0.05)
+                    except asyncio.TimeoutError:
+                        continue
+                    t = asyncio.ensure_future(one(r))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+                loop.remove_reader(conn.fileno())
+                conn.recv()
+                await dec.drain(timeout=30)  # refuse new requests, finish the ones in flight
+                if tasks:
+                    await asyncio.gather(*tasks)
+                await g.leave()
+                conn.send(("left", served, dec.pool.in_use))
+
+    asyncio.run(main())
