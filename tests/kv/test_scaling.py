@@ -95,7 +95,9 @@ async def test_add_remove_and_kill_decode_members_while_serving():
                 await routed_to(router, "d0", present=False)
                 await asyncio.sleep(0.5)
 
-                p1, _ = procs["d1"]  # a member dies
+                p1, _ = procs["d1"]  # a member dies, holding requests
+                while router._inflight.get("d1", 0) < 2:
+                    await asyncio.sleep(0.005)
                 os.kill(p1.pid, signal.SIGKILL)
                 t_kill = time.monotonic()
                 await routed_to(router, "d1", present=False, timeout=BOUND_S)
