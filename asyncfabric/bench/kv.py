@@ -32,7 +32,6 @@ by a sleep per layer: time from the end of the prefill's compute to KV-complete.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -84,8 +83,9 @@ async def _af_decode(impl: str, a: dict[str, Any], conn: Any) -> None:
     from asyncfabric.kv.cache import PagedCache
 
     lay = _layout(a)
-    async with af.Engine(a["provider"], chunk_bytes=a["chunk"], domains=a["domains"],
-                         workers=a["domains"]) as eng:
+    async with af.Engine(
+        a["provider"], chunk_bytes=a["chunk"], domains=a["domains"], workers=a["domains"]
+    ) as eng:
         if impl.startswith("kv"):
             async with KVDecode(eng, lay) as dec:
                 _touch(dec.cache)
@@ -156,8 +156,11 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
                             await r.result()
                             t2 = clock()
                             if os.environ.get("KVB_DEBUG"):
-                                print(f"post {1e3*(tw-t1):.2f} push {1e3*(tp-tw):.2f} "
-                                      f"result {1e3*(t2-tp):.2f}", file=sys.stderr)
+                                print(
+                                    f"post {1e3 * (tw - t1):.2f} push {1e3 * (tp - tw):.2f} "
+                                    f"result {1e3 * (t2 - tp):.2f}",
+                                    file=sys.stderr,
+                                )
                             if i >= a["warmup"]:
                                 grant.append(t1 - t0)
                                 times.append(t2 - t1)
@@ -257,7 +260,7 @@ def _nixl(role: str, a: dict[str, Any], conn: Any) -> list[dict[str, Any]]:
 
     rows = []
     if role == "decode":
-        for tokens in a["tokens"]:
+        for _tokens in a["tokens"]:
             for _ in range(a["warmup"] + a["reps"]):
                 wait_notif()
                 ag.send_notif(peer, b"ack")
@@ -444,14 +447,29 @@ def main(argv: list[str]) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--pipeline", action="store_true",
-                   help="kv rows with compute stood in by a sleep per layer (--layer-ms)")
-    p.add_argument("--layer-ms", type=float, default=2.0,
-                   help="compute per layer per 1k tokens, for --pipeline (default 2 ms)")
-    p.add_argument("--chunk", type=lambda x: int(x) << 20, default=None,
-                   help="the decode engine's chunk_bytes in MiB (default: the engine's)")
-    p.add_argument("--domains", type=int, default=1,
-                   help="domains (and as many progress workers) per engine, for many cores")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="kv rows with compute stood in by a sleep per layer (--layer-ms)",
+    )
+    p.add_argument(
+        "--layer-ms",
+        type=float,
+        default=2.0,
+        help="compute per layer per 1k tokens, for --pipeline (default 2 ms)",
+    )
+    p.add_argument(
+        "--chunk",
+        type=lambda x: int(x) << 20,
+        default=None,
+        help="the decode engine's chunk_bytes in MiB (default: the engine's)",
+    )
+    p.add_argument(
+        "--domains",
+        type=int,
+        default=1,
+        help="domains (and as many progress workers) per engine, for many cores",
+    )
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]

@@ -75,7 +75,7 @@ class BlockPool:
         self._nfree -= len(blocks)
         self._ref[blocks] += 1
 
-    def publish(self, blocks: Sequence[int], hashes: Sequence[bytes]) -> None:
+    def publish(self, blocks: Sequence[int] | np.ndarray, hashes: Sequence[bytes]) -> None:
         """Make the first ``len(hashes)`` of ``blocks`` (full, their KV landed) findable."""
         for b, h in zip(blocks, hashes):
             b = int(b)

@@ -14,6 +14,7 @@ import asyncio
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -117,8 +118,8 @@ class DecodeRequest:
         """The next note the prefill side sent with ``PrefillRequest.note`` (e.g. the
         first generated token, known only once the prefill finished)."""
         get = asyncio.ensure_future(self._notes.get())
-        done, _ = await asyncio.wait({get, self._fail}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        either: set[asyncio.Future[Any]] = {get, self._fail}
+        done, _ = await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
             return get.result()
         get.cancel()
@@ -136,9 +137,13 @@ class DecodeRequest:
         self._release(keep=True)
         self._side.pool.publish(self.blocks, self._hashes)
         try:
-            await self._side.send(self._link.address, Msg(RESULT, link=self._link.id, request=self.id, parts=[result]))
+            await self._side.send(
+                self._link.address, Msg(RESULT, link=self._link.id, request=self.id, parts=[result])
+            )
         except af.TransferError as exc:
-            raise RequestFailed(self.id, f"the prefill side is gone, result not delivered: {exc}")
+            raise RequestFailed(
+                self.id, f"the prefill side is gone, result not delivered: {exc}"
+            ) from exc
 
     async def abort(self, reason: str = "aborted by the decode side") -> None:
         """Stop the request: the prefill side stops writing, pages in flight are
@@ -152,7 +157,10 @@ class DecodeRequest:
         self._posted = asyncio.get_running_loop().create_future()
         posted: int | None = None
         try:
-            await side.send(self._link.address, Msg(ABORT, link=self._link.id, request=self.id, parts=[reason.encode()]))
+            await side.send(
+                self._link.address,
+                Msg(ABORT, link=self._link.id, request=self.id, parts=[reason.encode()]),
+            )
             posted = await asyncio.wait_for(self._posted, side.engine.peer_timeout)
         except (af.TransferError, asyncio.TimeoutError):
             posted = None  # the prefill side is gone: nothing more will land
@@ -271,8 +279,14 @@ class KVDecode(Endpoint):
             self.layout.check_peer(theirs)
         except LayoutMismatch as exc:
             self.refused.append(exc)
-            await self.send(address, Msg(REFUSE, request=m.request, parts=[
-                exc.field.encode(), repr(exc.theirs).encode(), repr(exc.ours).encode()]))
+            await self.send(
+                address,
+                Msg(
+                    REFUSE,
+                    request=m.request,
+                    parts=[exc.field.encode(), repr(exc.theirs).encode(), repr(exc.ours).encode()],
+                ),
+            )
             return  # fmt: skip
         link = _Link(
             _new_link_id(self._links), address, theirs, af.Descriptor.from_bytes(m.parts[2]),

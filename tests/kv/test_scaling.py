@@ -108,7 +108,7 @@ async def test_add_remove_and_kill_decode_members_while_serving():
                 await router.aclose()
                 await g.leave()
     finally:
-        for p, c in procs.values():
+        for p, _c in procs.values():
             if p.is_alive():
                 p.kill()
             p.join(5)
@@ -117,7 +117,7 @@ async def test_add_remove_and_kill_decode_members_while_serving():
     failed = [(m, t0, t1, o) for m, t0, t1, o in results if isinstance(o, BaseException)]
     assert all(m == "d1" for m, *_ in failed), f"requests on live members failed: {failed}"
     assert failed, "no request was in flight on the killed member: the test proved nothing"
-    for m, t0, t1, o in failed:
+    for _m, t0, t1, o in failed:
         assert t1 - max(t0, t_kill) < BOUND_S, f"failed after {t1 - t_kill:.2f} s: {o}"
         assert "d1" in str(o) or "died" in str(o)
     assert t_gone - t_kill < BOUND_S

@@ -107,8 +107,10 @@ async def test_pages_land_where_granted(dopts, popts):
         await close(de, pe, dec, pre)
 
 
-@pytest.mark.parametrize("field,val", [("dtype", "float16"), ("kv_heads", 4),
-                                       ("block_tokens", 8), ("layers", 2), ("head_dim", 16)])
+@pytest.mark.parametrize(
+    "field,val",
+    [("dtype", "float16"), ("kv_heads", 4), ("block_tokens", 8), ("layers", 2), ("head_dim", 16)],
+)
 async def test_layout_mismatch_names_field(field, val):
     de, pe, dec, pre = await pair(lay(), lay(**{field: val}))
     try:
