@@ -45,6 +45,7 @@ import numpy as np
 
 MOONCAKE_BATCH = 64  # entries per batch_transfer_sync_write (larger batches fail)
 IMPLS = ("kv", "kv-layers", "af-batch", "af-paged", "nixl", "mooncake")
+ROW_ORDER = (*IMPLS, "kv-pipe", "kv-serial", "tiny-pipe", "tiny-serial")
 ACK_IMM = 0x0ACC0000  # the application nibble: the bench's own immediates
 DATA_IMM = 0x0DA70000
 
@@ -137,7 +138,7 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
                         for i in range(a["warmup"] + a["reps"]):
                             t0 = clock()
                             r = await pre.submit(link, f"r{tokens}-{mode}-{i}", tokens, blocks=src)
-                            t1 = clock()
+                            t1 = tg = clock()
                             if mode == "push" and impl == "kv":
                                 r.post(range(lay.layers))
                             elif mode == "push":
@@ -162,11 +163,13 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
                                     file=sys.stderr,
                                 )
                             if i >= a["warmup"]:
-                                grant.append(t1 - t0)
+                                grant.append(tg - t0)
                                 times.append(t2 - t1)
                                 ends.append(t2 - t0)
                         name = impl if mode == "push" else f"kv-{mode}"
                         rows.append(_row(name, a, tokens, times, r.pages, grant=grant))
+                        if mode != "push":  # a lag after compute, not a transfer time
+                            rows[-1]["gbps"] = 0.0
             conn.send(None)
             return rows
         descs, ack_reg = None, None
@@ -431,6 +434,57 @@ def run_impl(impl: str, a: dict[str, Any], timeout: float = 300) -> list[dict[st
     return rows
 
 
+def model_pipeline(prompt_len: int, reps: int) -> list[dict[str, Any]]:
+    """The tiny-model pipelining rows: a Llama-like model (8 layers, hidden 256, 8 KV
+    heads) on CPU, prefill here, decode in a process; time from the end of the
+    prefill's forward to KV-complete on the decode side, pipelined and not."""
+    import torch
+
+    import asyncfabric as af
+    from asyncfabric.kv import KVPrefill
+    from asyncfabric.testing import kv_model as km
+
+    kw = {"layers": 8, "heads": 8, "kv_heads": 8, "head_dim": 32}
+    torch.set_num_threads(1)
+    model = km.tiny_llama(0, **kw)
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    blocks = 2 * -(-prompt_len // 16) + 8
+    proc = ctx.Process(target=km.decode_process, args=(there, 0, blocks, 16, kw, {}))
+    proc.start()
+    rows = []
+
+    async def run() -> None:
+        addr = here.recv()
+        async with af.Engine("shm") as eng:
+            async with KVPrefill(eng, km.layout_for(model, blocks, 16)) as pre:
+                link = await pre.connect(addr)
+                for pipe in (True, False):
+                    lag = []
+                    for i in range(reps + 1):
+                        prompt = km.np_prompt(1000 + i, prompt_len)
+                        r = await km.prefill(pre, link, model, f"m{pipe}{i}", prompt, 2,
+                                             pipeline=pipe)  # fmt: skip
+                        out = json.loads(await r.result(60))
+                        if i:
+                            lag.append(out["kv_at"] - r.prefill_end)  # type: ignore[attr-defined]
+                    rows.append({
+                        "impl": "tiny-pipe" if pipe else "tiny-serial", "tokens": prompt_len,
+                        "bytes": r.pages, "writes": r.pages, "reps": reps,
+                        "ms": round(statistics.median(lag) * 1e3, 3),
+                        "ms_min": round(min(lag) * 1e3, 3), "gbps": 0.0, "grant_ms": None,
+                    })  # fmt: skip
+
+    try:
+        asyncio.run(run())
+        here.send("stop")
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    return rows
+
+
 def main(argv: list[str]) -> int:
     from .._cli import CliParser
 
@@ -505,6 +559,9 @@ def main(argv: list[str]) -> int:
                 raise
             skipped.append(f"{impl} failed: {exc}")
             print(f"{impl} failed: {exc}", file=sys.stderr)
+    if args.pipeline:
+        print("running the tiny model (CPU) ...", file=sys.stderr, flush=True)
+        rows += model_pipeline(512, args.reps)
     _table(rows, a)
     if args.json:
         with open(args.json, "w") as f:
@@ -520,12 +577,11 @@ def _table(rows: list[dict[str, Any]], a: dict[str, Any]) -> None:
           f"{a['provider']}")  # fmt: skip
     print(f"{'impl':10} {'tokens':>6} {'MiB':>6} {'writes':>7} {'ms':>9} {'GB/s':>7} "
           f"{'vs batch':>8} {'vs paged':>8} {'grant ms':>8}")  # fmt: skip
-    for r in sorted(rows, key=lambda r: (r["tokens"], IMPLS.index(r["impl"])
-                                         if r["impl"] in IMPLS else 99)):  # fmt: skip
+    for r in sorted(rows, key=lambda r: (r["tokens"], ROW_ORDER.index(r["impl"]))):
         vb = base.get(r["tokens"])
         vp = paged.get(r["tokens"])
         print(f"{r['impl']:10} {r['tokens']:>6} {r['bytes'] / 2**20:>6.0f} {r['writes']:>7} "
-              f"{r['ms']:>9.2f} {r['gbps']:>7.2f} "
+              f"{r['ms']:>9.2f} {r['gbps'] if r['gbps'] else '-':>7} "
               f"{(r['gbps'] / vb['gbps']) if vb else float('nan'):>8.2f} "
               f"{(r['gbps'] / vp['gbps']) if vp else float('nan'):>8.2f} "
               f"{r['grant_ms'] if r['grant_ms'] is not None else '-':>8}")  # fmt: skip

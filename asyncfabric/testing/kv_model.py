@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,9 @@ async def prefill(
         with torch.no_grad():
             ids = torch.tensor([prompt], device=model.device)
             out = model(input_ids=ids, use_cache=True, **{_cache_kw(model): dc})
-        return int(out.logits[0, -1].argmax())
+        tok = int(out.logits[0, -1].argmax())  # (on CUDA this waits for the forward)
+        req.prefill_end = time.monotonic()  # type: ignore[attr-defined]
+        return tok
 
     try:
         first = await loop.run_in_executor(None, forward)
@@ -125,11 +128,13 @@ async def serve_decode(dec: KVDecode, model: Any, stop: asyncio.Event) -> None:
     async def one(r: Any) -> None:
         try:
             await r.wait()
+            kv_at = time.monotonic()  # the KV is complete (system-wide clock)
             first = json.loads(await r.note())["first"]
             new = json.loads(r.meta)["new"]
             dc = dynamic_cache(dec.cache, r.blocks, r.tokens)
             toks = greedy_from(model, dc, first, new)
-            await r.finish(json.dumps({"tokens": toks, "pid": os.getpid()}).encode())
+            out = {"tokens": toks, "pid": os.getpid(), "kv_at": kv_at}
+            await r.finish(json.dumps(out).encode())
         except af.AsyncFabricError:
             await r.abort("decode failed")
 
