@@ -158,3 +158,18 @@ def test_groups_and_stores_use_only_the_public_api():
             if hits:
                 bad[m] = hits
     assert not bad, f"groups and stores may import only `asyncfabric` names: {bad}"
+
+
+def test_kv_uses_only_the_public_api():
+    """asyncfabric.kv (and its test model) import ``asyncfabric`` names and itself only."""
+    bad = {}
+    for m in MODS:
+        if m.startswith("asyncfabric.kv") or m == "asyncfabric.testing.kv_model":
+            hits = {
+                i
+                for i in _internal(m)
+                if not (i == "asyncfabric" or i.startswith("asyncfabric.kv"))
+            }
+            if hits:
+                bad[m] = hits
+    assert not bad, f"asyncfabric.kv may import only `asyncfabric` names: {bad}"
