@@ -88,7 +88,7 @@ async def _af_decode(impl: str, a: dict[str, Any], conn: Any) -> None:
         a["provider"], chunk_bytes=a["chunk"], domains=a["domains"], workers=a["domains"]
     ) as eng:
         if impl.startswith("kv"):
-            async with KVDecode(eng, lay) as dec:
+            async with KVDecode(eng, lay, device=a.get("device", "cpu")) as dec:
                 _touch(dec.cache)
                 conn.send(eng.address)
                 while True:
@@ -100,7 +100,7 @@ async def _af_decode(impl: str, a: dict[str, Any], conn: Any) -> None:
                         continue
                     await r.wait()
                     await r.finish(b"")
-        with PagedCache(eng, lay) as cache:
+        with PagedCache(eng, lay, a.get("device", "cpu")) as cache:
             _touch(cache)
             conn.send((eng.address, [bytes(d) for d in cache.descriptors()]))
             ack = af.Descriptor.from_bytes(conn.recv())
@@ -126,7 +126,7 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
     clock = time.perf_counter
     async with af.Engine(a["provider"], domains=a["domains"], workers=a["domains"]) as eng:
         if impl.startswith("kv"):
-            async with KVPrefill(eng, lay) as pre:
+            async with KVPrefill(eng, lay, device=a.get("device", "cpu")) as pre:
                 _touch(pre.cache)
                 link = await pre.connect(conn.recv())
                 for tokens in a["tokens"]:
@@ -179,7 +179,7 @@ async def _af_prefill(impl: str, a: dict[str, Any], conn: Any) -> list[dict[str,
         ack_reg = eng.register(ack_buf)
         conn.send(bytes(ack_reg.descriptor()))
         ackc = eng.counter(ACK_IMM)
-        with PagedCache(eng, lay) as cache:
+        with PagedCache(eng, lay, a.get("device", "cpu")) as cache:
             _touch(cache)
             ppb = pages_per_block(lay, lay)
             for tokens in a["tokens"]:
@@ -462,7 +462,7 @@ def model_pipeline(prompt_len: int, reps: int) -> list[dict[str, Any]]:
                 for pipe in (True, False):
                     lag = []
                     for i in range(reps + 1):
-                        prompt = km.np_prompt(1000 + i, prompt_len)
+                        prompt = km.np_prompt((2000 if pipe else 3000) + i, prompt_len)  # no hits
                         r = await km.prefill(pre, link, model, f"m{pipe}{i}", prompt, 2,
                                              pipeline=pipe)  # fmt: skip
                         out = json.loads(await r.result(60))
@@ -524,6 +524,7 @@ def main(argv: list[str]) -> int:
         default=1,
         help="domains (and as many progress workers) per engine, for many cores",
     )
+    p.add_argument("--device", default="cpu", help="where both caches live: cpu or cuda")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -534,6 +535,7 @@ def main(argv: list[str]) -> int:
         "pool": -(-max(tokens) // bt) + 64, "tokens": tokens, "blocks": args.blocks,
         "reps": args.reps, "warmup": args.warmup, "pipeline": args.pipeline,
         "layer_ms": args.layer_ms, "chunk": args.chunk, "domains": args.domains,
+        "device": args.device,
     }  # fmt: skip
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     bad = [i for i in impls if i not in IMPLS]
@@ -547,6 +549,9 @@ def main(argv: list[str]) -> int:
         if why:
             skipped.append(why)
             print(why, file=sys.stderr)
+            continue
+        if impl in ("nixl", "mooncake") and a["device"] != "cpu":
+            skipped.append(f"{impl} skipped: its roles here move host memory only")
             continue
         if impl in ("nixl", "mooncake") and a["order"] != "kv_first":
             skipped.append(f"{impl} skipped: its page lists are written for order=kv_first")
