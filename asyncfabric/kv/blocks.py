@@ -79,8 +79,8 @@ class BlockPool:
         """Make the first ``len(hashes)`` of ``blocks`` (full, their KV landed) findable."""
         for b, h in zip(blocks, hashes):
             b = int(b)
-            if h in self._by_hash or b in self._hash_of:
-                continue
+            if h in self._by_hash or b in self._hash_of or self._ref[b] <= 0:
+                continue  # a free block's content is not kept: it may be written any time
             self._by_hash[h] = b
             self._hash_of[b] = h
 

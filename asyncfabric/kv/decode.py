@@ -134,8 +134,9 @@ class DecodeRequest:
             raise RequestAborted(self.id, "finish() before wait() returned: the KV has not landed")
         if self._done:
             return
-        self._release(keep=True)
+        # published while still held, so the release keeps them cached (idle), not free
         self._side.pool.publish(self.blocks, self._hashes)
+        self._release(keep=True)
         try:
             await self._side.send(
                 self._link.address, Msg(RESULT, link=self._link.id, request=self.id, parts=[result])
