@@ -16,6 +16,7 @@ from .layout import ALIGN, Layout, Param, Pieces, Replicated, Spec, Split, colum
 from .plan import Move, Plan, plan
 from .receiver import Receiver
 from .sender import Sender
+from . import fleet, imms
 
 __all__ = [
     "ALIGN",

@@ -183,7 +183,12 @@ class Sender:
     # ------------------------------------------------------------ update
 
     async def update(
-        self, version: int, receivers: Sequence[ReceiverInfo], *, timeout: float = 30.0
+        self,
+        version: int,
+        receivers: Sequence[ReceiverInfo],
+        *,
+        timeout: float = 30.0,
+        write_timeout: float | None = None,
     ) -> tuple[str, ...]:
         """Send this rank's part of update ``version`` to ``receivers``; returns the
         names of the receivers it reached.
@@ -191,7 +196,9 @@ class Sender:
         A receiver that does not free its spare buffer within ``timeout`` seconds,
         or that goes away during the writes, fails alone: the others complete,
         then :class:`UpdateError` names each failure (``failures``) and the
-        receivers that did get the update (``completed``)."""
+        receivers that did get the update (``completed``). ``write_timeout``
+        bounds the writes (default: no bound beyond the engine's ``peer_timeout``,
+        which fails the writes to a peer that went away)."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"version must be an int >= 0, got {version!r}")
         rxs = tuple(receivers)
@@ -237,7 +244,7 @@ class Sender:
 
         async def post(b: af.Batch, starts: list[int], owners: list[str]) -> None:
             try:
-                await self.engine.write_many(b, timeout=timeout)
+                await self.engine.write_many(b, timeout=write_timeout)
             except af.BatchError as exc:
                 for i, e in exc.failures.items():
                     failures.setdefault(owners[bisect.bisect_right(starts, i) - 1], e)
