@@ -20,6 +20,8 @@ immediate, the data immediate of ``v``: one counter per (version, receiver).
 from __future__ import annotations
 
 import bisect
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +45,7 @@ _U64 = np.uint64
 class _Target:
     """The runs one (inference layout, rank) receives from this trainer rank."""
 
-    direct: tuple[np.ndarray, np.ndarray, np.ndarray]  # src offsets, dst offsets, nbytes
+    direct: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per group: src, dst, nbytes
     staged: list[Move]
     # per bucket: stage offsets, dst offsets, nbytes
     buckets: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -77,10 +79,16 @@ class Sender:
         slot: int = 0,
         cast: bool = False,
         bucket_bytes: int = 32 << 20,
-        depth: int = 3,
+        depth: int = 4,
+        group_bytes: int = 64 << 20,
+        window: int = 2,
     ) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1 (staging buffers), got {depth!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be an int >= 1 (batches in flight), got {window!r}")
+        if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 1:
+            raise ValueError(f"group_bytes must be a positive int, got {group_bytes!r}")
         if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 4096:
             raise ValueError(f"bucket_bytes must be an int >= 4096, got {bucket_bytes!r}")
         self.engine = engine
@@ -91,6 +99,8 @@ class Sender:
         self.cast = cast
         self.bucket_bytes = bucket_bytes
         self.depth = depth
+        self.group_bytes = group_bytes
+        self.window = window
         self._views = layout.views(buffer, rank)  # checks the buffer
         self._buf = buffer
         self._region = engine.register(buffer)
@@ -101,6 +111,9 @@ class Sender:
         self._binding: _Binding | None = None
         # per receiver name: (buffer it serves, version it last acknowledged or None)
         self._state: dict[str, tuple[int, int | None]] = {}
+        self.timings: dict[str, float] = {}
+        """The last update's phases, in seconds: bind, ack (until every receiver's
+        spare buffer was free), pack (sum over buckets, in the worker thread), total."""
 
     @property
     def info(self) -> SenderInfo:
@@ -137,7 +150,9 @@ class Sender:
             nb = np.concatenate([np.full(m.runs, m.run_bytes, _U64) for m in d] or
                                 [np.zeros(0, _U64)])  # fmt: skip
             staged = [p for m in moves if not m.direct for p in m.split(self.bucket_bytes)]
-            targets[key] = _Target((so, do, nb), staged)
+            unit = _lcm([x.buffers[0].chunk_bytes for x in receivers
+                         if (x.layout.key, x.rank) == key])  # fmt: skip
+            targets[key] = _Target(_groups(so, do, nb, unit, self.group_bytes), staged)
         # staged runs into buckets, in order; a piece larger than a bucket gets one of its own
         packs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         rows: dict[tuple[int, tuple[str, int]], list[tuple[int, Move]]] = {}
@@ -204,8 +219,10 @@ class Sender:
         rxs = tuple(receivers)
         if not rxs:
             return ()
+        t0 = time.perf_counter()
         bind = self._bind(rxs)
         failures: dict[str, BaseException] = {}
+        tm = self.timings = {"bind_s": time.perf_counter() - t0, "pack_s": 0.0}
 
         async def acked(r: ReceiverInfo) -> None:
             serving, last = self._state.get(r.name, (0, None))
@@ -225,6 +242,7 @@ class Sender:
                 tg.start_soon(acked, r)
         live = [r for r in rxs if r.name not in failures]
         imm = imms.data(self.slot, version)
+        tm["ack_s"] = time.perf_counter() - t0
 
         def batch_for(
             src: af.Region, cols: dict[tuple[str, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -268,17 +286,63 @@ class Sender:
             finally:
                 ev.set()
 
+        sem = anyio.Semaphore(self.window)
+
+        async def direct(g: int) -> None:
+            try:
+                b, starts, owners = batch_for(
+                    self._region,
+                    {key: t.direct[g] for key, t in bind.targets.items() if g < len(t.direct)},
+                )
+                if len(b):
+                    await post(b, starts, owners)
+            finally:
+                sem.release()
+
+        async def staged_w(k: int, ev: anyio.Event) -> None:
+            try:
+                await staged(k, ev)
+            finally:
+                sem.release()
+
         async with anyio.create_task_group() as tg:
             if live:
-                db, ds, do = batch_for(self._region, {k: t.direct for k, t in bind.targets.items()})
-                if len(db):
-                    tg.start_soon(post, db, ds, do)
-                for k, pack in enumerate(bind.packs):
-                    slot_ev = done[k % self.depth]
-                    await slot_ev.wait()
-                    await anyio.to_thread.run_sync(_pack, pack, cuda)
-                    ev = done[k % self.depth] = anyio.Event()
-                    tg.start_soon(staged, k, ev)
+                # The first `depth` buckets are packed before anything is posted: on a
+                # host whose cores also copy the data (shm), packing beside the copies
+                # costs more than packing first. Their writes go first, so their staging
+                # buffers free early. Then the direct writes, in groups of about
+                # `group_bytes`, at most `window` batches in flight (a transport given
+                # everything at once spends its cores retrying a full queue), with the
+                # later buckets packed while they stream and posted between them.
+                first = min(self.depth, len(bind.packs))
+                tp = time.perf_counter()
+                if first:
+                    await anyio.to_thread.run_sync(_pack_all, bind.packs[:first], cuda)
+                tm["pack_s"] += time.perf_counter() - tp
+                for k in range(first):
+                    ev = done[k] = anyio.Event()
+                    await sem.acquire()
+                    tg.start_soon(staged_w, k, ev)
+                ngroups = max((len(t.direct) for t in bind.targets.values()), default=0)
+                rest = list(range(first, len(bind.packs)))
+                every = max(1, ngroups // (len(rest) + 1))
+                for g in range(ngroups + 1):
+                    if g < ngroups:
+                        await sem.acquire()
+                        tg.start_soon(direct, g)
+                    if rest and (g % every == every - 1 or g >= ngroups - 1):
+                        while rest and (g >= ngroups - 1 or g % every == every - 1):
+                            k = rest.pop(0)
+                            await done[k % self.depth].wait()
+                            tp = time.perf_counter()
+                            await anyio.to_thread.run_sync(_pack, bind.packs[k], cuda)
+                            tm["pack_s"] += time.perf_counter() - tp
+                            ev = done[k % self.depth] = anyio.Event()
+                            await sem.acquire()
+                            tg.start_soon(staged_w, k, ev)
+                            if g < ngroups - 1:
+                                break
+        tm["total_s"] = time.perf_counter() - t0
         completed = []
         for r in rxs:
             if r.name in failures:
@@ -300,6 +364,50 @@ class Sender:
     def close(self) -> None:
         for r in (self._region, self._ack_region, *self._stage_regions):
             r.close()
+
+
+def _lcm(xs: list[int]) -> int:
+    out = 1
+    for x in xs:
+        out = out * x // math.gcd(out, x)
+    return out
+
+
+def _groups(
+    so: np.ndarray, do: np.ndarray, nb: np.ndarray, unit: int, group: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Runs cut into pieces of at most ``group`` bytes (whole multiples of ``unit``, the
+    receivers' chunk size, so the count of immediates does not change), then gathered
+    into consecutive groups of about ``group`` bytes."""
+    piece = max(unit, group // unit * unit)
+    s2: list[int] = []
+    d2: list[int] = []
+    n2: list[int] = []
+    for a, b, n in zip(so.tolist(), do.tolist(), nb.tolist()):
+        off = 0
+        while True:
+            k = min(piece, n - off)
+            s2.append(a + off)
+            d2.append(b + off)
+            n2.append(k)
+            off += k
+            if off >= n:
+                break
+    out = []
+    i = 0
+    while i < len(n2):
+        j, tot = i, 0
+        while j < len(n2) and (j == i or tot + n2[j] <= group):
+            tot += n2[j]
+            j += 1
+        out.append(tuple(np.array(x[i:j], _U64) for x in (s2, d2, n2)))
+        i = j
+    return out  # type: ignore[return-value]
+
+
+def _pack_all(packs: list[list[tuple[torch.Tensor, torch.Tensor]]], cuda: bool) -> None:
+    for p in packs:
+        _pack(p, cuda)
 
 
 def _pack(pack: list[tuple[torch.Tensor, torch.Tensor]], cuda: bool) -> None:
