@@ -112,9 +112,11 @@ def _fill(buf: Any, rank: int, seed: int) -> None:
 
 
 def _worker(role: str, rank: int, conn: Any, provider: str, size: float, port: int,
-            impls: tuple[str, ...], bucket: int, depth: int, trainer: str) -> None:  # fmt: skip
+            impls: tuple[str, ...], bucket: int, depth: int, trainer: str, group: int,
+            window: int) -> None:  # fmt: skip
     try:
-        asyncio.run(_serve(role, rank, conn, provider, size, port, impls, bucket, depth, trainer))
+        asyncio.run(_serve(role, rank, conn, provider, size, port, impls, bucket, depth, trainer,
+                           group, window))
     except BaseException as exc:  # reported to the parent, which raises it
         import traceback
 
@@ -122,7 +124,8 @@ def _worker(role: str, rank: int, conn: Any, provider: str, size: float, port: i
 
 
 async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, port: int,
-                 impls: tuple[str, ...], bucket: int, depth: int, trainer: str) -> None:  # fmt: skip
+                 impls: tuple[str, ...], bucket: int, depth: int, trainer: str, group: int,
+                 window: int) -> None:  # fmt: skip
     import torch
 
     import asyncfabric as af
@@ -151,7 +154,8 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
         if role == "t":
             buf = tl.alloc(rank)
             _fill(buf, rank, 1)
-            tx = Sender(eng, tl, rank, buf, bucket_bytes=bucket, depth=depth)
+            tx = Sender(eng, tl, rank, buf, bucket_bytes=bucket, depth=depth, group_bytes=group,
+                        window=window)
             conn.send(("ok", (tx.name, rank, bytes(tx.info.ack))))
             rx_raw = await recv()
             rxs = [ReceiverInfo(n, i, r, il, (af.Descriptor.from_bytes(a),
@@ -319,7 +323,7 @@ async def _naive(eng: Any, moves: list[Any], rxs: list[Any], region: Any, stage:
 
 class _Procs:
     def __init__(self, provider: str, size: float, impls: tuple[str, ...], bucket: int,
-                 depth: int, trainer: str) -> None:  # fmt: skip
+                 depth: int, trainer: str, group: int = 64 << 20, window: int = 2) -> None:  # fmt: skip
         import socket
 
         ctx = mp.get_context("spawn")
@@ -331,7 +335,8 @@ class _Procs:
         for role, rank in (("t", 0), ("t", 1), ("i", 0), ("i", 1)):
             a, b = ctx.Pipe()
             pr = ctx.Process(target=_worker, args=(role, rank, b, provider, size, port, impls,
-                                                   bucket, depth, trainer), daemon=True)  # fmt: skip
+                                                   bucket, depth, trainer, group, window),
+                             daemon=True)  # fmt: skip
             pr.start()
             self.conns.append(a)
             self.procs.append(pr)
@@ -361,7 +366,8 @@ class _Procs:
 
 
 def run_size(provider: str, size: float, impls: tuple[str, ...], repeats: int, bucket: int,
-             depth: int, say: Any, trainer: str = "fsdp") -> list[dict[str, Any]]:  # fmt: skip
+             depth: int, say: Any, trainer: str = "fsdp", group: int = 64 << 20,
+             window: int = 2) -> list[dict[str, Any]]:  # fmt: skip
     tl, il = layouts(size, trainer)
     from asyncfabric.weights import plan
 
@@ -369,7 +375,7 @@ def run_size(provider: str, size: float, impls: tuple[str, ...], repeats: int, b
     model_bytes = sum(p.numel(0) * p.itemsize for p in tl.params.values()) + sum(
         p.numel(1) * p.itemsize for p in tl.params.values()
     )
-    procs = _Procs(provider, size, impls, bucket, depth, trainer)
+    procs = _Procs(provider, size, impls, bucket, depth, trainer, group, window)
     rows: list[dict[str, Any]] = []
     try:
         txs = [procs.get(0), procs.get(1)]
@@ -432,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="trainer sharding: fsdp (dim 0, the update reshards) or tp (as inference)")
     p.add_argument("--bucket-mib", type=int, default=32, help="staging bucket size")
     p.add_argument("--depth", type=int, default=4, help="staging buckets in rotation")
+    p.add_argument("--group-mib", type=int, default=64, help="bytes per write_many of direct writes")
+    p.add_argument("--window", type=int, default=2, help="write_many calls in flight")
     p.add_argument("--json", help="write the rows to this JSON file")
     a = p.parse_args(argv)
     sizes = [float(s) for s in a.sizes.split(",")]
@@ -459,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in sizes:
         say(f"model of {s} GB: trainer 2 ranks ({a.trainer}) -> inference TP 2, {a.provider}")
         rows += run_size(a.provider, s, impls, a.repeats, a.bucket_mib << 20, a.depth, say,
-                         a.trainer)
+                         a.trainer, a.group_mib << 20, a.window)
     print(f"trainer {a.trainer} -> inference TP 2 on {a.provider}")
     print(f"{'model':>6} {'impl':11} {'time s':>8} {'GB/s':>7} {'vs write_many':>14} "
           f"{'vs naive':>9} {'vs gloo':>8}")  # fmt: skip
