@@ -6,6 +6,7 @@ model's logits."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import anyio
@@ -26,7 +27,6 @@ from asyncfabric.weights import (  # noqa: E402
     fleet,
     imms,
 )
-from asyncfabric.weights._groups_shim import ShimGroup, ShimStore  # noqa: E402
 
 from . import _model as M  # noqa: E402
 
@@ -181,20 +181,38 @@ async def test_receiver_joins_between_updates_through_the_group(provider, kw):
     tl = Layout.of(full, 2, M.fsdp_rule)
     il2 = Layout.of(full, 2, M.tp_rule(cfg))
     il4 = Layout.of(full, 4, M.tp_rule(cfg))
-    store = ShimStore()
-    async with engines(2, provider, kw) as teng, engines(6, provider, kw) as reng:
-        s = Setup(cfg, tl, full, teng)
-        for tx, e in zip(s.senders, teng):
-            g = ShimGroup(store, tx.name, e, fleet.sender_meta(tx))
-            await fleet.publish_sender(g, tx)
-        fleets = [fleet.Fleet(ShimGroup(store, f"view-{tx.name}", e, {}), [il2, il4])
-                  for tx, e in zip(s.senders, teng)]  # fmt: skip
+    async with (
+        contextlib.AsyncExitStack() as st,
+        engines(2, provider, kw) as teng,
+        engines(6, provider, kw) as reng,
+    ):
+        store = await af.store.serve("127.0.0.1:0", secret=os.urandom(16).hex())
+        st.push_async_callback(store.aclose)
 
-        async def join(rxs: list[Receiver]) -> None:
-            for rx, e in zip(rxs, [rx.engine for rx in rxs]):
-                g = ShimGroup(store, rx.name, e, fleet.receiver_meta(rx))
+        async def join(name: str, eng: af.Engine, meta: dict) -> Any:
+            g = await af.join(store, group="rl-weights", name=name, engine=eng, meta=meta)
+            st.push_async_callback(g.leave)
+            return g
+
+        s = Setup(cfg, tl, full, teng)
+        fleets = []
+        for tx, e in zip(s.senders, teng):
+            g = await join(tx.name, e, fleet.sender_meta(tx))
+            await fleet.publish_sender(g, tx)
+            fleets.append(fleet.Fleet(g, [il2, il4]))
+
+        async def join_receivers(rxs: list[Receiver]) -> None:
+            for rx in rxs:
+                g = await join(rx.name, rx.engine, fleet.receiver_meta(rx))
                 await fleet.publish_receiver(g, rx)
-                await rx.start(await fleets[0].senders())
+                await rx.start(await fleet.Fleet(g, []).senders())
+
+        async def members(n: int) -> None:
+            with anyio.fail_after(10):
+                for f in fleets:
+                    while len([m for m in f.group.members.values()
+                               if m.meta.get("role") == "receiver"]) != n:  # fmt: skip
+                        await anyio.sleep(0.01)
 
         async def update(version: int, rxs: list[Receiver]) -> None:
             async with anyio.create_task_group() as tg:
@@ -205,7 +223,8 @@ async def test_receiver_joins_between_updates_through_the_group(provider, kw):
                     tg.start_soon(lambda rx=rx: rx.wait_version(version, timeout=TIMEOUT))
 
         first = s.add_receivers(il2, reng[:2])
-        await join(first)
+        await join_receivers(first)
+        await members(2)
         await update(1, first)
         check_bitwise(il2, first, full)
         bound = s.senders[0]._binding
@@ -218,7 +237,8 @@ async def test_receiver_joins_between_updates_through_the_group(provider, kw):
         check_bitwise(il2, first, full2)
         # a tensor-parallel-4 replica joins between updates: it gets the next one
         late = s.add_receivers(il4, reng[2:], first_index=2)
-        await join(late)
+        await join_receivers(late)
+        await members(6)
         for b in s.bufs:
             b.view(torch.bfloat16).mul_(-1)
         full3 = s.trainer_full()
