@@ -28,7 +28,6 @@ bitwise after asyncfabric's update.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import multiprocessing as mp
@@ -100,7 +99,7 @@ def _fill(buf: Any, rank: int, seed: int) -> None:
     # a cheap pattern that differs per rank, byte and seed (random bytes take too long at 4 GB)
     n = buf.numel()
     step = 1 << 24
-    base = torch.arange(min(n, step), dtype=torch.int64)
+    base = torch.arange(min(n, step), dtype=torch.int64, device=buf.device)
     for off in range(0, n, step):
         k = min(step, n - off)
         buf[off : off + k] = ((base[:k] * 2654435761 + off + rank * 977 + seed * 131) >> 7).to(
@@ -115,8 +114,11 @@ def _worker(role: str, rank: int, conn: Any, provider: str, size: float, port: i
             impls: tuple[str, ...], bucket: int, depth: int, trainer: str, group: int,
             window: int) -> None:  # fmt: skip
     try:
-        asyncio.run(_serve(role, rank, conn, provider, size, port, impls, bucket, depth, trainer,
-                           group, window))
+        asyncio.run(
+            _serve(
+                role, rank, conn, provider, size, port, impls, bucket, depth, trainer, group, window
+            )
+        )
     except BaseException as exc:  # reported to the parent, which raises it
         import traceback
 
@@ -132,6 +134,7 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
     from asyncfabric.weights import Receiver, ReceiverInfo, Sender, SenderInfo, plan
 
     torch.set_num_threads(1)
+    device = os.environ.get("AF_WEIGHTS_DEVICE", "cpu")
     loop = asyncio.get_running_loop()
 
     async def recv() -> Any:
@@ -152,10 +155,18 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
         pg = dist
     async with af.Engine(provider, **kw) as eng:
         if role == "t":
-            buf = tl.alloc(rank)
+            buf = tl.alloc(rank, device)
             _fill(buf, rank, 1)
-            tx = Sender(eng, tl, rank, buf, bucket_bytes=bucket, depth=depth, group_bytes=group,
-                        window=window)
+            tx = Sender(
+                eng,
+                tl,
+                rank,
+                buf,
+                bucket_bytes=bucket,
+                depth=depth,
+                group_bytes=group,
+                window=window,
+            )
             conn.send(("ok", (tx.name, rank, bytes(tx.info.ack))))
             rx_raw = await recv()
             rxs = [ReceiverInfo(n, i, r, il, (af.Descriptor.from_bytes(a),
@@ -164,7 +175,7 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
             mine = [m for m in p.moves if m.src == rank]
             region = tx._region
             stage_n = max([m.nbytes for m in mine if not m.direct] or [64])
-            stage = torch.empty(stage_n, dtype=torch.uint8)
+            stage = torch.empty(stage_n, dtype=torch.uint8, device=device)
             stage_reg = eng.register(stage)
             views = tl.views(buf, rank)
             wm = _write_many_batches(af, mine, rxs, region, tl.nbytes(rank), tx.group_bytes)
@@ -190,32 +201,38 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
                             t = views[name] if r == rank else None
                             if t is not None:
                                 await loop.run_in_executor(
-                                    None, lambda t=t: pg.broadcast(t.view(-1).view(torch.uint8)
-                                                                   if t.dim() else t.reshape(1)
-                                                                   .view(torch.uint8),
-                                                                   src=r, group=groups[r]))
+                                    None,
+                                    lambda t=t, r=r: pg.broadcast(
+                                        t.view(-1).view(torch.uint8)
+                                        if t.dim()
+                                        else t.reshape(1).view(torch.uint8),
+                                        src=r,
+                                        group=groups[r],
+                                    ),
+                                )
                 t1 = time.perf_counter()
                 if impl == "asyncfabric" and os.environ.get("AF_WEIGHTS_DEBUG"):
                     print(f"trainer{rank}: {tx.timings}", file=sys.stderr, flush=True)
                 conn.send(("ok", (t0, t1)))
         else:
-            rx = Receiver(eng, il, rank, tl, index=rank, name=f"inf{rank}")
+            rx = Receiver(eng, il, rank, tl, index=rank, name=f"inf{rank}", device=device)
             info = rx.info
             conn.send(("ok", (rx.name, rx.index, rank, bytes(info.buffers[0]),
                               bytes(info.buffers[1]))))  # fmt: skip
             tx_raw = await recv()
             await rx.start([SenderInfo(n, r, af.Descriptor.from_bytes(a)) for n, r, a in tx_raw])
             scratch = torch.empty(max(tl.params[n].numel(r) * 2 for n in tl.params
-                                      for r in range(2)) or 1, dtype=torch.uint8)  # fmt: skip
+                                      for r in range(2)) or 1, dtype=torch.uint8,
+                                  device=device)  # fmt: skip
             conn.send(("ok", None))
             while True:
                 cmd, *args = await recv()
                 if cmd == "exit":
                     break
                 if cmd == "verify":
-                    ref = il.alloc(rank)
+                    ref = il.alloc(rank, device)
                     full = {}
-                    tb = [tl.alloc(r) for r in range(2)]
+                    tb = [tl.alloc(r, device) for r in range(2)]
                     for r in range(2):
                         _fill(tb[r], r, 1)
                     tv = [tl.views(tb[r], r) for r in range(2)]
@@ -239,7 +256,8 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
                             n = tl.params[name].numel(r) * 2
                             t = scratch[:n]
                             await loop.run_in_executor(
-                                None, lambda t=t, r=r: pg.broadcast(t, src=r, group=groups[r]))
+                                None, lambda t=t, r=r: pg.broadcast(t, src=r, group=groups[r])
+                            )
                 t1 = time.perf_counter()
                 conn.send(("ok", (t0, t1)))
     if pg is not None:
@@ -312,6 +330,10 @@ async def _naive(eng: Any, moves: list[Any], rxs: list[Any], region: Any, stage:
             else:
                 src = views[m.param][tuple(slice(a, a + n) for a, n in m.box)]
                 stage[: m.nbytes].view(src.dtype).view(src.shape).copy_(src)
+                if stage.is_cuda:
+                    import torch
+
+                    torch.cuda.synchronize(stage.device)
                 for k, do in enumerate(m.dst_offsets.tolist()):
                     o = k * m.run_bytes
                     await eng.write(stage_reg[o : o + m.run_bytes], desc[do : do + m.run_bytes],
@@ -434,15 +456,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="0.5,2,4", help="model sizes in GB: 0.5, 2, 4")
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--trainer", default="fsdp", choices=["fsdp", "tp"],
-                   help="trainer sharding: fsdp (dim 0, the update reshards) or tp (as inference)")
+    p.add_argument(
+        "--trainer",
+        default="fsdp",
+        choices=["fsdp", "tp"],
+        help="trainer sharding: fsdp (dim 0, the update reshards) or tp (as inference)",
+    )
     p.add_argument("--bucket-mib", type=int, default=32, help="staging bucket size")
     p.add_argument("--depth", type=int, default=4, help="staging buckets in rotation")
-    p.add_argument("--group-mib", type=int, default=64, help="bytes per write_many of direct writes")
+    p.add_argument(
+        "--group-mib", type=int, default=64, help="bytes per write_many of direct writes"
+    )
     p.add_argument("--window", type=int, default=2, help="write_many calls in flight")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: every buffer on GPU 0 (several processes on one GPU need CUDA MPS)",
+    )
     p.add_argument("--json", help="write the rows to this JSON file")
     a = p.parse_args(argv)
     sizes = [float(s) for s in a.sizes.split(",")]
+    os.environ["AF_WEIGHTS_DEVICE"] = a.device  # the spawned workers inherit it
     bad = [s for s in sizes if s not in MODELS]
     impls = tuple(i.strip() for i in a.impls.split(",") if i.strip())
     if bad or any(i not in IMPLS for i in impls):
@@ -466,20 +500,33 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for s in sizes:
         say(f"model of {s} GB: trainer 2 ranks ({a.trainer}) -> inference TP 2, {a.provider}")
-        rows += run_size(a.provider, s, impls, a.repeats, a.bucket_mib << 20, a.depth, say,
-                         a.trainer, a.group_mib << 20, a.window)
+        rows += run_size(
+            a.provider,
+            s,
+            impls,
+            a.repeats,
+            a.bucket_mib << 20,
+            a.depth,
+            say,
+            a.trainer,
+            a.group_mib << 20,
+            a.window,
+        )
     print(f"trainer {a.trainer} -> inference TP 2 on {a.provider}")
     print(f"{'model':>6} {'impl':11} {'time s':>8} {'GB/s':>7} {'vs write_many':>14} "
           f"{'vs naive':>9} {'vs gloo':>8}")  # fmt: skip
     for r in rows:
-        def f(k: str) -> str:
+
+        def f(k: str, r: dict[str, Any] = r) -> str:
             return f"{r[k]:.2f}" if k in r else "-"
 
         print(f"{r['model_gb']:>5}G {r['impl']:11} {r['time_s_median']:8.3f} "
               f"{r['gbps_median'] / 1e9:7.2f} {f('vs_write_many'):>14} {f('vs_naive'):>9} "
               f"{f('vs_gloo'):>8}")  # fmt: skip
-    print(f"done in {time.monotonic() - t0:.0f} s (medians of {a.repeats}; vs X: X's time / "
-          "this time, >1 is faster)")
+    print(
+        f"done in {time.monotonic() - t0:.0f} s (medians of {a.repeats}; vs X: X's time / "
+        "this time, >1 is faster)"
+    )
     if a.json:
         from . import schema
 

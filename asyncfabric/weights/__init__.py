@@ -10,13 +10,13 @@ docs/weights.md.
 
 from __future__ import annotations
 
+from . import fleet, imms
 from .endpoints import ReceiverInfo, SenderInfo
 from .errors import LayoutError, ReceiverFailed, UpdateError
 from .layout import ALIGN, Layout, Param, Pieces, Replicated, Spec, Split, column, row
 from .plan import Move, Plan, plan
 from .receiver import Receiver
 from .sender import Sender
-from . import fleet, imms
 
 __all__ = [
     "ALIGN",
@@ -33,6 +33,8 @@ __all__ = [
     "Sender",
     "SenderInfo",
     "Spec",
+    "fleet",
+    "imms",
     "Split",
     "UpdateError",
     "column",

@@ -32,7 +32,9 @@ Ranges = tuple[tuple[int, int], ...]
 class Spec:
     """How a parameter is sharded; resolved against its shape and the world size."""
 
-    def pieces(self, name: str, shape: tuple[int, ...], world: int) -> tuple[int, tuple[Ranges, ...]]:
+    def pieces(
+        self, name: str, shape: tuple[int, ...], world: int
+    ) -> tuple[int, tuple[Ranges, ...]]:
         """``(dim, per-rank ranges along dim)``; raises :class:`LayoutError` naming ``name``."""
         raise NotImplementedError
 
@@ -41,7 +43,9 @@ class Spec:
 class Replicated(Spec):
     """Every rank holds the whole tensor (norms, small biases)."""
 
-    def pieces(self, name: str, shape: tuple[int, ...], world: int) -> tuple[int, tuple[Ranges, ...]]:
+    def pieces(
+        self, name: str, shape: tuple[int, ...], world: int
+    ) -> tuple[int, tuple[Ranges, ...]]:
         n = shape[0] if shape else 1
         return 0, tuple(((0, n),) for _ in range(world))
 
@@ -59,7 +63,9 @@ class Split(Spec):
     fused: tuple[int, ...] | None = None
     exact: bool = False
 
-    def pieces(self, name: str, shape: tuple[int, ...], world: int) -> tuple[int, tuple[Ranges, ...]]:
+    def pieces(
+        self, name: str, shape: tuple[int, ...], world: int
+    ) -> tuple[int, tuple[Ranges, ...]]:
         if not 0 <= self.dim < len(shape):
             raise LayoutError(
                 f"parameter {name!r}: split dim {self.dim} does not exist in shape {shape}; "
@@ -109,7 +115,9 @@ class Pieces(Spec):
     dim: int
     per_rank: tuple[Ranges, ...]
 
-    def pieces(self, name: str, shape: tuple[int, ...], world: int) -> tuple[int, tuple[Ranges, ...]]:
+    def pieces(
+        self, name: str, shape: tuple[int, ...], world: int
+    ) -> tuple[int, tuple[Ranges, ...]]:
         if len(self.per_rank) != world:
             raise LayoutError(
                 f"parameter {name!r}: pieces name {len(self.per_rank)} ranks but the layout has "

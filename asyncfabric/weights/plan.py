@@ -209,16 +209,23 @@ def _moves(tl: Layout, il: Layout, tp: Param, ip: Param) -> Iterator[Move]:
             yield Move(ip.name, s, d, (), 0, np.array([dbase], np.uint64), ds, so,
                        tp.dtype, ip.dtype)  # fmt: skip
             continue
+        dps = list(_pieces(ip, d)) if not ip.replicated else [(0, shape[ip.dim], 0)]
+        if not dps:
+            continue
         if tp.replicated:
             # any trainer rank has it: spread the receivers over them
             srcs = [d % tl.world]
+        elif tp.dim == ip.dim:
+            # same dim: only the trainer ranks whose ranges meet this rank's
+            srcs = [s for s in range(tl.world)
+                    if any(a < e and c < b for a, b in tp.ranks[s] for c, e, _ in dps)]  # fmt: skip
         else:
-            srcs = list(range(tl.world))
+            srcs = [s for s in range(tl.world) if any(b > a for a, b in tp.ranks[s])]
         for s in srcs:
             sshape = tp.local_shape(s)
             sbase = tl.offset(tp.name, s)
             for a, b, slo in _pieces(tp, s) if not tp.replicated else [(0, shape[tp.dim], 0)]:
-                for c, e, dlo in _pieces(ip, d) if not ip.replicated else [(0, shape[ip.dim], 0)]:
+                for c, e, dlo in dps:
                     full = [(0, n) for n in shape]  # (start, stop) in full coords
                     full[tp.dim] = (max(full[tp.dim][0], a), min(full[tp.dim][1], b))
                     full[ip.dim] = (max(full[ip.dim][0], c), min(full[ip.dim][1], e))

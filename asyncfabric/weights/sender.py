@@ -24,7 +24,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import numpy as np
@@ -89,7 +88,11 @@ class Sender:
             raise ValueError(f"window must be an int >= 1 (batches in flight), got {window!r}")
         if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 1:
             raise ValueError(f"group_bytes must be a positive int, got {group_bytes!r}")
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 4096:
+        if (
+            isinstance(bucket_bytes, bool)
+            or not isinstance(bucket_bytes, int)
+            or bucket_bytes < 4096
+        ):
             raise ValueError(f"bucket_bytes must be an int >= 4096, got {bucket_bytes!r}")
         self.engine = engine
         self.layout = layout
@@ -415,5 +418,3 @@ def _pack(pack: list[tuple[torch.Tensor, torch.Tensor]], cuda: bool) -> None:
         dst.copy_(src)
     if cuda:
         torch.cuda.synchronize(pack[0][0].device)
-
-

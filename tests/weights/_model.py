@@ -56,7 +56,9 @@ def full_params(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters()}
 
 
-def assemble(cfg: Any, lay: Layout, shards: list[dict[str, torch.Tensor]], dtype: torch.dtype) -> Any:
+def assemble(
+    cfg: Any, lay: Layout, shards: list[dict[str, torch.Tensor]], dtype: torch.dtype
+) -> Any:
     """An inference model whose weights are assembled from every rank's shards."""
     m = build(cfg, seed=12345, dtype=dtype)  # different init: every weight must be overwritten
     state = {n: lay.assemble(n, [s[n] for s in shards]) for n in lay.params}

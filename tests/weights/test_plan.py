@@ -19,7 +19,7 @@ from asyncfabric.weights import (  # noqa: E402
 
 from ._apply import apply  # noqa: E402
 
-H, I, V, NH, NKV, HD = 64, 96, 80, 8, 4, 8
+H, I, V, NH, NKV, HD = 64, 96, 80, 8, 4, 8  # noqa: E741
 
 
 def tensors(seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
