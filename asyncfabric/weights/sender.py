@@ -24,6 +24,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import numpy as np
@@ -54,7 +55,7 @@ class _Target:
 class _Binding:
     receivers: tuple[ReceiverInfo, ...]
     targets: dict[tuple[str, int], _Target]
-    packs: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per bucket: (stage view, src view)
+    packs: list[list[tuple[Any, Any]]]  # per bucket: (stage view, src view)
 
 
 class Sender:
@@ -157,7 +158,7 @@ class Sender:
                          if (x.layout.key, x.rank) == key])  # fmt: skip
             targets[key] = _Target(_groups(so, do, nb, unit, self.group_bytes), staged)
         # staged runs into buckets, in order; a piece larger than a bucket gets one of its own
-        packs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        packs: list[list[tuple[Any, Any]]] = []
         rows: dict[tuple[int, tuple[str, int]], list[tuple[int, Move]]] = {}
         size = self.bucket_bytes + 1
         biggest = self.bucket_bytes
@@ -179,7 +180,7 @@ class Sender:
                 src = self._views[m.param]
                 if box:
                     src = src[tuple(slice(a, a + n) for a, n in box)]
-                packs[k].append((view, src))
+                packs[k].append(_pair(view, src))
             so = np.concatenate([off + np.arange(m.runs, dtype=_U64) * _U64(m.run_bytes)
                                  for off, m in ms]).astype(_U64)  # fmt: skip
             do = np.concatenate([m.dst_offsets for _, m in ms])
@@ -408,13 +409,32 @@ def _groups(
     return out  # type: ignore[return-value]
 
 
-def _pack_all(packs: list[list[tuple[torch.Tensor, torch.Tensor]]], cuda: bool) -> None:
+_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[Any, Any]:
+    """What packing copies: numpy views for host tensors of one dtype (numpy's strided copy
+    was about 1.35x torch's for bf16 row slices here, 9.2 against 6.7 GB/s), else tensors."""
+    if dst.device.type == "cpu" and src.device.type == "cpu" and dst.dtype == src.dtype:
+        it = _INT.get(dst.element_size())
+        if it is not None and dst.dim() and src.dim():
+            tt = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
+                dst.element_size()
+            ]
+            return dst.view(tt).numpy(), src.view(tt).numpy()
+    return dst, src
+
+
+def _pack_all(packs: list[list[tuple[Any, Any]]], cuda: bool) -> None:
     for p in packs:
         _pack(p, cuda)
 
 
-def _pack(pack: list[tuple[torch.Tensor, torch.Tensor]], cuda: bool) -> None:
+def _pack(pack: list[tuple[Any, Any]], cuda: bool) -> None:
     for dst, src in pack:
-        dst.copy_(src)
+        if isinstance(dst, np.ndarray):
+            np.copyto(dst, src)
+        else:
+            dst.copy_(src)
     if cuda:
         torch.cuda.synchronize(pack[0][0].device)
