@@ -41,6 +41,7 @@ def _cfg(hidden: int = 256, layers: int = 2) -> Any:
         hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
         num_key_value_heads=4, intermediate_size=2 * hidden, vocab_size=1024,
         max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
 
 
@@ -153,7 +154,7 @@ def main() -> int:
                 "asyncfabric,write_many,naive", "--repeats", str(a.repeats)]  # fmt: skip
     import subprocess
 
-    for s in a.sizes.split(","):
+    for s in [x for x in a.sizes.split(",") if x.strip()]:
         cmd = [*cmd_base, "--sizes", s, "--json", str(out / f"bench-{s}.json")]
         print("running:", " ".join(cmd), flush=True)
         rc = subprocess.call(cmd)

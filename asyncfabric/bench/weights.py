@@ -55,7 +55,7 @@ def _cfg(size: float) -> Any:
     return Phi3Config(
         hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv, intermediate_size=inter, vocab_size=VOCAB,
-        tie_word_embeddings=False, pad_token_id=0,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
 
 
