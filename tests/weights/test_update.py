@@ -201,9 +201,11 @@ async def test_receiver_joins_between_updates_through_the_group(provider, kw):
             await fleet.publish_sender(g, tx)
             fleets.append(fleet.Fleet(g, [il2, il4]))
 
+        rx_groups: dict[str, Any] = {}
+
         async def join_receivers(rxs: list[Receiver]) -> None:
             for rx in rxs:
-                g = await join(rx.name, rx.engine, fleet.receiver_meta(rx))
+                g = rx_groups[rx.name] = await join(rx.name, rx.engine, fleet.receiver_meta(rx))
                 await fleet.publish_receiver(g, rx)
                 await rx.start(await fleet.Fleet(g, []).senders())
 
@@ -250,6 +252,16 @@ async def test_receiver_joins_between_updates_through_the_group(provider, kw):
         ref = M.build(cfg, dtype=torch.bfloat16)
         ref.load_state_dict(full3)
         assert torch.equal(M.logits(inf), M.logits(ref))
+        # the TP-4 replica leaves: the next update goes to the others alone
+        for rx in late:
+            await rx_groups[rx.name].leave()
+        await members(2)
+        for b in s.bufs:
+            b.view(torch.bfloat16).add_(2)
+        full4 = s.trainer_full()
+        await update(4, first)
+        assert [r.name for r in s.senders[0]._binding.receivers] == [r.name for r in first]
+        check_bitwise(il2, first, full4)
 
 
 async def test_slow_or_dead_receiver_fails_alone(provider, kw):
