@@ -278,10 +278,12 @@ def _write_many_batches(af: Any, moves: list[Any], rxs: list[Any], region: Any, 
     cols = []
     for r in rxs:
         ms = by_rank.get(r.rank, [])
+        if not ms:
+            continue
         do = np.concatenate([m.dst_offsets for m in ms])
         nb = np.concatenate([np.full(m.runs, m.run_bytes, np.uint64) for m in ms])
         so = (np.cumsum(nb) - nb) % np.uint64(max(1, nbytes - int(nb.max())))
-        share = max(1, group // len(rxs))
+        share = max(1, group // len({m.dst for m in moves}))
         cols.append((r.buffers[0], _groups(so.astype(np.uint64), do, nb,
                                             r.buffers[0].chunk_bytes, share)))  # fmt: skip
     ngroups = max(len(g) for _, g in cols)
