@@ -365,3 +365,22 @@ async def test_receiver_times_out_when_no_update_comes(provider, kw):
         with pytest.raises(ReceiverFailed, match="update 1 did not land within 0.2 s.*0 of"):
             await rx.wait_version(1, timeout=0.2)
         assert rx.version is None
+
+
+@pytest.mark.parametrize("provider", ["shm"])
+async def test_100m_parameter_model(provider, kw):
+    # about 106 M parameters (bf16, 212 MB): the proof at the smallest model size
+    cfg = M.config(hidden=768, layers=9, heads=12, kv=4, inter=2048, vocab=32064)
+    model = M.build(cfg, dtype=torch.bfloat16)
+    full = M.full_params(model)
+    assert sum(t.numel() for t in full.values()) > 100e6
+    tl = Layout.of(full, 2, M.fsdp_rule)
+    il = Layout.of(full, 4, M.tp_rule(cfg))
+    async with engines(2, provider, kw) as teng, engines(4, provider, kw) as reng:
+        s = Setup(cfg, tl, full, teng, bucket_bytes=8 << 20)
+        rxs = s.add_receivers(il, reng)
+        await s.start(rxs)
+        await s.update(1)
+        check_bitwise(il, rxs, full)
+        inf = M.assemble(cfg, il, [rx.params() for rx in rxs], torch.bfloat16)
+        assert torch.equal(M.logits(inf), M.logits(model))
