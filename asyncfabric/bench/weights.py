@@ -12,7 +12,7 @@ and repeat, side by side in one run, each of these moves the same weights:
   direct runs in one ``write_many``, strided runs packed in pipelined buckets);
 * ``write_many``: the transport alone: the plan's writes (same sizes, same targets, same
   count) from contiguous source bytes, with no packing, batched as the sender batches its
-  direct writes (``write_many`` calls of about 64 MiB, two in flight; one call for
+  direct writes (``write_many`` calls of about 256 MiB, one at a time; one call for
   everything was slower): the bandwidth the update can at best reach;
 * ``naive``: one ``await eng.write`` per tensor piece, in turn (the strided ones made
   contiguous first), as a first implementation would do;
@@ -347,7 +347,7 @@ async def _naive(eng: Any, moves: list[Any], rxs: list[Any], region: Any, stage:
 
 class _Procs:
     def __init__(self, provider: str, size: float, impls: tuple[str, ...], bucket: int,
-                 depth: int, trainer: str, group: int = 64 << 20, window: int = 2) -> None:  # fmt: skip
+                 depth: int, trainer: str, group: int = 256 << 20, window: int = 1) -> None:  # fmt: skip
         import socket
 
         ctx = mp.get_context("spawn")
@@ -467,9 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bucket-mib", type=int, default=32, help="staging bucket size")
     p.add_argument("--depth", type=int, default=4, help="staging buckets in rotation")
     p.add_argument(
-        "--group-mib", type=int, default=64, help="bytes per write_many of direct writes"
+        "--group-mib", type=int, default=256, help="bytes per write_many of direct writes"
     )
-    p.add_argument("--window", type=int, default=2, help="write_many calls in flight")
+    p.add_argument("--window", type=int, default=1, help="write_many calls in flight")
     p.add_argument(
         "--device",
         default="cpu",

@@ -80,8 +80,8 @@ class Sender:
         cast: bool = False,
         bucket_bytes: int = 32 << 20,
         depth: int = 4,
-        group_bytes: int = 64 << 20,
-        window: int = 2,
+        group_bytes: int = 256 << 20,
+        window: int = 1,
     ) -> None:
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be an int >= 1 (staging buffers), got {depth!r}")
