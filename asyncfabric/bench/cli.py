@@ -7,6 +7,7 @@ asyncfabric bench write pingpong --provider shm --device cuda    # GPU staged th
 asyncfabric bench plot out.json --out plots/
 asyncfabric bench kv --tokens 1024,4096,16384   # KV pages: asyncfabric.kv vs NIXL, Mooncake
 asyncfabric bench model --workers 1,4,8 --batch 1,16,64   # costs here -> throughput at scale
+asyncfabric bench weights --sizes 0.5,2,4          # RL weight update vs write_many, naive, gloo
 asyncfabric bench group --members 64   # join time and lookup p50, embedded store and etcd
 asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
 asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
@@ -223,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         from .kv import main as kv_main
 
         return kv_main(argv[1:])
+    if argv and argv[0] == "weights":
+        from .weights import main as weights_main
+
+        return weights_main(argv[1:])
     if argv and argv[0] == "model":
         from .model import main as model_main
 

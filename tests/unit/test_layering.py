@@ -173,3 +173,18 @@ def test_kv_uses_only_the_public_api():
             if hits:
                 bad[m] = hits
     assert not bad, f"asyncfabric.kv may import only `asyncfabric` names: {bad}"
+
+
+def test_weights_uses_only_the_public_api():
+    # the weight-update system stands on `import asyncfabric as af` names alone
+    bad = {}
+    for m in MODS:
+        if m == "asyncfabric.weights" or m.startswith("asyncfabric.weights."):
+            hits = {
+                i
+                for i in _internal(m)
+                if not (i == "asyncfabric" or i.startswith("asyncfabric.weights"))
+            }
+            if hits:
+                bad[m] = hits
+    assert not bad, f"asyncfabric.weights may import only `asyncfabric` names: {bad}"

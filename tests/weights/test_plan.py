@@ -1,0 +1,157 @@
+"""The static plan: resharding arithmetic is bitwise right, bad layouts are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from asyncfabric.weights import (  # noqa: E402
+    Layout,
+    LayoutError,
+    Pieces,
+    Replicated,
+    Split,
+    column,
+    plan,
+    row,
+)
+
+from ._apply import apply  # noqa: E402
+
+H, I, V, NH, NKV, HD = 64, 96, 80, 8, 4, 8  # noqa: E741
+
+
+def tensors(seed: int = 0, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "embed": (V, H),
+        "qkv": ((NH + 2 * NKV) * HD, H),
+        "o": (H, NH * HD),
+        "gate_up": (2 * I, H),
+        "down": (H, I),
+        "norm": (H,),
+        "bias": (3 * H,),
+        "scalar": (),
+        "conv": (6, 4, 5),
+    }
+    return {n: torch.randn(s, generator=g).to(dtype) for n, s in shapes.items()}
+
+
+def tp_rule(name: str, shape: tuple[int, ...]):
+    return {
+        "embed": column(),
+        "qkv": column((NH * HD, NKV * HD, NKV * HD)),
+        "o": row(),
+        "gate_up": column((I, I)),
+        "down": row(),
+        "norm": Replicated(),
+        "bias": column((H, H, H)),
+        "scalar": Replicated(),
+        "conv": Split(2),
+    }[name]
+
+
+def fsdp_rule(name: str, shape: tuple[int, ...]):
+    return Replicated() if not shape else Split(0)
+
+
+def references(lay: Layout, full: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    out = []
+    for r in range(lay.world):
+        b = lay.alloc(r)
+        lay.fill(b, r, full)
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("tw", [1, 2, 3])
+@pytest.mark.parametrize("iw", [1, 2, 4])
+@pytest.mark.parametrize("trule", ["fsdp", "tp"])
+def test_resharding_is_bitwise(tw, iw, trule):
+    full = tensors()
+    if trule == "tp" and tw == 3:
+        pytest.skip("tensor parallelism over 3 ranks does not divide these sizes")
+    tl = Layout.of(full, tw, fsdp_rule if trule == "fsdp" else tp_rule)
+    il = Layout.of(full, iw, tp_rule)
+    p = plan(tl, il)
+    got = apply(p, references(tl, full), tl)
+    want = references(il, full)
+    for r in range(iw):
+        assert torch.equal(got[r], want[r]), f"inference rank {r}"
+    # a parameter assembled from the inference shards is the original
+    for name in full:
+        shards = [il.views(want[r], r)[name] for r in range(iw)]
+        assert torch.equal(il.assemble(name, shards), full[name])
+
+
+def test_cast_is_the_reference_cast():
+    full = tensors(1)
+    tl = Layout.of(full, 2, fsdp_rule, dtype=torch.float32)
+    il = Layout.of(full, 2, tp_rule, dtype=torch.bfloat16)
+    p = plan(tl, il, cast=True)
+    assert all(not m.direct for m in p.moves)
+    got = apply(p, references(tl, full), tl)
+    ref = {n: t.to(torch.bfloat16) for n, t in full.items()}
+    for r in range(2):
+        assert torch.equal(got[r], references(il, ref)[r])
+
+
+def test_plans_are_cached_and_direct_where_contiguous():
+    full = tensors()
+    tl = Layout.of(full, 2, fsdp_rule)
+    il = Layout.of(full, 2, tp_rule)
+    assert plan(tl, il) is plan(Layout.of(full, 2, fsdp_rule), il)
+    st = plan(tl, il).stats()
+    assert st["bytes"] == sum(il.params[n].numel(r) * 4 for n in full for r in range(2))
+    # row-parallel o/down are strided in the trainer's dim-0 shard: packed, the rest direct
+    staged = {m.param for m in plan(tl, il).moves if not m.direct}
+    assert staged == {"o", "down", "conv"}
+
+
+def test_missing_parameter_is_named():
+    full = tensors()
+    tl = Layout.of(full, 2, fsdp_rule)
+    il = Layout.of({k: v for k, v in full.items() if k != "down"}, 2, tp_rule)
+    with pytest.raises(LayoutError, match="'down'.*missing from the inference"):
+        plan(tl, il)
+    with pytest.raises(LayoutError, match="'down'.*missing from the trainer"):
+        plan(il, tl)
+
+
+def test_shape_and_dtype_disagreements_are_named():
+    full = tensors()
+    tl = Layout.of(full, 2, fsdp_rule)
+    other = dict(full, o=torch.zeros(H, NH * HD + 2))
+    with pytest.raises(LayoutError, match="'o'.*shape"):
+        plan(tl, Layout.of(other, 2, fsdp_rule))
+    il16 = Layout.of(full, 2, tp_rule, dtype=torch.float16)
+    with pytest.raises(LayoutError, match="'embed'.*dtype.*cast=True"):
+        plan(tl, il16)
+    ints = Layout.of({"x": torch.zeros(4, dtype=torch.int32)}, 1, lambda n, s: Split(0))
+    floats = Layout.of({"x": torch.zeros(4)}, 1, lambda n, s: Split(0))
+    with pytest.raises(LayoutError, match="'x'.*no cast"):
+        plan(ints, floats, cast=True)
+
+
+@pytest.mark.parametrize(
+    "per_rank, what",
+    [
+        ((((0, 3),), ((4, 8),)), "leaves \\[3, 4\\)"),
+        ((((0, 5),), ((4, 8),)), "overlaps"),
+        ((((0, 4),), ((4, 7),)), "\\[7, 8\\) belongs to no rank"),
+        ((((0, 4),), ((4, 9),)), "outside"),
+    ],
+)
+def test_shard_spec_that_does_not_tile_is_refused(per_rank, what):
+    with pytest.raises(LayoutError, match=f"'w'.*{what}"):
+        Layout(2, [("w", (8, 2), torch.float32, Pieces(0, per_rank))])
+
+
+def test_tp_degree_must_divide():
+    with pytest.raises(LayoutError, match="'qkv'.*divide over 3"):
+        Layout(3, [("qkv", (12, 4), torch.float32, column((4, 4, 4)))])
+    with pytest.raises(LayoutError, match="'x'.*fused blocks"):
+        Layout(2, [("x", (12, 4), torch.float32, column((4, 4)))])
+    with pytest.raises(LayoutError, match="'x'.*dim 2"):
+        Layout(2, [("x", (12, 4), torch.float32, Split(2))])
