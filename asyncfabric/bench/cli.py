@@ -5,6 +5,7 @@ asyncfabric bench write pingpong --quick
 asyncfabric bench write pingpong --provider cuda_ipc --device cuda:0,cuda:1   # NVLink
 asyncfabric bench write pingpong --provider shm --device cuda    # GPU staged through host
 asyncfabric bench plot out.json --out plots/
+asyncfabric bench allreduce --provider tcp --sizes 8K,1M,256M  # vs torch.distributed gloo
 asyncfabric bench model --workers 1,4,8 --batch 1,16,64   # costs here -> throughput at scale
 asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
 asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
@@ -217,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         from .plot import main as plot_main
 
         return plot_main(argv[1:])
+    if argv and argv[0] == "allreduce":
+        from .allreduce import main as allreduce_main
+
+        return allreduce_main(argv[1:])
     if argv and argv[0] == "model":
         from .model import main as model_main
 

@@ -316,6 +316,127 @@ static PyObject *py_convert(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The reduce step, fused: for each block, the sum of the sources in rank order
+ * (fp32), then - with quant - quantized into the wire form at `wire` and
+ * dequantized into y, or - without - converted to dt into `wire` and y. One pass
+ * over every input and output instead of five.
+ *
+ * srcs[i]: the i-th contribution in rank order; the one at index `own` is raw
+ * values of dt (this rank's tensor), the others are in wire form: int8 values
+ * with their scales at +align8(n) (quant), or raw values of dt. wire or y may
+ * be 0 (not wanted). */
+#define MAX_SRCS 32
+
+static inline Py_ssize_t align8(Py_ssize_t n) { return (n + 7) & ~(Py_ssize_t)7; }
+
+static inline void add_raw(float *restrict acc, const void *src, int dt, Py_ssize_t off,
+                           Py_ssize_t m, int first) {
+    Py_ssize_t i;
+    if (dt == DT_F32) {
+        const float *s = (const float *)src + off;
+        if (first)
+            for (i = 0; i < m; i++) acc[i] = s[i];
+        else
+            for (i = 0; i < m; i++) acc[i] += s[i];
+    } else if (dt == DT_BF16) {
+        const uint16_t *s = (const uint16_t *)src + off;
+        if (first)
+            for (i = 0; i < m; i++) acc[i] = bf16_f32(s[i]);
+        else
+            for (i = 0; i < m; i++) acc[i] += bf16_f32(s[i]);
+    } else {
+        const uint16_t *s = (const uint16_t *)src + off;
+        if (first)
+            for (i = 0; i < m; i++) acc[i] = f16_f32(s[i]);
+        else
+            for (i = 0; i < m; i++) acc[i] += f16_f32(s[i]);
+    }
+}
+
+static inline void store_raw(const float *restrict acc, void *dst, int dt, Py_ssize_t off,
+                             Py_ssize_t m) {
+    Py_ssize_t i;
+    if (dt == DT_F32) {
+        memcpy((float *)dst + off, acc, (size_t)m * 4);
+    } else if (dt == DT_BF16) {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (i = 0; i < m; i++) d[i] = f32_bf16(acc[i]);
+    } else {
+        uint16_t *d = (uint16_t *)dst + off;
+        for (i = 0; i < m; i++) d[i] = f32_f16(acc[i]);
+    }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) static void
+reduce_run(const uintptr_t *srcs, int nsrc, int own, int dt, int quant, Py_ssize_t n,
+           Py_ssize_t block, uintptr_t wire, uintptr_t y) {
+    float acc[MAX_BLOCK], tmp[MAX_BLOCK];
+    Py_ssize_t b, i, nb = (n + block - 1) / block, scoff = align8(n);
+    for (b = 0; b < nb; b++) {
+        Py_ssize_t off = b * block, m = n - off < block ? n - off : block;
+        int k;
+        for (k = 0; k < nsrc; k++) {
+            if (k == own || !quant) {
+                add_raw(acc, (const void *)srcs[k], dt, off, m, k == 0);
+            } else {
+                const int8_t *q = (const int8_t *)srcs[k] + off;
+                float sc = bf16_f32(((const uint16_t *)(srcs[k] + scoff))[b]);
+                if (k == 0)
+                    for (i = 0; i < m; i++) acc[i] = (float)q[i] * sc;
+                else
+                    for (i = 0; i < m; i++) acc[i] += (float)q[i] * sc;
+            }
+        }
+        if (quant) {
+            int8_t qb[MAX_BLOCK];
+            int8_t *qo = wire ? (int8_t *)wire + off : qb;
+            uint16_t sb = quant_block(acc, DT_F32, m, qo);
+            float sc = bf16_f32(sb);
+            if (wire) ((uint16_t *)(wire + scoff))[b] = sb;
+            if (y) {
+                for (i = 0; i < m; i++) tmp[i] = (float)qo[i] * sc;
+                store_raw(tmp, (void *)y, dt, off, m);
+            }
+        } else {
+            if (wire) store_raw(acc, (void *)wire, dt, off, m);
+            if (y) store_raw(acc, (void *)y, dt, off, m);
+        }
+    }
+}
+
+/* reduce(srcs, own, dtype, quant, n, block, wire, y): see reduce_run above. */
+static PyObject *py_reduce(PyObject *self, PyObject *args) {
+    PyObject *seq, *fast;
+    uintptr_t ptrs[MAX_SRCS];
+    int own, dt, quant, nsrc, k;
+    Py_ssize_t n, block;
+    unsigned long long wire, y;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OiipnnKK", &seq, &own, &dt, &quant, &n, &block, &wire, &y))
+        return NULL;
+    if (parse_block(block) < 0 || parse_dtype(dt) < 0) return NULL;
+    fast = PySequence_Fast(seq, "srcs must be a sequence of addresses");
+    if (fast == NULL) return NULL;
+    nsrc = (int)PySequence_Fast_GET_SIZE(fast);
+    if (nsrc < 1 || nsrc > MAX_SRCS) {
+        Py_DECREF(fast);
+        return PyErr_Format(PyExc_ValueError, "reduce takes 1 to %d sources, got %d", MAX_SRCS,
+                            nsrc);
+    }
+    for (k = 0; k < nsrc; k++) {
+        ptrs[k] = (uintptr_t)PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, k));
+        if (PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+    }
+    Py_DECREF(fast);
+    Py_BEGIN_ALLOW_THREADS
+    reduce_run(ptrs, nsrc, own, dt, quant, n, block, (uintptr_t)wire, (uintptr_t)y);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef kernel_methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(src, dtype, n, block, q, scales): int8 values and bf16 block scales"},
@@ -323,6 +444,8 @@ static PyMethodDef kernel_methods[] = {
      "dequantize(q, scales, n, block, dst, dtype, add): q * scale into (or added to) dst"},
     {"convert", py_convert, METH_VARARGS,
      "convert(src, src_dtype, dst, dst_dtype, n, add): dst = src (or dst += src, fp32 dst)"},
+    {"reduce", py_reduce, METH_VARARGS,
+     "reduce(srcs, own, dtype, quant, n, block, wire, y): sum in rank order, re-encode, store"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -77,14 +77,19 @@ async def local_shim_views(
 ) -> AsyncIterator[list[ShimView]]:
     """``n`` engines in this process, one view each (like testing.groups.local_views)."""
     async with contextlib.AsyncExitStack() as stack:
-        engines = [await stack.enter_async_context(af.Engine(provider, **engine_kw)) for _ in range(n)]
+        engines = [
+            await stack.enter_async_context(af.Engine(provider, **engine_kw)) for _ in range(n)
+        ]
         vid = str(uuid.uuid4())
         addrs = [e.address for e in engines]
         yield [ShimView(e, i, addrs, vid) for i, e in enumerate(engines)]
 
 
 async def file_shim_view(
-    engine: af.Engine, directory: str | os.PathLike[str], rank: int, size: int,
+    engine: af.Engine,
+    directory: str | os.PathLike[str],
+    rank: int,
+    size: int,
     timeout: float = 60.0,
 ) -> ShimView:
     """A view across processes: each writes its address to ``directory`` and reads the others'."""

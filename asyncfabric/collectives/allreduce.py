@@ -50,14 +50,13 @@ from .layout import (
     MAX_SLOT,
     ONE,
     RS,
-    Span,
     align8,
     chunks,
     imm,
     pieces,
     wire_bytes,
 )
-from .tensors import F32, ITEMSIZE, NAMES, Flat, flat
+from .tensors import ITEMSIZE, NAMES, Flat, flat
 
 _HEADER = struct.Struct("<4sIQBBHII")
 _MAGIC = b"AFAR"
@@ -129,10 +128,8 @@ class AllReduce:
         ssize = self.s_one + self.one_bytes
         self._rbuf = np.zeros(rsize, np.uint8)
         self._sbuf = np.zeros(ssize, np.uint8)
-        self._acc = np.zeros(max(self.chunk_cap, ONESHOT_CAP), np.float32)
         self._rptr = int(self._rbuf.ctypes.data)
         self._sptr = int(self._sbuf.ctypes.data)
-        self._aptr = int(self._acc.ctypes.data)
         self._recv: af.Region | None = None
         self._send: af.Region | None = None
         self._rdesc: list[af.Descriptor] = []
@@ -220,8 +217,7 @@ class AllReduce:
                 uncancel()
             self._broken = f"an earlier call failed ({self._failure})"
             raise CollectiveError(
-                f"all_reduce failed on rank {self.rank}: a write to a peer failed: "
-                f"{self._failure}"
+                f"all_reduce failed on rank {self.rank}: a write to a peer failed: {self._failure}"
             ) from self._failure
         except BaseException as exc:
             self._broken = f"an earlier call failed ({exc})"
@@ -336,18 +332,14 @@ class AllReduce:
             off = self.r_one + (parity * P + r) * self.one_bytes
             self._post(self.s_one, wire, d, off, imm(self.slot, ONE, r, parity))
         await self._check_headers(hdr, parity)
-        acc = self._aptr
+        srcs = []
         for s in range(P):
-            if s == r:
-                p = sp
-            else:
+            if s != r:
                 await self._wait(ONE, s, parity, wire)
-                p = self._rptr + self.r_one + (parity * P + s) * self.one_bytes
-            if quant:
-                K.dequantize(p, p + align8(n), n, block, acc, F32, s > 0)
-            else:
-                K.convert(p, x.dtype, acc, F32, n, s > 0)
-        K.convert(acc, F32, y.ptr, y.dtype, n, False)
+                srcs.append(self._rptr + self.r_one + (parity * P + s) * self.one_bytes)
+            else:  # int8: my own contribution as the peers see it, so all ranks agree
+                srcs.append(sp if quant else x.ptr)
+        K.reduce(srcs, -1 if quant else r, x.dtype, bool(quant), n, block, 0, y.ptr)
 
     async def _round(
         self,
@@ -381,27 +373,25 @@ class AllReduce:
             await asyncio.sleep(0)  # let the writes post while the next piece is encoded
         if not checked:
             await self._check_headers(hdr, parity)
-        # 2. reduce my chunk piece by piece in rank order; send each reduced piece on
+        # 2. reduce my chunk piece by piece in rank order (one fused kernel: sum, encode
+        #    for the gather, and my own chunk of the output); send each reduced piece on
         for j, sp in enumerate(cut[r]):
-            acc = self._aptr + (sp.start - parts[r].start) * 4
             wire = wire_bytes(sp.numel, isz, q, block)
+            srcs = []
             for s in range(P):
                 if s == r:
-                    K.convert(x.ptr + (base + sp.start) * isz, dt, acc, F32, sp.numel, s > 0)
-                    continue
-                await self._wait(RS, s, j, wire)
-                p = self._rptr + self.r_rs + s * self.slot_bytes + j * self.pw
-                self._decode(p, sp.numel, q, block, acc, F32, s > 0, dt)
+                    srcs.append(x.ptr + (base + sp.start) * isz)
+                else:
+                    await self._wait(RS, s, j, wire)
+                    srcs.append(self._rptr + self.r_rs + s * self.slot_bytes + j * self.pw)
             soff = self.s_ag + j * self.pw
-            self._encode(acc, F32 if q else -1, sp.numel, q, block, soff, dt)
+            ypiece = y.ptr + (base + sp.start) * isz
+            K.reduce(srcs, r, dt, q, sp.numel, block, self._sptr + soff, ypiece)
             for d in _after(r, P):
                 self._post(soff, wire, d, self.r_ag + r * self.slot_bytes + j * self.pw,
                            imm(self.slot, AG, r, j))  # fmt: skip
             await asyncio.sleep(0)
-        # 3. my own chunk of the output: the same bytes the peers get
-        for j, sp in enumerate(cut[r]):
-            p = self._sptr + self.s_ag + j * self.pw
-            self._decode(p, sp.numel, q, block, y.ptr + (base + sp.start) * isz, dt, False, dt)
+        # 3. the gathered chunks
         # 4. the gathered chunks
         for j in range(max(len(p) for p in cut)):
             for s in _after(r, P):
@@ -414,18 +404,11 @@ class AllReduce:
                 self._decode(p, sp.numel, q, block, y.ptr + (base + sp.start) * isz, dt, False, dt)
         await self._drain_writes()
 
-    def _encode(
-        self, src: int, dt: int, n: int, q: bool, block: int, soff: int, out_dt: int = -1
-    ) -> None:
-        """``n`` values at ``src`` into the send area at ``soff``, in wire form.
-
-        For the gather (``dt`` = -1 unquantized: ``src`` is the fp32
-        accumulator, sent as ``out_dt``)."""
+    def _encode(self, src: int, dt: int, n: int, q: bool, block: int, soff: int) -> None:
+        """``n`` values of ``dt`` at ``src`` into the send area at ``soff``, in wire form."""
         p = self._sptr + soff
         if q:
             K.quantize(src, dt, n, block, p, p + align8(n))
-        elif dt == -1:
-            K.convert(src, F32, p, out_dt, n, False)
         else:
             K.convert(src, dt, p, dt, n, False)
 

@@ -59,6 +59,4 @@ def chunks(m: int, size: int, block: int) -> list[Span]:
 
 def pieces(span: Span, piece: int) -> list[Span]:
     """A chunk cut into pipeline pieces of at most ``piece`` values."""
-    return [
-        Span(span.start + a, min(piece, span.numel - a)) for a in range(0, span.numel, piece)
-    ]
+    return [Span(span.start + a, min(piece, span.numel - a)) for a in range(0, span.numel, piece)]
