@@ -46,6 +46,7 @@ async def _main(rank: int, a: Any, d: str) -> None:
         quantize = staticmethod(timed("k.quantize", K.quantize))
         dequantize = staticmethod(timed("k.dequantize", K.dequantize))
         convert = staticmethod(timed("k.convert", K.convert))
+        reduce = staticmethod(timed("k.reduce", K.reduce))
 
     allreduce.K = TK  # type: ignore[assignment]
     kw = {"node": "127.0.0.1"} if a.provider == "tcp" else {}
@@ -75,10 +76,11 @@ async def _main(rank: int, a: Any, d: str) -> None:
         acc.clear()
         cnt.clear()
         await view.barrier()
-        t0 = time.perf_counter()
+        t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         for _ in range(a.iters):
             await ar(x, quant=a.quant)
         wall = time.perf_counter() - t0
+        cpu, main_cpu = time.process_time() - c0, time.thread_time() - m0
         await view.barrier()
         lines = [
             f"rank {rank}: {a.iters} x {a.size} B quant={a.quant}: {wall / a.iters * 1e3:.2f} ms each"
@@ -103,6 +105,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--piece", type=int, default=128 << 10)
     a = p.parse_args()
+    a.quant = None if a.quant in (None, "None", "none") else a.quant
     s = a.size.upper()
     a.size = int(float(s[:-1]) * (1 << 20)) if s.endswith("M") else int(s)
     with tempfile.TemporaryDirectory() as d:

@@ -62,6 +62,8 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{args['port']}", rank=rank, world_size=P
     )
     kw: dict[str, Any] = {}
+    if args["policy"] != "default":
+        kw["progress"] = getattr(af.ProgressPolicy, args["policy"])()
     if args["provider"] == "tcp":
         kw["node"] = "127.0.0.1"
     async with af.Engine(args["provider"], **kw) as eng:
@@ -78,7 +80,7 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
             times: dict[str, list[float]] = {i: [] for i in args["impls"]}
             cpus: dict[str, list[float]] = {i: [] for i in args["impls"]}
 
-            async def one(impl: str) -> None:
+            async def one(impl: str, bufs: dict[str, Any] = bufs) -> None:
                 t = bufs["32" if impl.endswith("fp32") else "16"]
                 if impl.startswith("gloo"):
                     dist.all_reduce(t)
@@ -185,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="one-shot threshold in bytes (default: built in)",
     )
+    p.add_argument(
+        "--policy",
+        default="default",
+        choices=("default", "latency", "low_cpu"),
+        help="the engines' ProgressPolicy (default: ProgressPolicy())",
+    )
     p.add_argument("--json", help="write the rows to this JSON file")
     a = p.parse_args(argv)
     from ..collectives import ONESHOT_BYTES
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": max(1, a.repeats),
             "port": _free_port(),
             "dir": d,
+            "policy": a.policy,
             "oneshot": ONESHOT_BYTES if a.oneshot is None else a.oneshot,
         }
         ctx = mp.get_context("spawn")

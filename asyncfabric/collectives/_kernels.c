@@ -46,10 +46,9 @@ static inline float bf16_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
 static inline uint16_t f32_bf16(float f) {
     uint32_t u = f32_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) /* NaN: keep it a (quiet) NaN */
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    /* NaN: keep it a (quiet) NaN; a select, not a branch, so loops vectorize */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? ((u >> 16) | 0x40u) : r);
 }
 
 /* fp16 <-> fp32 without F16C (F. Giesen's branch-free forms, public domain). */
@@ -221,6 +220,43 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* One block of dequantize_run (always_inline: constant m, constant trip counts). */
+static inline __attribute__((always_inline)) void
+dequant_block(const int8_t *qq, float s, Py_ssize_t m, uintptr_t dst, Py_ssize_t off, int dt,
+              int add) {
+    Py_ssize_t i;
+    if (dt == DT_F32) {
+        float *restrict d = (float *)dst + off;
+        if (add)
+            for (i = 0; i < m; i++) d[i] += (float)qq[i] * s;
+        else
+            for (i = 0; i < m; i++) d[i] = (float)qq[i] * s;
+    } else if (dt == DT_BF16) {
+        uint16_t *restrict d = (uint16_t *)dst + off;
+        for (i = 0; i < m; i++) d[i] = f32_bf16((float)qq[i] * s);
+    } else {
+        uint16_t *restrict d = (uint16_t *)dst + off;
+        for (i = 0; i < m; i++) d[i] = f32_f16((float)qq[i] * s);
+    }
+}
+
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) static void
+dequantize_run(uintptr_t q, uintptr_t sc, Py_ssize_t n, Py_ssize_t block, uintptr_t dst, int dt,
+               int add) {
+    const int8_t *qs = (const int8_t *)q;
+    const uint16_t *scales = (const uint16_t *)sc;
+    Py_ssize_t b, full = n / block;
+    if (block == 32 && dt == DT_BF16)
+        for (b = 0; b < full; b++)
+            dequant_block(qs + b * 32, bf16_f32(scales[b]), 32, dst, b * 32, DT_BF16, 0);
+    else
+        for (b = 0; b < full; b++)
+            dequant_block(qs + b * block, bf16_f32(scales[b]), block, dst, b * block, dt, add);
+    if (full * block < n)
+        dequant_block(qs + full * block, bf16_f32(scales[full]), n - full * block, dst,
+                      full * block, dt, add);
+}
+
 /* dequantize(q, scales, n, block, dst, dtype, add): q * scale into dst (dtype);
  * with add (dst fp32 only) dst += q * scale. */
 static PyObject *py_dequantize(PyObject *self, PyObject *args) {
@@ -235,29 +271,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    {
-        const int8_t *qs = (const int8_t *)(uintptr_t)q;
-        const uint16_t *scales = (const uint16_t *)(uintptr_t)sc;
-        Py_ssize_t b, i, nb = (n + block - 1) / block;
-        for (b = 0; b < nb; b++) {
-            Py_ssize_t off = b * block, m = n - off < block ? n - off : block;
-            float s = bf16_f32(scales[b]);
-            const int8_t *qq = qs + off;
-            if (dt == DT_F32) {
-                float *restrict d = (float *)(uintptr_t)dst + off;
-                if (add)
-                    for (i = 0; i < m; i++) d[i] += (float)qq[i] * s;
-                else
-                    for (i = 0; i < m; i++) d[i] = (float)qq[i] * s;
-            } else if (dt == DT_BF16) {
-                uint16_t *restrict d = (uint16_t *)(uintptr_t)dst + off;
-                for (i = 0; i < m; i++) d[i] = f32_bf16((float)qq[i] * s);
-            } else {
-                uint16_t *restrict d = (uint16_t *)(uintptr_t)dst + off;
-                for (i = 0; i < m; i++) d[i] = f32_f16((float)qq[i] * s);
-            }
-        }
-    }
+    dequantize_run((uintptr_t)q, (uintptr_t)sc, n, block, (uintptr_t)dst, dt, add);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -329,7 +343,7 @@ static PyObject *py_convert(PyObject *self, PyObject *args) {
 
 static inline Py_ssize_t align8(Py_ssize_t n) { return (n + 7) & ~(Py_ssize_t)7; }
 
-static inline void add_raw(float *restrict acc, const void *src, int dt, Py_ssize_t off,
+static inline __attribute__((always_inline)) void add_raw(float *restrict acc, const void *src, int dt, Py_ssize_t off,
                            Py_ssize_t m, int first) {
     Py_ssize_t i;
     if (dt == DT_F32) {
@@ -353,7 +367,7 @@ static inline void add_raw(float *restrict acc, const void *src, int dt, Py_ssiz
     }
 }
 
-static inline void store_raw(const float *restrict acc, void *dst, int dt, Py_ssize_t off,
+static inline __attribute__((always_inline)) void store_raw(const float *restrict acc, void *dst, int dt, Py_ssize_t off,
                              Py_ssize_t m) {
     Py_ssize_t i;
     if (dt == DT_F32) {
@@ -367,41 +381,57 @@ static inline void store_raw(const float *restrict acc, void *dst, int dt, Py_ss
     }
 }
 
+/* One block of reduce_run; always_inline so a constant m gives constant trip counts. */
+static inline __attribute__((always_inline)) void
+reduce_block(const uintptr_t *srcs, int nsrc, int own, int dt, int quant, Py_ssize_t b,
+             Py_ssize_t off, Py_ssize_t m, Py_ssize_t scoff, uintptr_t wire, uintptr_t y) {
+    float acc[MAX_BLOCK], tmp[MAX_BLOCK];
+    Py_ssize_t i;
+    int k;
+    for (k = 0; k < nsrc; k++) {
+        if (k == own || !quant) {
+            add_raw(acc, (const void *)srcs[k], dt, off, m, k == 0);
+        } else {
+            const int8_t *q = (const int8_t *)srcs[k] + off;
+            float sc = bf16_f32(((const uint16_t *)(srcs[k] + scoff))[b]);
+            if (k == 0)
+                for (i = 0; i < m; i++) acc[i] = (float)q[i] * sc;
+            else
+                for (i = 0; i < m; i++) acc[i] += (float)q[i] * sc;
+        }
+    }
+    if (quant) {
+        int8_t qb[MAX_BLOCK];
+        int8_t *qo = wire ? (int8_t *)wire + off : qb;
+        uint16_t sb = quant_block(acc, DT_F32, m, qo);
+        float sc = bf16_f32(sb);
+        if (wire) ((uint16_t *)(wire + scoff))[b] = sb;
+        if (y) {
+            for (i = 0; i < m; i++) tmp[i] = (float)qo[i] * sc;
+            store_raw(tmp, (void *)y, dt, off, m);
+        }
+    } else {
+        if (wire) store_raw(acc, (void *)wire, dt, off, m);
+        if (y) store_raw(acc, (void *)y, dt, off, m);
+    }
+}
+
 __attribute__((target_clones("arch=x86-64-v4", "avx2", "default"))) static void
 reduce_run(const uintptr_t *srcs, int nsrc, int own, int dt, int quant, Py_ssize_t n,
            Py_ssize_t block, uintptr_t wire, uintptr_t y) {
-    float acc[MAX_BLOCK], tmp[MAX_BLOCK];
-    Py_ssize_t b, i, nb = (n + block - 1) / block, scoff = align8(n);
-    for (b = 0; b < nb; b++) {
-        Py_ssize_t off = b * block, m = n - off < block ? n - off : block;
-        int k;
-        for (k = 0; k < nsrc; k++) {
-            if (k == own || !quant) {
-                add_raw(acc, (const void *)srcs[k], dt, off, m, k == 0);
-            } else {
-                const int8_t *q = (const int8_t *)srcs[k] + off;
-                float sc = bf16_f32(((const uint16_t *)(srcs[k] + scoff))[b]);
-                if (k == 0)
-                    for (i = 0; i < m; i++) acc[i] = (float)q[i] * sc;
-                else
-                    for (i = 0; i < m; i++) acc[i] += (float)q[i] * sc;
-            }
-        }
-        if (quant) {
-            int8_t qb[MAX_BLOCK];
-            int8_t *qo = wire ? (int8_t *)wire + off : qb;
-            uint16_t sb = quant_block(acc, DT_F32, m, qo);
-            float sc = bf16_f32(sb);
-            if (wire) ((uint16_t *)(wire + scoff))[b] = sb;
-            if (y) {
-                for (i = 0; i < m; i++) tmp[i] = (float)qo[i] * sc;
-                store_raw(tmp, (void *)y, dt, off, m);
-            }
-        } else {
-            if (wire) store_raw(acc, (void *)wire, dt, off, m);
-            if (y) store_raw(acc, (void *)y, dt, off, m);
-        }
-    }
+    Py_ssize_t b, full = n / block, scoff = align8(n);
+    if (block == 32 && dt == DT_BF16)
+        for (b = 0; b < full; b++)
+            reduce_block(srcs, nsrc, own, DT_BF16, quant, b, b * 32, 32, scoff, wire, y);
+    else if (block == 32 && dt == DT_F32)
+        for (b = 0; b < full; b++)
+            reduce_block(srcs, nsrc, own, DT_F32, quant, b, b * 32, 32, scoff, wire, y);
+    else
+        for (b = 0; b < full; b++)
+            reduce_block(srcs, nsrc, own, dt, quant, b, b * block, block, scoff, wire, y);
+    if (full * block < n)
+        reduce_block(srcs, nsrc, own, dt, quant, full, full * block, n - full * block, scoff,
+                     wire, y);
 }
 
 /* reduce(srcs, own, dtype, quant, n, block, wire, y): see reduce_run above. */
