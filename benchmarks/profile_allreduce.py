@@ -83,7 +83,8 @@ async def _main(rank: int, a: Any, d: str) -> None:
         cpu, main_cpu = time.process_time() - c0, time.thread_time() - m0
         await view.barrier()
         lines = [
-            f"rank {rank}: {a.iters} x {a.size} B quant={a.quant}: {wall / a.iters * 1e3:.2f} ms each"
+            f"rank {rank}: {a.iters} x {a.size} B quant={a.quant}: {wall / a.iters * 1e3:.2f} ms each; "
+            f"CPU {cpu / a.iters * 1e3:.2f} ms (Python thread {main_cpu / a.iters * 1e3:.2f})"
         ]
         for k in sorted(acc, key=lambda k: -acc[k]):
             lines.append(
