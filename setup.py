@@ -51,7 +51,7 @@ setup(
     package_data={
         "asyncfabric": ["py.typed"],
         "asyncfabric.engine": ["_fastpath.c"],
-        "asyncfabric.collectives": ["_kernels.c"],
+        "asyncfabric.collectives": ["_kernels.c", "_kernels.pyi"],
         "asyncfabric.transport": ["native_ops.h"],
         "asyncfabric.backends.libfabric": _files(CORE),
         "asyncfabric.bench": _files(RAW),

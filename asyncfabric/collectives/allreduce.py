@@ -147,7 +147,14 @@ class AllReduce:
     async def _setup(self, timeout: float | None) -> None:
         self._recv = self._eng.register(self._rbuf)
         self._send = self._eng.register(self._sbuf)
-        descs = await self.view.allgather(bytes(self._recv.descriptor()), timeout=timeout)
+        try:
+            descs = await self.view.allgather(bytes(self._recv.descriptor()), timeout=timeout)
+        except (af.ImmTimeout, TimeoutError):
+            raise CollectiveTimeout(
+                f"not every rank of the view made its first all_reduce call within "
+                f"timeout={timeout} s (the first call registers the scratch and swaps "
+                "descriptors): every rank must call it"
+            ) from None
         self._rdesc = [af.Descriptor.from_bytes(d) for d in descs]
 
     def close(self) -> None:
@@ -331,6 +338,9 @@ class AllReduce:
         for d in _after(r, P):
             off = self.r_one + (parity * P + r) * self.one_bytes
             self._post(self.s_one, wire, d, off, imm(self.slot, ONE, r, parity))
+        # let the writes post before any wait: a wait may be answered at once and a
+        # mismatch raise, and peers must still get our header to fail too
+        await asyncio.sleep(0)
         await self._check_headers(hdr, parity)
         srcs = []
         for s in range(P):
