@@ -68,13 +68,13 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
         kw["node"] = "127.0.0.1"
     async with af.Engine(args["provider"], **kw) as eng:
         view = await file_shim_view(eng, args["dir"], rank, P)
-        ar = AllReduce(view, oneshot_bytes=args["oneshot"])
+        ar = AllReduce(view, oneshot_bytes=args["oneshot"], **args["ar_kw"])
         flag = torch.zeros(1)
         for size in args["sizes"]:
             n16, n32 = max(1, size // 2), max(1, size // 4)
             g = torch.Generator().manual_seed(rank)
-            x16 = torch.randn(n16, generator=g).bfloat16()
-            x32 = torch.randn(n32, generator=g)
+            x16 = torch.randn(n16, generator=g).bfloat16().to(args["device"])
+            x32 = torch.randn(n32, generator=g).to(args["device"])
             bufs = {"16": x16.clone(), "32": x32.clone()}
             iters = _iters(size)
             times: dict[str, list[float]] = {i: [] for i in args["impls"]}
@@ -89,10 +89,14 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
 
             for rep in range(args["repeats"] + 1):
                 for impl in args["impls"]:
+                    if args["device"] != "cpu":
+                        torch.cuda.synchronize()
                     dist.barrier()
                     c0, t0 = time.process_time(), time.perf_counter()
                     for _ in range(iters):
                         await one(impl)
+                    if args["device"] != "cpu":
+                        torch.cuda.synchronize()
                     dt = torch.tensor([time.perf_counter() - t0])
                     dc = torch.tensor([time.process_time() - c0])
                     dist.all_reduce(dt, op=dist.ReduceOp.MAX)
@@ -113,6 +117,7 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
                             "ranks": P,
                             "dtype": "float32" if impl.endswith("fp32") else "bfloat16",
                             "size_bytes": size,
+                            "device": args["device"],
                             "iters": iters,
                             "repeats": len(ts),
                             "lat_us": lat * 1e6,
@@ -193,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("default", "latency", "low_cpu"),
         help="the engines' ProgressPolicy (default: ProgressPolicy())",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the tensors live: cpu, or cuda (every rank on cuda:0; run under CUDA MPS)",
+    )
+    p.add_argument("--piece", type=int, help="values per pipeline piece (default: built in)")
     p.add_argument("--json", help="write the rows to this JSON file")
     a = p.parse_args(argv)
     from ..collectives import ONESHOT_BYTES
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             "port": _free_port(),
             "dir": d,
             "policy": a.policy,
+            "device": "cuda:0" if a.device == "cuda" else a.device,
+            "ar_kw": {} if a.piece is None else {"piece_elems": a.piece},
             "oneshot": ONESHOT_BYTES if a.oneshot is None else a.oneshot,
         }
         ctx = mp.get_context("spawn")
@@ -248,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             pr.join(10)
     if errors:
         raise RuntimeError("; ".join(errors))
-    print(f"all-reduce, {a.ranks} ranks, provider {a.provider}, os.cpu_count()={os.cpu_count()}")
+    print(
+        f"all-reduce, {a.ranks} ranks, provider {a.provider}, device {a.device}, "
+        f"os.cpu_count()={os.cpu_count()}"
+    )
     print(_table(rows))
     if a.json:
         with open(a.json, "w") as f:
