@@ -142,3 +142,19 @@ def test_backends_never_import_the_engine():
             if hits:
                 bad[m] = hits
     assert not bad, f"backends must stand on transport/ alone: {bad}"
+
+
+def test_groups_and_stores_use_only_the_public_api():
+    """Systems on top import ``asyncfabric`` names, never the engine's internals."""
+    allowed = ("asyncfabric.group", "asyncfabric.store")
+    bad = {}
+    for m in MODS:
+        if m.startswith(allowed) or m == "asyncfabric.testing.groups":
+            hits = {
+                i
+                for i in _internal(m)
+                if not (i == "asyncfabric" or i.startswith(allowed) or i == "asyncfabric._cli")
+            }
+            if hits:
+                bad[m] = hits
+    assert not bad, f"groups and stores may import only `asyncfabric` names: {bad}"
