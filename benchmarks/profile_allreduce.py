@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import tempfile
 import time
 from collections import defaultdict
 from typing import Any
@@ -24,7 +23,6 @@ async def _main(rank: int, a: Any, d: str) -> None:
 
     import asyncfabric as af
     from asyncfabric.collectives import AllReduce, allreduce
-    from asyncfabric.collectives._shim_views import file_shim_view
 
     acc: dict[str, float] = defaultdict(float)
     cnt: dict[str, int] = defaultdict(int)
@@ -51,7 +49,9 @@ async def _main(rank: int, a: Any, d: str) -> None:
     allreduce.K = TK  # type: ignore[assignment]
     kw = {"node": "127.0.0.1"} if a.provider == "tcp" else {}
     async with af.Engine(a.provider, **kw) as eng:
-        view = await file_shim_view(eng, d, rank, 2)
+        store = await af.store.connect(d[0], secret=d[1])
+        g = await af.join(store, group="profile", name=f"r{rank}", engine=eng, ttl=30)
+        view = await g.wait_for(2, timeout=60)
         ar = AllReduce(view, piece_elems=a.piece)
         orig_wait, orig_post, orig_drain = ar._wait, ar._post, ar._drain_writes
         names = {0: "wait.header", 1: "wait.rs", 2: "wait.ag", 3: "wait.oneshot"}
@@ -92,6 +92,7 @@ async def _main(rank: int, a: Any, d: str) -> None:
             )
         print("\n".join(lines), flush=True)
         ar.close()
+        await g.leave()
 
 
 def _run(rank: int, a: Any, d: str) -> None:
@@ -109,7 +110,9 @@ def main() -> None:
     a.quant = None if a.quant in (None, "None", "none") else a.quant
     s = a.size.upper()
     a.size = int(float(s[:-1]) * (1 << 20)) if s.endswith("M") else int(s)
-    with tempfile.TemporaryDirectory() as d:
+    from asyncfabric.bench.allreduce import _store
+
+    with _store() as d:
         ctx = mp.get_context("spawn")
         ps = [ctx.Process(target=_run, args=(r, a, d)) for r in range(2)]
         for x in ps:

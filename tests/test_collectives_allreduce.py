@@ -3,7 +3,7 @@
 Exactness without quantization against a fixed-order fp32 reference; the int8
 error bound (docs/collectives.md); identical results on every rank; mismatched
 calls failing every rank; a dead rank failing the others in bounded time; bad
-input named. Views come from the temporary shim until groups land.
+input named. Views are real groups (asyncfabric.testing.groups: an embedded store).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from asyncfabric.collectives import (
     CollectiveTimeout,
     all_reduce,
 )
-from asyncfabric.collectives._shim_views import local_shim_views
+from asyncfabric.testing.groups import local_views
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -60,7 +60,7 @@ async def test_fp32_exact_random_sizes(provider, kw, ranks):
     sizes = [1, 31, 33, ranks * 32 + 1, 1000, 65537, 300007] + [
         int(s) for s in rng.integers(2, 200_000, 3)
     ]
-    async with local_shim_views(ranks, provider, **kw) as views:
+    async with local_views(ranks, provider, **kw) as views:
         # small rounds and pieces: several rounds, many pieces, one-shot and two-shot mixed
         ars = [AllReduce(v, round_elems=100_000, piece_elems=8192) for v in views]
         for n in sizes:
@@ -81,7 +81,7 @@ async def test_16bit_sum_in_fp32_rounded_once(dtype):
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(n, generator=g).to(dtype) for _ in range(ranks)]
     ref = _ref_sum([x.float().numpy() for x in xs])
-    async with local_shim_views(ranks, "shm") as views:
+    async with local_views(ranks, "shm") as views:
         outs = [torch.empty_like(x) for x in xs]
         await _all(
             [
@@ -117,7 +117,7 @@ async def test_int8_within_bound_and_identical(ranks, n):
     xs = [x.bfloat16() for x in xs]
     xf = [x.float().numpy() for x in xs]
     exact = _ref_sum(xf)
-    async with local_shim_views(ranks, "shm") as views:
+    async with local_views(ranks, "shm") as views:
         ars = [AllReduce(v, round_elems=120_000, piece_elems=16_384) for v in views]
         ins = [x.clone() for x in xs]
         await _all(
@@ -137,7 +137,7 @@ async def test_int8_within_bound_and_identical(ranks, n):
 
 
 async def test_mismatched_calls_fail_every_rank():
-    async with local_shim_views(3, "shm") as views:
+    async with local_views(3, "shm") as views:
         a = [np.ones(1000, np.float32), np.ones(1000, np.float32), np.ones(1001, np.float32)]
         res = await _all([lambda i=i: all_reduce(a[i], views[i], timeout=10) for i in range(3)])
         for i, r in enumerate(res):
@@ -146,16 +146,16 @@ async def test_mismatched_calls_fail_every_rank():
         # the instance is spent after a failure, and says so
         with pytest.raises(CollectiveError, match="new view"):
             await all_reduce(a[0], views[0], timeout=1)
-    async with local_shim_views(2, "shm") as views:
+    async with local_views(2, "shm") as views:
         b = [torch.ones(40_000), torch.ones(40_000, dtype=torch.bfloat16)]
         res = await _all([lambda i=i: all_reduce(b[i], views[i], timeout=10) for i in range(2)])
         assert all(isinstance(r, CollectiveMismatch) for r in res), res
         assert "bfloat16" in str(res[0])
-    async with local_shim_views(2, "shm") as views:
+    async with local_views(2, "shm") as views:
         c = [torch.ones(6).view(2, 3), torch.ones(6).view(3, 2)]
         res = await _all([lambda i=i: all_reduce(c[i], views[i], timeout=10) for i in range(2)])
         assert all(isinstance(r, CollectiveMismatch) for r in res), res
-    async with local_shim_views(2, "shm") as views:
+    async with local_views(2, "shm") as views:
         d = [torch.ones(100), torch.ones(100)]
         q = [None, "int8"]
         res = await _all(
@@ -164,15 +164,18 @@ async def test_mismatched_calls_fail_every_rank():
         assert all(isinstance(r, CollectiveMismatch) for r in res), res
 
 
-def _doomed_rank(d: str, provider: str, kw: dict, n: int) -> None:
+SECRET = "collectives-test-secret"
+
+
+def _doomed_rank(url: str, group: str, provider: str, kw: dict, n: int) -> None:
     """Rank 2 of 3 in its own process: one all-reduce, then it waits to be killed."""
     import asyncio
 
-    from asyncfabric.collectives._shim_views import file_shim_view
-
     async def main() -> None:
-        async with af.Engine(provider, peer_timeout=1.0, **kw) as eng:
-            view = await file_shim_view(eng, d, 2, 3)
+        async with af.Engine(provider, **kw) as eng:
+            store = await af.store.connect(url, secret=SECRET)
+            g = await af.join(store, group=group, name="r2", engine=eng, ttl=2.0)
+            view = await g.wait_for(3, timeout=60)
             await all_reduce(np.ones(n, np.float32), view, timeout=TIMEOUT)
             await asyncio.sleep(3600)
 
@@ -180,13 +183,12 @@ def _doomed_rank(d: str, provider: str, kw: dict, n: int) -> None:
 
 
 @pytest.mark.parametrize("n", [100, 2_000_000])
-async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n, tmp_path):
+async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n):
     import multiprocessing as mp
 
-    from asyncfabric.collectives._shim_views import file_shim_view
-
+    srv = await af.store.serve("127.0.0.1:0", secret=SECRET)
     child = mp.get_context("spawn").Process(
-        target=_doomed_rank, args=(str(tmp_path), provider, kw, n), daemon=True
+        target=_doomed_rank, args=(srv.url, "dead", provider, kw, n), daemon=True
     )
     child.start()
     try:
@@ -194,10 +196,11 @@ async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n, tmp_p
             af.Engine(provider, peer_timeout=1.0, **kw) as e0,
             af.Engine(provider, peer_timeout=1.0, **kw) as e1,
         ):
-            engines = (e0, e1)
-            views = await _all(
-                [lambda i=i: file_shim_view(engines[i], tmp_path, i, 3) for i in range(2)]
-            )
+            gs = [
+                await af.join(srv, group="dead", name=f"r{i}", engine=e, ttl=2.0)
+                for i, e in enumerate((e0, e1))
+            ]
+            views = await _all([lambda g=g: g.wait_for(3, timeout=60) for g in gs])
             xs = [np.ones(n, np.float32) for _ in range(2)]
             res = await _all(
                 [lambda i=i: all_reduce(xs[i], views[i], timeout=TIMEOUT) for i in range(2)]
@@ -206,33 +209,34 @@ async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n, tmp_p
             assert (xs[0] == 3).all()
             child.kill()  # rank 2 dies between calls
             child.join()
-            # Writes to the dead rank fail within peer_timeout where the provider reports
-            # it; waits for its data end at the timeout (with groups, view.guard ends
-            # them at the member's lease: af.MemberLost). Either way, bounded.
+            # No timeout: the view fails the call when rank 2's lease expires (ttl 2 s),
+            # or a write to it fails first (peer_timeout 1 s). Either way, bounded.
             t0 = time.monotonic()
-            res = await _all([lambda i=i: all_reduce(xs[i], views[i], timeout=3) for i in range(2)])
+            res = await _all([lambda i=i: all_reduce(xs[i], views[i]) for i in range(2)])
             took = time.monotonic() - t0
             for i, r in enumerate(res):
-                assert isinstance(r, CollectiveError), (i, r)
-                assert "rank 2" in str(r) or "PeerUnreachable" in repr(r.__cause__), r
+                assert isinstance(r, (CollectiveError, af.MemberLost)), (i, r)
             assert took < 8, took
+            for g in gs:
+                await g.leave()
     finally:
         child.kill()
+        await srv.aclose()
 
 
 async def test_timeout_names_the_missing_rank():
-    async with local_shim_views(2, "shm") as views:
+    async with local_views(2, "shm") as views:
         x = [np.ones(10, np.float32), np.ones(10, np.float32)]
         with pytest.raises(CollectiveTimeout, match="first all_reduce call"):
             await all_reduce(x[0], views[0], timeout=0.5)
-    async with local_shim_views(2, "shm") as views:
+    async with local_views(2, "shm") as views:
         await _all([lambda i=i: all_reduce(x[i], views[i], timeout=TIMEOUT) for i in range(2)])
         with pytest.raises(CollectiveTimeout, match="rank 1"):
             await all_reduce(x[0], views[0], timeout=0.5)
 
 
 async def test_bad_input_is_named():
-    async with local_shim_views(2, "shm") as views:
+    async with local_views(2, "shm") as views:
         v = views[0]
         with pytest.raises(TypeError, match="int32"):
             await all_reduce(np.ones(4, np.int32), v)

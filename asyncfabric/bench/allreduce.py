@@ -2,8 +2,8 @@
 
 asyncfabric bench allreduce --provider tcp --ranks 2 --sizes 8K-256M --json out.json
 
-P processes (spawned), each with one engine and one gloo process group over
-loopback. Every size runs every implementation in rounds (one repeat of each,
+P processes (spawned), each with one engine joined to one group (an embedded
+store served by this process) and one gloo process group over loopback. Every size runs every implementation in rounds (one repeat of each,
 in turn, ``--repeats`` rounds) so drift hits them alike. A repeat is ``iters``
 back-to-back all-reduces after a barrier; its time is the slowest rank's.
 Rows: latency (µs per all-reduce, median of repeats) and algorithm bandwidth
@@ -16,14 +16,16 @@ Rows: latency (µs per all-reduce, median of repeats) and algorithm bandwidth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import socket
 import statistics
 import sys
-import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 IMPLS = ("gloo", "af", "af-int8", "gloo-fp32", "af-fp32")
@@ -55,7 +57,6 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
 
     import asyncfabric as af
     from asyncfabric.collectives import AllReduce
-    from asyncfabric.collectives._shim_views import file_shim_view
 
     P = args["ranks"]
     dist.init_process_group(
@@ -67,7 +68,9 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
     if args["provider"] == "tcp":
         kw["node"] = "127.0.0.1"
     async with af.Engine(args["provider"], **kw) as eng:
-        view = await file_shim_view(eng, args["dir"], rank, P)
+        store = await af.store.connect(args["store"], secret=args["secret"])
+        grp = await af.join(store, group="bench-allreduce", name=f"r{rank:04d}", engine=eng, ttl=30)
+        view = await grp.wait_for(P, timeout=120)
         ar = AllReduce(view, oneshot_bytes=args["oneshot"], **args["ar_kw"])
         flag = torch.zeros(1)
         for size in args["sizes"]:
@@ -130,7 +133,35 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
                     )
         del flag
         ar.close()
+        await grp.leave()
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _store() -> Iterator[tuple[str, str]]:
+    """An embedded group store on loopback, served from a thread of this process."""
+    import asyncfabric as af
+
+    secret = os.urandom(16).hex()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def serve() -> None:
+        srv = await af.store.serve("127.0.0.1:0", secret=secret)
+        box["url"], box["loop"], box["stop"] = srv.url, asyncio.get_running_loop(), asyncio.Event()
+        ready.set()
+        await box["stop"].wait()
+        await srv.aclose()
+
+    t = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    t.start()
+    if not ready.wait(30):
+        raise RuntimeError("the embedded group store did not start within 30 s")
+    try:
+        yield box["url"], secret
+    finally:
+        box["loop"].call_soon_threadsafe(box["stop"].set)
+        t.join(10)
 
 
 def _worker(rank: int, args: dict[str, Any], q: Any) -> None:
@@ -218,15 +249,16 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [_size(s) for s in a.sizes.split(",")]
     except ValueError:
         p.error(f"--sizes: not a list of sizes: {a.sizes!r} (example: 8K,1M,256M)")
-    with tempfile.TemporaryDirectory(prefix="af-allreduce-") as d:
+    with _store() as (url, secret):
         args = {
+            "store": url,
+            "secret": secret,
             "provider": a.provider,
             "ranks": a.ranks,
             "sizes": sizes,
             "impls": impls,
             "repeats": max(1, a.repeats),
             "port": _free_port(),
-            "dir": d,
             "policy": a.policy,
             "device": "cuda:0" if a.device == "cuda" else a.device,
             "ar_kw": {} if a.piece is None else {"piece_elems": a.piece},

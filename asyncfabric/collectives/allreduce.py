@@ -149,7 +149,9 @@ class AllReduce:
         self._send = self._eng.register(self._sbuf)
         try:
             descs = await self.view.allgather(bytes(self._recv.descriptor()), timeout=timeout)
-        except (af.ImmTimeout, TimeoutError):
+        except af.MemberLost:
+            raise
+        except (af.ImmTimeout, TimeoutError, af.GroupError):
             raise CollectiveTimeout(
                 f"not every rank of the view made its first all_reduce call within "
                 f"timeout={timeout} s (the first call registers the scratch and swaps "
@@ -207,7 +209,7 @@ class AllReduce:
                 "instance run one at a time (await it, or use another slot)"
             )
         self._busy = True
-        self._main = asyncio.current_task()
+        self._main = None
         self._failure = None
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
@@ -219,9 +221,12 @@ class AllReduce:
             if self._failure is None:
                 self._broken = "an earlier call was cancelled midway"
                 raise
-            uncancel = getattr(self._main, "uncancel", None)  # Python >= 3.11
-            if uncancel is not None:
-                uncancel()
+            # we cancelled the task running _run (view.guard runs it in its own task;
+            # when that is this task, take our cancellation back)
+            if self._main is asyncio.current_task():
+                uncancel = getattr(self._main, "uncancel", None)  # Python >= 3.11
+                if uncancel is not None:
+                    uncancel()
             self._broken = f"an earlier call failed ({self._failure})"
             raise CollectiveError(
                 f"all_reduce failed on rank {self.rank}: a write to a peer failed: {self._failure}"
@@ -231,6 +236,8 @@ class AllReduce:
             raise
         finally:
             self._busy = False
+            if self._main is not None and self._main is not asyncio.current_task():
+                self._main.cancel()  # the guarded task, if a failure left it running
             for t in self._writes:
                 if not t.done():
                     t.cancel()
@@ -311,6 +318,7 @@ class AllReduce:
     # ------------------------------------------------------------------ algorithms
 
     async def _run(self, x: Flat, y: Flat, quant: int, block: int) -> None:
+        self._main = asyncio.current_task()  # a failed write cancels it (_on_write)
         self._seq += 1
         parity = self._seq & 1
         hdr = self._header(x, quant, block)
