@@ -2,7 +2,7 @@
 
 python benchmarks/profile_allreduce.py --provider tcp --size 8M --quant int8 [--piece 131072]
 
-Two spawned processes (shim views through a temp dir); wraps the AllReduce's
+Two spawned processes joined to one group (an embedded store); wraps the AllReduce's
 kernel calls and waits with timers (perf_counter) and prints, per rank, the
 share of the wall time each took. Timers add a few µs per call: compare runs,
 not absolute numbers.

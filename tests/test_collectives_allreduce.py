@@ -266,3 +266,23 @@ def test_kernels_round_trip_and_nonfinite(anyio_backend):
     assert torch.equal(y[:32], torch.zeros(32))  # an all-zero block stays zero
     assert (y[32:64] - x[32:64]).abs().max() <= 3 / 254 * 1.01
     assert torch.isnan(y[64:]).all()  # a non-finite value poisons its block, never hides
+
+
+def test_bench_allreduce_runs(tmp_path, anyio_backend):
+    """The benchmark's smoke test: every implementation runs and reports (no timing asserted)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ar.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "asyncfabric", "bench", "allreduce", "--provider", "shm",
+         "--sizes", "8K,256K", "--repeats", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(x["impl"], x["size_bytes"]) for x in rows} == {
+        (i, s) for i in ("gloo", "af", "af-int8", "gloo-fp32", "af-fp32") for s in (8192, 262144)
+    }
+    assert "int8/af" in r.stdout
