@@ -193,8 +193,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         v = by[size]
         s = f"{_fmt(size):>8} "
         for i in impls:
-            r = v.get(i)
-            s += f"{r['lat_us']:>13.1f}{r['algbw_gbps']:>7.2f}" if r else " " * 20
+            row = v.get(i)
+            s += f"{row['lat_us']:>13.1f}{row['algbw_gbps']:>7.2f}" if row else " " * 20
         for _, a, b in ratios:
             s += f"{v[b]['lat_us'] / v[a]['lat_us']:>9.2f}x" if a in v and b in v else " " * 10
         lines.append(s)
