@@ -48,7 +48,6 @@ from .layout import (
     MAX_INDEX,
     MAX_RANKS,
     MAX_SLOT,
-    ONE,
     RS,
     align8,
     chunks,
@@ -112,20 +111,19 @@ class AllReduce:
             raise ValueError("round_elems / piece_elems gives too many pieces per chunk")
         self.pw = 4 * piece_elems  # bytes per piece slot: fp32 raw, the widest wire form
         self.slot_bytes = self.npieces * self.pw
-        self.one_bytes = align8(4 * ONESHOT_CAP)
+        # a one-shot slot: the call's header, then (one-shot calls) the data, one write
+        self.one_bytes = HDR_BYTES + align8(4 * ONESHOT_CAP)
         P = self.P
-        # receive area: headers (2 parities), RS slots, AG slots, one-shot (2 parities)
-        self.r_hdr = 0
-        self.r_rs = align8(2 * P * HDR_BYTES)
+        # receive area: header + one-shot slots (2 parities), RS slots, AG slots
+        self.r_one = 0
+        self.r_rs = 2 * P * self.one_bytes
         self.r_ag = self.r_rs + P * self.slot_bytes
-        self.r_one = self.r_ag + P * self.slot_bytes
-        rsize = self.r_one + 2 * P * self.one_bytes
-        # send area: header, RS (one slot per destination), AG (one slot), one-shot
-        self.s_hdr = 0
-        self.s_rs = HDR_BYTES
+        rsize = self.r_ag + P * self.slot_bytes
+        # send area: header + one-shot data, RS (one slot per destination), AG (one slot)
+        self.s_one = 0
+        self.s_rs = self.one_bytes
         self.s_ag = self.s_rs + P * self.slot_bytes
-        self.s_one = self.s_ag + self.slot_bytes
-        ssize = self.s_one + self.one_bytes
+        ssize = self.s_ag + self.slot_bytes
         self._rbuf = np.zeros(rsize, np.uint8)
         self._sbuf = np.zeros(ssize, np.uint8)
         self._rptr = int(self._rbuf.ctypes.data)
@@ -274,7 +272,7 @@ class AllReduce:
         try:
             await c.wait(n, timeout=self._left())
         except af.ImmTimeout:
-            what = {HDR: "header", RS: "reduce-scatter", AG: "all-gather", ONE: "one-shot"}
+            what = {HDR: "header (and one-shot)", RS: "reduce-scatter", AG: "all-gather"}
             raise CollectiveTimeout(
                 f"rank {src} ({self.view.names[src]}) did not deliver its {what[phase]} "
                 f"data to rank {self.rank} within timeout={self._timeout} s: it is slow, "
@@ -292,12 +290,12 @@ class AllReduce:
         crc = zlib.crc32(repr(x.shape).encode())
         return _HEADER.pack(_MAGIC, self._seq, x.numel, x.dtype, quant, block, crc, self.P)
 
-    def _post_header(self, hdr: bytes, parity: int) -> None:
-        self._sbuf[self.s_hdr : self.s_hdr + len(hdr)] = np.frombuffer(hdr, np.uint8)
-        off = self.r_hdr + (parity * self.P + self.rank) * HDR_BYTES
-        for d in range(self.P):
-            if d != self.rank:
-                self._post(self.s_hdr, len(hdr), d, off, imm(self.slot, HDR, self.rank, parity))
+    def _post_header(self, hdr: bytes, parity: int, nbytes: int) -> None:
+        """The call's first write to each peer: the header, and one-shot data after it."""
+        self._sbuf[self.s_one : self.s_one + len(hdr)] = np.frombuffer(hdr, np.uint8)
+        off = self.r_one + (parity * self.P + self.rank) * self.one_bytes
+        for d in _after(self.rank, self.P):
+            self._post(self.s_one, nbytes, d, off, imm(self.slot, HDR, self.rank, parity))
 
     async def _check_headers(self, hdr: bytes, parity: int) -> None:
         mine = _HEADER.unpack(hdr)
@@ -305,7 +303,7 @@ class AllReduce:
             if s == self.rank:
                 continue
             await self._wait(HDR, s, parity, len(hdr))
-            off = self.r_hdr + (parity * self.P + s) * HDR_BYTES
+            off = self.r_one + (parity * self.P + s) * self.one_bytes
             theirs = _HEADER.unpack(bytes(self._rbuf[off : off + len(hdr)]))
             if theirs != mine:
                 raise CollectiveMismatch(
@@ -322,10 +320,11 @@ class AllReduce:
         self._seq += 1
         parity = self._seq & 1
         hdr = self._header(x, quant, block)
-        self._post_header(hdr, parity)
-        if x.nbytes <= self.oneshot_bytes and x.numel <= ONESHOT_CAP:
-            await self._oneshot(x, y, quant, block, hdr, parity)
+        wire = wire_bytes(x.numel, ITEMSIZE[x.dtype], bool(quant), block)
+        if x.nbytes <= self.oneshot_bytes and x.numel <= ONESHOT_CAP and self._one_write(wire):
+            await self._oneshot(x, y, quant, block, hdr, parity, wire)
         else:
+            self._post_header(hdr, parity, len(hdr))
             checked = False
             for a in range(0, max(1, x.numel), self.round_elems):
                 m = min(self.round_elems, x.numel - a)
@@ -333,28 +332,29 @@ class AllReduce:
                 checked = True
         await self._drain_writes()
 
+    def _one_write(self, wire: int) -> bool:
+        """Whether header + one-shot data is one chunk at every rank (one immediate), so
+        the header's count is 1 whatever a mismatched peer sends."""
+        return HDR_BYTES + wire <= min(d.chunk_bytes for d in self._rdesc)
+
     async def _oneshot(
-        self, x: Flat, y: Flat, quant: int, block: int, hdr: bytes, parity: int
+        self, x: Flat, y: Flat, quant: int, block: int, hdr: bytes, parity: int, wire: int
     ) -> None:
-        P, r, isz, n = self.P, self.rank, ITEMSIZE[x.dtype], x.numel
-        wire = wire_bytes(n, isz, bool(quant), block)
-        sp = self._sptr + self.s_one
+        P, r, n = self.P, self.rank, x.numel
+        sp = self._sptr + self.s_one + HDR_BYTES
         if quant:
             K.quantize(x.ptr, x.dtype, n, block, sp, sp + align8(n))
         else:
             K.convert(x.ptr, x.dtype, sp, x.dtype, n, False)
-        for d in _after(r, P):
-            off = self.r_one + (parity * P + r) * self.one_bytes
-            self._post(self.s_one, wire, d, off, imm(self.slot, ONE, r, parity))
+        self._post_header(hdr, parity, HDR_BYTES + wire)
         # let the writes post before any wait: a wait may be answered at once and a
         # mismatch raise, and peers must still get our header to fail too
         await asyncio.sleep(0)
-        await self._check_headers(hdr, parity)
+        await self._check_headers(hdr, parity)  # the data came with each header
         srcs = []
         for s in range(P):
             if s != r:
-                await self._wait(ONE, s, parity, wire)
-                srcs.append(self._rptr + self.r_one + (parity * P + s) * self.one_bytes)
+                srcs.append(self._rptr + self.r_one + (parity * P + s) * self.one_bytes + HDR_BYTES)
             else:  # int8: my own contribution as the peers see it, so all ranks agree
                 srcs.append(sp if quant else x.ptr)
         K.reduce(srcs, -1 if quant else r, x.dtype, bool(quant), n, block, 0, y.ptr)

@@ -6,8 +6,8 @@ offsets travel. Immediates live in the collectives' nibble (0x5):
     bits 28..31  0x5          bits 20..27  instance slot (per view and engine)
     bits 18..19  phase        bits 13..17  sending rank    bits 0..12  index
 
-phase 0: header (index = call parity), 1: reduce-scatter piece, 2: all-gather
-piece, 3: one-shot (index = call parity). Each (phase, sender, index) is its own
+phase 0: header (index = call parity; a one-shot call's data rides in the same
+write), 1: reduce-scatter piece, 2: all-gather piece. Each (phase, sender, index) is its own
 counter, so a receiver reduces in a fixed rank order whatever order writes land in.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NIBBLE = 0x5
-HDR, RS, AG, ONE = 0, 1, 2, 3
+HDR, RS, AG = 0, 1, 2
 MAX_RANKS = 32
 MAX_INDEX = 1 << 13
 MAX_SLOT = 255
