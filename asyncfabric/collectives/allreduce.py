@@ -64,7 +64,9 @@ _QUANTS = {None: 0, "int8": 1}
 #: Values per two-shot round (scratch is sized for it once per view).
 ROUND_ELEMS = 4 << 20
 #: Values per pipeline piece.
-PIECE_ELEMS = 128 << 10
+#: Values per pipeline piece (tcp, 2 ranks: 1 Mi against 128 Ki took 36-38 % less CPU a
+#: call at 4 and 16 MiB; docs/collectives.md).
+PIECE_ELEMS = 1 << 20
 #: The one-shot area holds this many values (the threshold cannot exceed it).
 ONESHOT_CAP = 64 << 10
 #: Inputs up to this many bytes go one-shot; measured (docs/collectives.md).
@@ -106,11 +108,11 @@ class AllReduce:
         self.piece = piece_elems
         self.oneshot_bytes = oneshot_bytes
         self.chunk_cap = -(-round_elems // self.P) + 1024
-        self.npieces = -(-self.chunk_cap // piece_elems) + 1
-        if self.npieces > MAX_INDEX:
+        if piece_elems < 1 or -(-self.chunk_cap // piece_elems) > MAX_INDEX // 2:
             raise ValueError("round_elems / piece_elems gives too many pieces per chunk")
-        self.pw = 4 * piece_elems  # bytes per piece slot: fp32 raw, the widest wire form
-        self.slot_bytes = self.npieces * self.pw
+        # piece j of a chunk sits at j * 4 * piece (fp32 raw is the widest wire form;
+        # int8 of a piece under 8 values can pass 4 bytes a value: the 64 bytes of slack)
+        self.slot_bytes = 4 * self.chunk_cap + 64
         # a one-shot slot: the call's header, then (one-shot calls) the data, one write
         self.one_bytes = HDR_BYTES + align8(4 * ONESHOT_CAP)
         P = self.P
@@ -375,6 +377,7 @@ class AllReduce:
         isz = ITEMSIZE[dt]
         q = bool(quant)
         piece = max(block, self.piece // block * block)
+        pw = 4 * piece
         parts = chunks(m, P, block)
         cut = [pieces(c, piece) for c in parts]
         # 1. reduce-scatter sends: piece by piece, to every peer in turn
@@ -383,9 +386,9 @@ class AllReduce:
                 if j >= len(cut[d]):
                     continue
                 sp = cut[d][j]
-                soff = self.s_rs + d * self.slot_bytes + j * self.pw
+                soff = self.s_rs + d * self.slot_bytes + j * pw
                 self._encode(x.ptr + (base + sp.start) * isz, dt, sp.numel, q, block, soff)
-                doff = self.r_rs + r * self.slot_bytes + j * self.pw
+                doff = self.r_rs + r * self.slot_bytes + j * pw
                 wire = wire_bytes(sp.numel, isz, q, block)
                 self._post(soff, wire, d, doff, imm(self.slot, RS, r, j))
             await asyncio.sleep(0)  # let the writes post while the next piece is encoded
@@ -401,12 +404,12 @@ class AllReduce:
                     srcs.append(x.ptr + (base + sp.start) * isz)
                 else:
                     await self._wait(RS, s, j, wire)
-                    srcs.append(self._rptr + self.r_rs + s * self.slot_bytes + j * self.pw)
-            soff = self.s_ag + j * self.pw
+                    srcs.append(self._rptr + self.r_rs + s * self.slot_bytes + j * pw)
+            soff = self.s_ag + j * pw
             ypiece = y.ptr + (base + sp.start) * isz
             K.reduce(srcs, r, dt, q, sp.numel, block, self._sptr + soff, ypiece)
             for d in _after(r, P):
-                self._post(soff, wire, d, self.r_ag + r * self.slot_bytes + j * self.pw,
+                self._post(soff, wire, d, self.r_ag + r * self.slot_bytes + j * pw,
                            imm(self.slot, AG, r, j))  # fmt: skip
             await asyncio.sleep(0)
         # 3. the gathered chunks
@@ -418,7 +421,7 @@ class AllReduce:
                 sp = cut[s][j]
                 wire = wire_bytes(sp.numel, isz, q, block)
                 await self._wait(AG, s, j, wire)
-                p = self._rptr + self.r_ag + s * self.slot_bytes + j * self.pw
+                p = self._rptr + self.r_ag + s * self.slot_bytes + j * pw
                 self._decode(p, sp.numel, q, block, y.ptr + (base + sp.start) * isz, dt, False, dt)
         await self._drain_writes()
 
