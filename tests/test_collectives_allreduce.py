@@ -215,8 +215,9 @@ async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n):
             res = await _all([lambda i=i: all_reduce(xs[i], views[i]) for i in range(2)])
             took = time.monotonic() - t0
             for i, r in enumerate(res):
-                assert isinstance(r, (CollectiveError, af.MemberLost)), (i, r)
-            assert took < 8, took
+                assert isinstance(r, (CollectiveError, af.MemberLost)), (i, repr(r))
+            # ttl 2 s (or peer_timeout 1 s) plus the lease checks' and a loaded machine's delay
+            assert took < 15, took
             for g in gs:
                 await g.leave()
     finally:
