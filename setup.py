@@ -37,12 +37,21 @@ FASTPATH = Extension(
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
 )
 
+# The all-reduce's quantize/dequantize/convert kernels (collectives/_kernels.c): -O3 so
+# gcc vectorizes their loops with the baseline instruction set.
+KERNELS = Extension(
+    "asyncfabric.collectives._kernels",
+    sources=["asyncfabric/collectives/_kernels.c"],
+    extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror"],
+)
+
 setup(
-    ext_modules=[FASTPATH],
+    ext_modules=[FASTPATH, KERNELS],
     cffi_modules=[f"{CORE}:ffibuilder", f"{RAW}:ffibuilder"],
     package_data={
         "asyncfabric": ["py.typed"],
         "asyncfabric.engine": ["_fastpath.c"],
+        "asyncfabric.collectives": ["_kernels.c", "_kernels.pyi"],
         "asyncfabric.transport": ["native_ops.h"],
         "asyncfabric.backends.libfabric": _files(CORE),
         "asyncfabric.bench": _files(RAW),

@@ -6,6 +6,7 @@ asyncfabric bench write pingpong --provider cuda_ipc --device cuda:0,cuda:1   # 
 asyncfabric bench write pingpong --provider shm --device cuda    # GPU staged through host
 asyncfabric bench plot out.json --out plots/
 asyncfabric bench kv --tokens 1024,4096,16384   # KV pages: asyncfabric.kv vs NIXL, Mooncake
+asyncfabric bench allreduce --provider tcp --sizes 8K,1M,256M  # vs torch.distributed gloo
 asyncfabric bench model --workers 1,4,8 --batch 1,16,64   # costs here -> throughput at scale
 asyncfabric bench weights --sizes 0.5,2,4          # RL weight update vs write_many, naive, gloo
 asyncfabric bench group --members 64   # join time and lookup p50, embedded store and etcd
@@ -228,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         from .weights import main as weights_main
 
         return weights_main(argv[1:])
+    if argv and argv[0] == "allreduce":
+        from .allreduce import main as allreduce_main
+
+        return allreduce_main(argv[1:])
     if argv and argv[0] == "model":
         from .model import main as model_main
 
