@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# On the GPU device machine (after benchmarks/device_prepare.sh here, and the transformers
+# wheels in .gpucarry/whl2; carry .gpucarry): the systems' GPU scripts under CUDA MPS, one
+# after another, each with a time limit. Results: $OUT/systems.log and $OUT/systems.tgz.
+# Usage: bash benchmarks/device_systems.sh [kv] [weights] [allreduce] [moe]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+res=/tmp/sysres
+mkdir -p "$res" /opt/lf
+{
+  date -u
+  for f in .gpucarry/debs/*.deb; do dpkg -x "$f" /opt/lf; done
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .gpucarry/whl/*.whl
+  if ls .gpucarry/whl2/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site2 \
+      .gpucarry/whl2/*.whl
+  fi
+  export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 LIBFABRIC_HOME=/opt/lf/usr
+  export LD_LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
+  export C_INCLUDE_PATH=/opt/lf/usr/include LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
+  python3 setup.py -q build_ext --inplace 2>&1 | grep -v "^$" | tail -3
+  echo "host: $(nproc) cpus, $(git log -1 --format=%h 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+  nvidia-cuda-mps-control -d
+  for s in "$@"; do
+    echo "== $s $(date -u +%T)"
+    case "$s" in
+      kv) timeout 150 python3 benchmarks/gpu_kv.py --out "$res/kv" --reps 3 ;;
+      weights) timeout 170 python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
+      allreduce) timeout 120 python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
+        --sizes 64K,1M,16M,256M ;;
+      moe) timeout 120 python3 benchmarks/gpu_moe.py --out "$res/moe" ;;
+      *) echo "unknown: $s" ;;
+    esac
+    echo "== $s rc=$? $(date -u +%T)"
+  done
+  echo quit | nvidia-cuda-mps-control
+  date -u
+} 2>&1 | tee "$res/systems.log"
+cp "$res/systems.log" "$OUT/systems.log"
+tar czf "$OUT/systems.tgz" -C "$res" .
