@@ -86,6 +86,8 @@ def _gloo_rounds(
     import torch
     import torch.distributed as dist
 
+    from ..moe.layout import weighted_sum
+
     E, k, H = a["experts"], a["topk"], a["hidden"]
     El = E // W
     dt = getattr(torch, a["dtype"])
@@ -121,7 +123,7 @@ def _gloo_rounds(
         dist.all_to_all_single(back, back_send, in_split, out_split)
         yy = torch.empty_like(back)
         yy[order] = back
-        (yy.view(T, k, H).float() * w.unsqueeze(-1)).sum(1).to(dt)
+        weighted_sum(yy.view(T, k, H), w)
         t3 = time.perf_counter()
         if it >= a["warmup"]:
             out["dispatch"].append((t1 - t0) * 1e6)

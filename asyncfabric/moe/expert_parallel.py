@@ -21,7 +21,7 @@ import torch
 import asyncfabric as af
 
 from .errors import MoEError, MoEInputError, RankLost
-from .layout import RecvLayout, Route, packed_targets, recv_layout, route
+from .layout import RecvLayout, Route, packed_targets, recv_layout, route, weighted_sum
 
 T = TypeVar("T")
 Mode = Literal["low_latency", "high_throughput"]
@@ -465,9 +465,7 @@ class ExpertParallel:
         n = rt.order.numel()
         y = torch.empty(n, self.hidden, dtype=self.dtype, device=self.device)
         y[rt.order] = self._back[:n]
-        k = self.topk
-        wsum = y.view(T, k, self.hidden).float() * weights.float().unsqueeze(-1)
-        return wsum.sum(1).to(self.dtype)
+        return weighted_sum(y.view(T, self.topk, self.hidden), weights)
 
 
 def reference(
@@ -483,4 +481,4 @@ def reference(
     for e in torch.unique(topk_idx).tolist():
         t, j = (topk_idx == e).nonzero(as_tuple=True)
         y[t, j] = expert(e, x[t])
-    return (y.float() * topk_weights.float().unsqueeze(-1)).sum(1).to(x.dtype)
+    return weighted_sum(y, topk_weights)

@@ -101,3 +101,11 @@ def packed_targets(C: torch.Tensor, rank: int, dest: int) -> tuple[torch.Tensor,
     mine = Cd[rank]
     send_start = int(C[rank, : dest * El].sum()) + _excl(mine, 0)
     return torch.stack([send_start, em_start], 1), mine
+
+
+def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``y`` [T, k, H] expert outputs, ``weights`` [T, k]: each token's weighted sum over its
+    top-k, accumulated in fp32 and returned in ``y``'s dtype. One batched matmul, so each
+    token's sum does not depend on the other tokens (combine and the reference agree)."""
+    out = torch.bmm(weights.float().unsqueeze(1), y.float()).squeeze(1)
+    return out.to(y.dtype)

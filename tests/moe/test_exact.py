@@ -49,6 +49,12 @@ async def _round(views, eps, dtype, tokens, E, k, seed):
     got = await asyncio.gather(*(one(r) for r in range(len(views))))
     for r, (x, idx, w) in enumerate(inputs):
         want = reference(x, idx, w, expert)
+        # and independently of the package's own reduction: a plain loop in fp64
+        naive = sum(w[:, j, None].double() * torch.stack([expert(int(e), x[t : t + 1])[0]
+                    for t, e in enumerate(idx[:, j])]).double() if len(x) else x.double()
+                    for j in range(k))  # fmt: skip
+        tol = 1e-6 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(got[r].double(), naive, rtol=tol, atol=tol)
         if dtype == torch.float32:
             assert torch.equal(got[r], want), f"rank {r}"
         else:
