@@ -54,6 +54,7 @@ async def _af_rounds(
         for it in range(iters + a["warmup"]):
             idx, w = _routing(T, a["experts"], a["topk"], seed=it * 1000 + view.rank)
             idx, w = idx.to(a["device"]), w.to(a["device"])
+            await view.allgather(b"")  # start together, as gloo's rounds do (dist.barrier)
             t0 = time.perf_counter()
             d = await ep.dispatch(x, idx, w)
             _sync(a["device"])
@@ -107,28 +108,40 @@ def _gloo_rounds(
         out_split = recv_counts.view(W, El).sum(1).tolist()
         recv = torch.empty(sum(out_split), H, dtype=dt)
         dist.all_to_all_single(recv, send, out_split, in_split)
-        # group by local expert, as asyncfabric's dispatch returns them
-        C = recv_counts.view(W, El)
-        blk = torch.arange(W * El).view(W, El).t().reshape(-1)
-        lens = C.reshape(-1)
-        starts = torch.cumsum(lens, 0) - lens
-        perm = torch.cat([torch.arange(int(starts[b]), int(starts[b] + lens[b])) for b in blk])
-        expert_in = recv.index_select(0, perm)
+        # group by local expert, as asyncfabric's dispatch returns them (same torch ops as
+        # asyncfabric's, gathers with precomputed permutations, so only the exchange differs)
+        em_to_sm, sm_to_em = _expert_major(recv_counts.view(W, El))
+        expert_in = recv.index_select(0, em_to_sm)
         t1 = time.perf_counter()
         y = expert_in
         t2 = time.perf_counter()
-        back_send = torch.empty_like(y)
-        back_send.index_copy_(0, perm, y)
+        back_send = y.index_select(0, sm_to_em)
         back = torch.empty(T * k, H, dtype=dt)
         dist.all_to_all_single(back, back_send, in_split, out_split)
-        yy = torch.empty_like(back)
-        yy[order] = back
-        weighted_sum(yy.view(T, k, H), w)
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel())
+        weighted_sum(back.index_select(0, inv).view(T, k, H), w)
         t3 = time.perf_counter()
         if it >= a["warmup"]:
             out["dispatch"].append((t1 - t0) * 1e6)
             out["combine"].append((t3 - t2) * 1e6)
     return out
+
+
+def _expert_major(C: Any) -> tuple[Any, Any]:
+    """Source-major rows (as all_to_all_single delivers them) to expert-major and back."""
+    import torch
+
+    W, El = C.shape
+    src_off = torch.cumsum(C.sum(1), 0) - C.sum(1)
+    within = torch.cumsum(C, 1) - C
+    lengths = C.t().reshape(-1)
+    n = int(lengths.sum())
+    step = torch.arange(n) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    em_to_sm = torch.repeat_interleave((src_off[:, None] + within).t().reshape(-1), lengths) + step
+    sm_to_em = torch.empty_like(em_to_sm)
+    sm_to_em[em_to_sm] = torch.arange(n)
+    return em_to_sm, sm_to_em
 
 
 def _worker(rank: int, W: int, conn: Any, a: dict[str, Any]) -> None:

@@ -361,24 +361,29 @@ class ExpertParallel:
         if self.mode == "low_latency":
             b = af.Batch()
             dests = []
+            E8 = self.num_experts * 8
             for d in range(W):
-                meta = self._meta_d[d][
-                    rank * self.num_experts * 8 : (rank + 1) * self.num_experts * 8
-                ]
-                b.add(self._r_meta_send, meta, imm=self._imm(_META, rank))
-                dests.append(d)
                 rows = rt.dest_rows[d]
+                o = rt.dest_off[d]
+                if d == rank:  # this rank's own rows: a copy, not a write
+                    self._meta[rank].copy_(rt.counts)
+                    at = rank * self.slot_rows
+                    self._arena[at : at + rows].copy_(self._send[o : o + rows])
+                    continue
+                b.add(self._r_meta_send, self._meta_d[d][rank * E8 : (rank + 1) * E8],
+                      imm=self._imm(_META, rank))  # fmt: skip
+                dests.append(d)
                 if rows:
-                    o = rt.dest_off[d] * rb
                     at = rank * self.slot_rows * rb
-                    b.add(self._r_send[o : o + rows * rb], self._arena_d[d][at : at + rows * rb],
-                          imm=self._imm(_DATA, rank))  # fmt: skip
+                    b.add(self._r_send[o * rb : (o + rows) * rb],
+                          self._arena_d[d][at : at + rows * rb], imm=self._imm(_DATA, rank))  # fmt: skip
                     dests.append(d)
             await self._post(b, dests, "dispatch")
-            await self._await_all(_META, [1] * W, deadline, "dispatch (counts)")
+            await self._await_all(_META, self._not_me([1] * W), deadline, "dispatch (counts)")
             C = self._meta.clone()
             lay = recv_layout(C, rank, self.slot_rows)
-            await self._await_all(_DATA, self._owed_slots(lay, C), deadline, "dispatch (rows)")
+            owed = self._not_me(self._owed(lay.src_rows, self._r_arena))
+            await self._await_all(_DATA, owed, deadline, "dispatch (rows)")
             assert self._recv is not None and lay.em_to_slot is not None
             out = self._recv[: lay.rows]
             torch.index_select(self._arena, 0, lay.em_to_slot.to(self.device), out=out)
@@ -420,8 +425,9 @@ class ExpertParallel:
         El = self.local_experts
         return Dispatched(out, lay.expert_counts, range(rank * El, (rank + 1) * El))
 
-    def _owed_slots(self, lay: RecvLayout, C: torch.Tensor) -> list[int]:
-        return self._owed(lay.src_rows, self._r_arena)
+    def _not_me(self, owed: list[int]) -> list[int]:
+        owed[self.rank] = 0
+        return owed
 
     def _owed_packed(self, C: torch.Tensor) -> list[int]:
         """High-throughput: source ``s`` writes one run per local expert it has rows for."""
@@ -449,22 +455,27 @@ class ExpertParallel:
         deadline = time.monotonic() + self.timeout
         W, rank, rb = self.size, self.rank, self.row_bytes
         if lay.rows:
-            self._back_send[: lay.rows].index_copy_(0, lay.em_to_sm.to(self.device), expert_out)
+            torch.index_select(expert_out, 0, lay.sm_to_em.to(self.device),
+                               out=self._back_send[: lay.rows])  # fmt: skip
         b = af.Batch()
         dests = []
         for s in range(W):
             rows = lay.src_rows[s]
-            if rows:
-                o, at = lay.src_off[s] * rb, lay.back_off[s] * rb
-                b.add(self._r_back_send[o : o + rows * rb], self._back_d[s][at : at + rows * rb],
-                      imm=self._imm(_BACK, rank))  # fmt: skip
-                dests.append(s)
+            if not rows:
+                continue
+            o, at = lay.src_off[s], lay.back_off[s]
+            if s == rank:
+                self._back[at : at + rows].copy_(self._back_send[o : o + rows])
+                continue
+            b.add(self._r_back_send[o * rb : (o + rows) * rb],
+                  self._back_d[s][at * rb : (at + rows) * rb], imm=self._imm(_BACK, rank))  # fmt: skip
+            dests.append(s)
         self._pending = None
         await self._post(b, dests, "combine")
-        await self._await_all(_BACK, self._owed(rt.dest_rows, self._r_back), deadline, "combine")
+        owed = self._not_me(self._owed(rt.dest_rows, self._r_back))
+        await self._await_all(_BACK, owed, deadline, "combine")
         n = rt.order.numel()
-        y = torch.empty(n, self.hidden, dtype=self.dtype, device=self.device)
-        y[rt.order] = self._back[:n]
+        y = self._back[:n].index_select(0, rt.back.to(self.device))
         return weighted_sum(y.view(T, self.topk, self.hidden), weights)
 
 

@@ -19,6 +19,7 @@ class Route:
     """A source rank's routing of one batch: its rows in send order."""
 
     order: torch.Tensor  # [T*k] int64: send position -> flat (token*k + j) index
+    back: torch.Tensor  # [T*k] int64: flat (token*k + j) index -> send position
     tokens: torch.Tensor  # [T*k] int64: send position -> token
     counts: torch.Tensor  # [E] int64 (CPU): rows per expert, C[r]
     dest_rows: list[int]  # rows per destination rank
@@ -35,7 +36,14 @@ def route(topk_idx: torch.Tensor, num_experts: int, world: int) -> Route:
     counts = torch.bincount(flat, minlength=num_experts).cpu()
     per_dest = counts.view(world, -1).sum(1)
     off = torch.cumsum(per_dest, 0) - per_dest
-    return Route(order, order // k, counts, per_dest.tolist(), off.tolist())
+    return Route(order, _inverse(order), order // k, counts, per_dest.tolist(), off.tolist())
+
+
+def _inverse(p: torch.Tensor) -> torch.Tensor:
+    # Gathers with the inverse are several times cheaper than scatters with ``p`` on CPU.
+    inv = torch.empty_like(p)
+    inv[p] = torch.arange(p.numel(), dtype=p.dtype, device=p.device)
+    return inv
 
 
 def _excl(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -52,7 +60,7 @@ class RecvLayout:
     src_off: list[int]  # [W] where each source's rows start in the packed source-major order
     # send position (in source s's own order) of this rank's first row: where combine writes
     back_off: list[int]
-    em_to_sm: torch.Tensor  # [N] expert-major index -> packed source-major index
+    sm_to_em: torch.Tensor  # [N] packed source-major index -> expert-major index
     em_to_slot: torch.Tensor | None  # [N] expert-major index -> fixed-slot index (low-latency)
 
 
@@ -84,7 +92,7 @@ def recv_layout(C: torch.Tensor, rank: int, slot_rows: int | None) -> RecvLayout
         src_rows.tolist(),
         src_off.tolist(),
         back.tolist(),
-        em_to_sm,
+        _inverse(em_to_sm),
         em_to_slot,
     )
 
