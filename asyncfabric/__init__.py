@@ -6,6 +6,8 @@ arriving immediates that resolve awaitables when they reach a count.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     AsyncFabricError,
     BackendUnavailable,
@@ -36,6 +38,63 @@ from .transport import Registration, expected_imms
 
 __version__ = "0.1.0"
 
+# Groups and stores (asyncfabric.group, asyncfabric.store) load on first use: the
+# engine alone never pays for them, and they import only the names above.
+_GROUP_NAMES = frozenset(
+    {
+        "DescriptorRevoked",
+        "DuplicateMember",
+        "Group",
+        "GroupError",
+        "Joined",
+        "Left",
+        "LookupTimeout",
+        "Member",
+        "MemberLost",
+        "StoreAuthError",
+        "StoreLost",
+        "StoreUnavailable",
+        "UnknownMember",
+        "View",
+        "ViewTimeout",
+        "join",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GROUP_NAMES:
+        from . import group
+
+        return getattr(group, name)
+    if name == "store":
+        import importlib
+
+        return importlib.import_module(".store", __name__)
+    raise AttributeError(f"module 'asyncfabric' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from . import store
+    from .group import (
+        DescriptorRevoked,
+        DuplicateMember,
+        Group,
+        GroupError,
+        Joined,
+        Left,
+        LookupTimeout,
+        Member,
+        MemberLost,
+        StoreAuthError,
+        StoreLost,
+        StoreUnavailable,
+        UnknownMember,
+        View,
+        ViewTimeout,
+        join,
+    )
+
 __all__ = [
     "AsyncFabricError",
     "BackendUnavailable",
@@ -43,11 +102,20 @@ __all__ = [
     "BatchError",
     "Descriptor",
     "DescriptorError",
+    "DescriptorRevoked",
+    "DuplicateMember",
     "Engine",
     "EngineAddress",
     "EngineClosed",
+    "Group",
+    "GroupError",
     "ImmCounter",
     "ImmTimeout",
+    "Joined",
+    "Left",
+    "LookupTimeout",
+    "Member",
+    "MemberLost",
     "Peer",
     "PeerUnreachable",
     "ProgressPolicy",
@@ -57,8 +125,16 @@ __all__ = [
     "Registration",
     "RemoteAccessError",
     "RemoteSlice",
+    "StoreAuthError",
+    "StoreLost",
+    "StoreUnavailable",
     "TransferError",
+    "UnknownMember",
     "Unsupported",
+    "View",
+    "ViewTimeout",
     "expected_imms",
+    "join",
     "run",
+    "store",
 ]

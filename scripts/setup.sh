@@ -43,7 +43,7 @@ if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py asyncfabric/backend
   log=.venv/setup-pip.log
   # torch==2.13.0 is pinned for tests only: on these machines it resolves to a local CPU wheel,
   # where an unpinned torch would download a multi-GB CUDA build.
-  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,trio,peers,docs,notebooks]' \
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,bench,trio,peers,docs,notebooks,etcd]' \
       'torch==2.13.0' >"$log" 2>&1; then
     cat "$log" >&2
     echo "setup: pip install failed (log above, also in $log)" >&2

@@ -157,3 +157,48 @@ async def test_configurable_timeout_bounds_unwatched_peer(provider, kw):
         took = time.monotonic() - t0
         print(f"\n[peer-loss, unwatched] {provider}: failed {took * 1e3:.0f} ms after SIGKILL")
         assert took <= timeout + 1.5
+
+
+async def test_killed_peer_fails_pending_reads(provider, kw):
+    """Reads in flight when their target dies fail alone: on shm 1.17 the failed
+    in-call copy comes back as a CQ error with no context, which must not be taken
+    for a broken CQ (it used to fail the whole engine)."""
+    timeout = 5.0
+    async with (
+        PeerProcess(provider, **kw) as victim,
+        PeerProcess(provider, **kw) as bystander,
+        af.Engine(provider, peer_timeout=timeout, **kw) as eng,
+    ):
+        local = eng.register(np.zeros(4 << 20, np.uint8))
+        src = eng.register(random_bytes(4096, seed=5))
+        _, vdesc_b = await victim.alloc(1 << 20)
+        brid, bdesc_b = await bystander.alloc(4096)
+        vdesc = af.Descriptor.from_bytes(vdesc_b)
+        bdesc = af.Descriptor.from_bytes(bdesc_b)
+        done = [0]
+        errors: list[BaseException] = []
+
+        async def reader(k: int) -> None:
+            dst = local[k << 20 : (k + 1) << 20]
+            try:
+                while True:
+                    await eng.read(dst, vdesc, timeout=timeout + 10)
+                    done[0] += 1
+                    await anyio.sleep(0)  # a read done in the call does not yield
+            except af.AsyncFabricError as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(timeout + 30):
+            async with anyio.create_task_group() as tg:
+                for k in range(4):
+                    tg.start_soon(reader, k)
+                while done[0] < 40 and not errors:
+                    await anyio.sleep(0.001)
+                assert not errors, errors
+                victim.kill()
+        assert len(errors) == 4
+        assert all(isinstance(e, af.PeerUnreachable) for e in errors), errors
+        # the engine is whole: it still writes to its other peer
+        await eng.write(src[0:4096], bdesc[0:4096], imm=9)
+        await bystander.wait(9, 1)
+        assert await bystander.digest(brid, 0, 4096) == sha256(src.buffer, 0, 4096)

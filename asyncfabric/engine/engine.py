@@ -237,11 +237,14 @@ class Engine:
         # What the transport may still write (a batch's status array) stays alive
         # until it is closed.
         ops, self._ops = self._ops, {}
-        for r in list(self._regions.values()):
+        regions = list(self._regions.values())
+        for r in regions:
             r._closed = True
         self._regions.clear()
         self._t.close()
         del ops
+        for r in regions:
+            r._run_close_cbs()
         _CLOSED_UIDS.add(self._addr.uid)
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -358,6 +361,16 @@ class Engine:
         region = Region(self, info, reg, rid, flags)
         self._regions[rid] = region
         return region
+
+    def region_of(self, desc: Descriptor) -> Region | None:
+        """The live region of this engine that ``desc`` describes, or None (another
+        engine's descriptor, or a region since closed)."""
+        if not isinstance(desc, Descriptor):
+            raise TypeError(f"region_of takes a Descriptor, got {type(desc).__name__}")
+        self._check_open()
+        if desc.address.uid != self._addr.uid:
+            return None
+        return self._regions.get(desc.region_id)
 
     def _deregister(self, region: Region) -> None:
         if not self._closed:

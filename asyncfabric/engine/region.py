@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ class Region:
         "_inflight",
         "_desc",
         "_fast",
+        "_close_cbs",
         "__weakref__",
     )
 
@@ -47,6 +49,7 @@ class Region:
         self._closed = False
         self._inflight = 0
         self._desc: Descriptor | None = None
+        self._close_cbs: list[Callable[[Region], None]] = []
         # What the engine's native fast path posts from (fastpath.py): host
         # memory the transport registered itself; GPU and staged memory take the
         # Python path, where the transport's wrappers see them.
@@ -131,6 +134,24 @@ class Region:
             raise RegionError("region was unregistered; register the buffer again to use it")
         self._engine._check_open()
 
+    def on_close(self, callback: Callable[[Region], None]) -> None:
+        """Call ``callback(region)`` once when the region closes (or its engine does).
+
+        Systems that hand the descriptor out (a group's named descriptors) use it to
+        revoke what they published. A callback must not raise; one that does is
+        reported through the event loop's exception handler, and the others still run."""
+        if not callable(callback):
+            raise TypeError(f"on_close takes a callable, got {type(callback).__name__}")
+        if self._closed:
+            _call(callback, self)
+            return
+        self._close_cbs.append(callback)
+
+    def _run_close_cbs(self) -> None:
+        cbs, self._close_cbs = self._close_cbs, []
+        for cb in cbs:
+            _call(cb, self)
+
     def close(self) -> None:
         """Unregister: peers' writes through its descriptor are refused from now on."""
         if self._closed:
@@ -139,6 +160,7 @@ class Region:
         self._engine._regions.pop(self._id, None)
         if self._inflight == 0:
             self._engine._deregister(self)
+        self._run_close_cbs()
 
     def __enter__(self) -> Region:
         return self
@@ -158,6 +180,21 @@ class RegionSlice:
     region: Region
     offset: int
     nbytes: int
+
+
+def _call(cb: Callable[[Region], None], region: Region) -> None:
+    try:
+        cb(region)
+    except Exception as exc:  # a bystander's bug must not break close()
+        import asyncio
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.call_exception_handler(
+            {"message": "Region.on_close callback failed", "exception": exc}
+        )
 
 
 def flags_for(remote_write: bool, remote_read: bool) -> int:

@@ -53,6 +53,7 @@ typedef struct af_stats {
     uint64_t wakeups;
     uint64_t spins;
     uint64_t cq_errors;
+    uint64_t orphan_errors;
     uint64_t live_ops;
     uint64_t live_mrs;
 } af_stats;

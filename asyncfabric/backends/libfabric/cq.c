@@ -67,6 +67,15 @@ static int handle_error_entry(af_engine *e, af_dom *d, const struct fi_cq_err_en
         else post_rx(e, d, rx); /* a truncated or failed receive: the buffer is reused */
         return 0;
     }
+    if (!err->op_context) {
+        /* shm 1.17 reports a failed in-call copy (CMA to a process that just
+         * exited) with no context, after the post returned 0. The transfer
+         * it belonged to cannot be named here, so fail nothing: check the
+         * peers now, and the dead one's transfers fail with -ESRCH. */
+        e->st.orphan_errors++;
+        e->t_watch = 0;
+        return status;
+    }
     push_event(e, AF_EV_FATAL, (uint32_t)(d - e->dom), status, 0, 0);
     return status;
 }
