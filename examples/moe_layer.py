@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from asyncfabric.moe import ExpertParallel
-from asyncfabric.moe._shim import spawn_views  # temporary until groups (issue 13) land
+from asyncfabric.testing.ranks import spawn_views  # processes joined through a real group
 
 HIDDEN, FFN, EXPERTS, TOPK, TOKENS = 64, 128, 8, 2, 16
 

@@ -12,7 +12,6 @@ asyncfabric bench moe --ep 2 --tokens 128 --prefill-tokens 4096 --hidden 7168
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -54,7 +53,7 @@ async def _af_rounds(
         for it in range(iters + a["warmup"]):
             idx, w = _routing(T, a["experts"], a["topk"], seed=it * 1000 + view.rank)
             idx, w = idx.to(a["device"]), w.to(a["device"])
-            await view.allgather(b"")  # start together, as gloo's rounds do (dist.barrier)
+            await view.barrier()  # start together, as gloo's rounds do (dist.barrier)
             t0 = time.perf_counter()
             d = await ep.dispatch(x, idx, w)
             _sync(a["device"])
@@ -144,94 +143,48 @@ def _expert_major(C: Any) -> tuple[Any, Any]:
     return em_to_sm, sm_to_em
 
 
-def _worker(rank: int, W: int, conn: Any, a: dict[str, Any]) -> None:
-    try:
-        torch_threads = a.get("threads")
-        if torch_threads:
-            import torch
+async def _rank_main(view: Any, a: dict[str, Any]) -> dict[str, Any]:
+    if a.get("threads"):
+        import torch
 
-            torch.set_num_threads(torch_threads)
-        res = asyncio.run(_worker_main(rank, W, conn, a))
-        conn.send(("ok", res))
-    except BaseException as exc:  # reported to the parent, which prints it as one line
-        conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
-async def _worker_main(rank: int, W: int, conn: Any, a: dict[str, Any]) -> dict[str, Any]:
-    import asyncfabric as af
-
-    from ..moe._shim import ShimView
-
+        torch.set_num_threads(a["threads"])
     res: dict[str, Any] = {}
-    async with af.Engine(a["provider"]) as eng:
-        conn.send(eng.address)
-        addrs = conn.recv()
-        view = ShimView(eng, rank, addrs)
-        if "ll" in a["impls"]:
-            res["asyncfabric-ll/decode"] = await _af_rounds(
-                view, a, "low_latency", a["tokens"], a["iters"]
+    T, P = a["tokens"], a["prefill_tokens"]
+    if "ll" in a["impls"]:
+        res["asyncfabric-ll/decode"] = await _af_rounds(view, a, "low_latency", T, a["iters"])
+    if "ht" in a["impls"]:
+        res["asyncfabric-ht/decode"] = await _af_rounds(view, a, "high_throughput", T, a["iters"])
+        if P:
+            res["asyncfabric-ht/prefill"] = await _af_rounds(
+                view, a, "high_throughput", P, a["prefill_iters"]
             )
-        if "ht" in a["impls"]:
-            res["asyncfabric-ht/decode"] = await _af_rounds(
-                view, a, "high_throughput", a["tokens"], a["iters"]
-            )
-            if a["prefill_tokens"]:
-                res["asyncfabric-ht/prefill"] = await _af_rounds(
-                    view, a, "high_throughput", a["prefill_tokens"], a["prefill_iters"])  # fmt: skip
-        await view.allgather(b"done", timeout=120)
+    await view.barrier(timeout=120)
     if "gloo" in a["impls"]:
         import torch.distributed as dist
 
+        rank, W = view.rank, view.size
         dist.init_process_group("gloo", init_method=a["gloo_url"], rank=rank, world_size=W)
         try:
-            res["gloo/decode"] = _gloo_rounds(rank, W, a, a["tokens"], a["iters"])
-            if a["prefill_tokens"]:
-                res["gloo/prefill"] = _gloo_rounds(
-                    rank, W, a, a["prefill_tokens"], a["prefill_iters"]
-                )
+            res["gloo/decode"] = _gloo_rounds(rank, W, a, T, a["iters"])
+            if P:
+                res["gloo/prefill"] = _gloo_rounds(rank, W, a, P, a["prefill_iters"])
         finally:
             dist.destroy_process_group()
     return res
 
 
 def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
-    import multiprocessing as mp
+    from ..testing.ranks import spawn_views
 
-    ctx = mp.get_context("spawn")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         a = dict(a, gloo_url=f"tcp://127.0.0.1:{s.getsockname()[1]}")
-    pipes, procs = [], []
-    for r in range(W):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=_worker, args=(r, W, child, a), name=f"afbench-moe-{r}")
-        p.start()
-        child.close()
-        pipes.append(parent)
-        procs.append(p)
-    try:
-        addrs = []
-        for c in pipes:
-            if not c.poll(120):
-                raise RuntimeError("a benchmark rank did not start within 120 s")
-            addrs.append(c.recv())
-        for c in pipes:
-            c.send(addrs)
-        results = []
-        for c in pipes:
-            if not c.poll(a["deadline_s"]):
-                raise RuntimeError(f"the EP{W} run did not finish within {a['deadline_s']} s")
-            kind, val = c.recv()
-            if kind == "error":
-                raise RuntimeError(val)
-            results.append(val)
-    finally:
-        for p in procs:
-            p.join(10)
-            if p.is_alive():
-                p.kill()
+    results = []
+    for kind, val in spawn_views(W, _rank_main, (a,), provider=a["provider"],
+                                 timeout=a["deadline_s"]):  # fmt: skip
+        if kind != "ok":
+            raise RuntimeError(f"EP{W}: {val}")
+        results.append(val)
     rows = []
     for key in results[0]:
         impl, phase = key.split("/")

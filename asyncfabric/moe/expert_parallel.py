@@ -306,6 +306,8 @@ class ExpertParallel:
             return
         try:
             await self.view.guard(self.engine.write_many(batch, timeout=self.timeout))
+        except af.MemberLost as e:
+            raise self._member_lost(e, what) from e
         except af.BatchError as e:
             ranks = tuple(sorted({dests[i] for i in e.failures}))
             self._broken = f"{what} failed"
@@ -325,6 +327,8 @@ class ExpertParallel:
             c = eng.counter(self._imm(phase, s))
             try:
                 await self.view.guard(c.wait(n, timeout=self._left(deadline)))
+            except af.MemberLost as e:
+                raise self._member_lost(e, what) from e
             except af.ImmTimeout:
                 # Sources before s were consumed already; later ones may be short too.
                 late = [s] + [r for r in range(s + 1, len(owed))
@@ -335,6 +339,13 @@ class ExpertParallel:
                     "not calling the same dispatch/combine); rebuild the group from the live ranks",
                     tuple(late),
                 ) from None
+
+    def _member_lost(self, e: af.MemberLost, what: str) -> RankLost:
+        names = list(getattr(self.view, "names", ()))
+        ranks = (names.index(e.name),) if e.name in names else ()
+        self._broken = f"{what}: member {e.name!r} left"
+        return RankLost(f"{what}: rank(s) {list(ranks)} (member {e.name!r}) left the group "
+                        "view; rebuild the group from a new view", ranks)  # fmt: skip
 
     def _owed(self, rows: Sequence[int], region: af.Region) -> list[int]:
         return [region.expected_imms(n * self.row_bytes) if n else 0 for n in rows]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -35,8 +36,10 @@ async def dies_mid_layer(view: Any, victim: int, timeout: float, mode: str) -> d
         try:
             await ep.combine(d.x.clone())
         except RankLost as e:
-            return {"error": "RankLost", "ranks": list(e.ranks), "after_s": time.monotonic() - t0,
-                    "message": str(e)}  # fmt: skip
+            out = {"error": "RankLost", "ranks": list(e.ranks), "after_s": time.monotonic() - t0,
+                   "message": str(e)}  # fmt: skip
+            await asyncio.sleep(timeout + 1)  # leaving now would make the others blame us
+            return out
     return {"error": None}
 
 
@@ -53,5 +56,8 @@ async def dies_before_layer(view: Any, victim: int, timeout: float) -> dict[str,
     try:
         await ep.dispatch(x, idx, w)
     except RankLost as e:
-        return {"error": "RankLost", "ranks": list(e.ranks), "after_s": time.monotonic() - t0}
+        out = {"error": "RankLost", "ranks": list(e.ranks), "after_s": time.monotonic() - t0,
+               "message": str(e)}  # fmt: skip
+        await asyncio.sleep(timeout + 1)
+        return out
     return {"error": None}

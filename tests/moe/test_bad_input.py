@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asyncfabric.moe import ExpertParallel, MoEError, MoEInputError, RankLost
-from asyncfabric.moe._shim import local_views
+from asyncfabric.testing.groups import local_views
 
 H, E, K, T = 16, 8, 2, 8
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from asyncfabric.moe import ExpertParallel, reference
-from asyncfabric.moe._shim import local_views
+from asyncfabric.testing.groups import local_views
 
 H = 64
 

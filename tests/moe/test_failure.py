@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ranks
 
-from asyncfabric.moe._shim import spawn_views
+from asyncfabric.testing.ranks import spawn_views
 
 TIMEOUT = 3.0
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from asyncfabric.moe import ExpertParallel
-from asyncfabric.moe._shim import local_views
+from asyncfabric.testing.groups import local_views
 
 transformers = pytest.importorskip("transformers")
 W, SEQ = 4, 12
