@@ -91,16 +91,23 @@ def _gloo_rounds(
     E, k, H = a["experts"], a["topk"], a["hidden"]
     El = E // W
     dt = getattr(torch, a["dtype"])
-    x = torch.randn(T, H).to(dt)
+    dev = torch.device(a["device"])
+    # gloo moves host tensors only: on a GPU the rows are copied to and from the host around
+    # each all_to_all_single, as users of gloo do.
+    host = dev.type != "cpu"
+    x = torch.randn(T, H, device=dev).to(dt)
     out: dict[str, list[float]] = {"dispatch": [], "combine": []}
     for it in range(iters + a["warmup"]):
         idx, w = _routing(T, E, k, seed=it * 1000 + rank)
+        idx, w = idx.to(dev), w.to(dev)
         dist.barrier()
         t0 = time.perf_counter()
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E)
+        counts = torch.bincount(flat, minlength=E).cpu()
         send = x.index_select(0, order // k)
+        if host:
+            send = send.cpu()
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts)  # [W*El]: from each source, per my expert
         in_split = counts.view(W, El).sum(1).tolist()
@@ -110,16 +117,20 @@ def _gloo_rounds(
         # group by local expert, as asyncfabric's dispatch returns them (same torch ops as
         # asyncfabric's, gathers with precomputed permutations, so only the exchange differs)
         em_to_sm, sm_to_em = _expert_major(recv_counts.view(W, El))
-        expert_in = recv.index_select(0, em_to_sm)
+        expert_in = recv.to(dev).index_select(0, em_to_sm.to(dev))
+        _sync(a["device"])
         t1 = time.perf_counter()
         y = expert_in
         t2 = time.perf_counter()
-        back_send = y.index_select(0, sm_to_em)
+        back_send = y.index_select(0, sm_to_em.to(dev))
+        if host:
+            back_send = back_send.cpu()
         back = torch.empty(T * k, H, dtype=dt)
         dist.all_to_all_single(back, back_send, in_split, out_split)
         inv = torch.empty_like(order)
-        inv[order] = torch.arange(order.numel())
-        weighted_sum(back.index_select(0, inv).view(T, k, H), w)
+        inv[order] = torch.arange(order.numel(), device=dev)
+        weighted_sum(back.to(dev).index_select(0, inv).view(T, k, H), w)
+        _sync(a["device"])
         t3 = time.perf_counter()
         if it >= a["warmup"]:
             out["dispatch"].append((t1 - t0) * 1e6)

@@ -151,7 +151,10 @@ class ExpertParallel:
             num_experts, hidden, topk, max_tokens)  # fmt: skip
         self.local_experts = num_experts // W
         self.dtype, self.mode, self.timeout = dtype, mode, float(timeout)
-        self.device = torch.device(device)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # tensors report their index: compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
         self.slot = slot
         # Distinct experts per token: at most min(topk, El) rows per token to one rank.
         self.slot_rows = max_tokens * min(topk, self.local_experts)
@@ -220,10 +223,10 @@ class ExpertParallel:
                 pos += 4 + n
             if json.loads(parts[0]) != conf:
                 differ.append((r, json.loads(parts[0])))
-            a, b, c = (af.Descriptor.from_bytes(p) for p in parts[1:4])
-            self._arena_d.append(a)
-            self._back_d.append(b)
-            self._meta_d.append(c)
+            arena, back, meta = (af.Descriptor.from_bytes(p) for p in parts[1:4])
+            self._arena_d.append(arena)
+            self._back_d.append(back)
+            self._meta_d.append(meta)
         if differ:
             raise MoEInputError(
                 f"rank {self.rank} was created with {conf}, but "

@@ -20,8 +20,8 @@ import asyncfabric as af
 def _child(rank: int, size: int, conn: Any, store: tuple[str, str], group: str,
            provider: str, ttl: float, target: Any, args: tuple[Any, ...]) -> None:  # fmt: skip
     async def main() -> Any:
-        kw = {"node": "127.0.0.1"} if provider == "tcp" else {}
-        async with af.Engine(provider, **kw) as eng:
+        node = "127.0.0.1" if provider == "tcp" else None  # tests stay on this machine
+        async with af.Engine(provider, node=node) as eng:
             st = await af.store.connect(store[0], secret=store[1])
             try:
                 g = await af.join(st, group=group, name=f"r{rank:04d}", engine=eng, ttl=ttl)
