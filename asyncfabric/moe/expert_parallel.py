@@ -308,9 +308,7 @@ class ExpertParallel:
         if not len(batch):
             return
         try:
-            await self.view.guard(self.engine.write_many(batch, timeout=self.timeout))
-        except af.MemberLost as e:
-            raise self._member_lost(e, what) from e
+            await self.engine.write_many(batch, timeout=self.timeout)
         except af.BatchError as e:
             ranks = tuple(sorted({dests[i] for i in e.failures}))
             self._broken = f"{what} failed"
@@ -329,9 +327,7 @@ class ExpertParallel:
                 continue
             c = eng.counter(self._imm(phase, s))
             try:
-                await self.view.guard(c.wait(n, timeout=self._left(deadline)))
-            except af.MemberLost as e:
-                raise self._member_lost(e, what) from e
+                await c.wait(n, timeout=self._left(deadline))
             except af.ImmTimeout:
                 # Sources before s were consumed already; later ones may be short too.
                 late = [s] + [r for r in range(s + 1, len(owed))
@@ -342,6 +338,14 @@ class ExpertParallel:
                     "not calling the same dispatch/combine); rebuild the group from the live ranks",
                     tuple(late),
                 ) from None
+
+    async def _guarded(self, aw: Awaitable[T], what: str) -> T:
+        """``aw`` under the view's guard (one per call: a guard costs a task), so a member
+        that leaves fails the call at once, as :class:`RankLost`."""
+        try:
+            return await self.view.guard(aw)
+        except af.MemberLost as e:
+            raise self._member_lost(e, what) from e
 
     def _member_lost(self, e: af.MemberLost, what: str) -> RankLost:
         names = list(getattr(self.view, "names", ()))
@@ -365,6 +369,11 @@ class ExpertParallel:
         checked before anything is sent (:class:`MoEInputError`)."""
         self._check_state(False, "dispatch")
         self._check_dispatch(x, topk_idx, topk_weights)
+        return await self._guarded(self._dispatch(x, topk_idx, topk_weights), "dispatch")
+
+    async def _dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Dispatched:
         deadline = time.monotonic() + self.timeout
         W, rank, rb = self.size, self.rank, self.row_bytes
         rt = route(topk_idx, self.num_experts, W)
@@ -466,6 +475,11 @@ class ExpertParallel:
             raise MoEInputError(
                 f"expert_out is {expert_out.dtype}; this group carries {self.dtype}"
             )
+        return await self._guarded(self._combine(expert_out), "combine")
+
+    async def _combine(self, expert_out: torch.Tensor) -> torch.Tensor:
+        assert self._pending is not None
+        rt, lay, weights, T = self._pending
         deadline = time.monotonic() + self.timeout
         W, rank, rb = self.size, self.rank, self.row_bytes
         if lay.rows:
