@@ -61,10 +61,9 @@ def main() -> int:
     res = {"meta": {"argv": sys.argv, "gpu": gpu, "settings": settings,
                     "elapsed_s": round(time.monotonic() - t0, 1)}, "rows": rows}  # fmt: skip
     (out / "gpu_moe.json").write_text(json.dumps(res, indent=1))
-    print(f"{'EP':>3} {'impl':14} {'phase':8} {'op':9} {'p50 us':>10} {'p99 us':>10} {'gloo/x':>7}")
-    for r in rows:
-        print(f"{r['ep']:>3} {r['impl']:14} {r['phase']:8} {r['op']:9} {r['p50_us']:>10.1f} "
-              f"{r['p99_us']:>10.1f} {r['speedup_vs_gloo_p50'] or 0:>7.2f}")  # fmt: skip
+    from asyncfabric.bench.moe import table
+
+    print(table(rows))
     return 0
 
 

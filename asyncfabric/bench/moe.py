@@ -48,14 +48,16 @@ async def _af_rounds(
         dtype=dt, mode=mode, capacity=cap, device=a["device"], timeout=120.0,
     )  # fmt: skip
     x = torch.randn(T, a["hidden"], device=a["device"]).to(dt)
-    out: dict[str, list[float]] = {"dispatch": [], "combine": []}
+    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
+    warm = a["warmup"] if a["tokens"] == T else min(1, a["warmup"])
     try:
-        for it in range(iters + a["warmup"]):
+        for it in range(iters + warm):
             idx, w = _routing(T, a["experts"], a["topk"], seed=it * 1000 + view.rank)
             idx, w = idx.to(a["device"]), w.to(a["device"])
             await view.barrier()  # start together, as gloo's rounds do (dist.barrier)
             t0 = time.perf_counter()
             d = await ep.dispatch(x, idx, w)
+            dx = ep.last_exchange_s
             _sync(a["device"])
             t1 = time.perf_counter()
             y = d.x  # identity experts: the exchange alone is timed
@@ -63,9 +65,11 @@ async def _af_rounds(
             await ep.combine(y)
             _sync(a["device"])
             t3 = time.perf_counter()
-            if it >= a["warmup"]:
+            if it >= warm:
                 out["dispatch"].append((t1 - t0) * 1e6)
                 out["combine"].append((t3 - t2) * 1e6)
+                out["dispatch_x"].append(dx * 1e6)
+                out["combine_x"].append(ep.last_exchange_s * 1e6)
     finally:
         await ep.aclose()
         del ep
@@ -96,8 +100,9 @@ def _gloo_rounds(
     # each all_to_all_single, as users of gloo do.
     host = dev.type != "cpu"
     x = torch.randn(T, H, device=dev).to(dt)
-    out: dict[str, list[float]] = {"dispatch": [], "combine": []}
-    for it in range(iters + a["warmup"]):
+    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
+    warm = a["warmup"] if a["tokens"] == T else min(1, a["warmup"])
+    for it in range(iters + warm):
         idx, w = _routing(T, E, k, seed=it * 1000 + rank)
         idx, w = idx.to(dev), w.to(dev)
         dist.barrier()
@@ -109,11 +114,13 @@ def _gloo_rounds(
         if host:
             send = send.cpu()
         recv_counts = torch.empty_like(counts)
+        x0 = time.perf_counter()
         dist.all_to_all_single(recv_counts, counts)  # [W*El]: from each source, per my expert
         in_split = counts.view(W, El).sum(1).tolist()
         out_split = recv_counts.view(W, El).sum(1).tolist()
         recv = torch.empty(sum(out_split), H, dtype=dt)
         dist.all_to_all_single(recv, send, out_split, in_split)
+        dx = time.perf_counter() - x0
         # group by local expert, as asyncfabric's dispatch returns them (same torch ops as
         # asyncfabric's, gathers with precomputed permutations, so only the exchange differs)
         em_to_sm, sm_to_em = _expert_major(recv_counts.view(W, El))
@@ -126,15 +133,19 @@ def _gloo_rounds(
         if host:
             back_send = back_send.cpu()
         back = torch.empty(T * k, H, dtype=dt)
+        x0 = time.perf_counter()
         dist.all_to_all_single(back, back_send, in_split, out_split)
+        cx = time.perf_counter() - x0
         inv = torch.empty_like(order)
         inv[order] = torch.arange(order.numel(), device=dev)
         weighted_sum(back.to(dev).index_select(0, inv).view(T, k, H), w)
         _sync(a["device"])
         t3 = time.perf_counter()
-        if it >= a["warmup"]:
+        if it >= warm:
             out["dispatch"].append((t1 - t0) * 1e6)
             out["combine"].append((t3 - t2) * 1e6)
+            out["dispatch_x"].append(dx * 1e6)
+            out["combine_x"].append(cx * 1e6)
     return out
 
 
@@ -191,7 +202,8 @@ def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
         s.bind(("127.0.0.1", 0))
         a = dict(a, gloo_url=f"tcp://127.0.0.1:{s.getsockname()[1]}")
     results = []
-    for kind, val in spawn_views(W, _rank_main, (a,), provider=a["provider"],
+    # ttl: prefill packing holds the event loop for seconds, and lease renewals wait on it
+    for kind, val in spawn_views(W, _rank_main, (a,), provider=a["provider"], ttl=60,
                                  timeout=a["deadline_s"]):  # fmt: skip
         if kind != "ok":
             raise RuntimeError(f"EP{W}: {val}")
@@ -202,13 +214,31 @@ def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
         tokens = a["tokens"] if phase == "decode" else a["prefill_tokens"]
         for op in ("dispatch", "combine"):
             xs = [v for r in results for v in r[key][op]]
+            xx = [v for r in results for v in r[key][op + "_x"]]
             rows.append({"ep": W, "impl": impl, "phase": phase, "op": op, "tokens": tokens,
-                         "p50_us": _pct(xs, 0.5), "p99_us": _pct(xs, 0.99), "samples": len(xs)})  # fmt: skip
+                         "p50_us": _pct(xs, 0.5), "p99_us": _pct(xs, 0.99), "samples": len(xs),
+                         "exchange_p50_us": _pct(xx, 0.5)})  # fmt: skip
     for r in rows:
         base = [g for g in rows if g["impl"] == "gloo" and g["phase"] == r["phase"]
                 and g["op"] == r["op"]]  # fmt: skip
         r["speedup_vs_gloo_p50"] = base[0]["p50_us"] / r["p50_us"] if base else None
+        r["exchange_speedup_vs_gloo_p50"] = (
+            base[0]["exchange_p50_us"] / r["exchange_p50_us"] if base else None
+        )
     return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as text: latency p50/p99, the exchange's own p50, speed-ups over gloo."""
+    lines = [f"{'EP':>3} {'impl':14} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} "
+             f"{'p99 us':>10} {'xchg p50':>10} {'gloo/x':>7} {'xchg gloo/x':>11}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['ep']:>3} {r['impl']:14} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
+            f"{r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {r['exchange_p50_us']:>10.1f} "
+            f"{r['speedup_vs_gloo_p50'] or 0:>7.2f} {r['exchange_speedup_vs_gloo_p50'] or 0:>11.2f}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,12 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     for W in eps:
         rows += run_ep(W, a)
-    hdr = f"{'EP':>3} {'impl':14} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} {'p99 us':>10} {'gloo/x':>7}"
-    print(hdr)
-    for r in rows:
-        sp = r["speedup_vs_gloo_p50"]
-        print(f"{r['ep']:>3} {r['impl']:14} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
-              f"{r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {sp:>7.2f}")  # fmt: skip
+    print(table(rows))
     info = {"argv": ["asyncfabric", "bench", "moe", *(argv or sys.argv[1:])], "settings": a,
             "elapsed_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count()}  # fmt: skip
     if args.json:

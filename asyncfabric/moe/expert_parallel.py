@@ -171,6 +171,9 @@ class ExpertParallel:
         self.row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
         self._regions: list[af.Region] = []
         self._broken: str | None = None
+        #: Seconds the last dispatch or combine spent posting its writes and waiting for
+        #: arrivals; the rest of its time was routing and packing (torch ops).
+        self.last_exchange_s = 0.0
         self._pending: tuple[Route, RecvLayout, torch.Tensor, int] | None = None
         dev, dt = self.device, dtype
         self._send = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
@@ -307,6 +310,7 @@ class ExpertParallel:
     async def _post(self, batch: af.Batch, dests: list[int], what: str) -> None:
         if not len(batch):
             return
+        t0 = time.perf_counter()
         try:
             await self.engine.write_many(batch, timeout=self.timeout)
         except af.BatchError as e:
@@ -318,9 +322,20 @@ class ExpertParallel:
             self._broken = f"{what} failed"
             raise RankLost(f"{what}: a write failed ({e}); rebuild the group from the live "
                            "ranks", tuple(sorted(set(dests)))) from e  # fmt: skip
+        finally:
+            self.last_exchange_s += time.perf_counter() - t0
 
     async def _await_all(self, phase: int, owed: Sequence[int], deadline: float, what: str) -> None:
         """Wait for ``owed[s]`` immediates of ``phase`` from each source ``s``."""
+        t0 = time.perf_counter()
+        try:
+            await self._await_each(phase, owed, deadline, what)
+        finally:
+            self.last_exchange_s += time.perf_counter() - t0
+
+    async def _await_each(
+        self, phase: int, owed: Sequence[int], deadline: float, what: str
+    ) -> None:
         eng = self.engine
         for s, n in enumerate(owed):
             if not n:
@@ -369,6 +384,7 @@ class ExpertParallel:
         checked before anything is sent (:class:`MoEInputError`)."""
         self._check_state(False, "dispatch")
         self._check_dispatch(x, topk_idx, topk_weights)
+        self.last_exchange_s = 0.0
         return await self._guarded(self._dispatch(x, topk_idx, topk_weights), "dispatch")
 
     async def _dispatch(
@@ -475,6 +491,7 @@ class ExpertParallel:
             raise MoEInputError(
                 f"expert_out is {expert_out.dtype}; this group carries {self.dtype}"
             )
+        self.last_exchange_s = 0.0
         return await self._guarded(self._combine(expert_out), "combine")
 
     async def _combine(self, expert_out: torch.Tensor) -> torch.Tensor:
