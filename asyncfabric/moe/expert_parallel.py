@@ -9,6 +9,7 @@ Nothing orders the writes: each phase knows how many immediates each source owes
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Sequence
@@ -394,20 +395,21 @@ class ExpertParallel:
         W, rank, rb = self.size, self.rank, self.row_bytes
         rt = route(topk_idx, self.num_experts, W)
         n = rt.order.numel()
-        if n:
-            torch.index_select(x, 0, rt.tokens, out=self._send[:n])
         self._meta_send.copy_(rt.counts)
         if self.mode == "low_latency":
+            # Rows for other ranks are gathered into the send buffer and posted first; this
+            # rank's own rows are gathered straight into its arena slot while they travel.
+            lo, hi = rt.dest_off[rank], rt.dest_off[rank] + rt.dest_rows[rank]
+            for a, z in ((0, lo), (hi, n)):
+                if z > a:
+                    torch.index_select(x, 0, rt.tokens[a:z], out=self._send[a:z])
             b = af.Batch()
             dests = []
             E8 = self.num_experts * 8
             for d in range(W):
                 rows = rt.dest_rows[d]
                 o = rt.dest_off[d]
-                if d == rank:  # this rank's own rows: a copy, not a write
-                    self._meta[rank].copy_(rt.counts)
-                    at = rank * self.slot_rows
-                    self._arena[at : at + rows].copy_(self._send[o : o + rows])
+                if d == rank:
                     continue
                 b.add(self._r_meta_send, self._meta_d[d][rank * E8 : (rank + 1) * E8],
                       imm=self._imm(_META, rank))  # fmt: skip
@@ -417,7 +419,15 @@ class ExpertParallel:
                     b.add(self._r_send[o * rb : (o + rows) * rb],
                           self._arena_d[d][at : at + rows * rb], imm=self._imm(_DATA, rank))  # fmt: skip
                     dests.append(d)
-            await self._post(b, dests, "dispatch")
+            post = asyncio.ensure_future(self._post(b, dests, "dispatch"))
+            await asyncio.sleep(0)  # let it post before the copy below holds the thread
+            try:
+                self._meta[rank].copy_(rt.counts)
+                if hi > lo:
+                    at = rank * self.slot_rows
+                    torch.index_select(x, 0, rt.tokens[lo:hi], out=self._arena[at : at + hi - lo])
+            finally:
+                await post
             await self._await_all(_META, self._not_me([1] * W), deadline, "dispatch (counts)")
             C = self._meta.clone()
             lay = recv_layout(C, rank, self.slot_rows)
@@ -427,6 +437,8 @@ class ExpertParallel:
             out = self._recv[: lay.rows]
             torch.index_select(self._arena, 0, lay.em_to_slot.to(self.device), out=out)
         else:
+            if n:
+                torch.index_select(x, 0, rt.tokens, out=self._send[:n])
             b = af.Batch()
             for d in range(W):
                 meta = self._meta_d[d][
@@ -499,24 +511,34 @@ class ExpertParallel:
         rt, lay, weights, T = self._pending
         deadline = time.monotonic() + self.timeout
         W, rank, rb = self.size, self.rank, self.row_bytes
-        if lay.rows:
-            torch.index_select(expert_out, 0, lay.sm_to_em.to(self.device),
-                               out=self._back_send[: lay.rows])  # fmt: skip
+        sm_to_em = lay.sm_to_em.to(self.device)
+        # Other ranks' rows first (gathered, then posted); this rank's own rows are gathered
+        # straight into its back buffer while the writes travel.
+        lo = lay.src_off[rank]
+        hi = lo + lay.src_rows[rank]
+        for a, z in ((0, lo), (hi, lay.rows)):
+            if z > a:
+                torch.index_select(expert_out, 0, sm_to_em[a:z], out=self._back_send[a:z])
         b = af.Batch()
         dests = []
         for s in range(W):
             rows = lay.src_rows[s]
-            if not rows:
+            if not rows or s == rank:
                 continue
             o, at = lay.src_off[s], lay.back_off[s]
-            if s == rank:
-                self._back[at : at + rows].copy_(self._back_send[o : o + rows])
-                continue
             b.add(self._r_back_send[o * rb : (o + rows) * rb],
                   self._back_d[s][at * rb : (at + rows) * rb], imm=self._imm(_BACK, rank))  # fmt: skip
             dests.append(s)
         self._pending = None
-        await self._post(b, dests, "combine")
+        post = asyncio.ensure_future(self._post(b, dests, "combine"))
+        await asyncio.sleep(0)  # let it post before the copy below holds the thread
+        try:
+            if hi > lo:
+                at = lay.back_off[rank]
+                torch.index_select(expert_out, 0, sm_to_em[lo:hi],
+                                   out=self._back[at : at + hi - lo])  # fmt: skip
+        finally:
+            await post
         owed = self._not_me(self._owed(rt.dest_rows, self._r_back))
         await self._await_all(_BACK, owed, deadline, "combine")
         n = rt.order.numel()
