@@ -64,10 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         return guarded(cmd, demo, debug=debug)
     if cmd == "bench":
         return guarded(cmd, lambda: _bench(rest), debug=debug)
+    if cmd == "store":
+
+        def store() -> int:
+            from .store.cli import main as store_main
+
+            return store_main(rest)
+
+        return guarded(cmd, store, debug=debug)
     if cmd == "info":
         return guarded(cmd, _info, debug=debug)
     print(
-        f"asyncfabric: error: unknown command {cmd!r} (choose from demo, bench, info; "
+        f"asyncfabric: error: unknown command {cmd!r} (choose from demo, bench, store, info; "
         "see asyncfabric --help)",
         file=sys.stderr,
     )

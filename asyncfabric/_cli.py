@@ -19,6 +19,7 @@ USAGE = """usage: asyncfabric [--debug] COMMAND [ARGS]
 commands:
   demo     two-process loopback demo on the shm provider (moves 1 GiB, verifies it)
   bench    benchmark runner (asyncfabric bench --help)
+  store    the embedded group store (asyncfabric store serve --listen HOST:PORT)
   info     the providers usable on this machine
 
 options:

@@ -186,6 +186,9 @@ async def test_view_ranks_barrier_allgather_and_member_lost(group_store, provide
             await va.barrier()  # the view stays failed
         with pytest.raises(af.ViewTimeout, match="has 2 of the 3"):
             await gs[1].wait_for(3, timeout=0.3)
+        # of 2 members, a view of 1 holds the first to join ("a"): "b" is not in it
+        with pytest.raises(af.ViewTimeout, match="'b' is not among the first 1"):
+            await gs[2].wait_for(1, timeout=0.3)
         for g in gs[1:]:
             await g.leave()
     finally:
@@ -194,7 +197,13 @@ async def test_view_ranks_barrier_allgather_and_member_lost(group_store, provide
 
 
 async def test_local_views_helper(provider):
-    async with local_views(3, provider=provider) as views:
+    async with local_views(3, provider=provider) as views:  # its own embedded store
+        assert [v.rank for v in views] == [0, 1, 2]
+        await asyncio.gather(*(v.barrier(timeout=T) for v in views))
+
+
+async def test_local_views_on_a_given_store(group_store, provider):
+    async with local_views(3, provider=provider, store=group_store) as views:
         assert [v.rank for v in views] == [0, 1, 2]
         await asyncio.gather(*(v.barrier(timeout=T) for v in views))
         r = views[2].engine.register(bytearray(16))
@@ -252,3 +261,36 @@ async def test_wrong_secret_refused_in_process():
         await good.aclose()
     finally:
         await srv.aclose()
+
+
+async def test_region_on_close_and_region_of(provider, kw):
+    calls = []
+    async with af.Engine(provider, **kw) as eng, af.Engine(provider, **kw) as other:
+        r1 = eng.register(bytearray(64))
+        r2 = eng.register(bytearray(64))
+        d1 = r1.descriptor()
+        assert eng.region_of(d1) is r1
+        assert other.region_of(d1) is None  # another engine's descriptor
+        r1.on_close(lambda r: calls.append(("r1", r)))
+        r2.on_close(lambda r: calls.append(("r2", r)))
+        r1.close()
+        r1.close()  # once only
+        assert calls == [("r1", r1)]
+        assert eng.region_of(d1) is None  # closed: not live
+        with pytest.raises(TypeError, match="callable"):
+            r2.on_close("nope")
+    # closing the engine closes r2, and runs its callback
+    assert calls == [("r1", r1), ("r2", r2)]
+    # a callback added after close runs at once
+    r1.on_close(lambda r: calls.append(("late", r)))
+    assert calls[-1] == ("late", r1)
+
+
+def test_groups_refuse_trio():
+    trio = pytest.importorskip("trio")
+
+    async def main():
+        with pytest.raises(RuntimeError, match="asyncio-only"):
+            await af.join(group="g", name="a", engine=None)
+
+    trio.run(main)

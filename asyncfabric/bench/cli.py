@@ -6,6 +6,7 @@ asyncfabric bench write pingpong --provider cuda_ipc --device cuda:0,cuda:1   # 
 asyncfabric bench write pingpong --provider shm --device cuda    # GPU staged through host
 asyncfabric bench plot out.json --out plots/
 asyncfabric bench model --workers 1,4,8 --batch 1,16,64   # costs here -> throughput at scale
+asyncfabric bench group --members 64   # join time and lookup p50, embedded store and etcd
 asyncfabric bench moe --ep 2,4 --json moe.json       # MoE dispatch/combine vs gloo
 asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
 asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
@@ -226,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         from .moe import main as moe_main
 
         return moe_main(argv[1:])
+    if argv and argv[0] == "group":
+        from .group import main as group_main
+
+        return group_main(argv[1:])
     if argv and argv[0] == "serve":
         sp = CliParser(prog="asyncfabric bench serve")
         sp.add_argument("--listen", required=True, help="HOST:PORT to accept runs on")

@@ -333,23 +333,12 @@ class Group:
         """Membership changes from now on, in order: :class:`Joined` and :class:`Left`.
 
         Ends when this member leaves; raises :class:`StoreLost` if the group loses
-        its store."""
+        its store. A wait on it may be cancelled (``asyncio.wait_for``) without
+        losing the iterator."""
         self._check()
         q: asyncio.Queue[Any] = asyncio.Queue()
         self._subs.add(q)
-        return self._drain_events(q)
-
-    async def _drain_events(self, q: asyncio.Queue[Any]) -> AsyncIterator[Joined | Left]:
-        try:
-            while True:
-                item = await q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self._subs.discard(q)
+        return _Events(self, q)
 
     # ------------------------------------------------------------ descriptors
 
@@ -378,8 +367,16 @@ class Group:
             region.on_close(functools.partial(self._revoke_soon, key, value))
 
     def _revoke_soon(self, key: str, value: bytes, _region: af.Region) -> None:
-        if self._published.get(key) == value and not self._left:
-            self._spawn(self.unpublish(key))
+        if self._published.get(key) == value and not self._left and self._lost is None:
+            self._spawn(self._revoke_quietly(key))
+
+    async def _revoke_quietly(self, key: str) -> None:
+        try:
+            await self.unpublish(key)
+        except GroupError:
+            # The store is away: the publication is gone from _published, so a
+            # re-registration will not restore it, and the lease takes it otherwise.
+            self._revoked.add(key)
 
     async def unpublish(self, key: str) -> None:
         """Revoke ``key``: lookups of it fail with :class:`DescriptorRevoked` from now on."""
@@ -461,6 +458,12 @@ class Group:
                     return v
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                if len(self._members) >= n:
+                    raise ViewTimeout(
+                        f"{self.name!r} is not among the first {n} members to join group "
+                        f"{self.group!r} ({sorted(self._members)}), and none of them left "
+                        f"within {timeout} s; ask for a view of all of them, or use another group"
+                    )
                 raise ViewTimeout(
                     f"group {self.group!r} has {len(self._members)} of the {n} members "
                     f"this view needs after {timeout} s ({sorted(self._members)}); start "
@@ -508,6 +511,33 @@ class Group:
 
     def __repr__(self) -> str:
         return f"<Group {self.group!r} as {self.name!r}: {len(self._members)} members>"
+
+
+class _Events:
+    """The async iterator :meth:`Group.events` returns (a class, not an async
+    generator: cancelling one ``__anext__`` must not close it)."""
+
+    def __init__(self, group: Group, q: asyncio.Queue[Any]) -> None:
+        self._group, self._q, self._done = group, q, False
+
+    def __aiter__(self) -> _Events:
+        return self
+
+    async def __anext__(self) -> Joined | Left:
+        if self._done:
+            raise StopAsyncIteration
+        item = await self._q.get()
+        if isinstance(item, (Joined, Left)):
+            return item
+        self._done = True
+        self._group._subs.discard(self._q)
+        if isinstance(item, BaseException):
+            raise item
+        raise StopAsyncIteration  # _END: this member left
+
+    async def aclose(self) -> None:
+        self._done = True
+        self._group._subs.discard(self._q)
 
 
 def _inc_of(value: bytes) -> str:

@@ -42,6 +42,13 @@ async def join(
     ``ttl``: seconds without renewal after which the others see ``Left("expired")``.
     ``store_grace``: how long to keep trying to re-register when the store goes away
     before the group reports :class:`StoreLost` (default ``2 * ttl + 5``)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            "groups are asyncio-only: call af.join from a coroutine running under asyncio "
+            "(asyncio.run or af.run), not trio or plain threads"
+        ) from None
     check_name("group", group)
     check_name("name", name)
     if not isinstance(engine, af.Engine):

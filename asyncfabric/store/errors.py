@@ -5,7 +5,7 @@ Each message says what broke and what to do."""
 
 from __future__ import annotations
 
-from .._errors import AsyncFabricError  # the root of every asyncfabric error
+from asyncfabric import AsyncFabricError
 
 
 class GroupError(AsyncFabricError):

@@ -46,6 +46,16 @@ class EtcdStore(Store):
         self.url = f"etcd://{endpoints}"
         self._options = options
         self._options.setdefault("timeout", 10)
+        # gRPC shares subchannels between channels to one target: a fresh client would
+        # inherit the backoff of one that saw etcd down and fail at once, "connection
+        # refused", after etcd is back. Own pool, short backoff: reconnects come fast.
+        self._options["options"] = {
+            "grpc.use_local_subchannel_pool": 1,
+            "grpc.initial_reconnect_backoff_ms": 100,
+            "grpc.min_reconnect_backoff_ms": 100,
+            "grpc.max_reconnect_backoff_ms": 1000,
+            **(options.get("options") or {}),
+        }
         self._client: Any = None
 
     def _new_client(self) -> Any:
@@ -82,11 +92,14 @@ class EtcdStore(Store):
             )
         return exc
 
-    async def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def _call(self, op: str, method: str, *args: Any, **kwargs: Any) -> Any:
         if self._client is None:
-            raise StoreUnavailable(f"not connected to {self.url}; reconnect")
+            raise StoreUnavailable(
+                f"not connected to etcd at {self.url} (the connection was lost); the group "
+                "reconnects on its own"
+            )
         try:
-            return await fn(*args, **kwargs)
+            return await getattr(self._client, method)(*args, **kwargs)
         except (StoreUnavailable, LeaseNotFound, StoreAuthError):
             raise
         except Exception as exc:
@@ -103,42 +116,44 @@ class EtcdStore(Store):
         await self._close_client()
 
     async def grant(self, ttl: float) -> int:
-        lease = await self._call("grant", self._client.lease, max(1, math.ceil(ttl)))
+        lease = await self._call("grant", "lease", max(1, math.ceil(ttl)))
         return int(lease.id)
 
     async def keepalive(self, lease: int) -> None:
-        reply = await self._call("keepalive", self._client.refresh_lease, lease)
+        reply = await self._call("keepalive", "refresh_lease", lease)
         if reply is None or reply.TTL <= 0:
             raise LeaseNotFound(f"etcd lease {lease:#x} is gone (expired or revoked)")
 
     async def revoke(self, lease: int) -> None:
         try:
-            await self._call("revoke", self._client.revoke_lease, lease)
+            await self._call("revoke", "revoke_lease", lease)
         except LeaseNotFound:
             pass
 
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
-        r = await self._call("put", self._client.put, key.encode(), value, lease=lease or None)
+        r = await self._call("put", "put", key.encode(), value, lease=lease or None)
         return int(r.header.revision)
 
     async def get(self, key: str) -> KeyValue | None:
-        r = await self._call("get", self._client.get, key.encode())
+        r = await self._call("get", "get", key.encode())
         return None if r is None else _kv(r)
 
     async def list(self, prefix: str) -> tuple[_KVs, int]:
-        r = await self._call("list", self._client.get_prefix, prefix.encode())
+        r = await self._call("list", "get_prefix", prefix.encode())
         return [_kv(kv) for kv in r], int(r.header.revision)
 
     async def delete(self, key: str) -> bool:
-        r = await self._call("delete", self._client.delete, key.encode())
+        r = await self._call("delete", "delete", key.encode())
         return r is not None and bool(getattr(r, "deleted", 1))
 
     async def cas(self, key: str, value: bytes, *, expect_mod: int, lease: int = 0) -> bool:
+        if self._client is None:
+            raise StoreUnavailable(f"not connected to etcd at {self.url}; reconnect")
         t = self._client.transactions
         k = key.encode()
         ok, _ = await self._call(
             "compare-and-set",
-            self._client.transaction,
+            "transaction",
             compare=[t.mod(k) == expect_mod],
             success=[t.put(k, value, lease=lease or None)],
             failure=[],
@@ -146,9 +161,7 @@ class EtcdStore(Store):
         return bool(ok)
 
     async def watch(self, prefix: str, start: int) -> AsyncIterator[_Events]:
-        w = await self._call(
-            "watch", self._client.watch_prefix, prefix.encode(), start_revision=start
-        )
+        w = await self._call("watch", "watch_prefix", prefix.encode(), start_revision=start)
         try:
             async for ev in w:
                 kv = ev.kv

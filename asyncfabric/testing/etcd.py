@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 class EtcdUnavailable(RuntimeError):
@@ -22,21 +24,42 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def start_etcd(timeout: float = 30.0) -> Iterator[str]:
-    """Run ``etcd`` until the block ends; yields its ``etcd://127.0.0.1:PORT`` URL."""
-    exe = shutil.which("etcd") or (
-        "/usr/bin/etcd" if shutil.os.path.exists("/usr/bin/etcd") else None  # type: ignore[attr-defined]
+def _healthy(url: str, prefix: Sequence[str]) -> bool:
+    if not prefix:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                return b"true" in r.read()
+        except OSError:
+            return False
+    probe = (
+        "import sys, urllib.request\n"
+        "try: ok = b'true' in urllib.request.urlopen(sys.argv[1] + '/health', timeout=1).read()\n"
+        "except OSError: ok = False\n"
+        "sys.exit(0 if ok else 1)"
     )
+    r = subprocess.run([*prefix, sys.executable, "-c", probe, url], capture_output=True, timeout=20)
+    return r.returncode == 0
+
+
+@contextlib.contextmanager
+def start_etcd(
+    timeout: float = 30.0, *, host: str = "127.0.0.1", prefix: Sequence[str] = ()
+) -> Iterator[str]:
+    """Run ``etcd`` until the block ends; yields its ``etcd://HOST:PORT`` URL.
+
+    ``prefix`` runs it (and its health checks) under a wrapper, such as
+    ``ip netns exec NS`` for an etcd on another "host" of a network-namespace rig."""
+    exe = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
     if exe is None:
         raise EtcdUnavailable(
             "no etcd binary (install Debian's etcd-server: apt-get install etcd-server)"
         )
-    client, peer = _free_port(), _free_port()
+    client, peer = _free_port(), _free_port()  # free here; a fresh namespace has them all
     with tempfile.TemporaryDirectory(prefix="af-etcd-") as data:
-        cu, pu = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+        cu, pu = f"http://{host}:{client}", f"http://{host}:{peer}"
         proc = subprocess.Popen(
             [
+                *prefix,
                 exe,
                 "--name", "af-test",
                 "--data-dir", data,
@@ -57,16 +80,12 @@ def start_etcd(timeout: float = 30.0) -> Iterator[str]:
                 if proc.poll() is not None:
                     err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
                     raise EtcdUnavailable(f"etcd exited with {proc.returncode}: {err}")
-                try:
-                    with urllib.request.urlopen(f"{cu}/health", timeout=1) as r:
-                        if b"true" in r.read():
-                            break
-                except OSError:
-                    pass
+                if _healthy(cu, prefix):
+                    break
                 if time.monotonic() > deadline:
                     raise EtcdUnavailable(f"etcd did not become healthy within {timeout} s")
                 time.sleep(0.2)
-            yield f"etcd://127.0.0.1:{client}"
+            yield f"etcd://{host}:{client}"
         finally:
             proc.terminate()
             try:

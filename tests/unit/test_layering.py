@@ -159,3 +159,19 @@ def test_moe_uses_only_the_public_api():
                 bad[m] = hits
     assert "asyncfabric.moe.expert_parallel" in MODS
     assert not bad, f"asyncfabric.moe may import only `asyncfabric` and itself: {bad}"
+
+
+def test_groups_and_stores_use_only_the_public_api():
+    """Systems on top import ``asyncfabric`` names, never the engine's internals."""
+    allowed = ("asyncfabric.group", "asyncfabric.store")
+    bad = {}
+    for m in MODS:
+        if m.startswith(allowed) or m == "asyncfabric.testing.groups":
+            hits = {
+                i
+                for i in _internal(m)
+                if not (i == "asyncfabric" or i.startswith(allowed) or i == "asyncfabric._cli")
+            }
+            if hits:
+                bad[m] = hits
+    assert not bad, f"groups and stores may import only `asyncfabric` names: {bad}"
