@@ -10,6 +10,7 @@ asyncfabric bench allreduce --provider tcp --sizes 8K,1M,256M  # vs torch.distri
 asyncfabric bench model --workers 1,4,8 --batch 1,16,64   # costs here -> throughput at scale
 asyncfabric bench weights --sizes 0.5,2,4          # RL weight update vs write_many, naive, gloo
 asyncfabric bench group --members 64   # join time and lookup p50, embedded store and etcd
+asyncfabric bench moe --ep 2,4 --json moe.json       # MoE dispatch/combine vs gloo
 asyncfabric bench serve --listen 10.0.0.2:7000     # on the other host
 asyncfabric bench write --provider tcp --connect 10.0.0.2:7000 --node 10.0.0.1
 """
@@ -237,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         from .model import main as model_main
 
         return model_main(argv[1:])
+    if argv and argv[0] == "moe":
+        from .moe import main as moe_main
+
+        return moe_main(argv[1:])
     if argv and argv[0] == "group":
         from .group import main as group_main
 

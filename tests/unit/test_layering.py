@@ -144,6 +144,23 @@ def test_backends_never_import_the_engine():
     assert not bad, f"backends must stand on transport/ alone: {bad}"
 
 
+def test_moe_uses_only_the_public_api():
+    """asyncfabric.moe is a system on top: it may import ``asyncfabric`` (the public names)
+    and itself, never the engine, the transport or a backend."""
+    bad = {}
+    for m in MODS:
+        if m == "asyncfabric.moe" or m.startswith("asyncfabric.moe."):
+            hits = {
+                i
+                for i in _internal(m)
+                if not (i == "asyncfabric" or i.startswith("asyncfabric.moe"))
+            }
+            if hits:
+                bad[m] = hits
+    assert "asyncfabric.moe.expert_parallel" in MODS
+    assert not bad, f"asyncfabric.moe may import only `asyncfabric` and itself: {bad}"
+
+
 def test_groups_and_stores_use_only_the_public_api():
     """Systems on top import ``asyncfabric`` names, never the engine's internals."""
     allowed = ("asyncfabric.group", "asyncfabric.store")

@@ -1,0 +1,287 @@
+"""``asyncfabric bench moe``: MoE dispatch/combine latency, asyncfabric against gloo.
+
+Spawns one process per EP rank. In the same processes, one after the other, it times
+asyncfabric's low-latency and high-throughput modes and ``torch.distributed`` with gloo
+doing the same exchange (``all_to_all_single`` of the counts, then of the rows, then of the
+outputs back), each with the same packing and weighted sum around it. Latency is from the
+call to its return on each rank; p50/p99 pool every rank's iterations.
+
+asyncfabric bench moe --ep 2,4 --json moe.json
+asyncfabric bench moe --ep 2 --tokens 128 --prefill-tokens 4096 --hidden 7168
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+
+def _routing(T: int, E: int, k: int, seed: int) -> tuple[Any, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(T, E, generator=g).topk(k, 1).indices
+    w = torch.rand(T, k, generator=g).softmax(1)
+    return idx, w
+
+
+def _pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def _af_rounds(
+    view: Any, a: dict[str, Any], mode: str, T: int, iters: int
+) -> dict[str, list[float]]:
+    import torch
+
+    from ..moe import ExpertParallel
+
+    dt = getattr(torch, a["dtype"])
+    cap = None if mode == "low_latency" else int(T * a["topk"] * a["capacity_factor"])
+    ep = await ExpertParallel.create(
+        view, num_experts=a["experts"], hidden=a["hidden"], topk=a["topk"], max_tokens=T,
+        dtype=dt, mode=mode, capacity=cap, device=a["device"], timeout=120.0,
+    )  # fmt: skip
+    x = torch.randn(T, a["hidden"], device=a["device"]).to(dt)
+    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
+    warm = a["warmup"] if a["tokens"] == T else min(1, a["warmup"])
+    try:
+        for it in range(iters + warm):
+            idx, w = _routing(T, a["experts"], a["topk"], seed=it * 1000 + view.rank)
+            idx, w = idx.to(a["device"]), w.to(a["device"])
+            await view.barrier()  # start together, as gloo's rounds do (dist.barrier)
+            t0 = time.perf_counter()
+            d = await ep.dispatch(x, idx, w)
+            dx = ep.last_exchange_s
+            _sync(a["device"])
+            t1 = time.perf_counter()
+            y = d.x  # identity experts: the exchange alone is timed
+            t2 = time.perf_counter()
+            await ep.combine(y)
+            _sync(a["device"])
+            t3 = time.perf_counter()
+            if it >= warm:
+                out["dispatch"].append((t1 - t0) * 1e6)
+                out["combine"].append((t3 - t2) * 1e6)
+                out["dispatch_x"].append(dx * 1e6)
+                out["combine_x"].append(ep.last_exchange_s * 1e6)
+    finally:
+        await ep.aclose()
+        del ep
+    return out
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _gloo_rounds(
+    rank: int, W: int, a: dict[str, Any], T: int, iters: int
+) -> dict[str, list[float]]:
+    """What users run today: counts with all_to_all_single, then rows, then outputs back."""
+    import torch
+    import torch.distributed as dist
+
+    from ..moe.layout import weighted_sum
+
+    E, k, H = a["experts"], a["topk"], a["hidden"]
+    El = E // W
+    dt = getattr(torch, a["dtype"])
+    dev = torch.device(a["device"])
+    # gloo moves host tensors only: on a GPU the rows are copied to and from the host around
+    # each all_to_all_single, as users of gloo do.
+    host = dev.type != "cpu"
+    x = torch.randn(T, H, device=dev).to(dt)
+    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
+    warm = a["warmup"] if a["tokens"] == T else min(1, a["warmup"])
+    for it in range(iters + warm):
+        idx, w = _routing(T, E, k, seed=it * 1000 + rank)
+        idx, w = idx.to(dev), w.to(dev)
+        dist.barrier()
+        t0 = time.perf_counter()
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E).cpu()
+        send = x.index_select(0, order // k)
+        if host:
+            send = send.cpu()
+        recv_counts = torch.empty_like(counts)
+        x0 = time.perf_counter()
+        dist.all_to_all_single(recv_counts, counts)  # [W*El]: from each source, per my expert
+        in_split = counts.view(W, El).sum(1).tolist()
+        out_split = recv_counts.view(W, El).sum(1).tolist()
+        recv = torch.empty(sum(out_split), H, dtype=dt)
+        dist.all_to_all_single(recv, send, out_split, in_split)
+        dx = time.perf_counter() - x0
+        # group by local expert, as asyncfabric's dispatch returns them (same torch ops as
+        # asyncfabric's, gathers with precomputed permutations, so only the exchange differs)
+        em_to_sm, sm_to_em = _expert_major(recv_counts.view(W, El))
+        expert_in = recv.to(dev).index_select(0, em_to_sm.to(dev))
+        _sync(a["device"])
+        t1 = time.perf_counter()
+        y = expert_in
+        t2 = time.perf_counter()
+        back_send = y.index_select(0, sm_to_em.to(dev))
+        if host:
+            back_send = back_send.cpu()
+        back = torch.empty(T * k, H, dtype=dt)
+        x0 = time.perf_counter()
+        dist.all_to_all_single(back, back_send, in_split, out_split)
+        cx = time.perf_counter() - x0
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=dev)
+        weighted_sum(back.to(dev).index_select(0, inv).view(T, k, H), w)
+        _sync(a["device"])
+        t3 = time.perf_counter()
+        if it >= warm:
+            out["dispatch"].append((t1 - t0) * 1e6)
+            out["combine"].append((t3 - t2) * 1e6)
+            out["dispatch_x"].append(dx * 1e6)
+            out["combine_x"].append(cx * 1e6)
+    return out
+
+
+def _expert_major(C: Any) -> tuple[Any, Any]:
+    """Source-major rows (as all_to_all_single delivers them) to expert-major and back."""
+    import torch
+
+    W, El = C.shape
+    src_off = torch.cumsum(C.sum(1), 0) - C.sum(1)
+    within = torch.cumsum(C, 1) - C
+    lengths = C.t().reshape(-1)
+    n = int(lengths.sum())
+    step = torch.arange(n) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    em_to_sm = torch.repeat_interleave((src_off[:, None] + within).t().reshape(-1), lengths) + step
+    sm_to_em = torch.empty_like(em_to_sm)
+    sm_to_em[em_to_sm] = torch.arange(n)
+    return em_to_sm, sm_to_em
+
+
+async def _rank_main(view: Any, a: dict[str, Any]) -> dict[str, Any]:
+    if a.get("threads"):
+        import torch
+
+        torch.set_num_threads(a["threads"])
+    res: dict[str, Any] = {}
+    T, P = a["tokens"], a["prefill_tokens"]
+    if "ll" in a["impls"]:
+        res["asyncfabric-ll/decode"] = await _af_rounds(view, a, "low_latency", T, a["iters"])
+    if "ht" in a["impls"]:
+        res["asyncfabric-ht/decode"] = await _af_rounds(view, a, "high_throughput", T, a["iters"])
+        if P:
+            res["asyncfabric-ht/prefill"] = await _af_rounds(
+                view, a, "high_throughput", P, a["prefill_iters"]
+            )
+    await view.barrier(timeout=120)
+    if "gloo" in a["impls"]:
+        import torch.distributed as dist
+
+        rank, W = view.rank, view.size
+        dist.init_process_group("gloo", init_method=a["gloo_url"], rank=rank, world_size=W)
+        try:
+            res["gloo/decode"] = _gloo_rounds(rank, W, a, T, a["iters"])
+            if P:
+                res["gloo/prefill"] = _gloo_rounds(rank, W, a, P, a["prefill_iters"])
+        finally:
+            dist.destroy_process_group()
+    return res
+
+
+def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
+    from ..testing.ranks import spawn_views
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        a = dict(a, gloo_url=f"tcp://127.0.0.1:{s.getsockname()[1]}")
+    results = []
+    # ttl: prefill packing holds the event loop for seconds, and lease renewals wait on it
+    for kind, val in spawn_views(W, _rank_main, (a,), provider=a["provider"], ttl=60,
+                                 timeout=a["deadline_s"]):  # fmt: skip
+        if kind != "ok":
+            raise RuntimeError(f"EP{W}: {val}")
+        results.append(val)
+    rows = []
+    for key in results[0]:
+        impl, phase = key.split("/")
+        tokens = a["tokens"] if phase == "decode" else a["prefill_tokens"]
+        for op in ("dispatch", "combine"):
+            xs = [v for r in results for v in r[key][op]]
+            xx = [v for r in results for v in r[key][op + "_x"]]
+            rows.append({"ep": W, "impl": impl, "phase": phase, "op": op, "tokens": tokens,
+                         "p50_us": _pct(xs, 0.5), "p99_us": _pct(xs, 0.99), "samples": len(xs),
+                         "exchange_p50_us": _pct(xx, 0.5)})  # fmt: skip
+    for r in rows:
+        base = [g for g in rows if g["impl"] == "gloo" and g["phase"] == r["phase"]
+                and g["op"] == r["op"]]  # fmt: skip
+        r["speedup_vs_gloo_p50"] = base[0]["p50_us"] / r["p50_us"] if base else None
+        r["exchange_speedup_vs_gloo_p50"] = (
+            base[0]["exchange_p50_us"] / r["exchange_p50_us"] if base else None
+        )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as text: latency p50/p99, the exchange's own p50, speed-ups over gloo."""
+    lines = [f"{'EP':>3} {'impl':14} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} "
+             f"{'p99 us':>10} {'xchg p50':>10} {'gloo/x':>7} {'xchg gloo/x':>11}"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"{r['ep']:>3} {r['impl']:14} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
+            f"{r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {r['exchange_p50_us']:>10.1f} "
+            f"{r['speedup_vs_gloo_p50'] or 0:>7.2f} {r['exchange_speedup_vs_gloo_p50'] or 0:>11.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .._cli import CliParser
+
+    p = CliParser(prog="asyncfabric bench moe", description=__doc__.splitlines()[0])
+    p.add_argument("--ep", default="2,4", help="EP sizes (processes), e.g. 2,4,8")
+    p.add_argument("--provider", default="shm")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (every rank on cuda:0)")
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokens", type=int, default=128, help="decode tokens per rank")
+    p.add_argument("--prefill-tokens", type=int, default=4096, help="0 skips prefill")
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--prefill-iters", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--capacity-factor", type=float, default=1.5,
+                   help="high-throughput receive capacity, in multiples of tokens*topk")  # fmt: skip
+    p.add_argument("--impls", default="ll,ht,gloo", help="comma-separated: ll,ht,gloo")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--deadline-s", type=float, default=600)
+    p.add_argument("--json", help="write rows and the settings here")
+    args = p.parse_args(argv)
+    a = {k: v for k, v in vars(args).items() if k not in ("ep", "json")}
+    a["impls"] = [i.strip() for i in args.impls.split(",") if i.strip()]
+    bad = set(a["impls"]) - {"ll", "ht", "gloo"}
+    if bad:
+        p.error(f"unknown --impls {sorted(bad)}; choose from ll, ht, gloo")
+    eps = [int(e) for e in args.ep.split(",")]
+    for W in eps:
+        if args.experts % W:
+            p.error(f"--experts {args.experts} does not split over EP {W}")
+    rows = []
+    t0 = time.monotonic()
+    for W in eps:
+        rows += run_ep(W, a)
+    print(table(rows))
+    info = {"argv": ["asyncfabric", "bench", "moe", *(argv or sys.argv[1:])], "settings": a,
+            "elapsed_s": round(time.monotonic() - t0, 1), "cpus": os.cpu_count()}  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": info, "rows": rows}, f, indent=1)
+    print(f"done in {info['elapsed_s']} s")
+    return 0

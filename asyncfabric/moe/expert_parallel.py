@@ -1,0 +1,562 @@
+"""ExpertParallel: dispatch tokens to the ranks holding their experts, combine the outputs.
+
+One object per rank of a frozen group view. Every buffer is allocated and registered when
+the group is created, and the descriptors are exchanged once; a dispatch or combine then
+posts one batch of writes (an entry or ``El`` entries per destination rank, built from
+arrays) and counts what arrives per source rank with immediates in the moe nibble (0x4).
+Nothing orders the writes: each phase knows how many immediates each source owes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+import asyncfabric as af
+
+from .errors import MoEError, MoEInputError, RankLost
+from .layout import RecvLayout, Route, packed_targets, recv_layout, route, weighted_sum
+
+T = TypeVar("T")
+Mode = Literal["low_latency", "high_throughput"]
+MODES = ("low_latency", "high_throughput")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Immediate layout: 0x4 (moe) in bits 28..31, the instance slot in 20..27, the phase in
+# 16..19 and the source rank in 0..15, so each (phase, source) has its own counter.
+_NIBBLE = 0x4 << 28
+_META, _DATA, _BACK = 1, 2, 3
+
+
+class View(Protocol):
+    """What ExpertParallel needs from a frozen group view (``g.wait_for(n)``)."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def engine(self) -> af.Engine: ...
+    async def allgather(self, data: bytes, timeout: float | None = None) -> list[bytes]: ...
+    async def guard(self, aw: Awaitable[T]) -> T: ...
+
+
+@dataclass
+class Dispatched:
+    """This rank's share of a dispatch: rows grouped by local expert.
+
+    ``x[:counts[0]]`` are expert ``experts[0]``'s tokens (from every source, by source
+    rank then token order), and so on. ``x`` stays valid until the next ``combine``.
+    """
+
+    x: torch.Tensor  # [N, hidden]
+    counts: list[int]  # rows per local expert
+    experts: range  # global ids of the local experts
+
+    def split(self) -> list[torch.Tensor]:
+        """``x`` cut into one tensor per local expert."""
+        return list(torch.split(self.x, self.counts))
+
+
+class ExpertParallel:
+    """An expert-parallel group: ``num_experts`` experts split evenly over the view's ranks.
+
+    Create it with ``await ExpertParallel.create(view, ...)`` on every rank with the same
+    arguments. Then per MoE layer, on every rank: ``d = await ep.dispatch(x, topk_idx,
+    topk_weights)``, run each local expert on ``d.split()``, and ``out = await
+    ep.combine(expert_out)`` (rows in ``d.x``'s order) returns each token's weighted sum.
+    One group serves any number of layers, one dispatch/combine pair at a time.
+
+    ``mode``: ``"low_latency"`` (decode: fixed slots per source rank, counts travel with the
+    rows in one round of writes) or ``"high_throughput"`` (prefill: counts first, then rows
+    packed by expert straight into place; ``capacity`` rows received at most per rank).
+    ``slot`` (0..255) separates groups sharing one engine. ``timeout``: how long a phase
+    waits for a rank before raising :class:`RankLost`.
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use `await ExpertParallel.create(view, ...)`")
+
+    @classmethod
+    async def create(
+        cls,
+        view: View,
+        *,
+        num_experts: int,
+        hidden: int,
+        topk: int,
+        max_tokens: int,
+        dtype: torch.dtype = torch.bfloat16,
+        mode: Mode = "low_latency",
+        capacity: int | None = None,
+        device: str | torch.device = "cpu",
+        slot: int = 0,
+        timeout: float = 10.0,
+    ) -> ExpertParallel:
+        self = object.__new__(cls)
+        self._init(view, num_experts, hidden, topk, max_tokens, dtype, mode, capacity, device,
+                   slot, timeout)  # fmt: skip
+        try:
+            await self._connect()
+        except BaseException:
+            self._close_regions()
+            raise
+        return self
+
+    # ------------------------------------------------------------ set-up
+
+    def _init(
+        self,
+        view: View,
+        num_experts: int,
+        hidden: int,
+        topk: int,
+        max_tokens: int,
+        dtype: torch.dtype,
+        mode: Mode,
+        capacity: int | None,
+        device: str | torch.device,
+        slot: int,
+        timeout: float,
+    ) -> None:
+        W = view.size
+        for name, v, lo in (("num_experts", num_experts, 1), ("hidden", hidden, 1),
+                            ("topk", topk, 1), ("max_tokens", max_tokens, 1)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise MoEInputError(f"{name} must be an int >= {lo}, got {v!r}")
+        if num_experts % W:
+            raise MoEInputError(
+                f"num_experts={num_experts} does not split evenly over {W} ranks; pick a "
+                "multiple of the group size"
+            )
+        if topk > num_experts:
+            raise MoEInputError(f"topk={topk} is more than num_experts={num_experts}")
+        if dtype not in DTYPES.values():
+            raise MoEInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        if mode not in MODES:
+            raise MoEInputError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < 256:
+            raise MoEInputError(f"slot must be an int in 0..255, got {slot!r}")
+        if not timeout > 0:
+            raise MoEInputError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.view, self.rank, self.size = view, view.rank, W
+        self.engine = view.engine
+        self.num_experts, self.hidden, self.topk, self.max_tokens = (
+            num_experts, hidden, topk, max_tokens)  # fmt: skip
+        self.local_experts = num_experts // W
+        self.dtype, self.mode, self.timeout = dtype, mode, float(timeout)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:  # tensors report their index: compare equal
+            dev = torch.device("cuda", torch.cuda.current_device())
+        self.device = dev
+        self.slot = slot
+        # Distinct experts per token: at most min(topk, El) rows per token to one rank.
+        self.slot_rows = max_tokens * min(topk, self.local_experts)
+        worst = W * self.slot_rows
+        if mode == "low_latency":
+            if capacity is not None:
+                raise MoEInputError("capacity applies to high_throughput mode only")
+            self.capacity = worst
+        else:
+            cap = worst if capacity is None else capacity
+            if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+                raise MoEInputError(f"capacity must be an int >= 1 (rows), got {capacity!r}")
+            self.capacity = min(cap, worst)
+        self.row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+        self._regions: list[af.Region] = []
+        self._broken: str | None = None
+        #: Seconds the last dispatch or combine spent posting its writes and waiting for
+        #: arrivals; the rest of its time was routing and packing (torch ops).
+        self.last_exchange_s = 0.0
+        self._pending: tuple[Route, RecvLayout, torch.Tensor, int] | None = None
+        dev, dt = self.device, dtype
+        self._send = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
+        self._arena = torch.empty(self.capacity, hidden, dtype=dt, device=dev)
+        self._back_send = torch.empty(self.capacity, hidden, dtype=dt, device=dev)
+        self._back = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
+        self._recv = (
+            torch.empty(self.capacity, hidden, dtype=dt, device=dev)
+            if mode == "low_latency" else None
+        )  # fmt: skip
+        # Counts always live in host memory: the receiver reads them on the CPU.
+        self._meta_send = torch.zeros(num_experts, dtype=torch.int64)
+        self._meta = torch.zeros(W, num_experts, dtype=torch.int64)
+
+    def _imm(self, phase: int, src: int) -> int:
+        return _NIBBLE | self.slot << 20 | phase << 16 | src
+
+    def _register(self, t: torch.Tensor) -> af.Region:
+        r = self.engine.register(t)
+        self._regions.append(r)
+        return r
+
+    async def _connect(self) -> None:
+        self._r_send = self._register(self._send)
+        self._r_arena = self._register(self._arena)
+        self._r_back_send = self._register(self._back_send)
+        self._r_back = self._register(self._back)
+        self._r_meta_send = self._register(self._meta_send)
+        self._r_meta = self._register(self._meta)
+        conf = {"num_experts": self.num_experts, "hidden": self.hidden, "topk": self.topk,
+                "max_tokens": self.max_tokens, "dtype": str(self.dtype), "mode": self.mode,
+                "capacity": self.capacity, "slot": self.slot}  # fmt: skip
+        descs = [self._r_arena.descriptor(), self._r_back.descriptor(), self._r_meta.descriptor()]
+        blob = json.dumps(conf).encode()
+        msg = (
+            len(blob).to_bytes(4, "little")
+            + blob
+            + b"".join(len(b := bytes(d)).to_bytes(4, "little") + b for d in descs)
+        )
+        got = await self.view.allgather(msg, timeout=self.timeout)
+        self._arena_d: list[af.Descriptor] = []
+        self._back_d: list[af.Descriptor] = []
+        self._meta_d: list[af.Descriptor] = []
+        differ = []
+        for r, m in enumerate(got):
+            parts, pos = [], 0
+            while pos < len(m):
+                n = int.from_bytes(m[pos : pos + 4], "little")
+                parts.append(m[pos + 4 : pos + 4 + n])
+                pos += 4 + n
+            if json.loads(parts[0]) != conf:
+                differ.append((r, json.loads(parts[0])))
+            arena, back, meta = (af.Descriptor.from_bytes(p) for p in parts[1:4])
+            self._arena_d.append(arena)
+            self._back_d.append(back)
+            self._meta_d.append(meta)
+        if differ:
+            raise MoEInputError(
+                f"rank {self.rank} was created with {conf}, but "
+                + "; ".join(f"rank {r} with {c}" for r, c in differ)
+                + ": every rank must pass the same arguments to ExpertParallel.create"
+            )
+
+    async def aclose(self) -> None:
+        """Unregister every buffer (the engine stays open)."""
+        self._close_regions()
+        self._broken = "the group was closed"
+
+    def _close_regions(self) -> None:
+        for r in self._regions:
+            r.close()
+        self._regions.clear()
+
+    # ------------------------------------------------------------ checks
+
+    def _check_state(self, want_pending: bool, what: str) -> None:
+        if self._broken:
+            raise MoEError(f"{what}: this group can no longer be used ({self._broken}); "
+                           "create a new ExpertParallel")  # fmt: skip
+        if want_pending and self._pending is None:
+            raise MoEError(f"{what}: no dispatch is waiting for its combine; call dispatch first")
+        if not want_pending and self._pending is not None:
+            raise MoEError(f"{what}: the last dispatch has not been combined; call combine first")
+
+    def _check_tensor(self, name: str, t: Any, shape: Sequence[int]) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise MoEInputError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(shape):
+            raise MoEInputError(
+                f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (hidden, topk and "
+                "max_tokens were fixed when the group was created)"
+            )
+        if t.device != self.device:
+            raise MoEInputError(f"{name} is on {t.device}; this group's buffers are on "
+                                f"{self.device}")  # fmt: skip
+        return t
+
+    def _check_dispatch(self, x: Any, idx: Any, w: Any) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise MoEInputError(
+                f"x must be a [tokens, hidden] tensor, got {getattr(x, 'shape', x)!r}"
+            )
+        T = x.shape[0]
+        if self.max_tokens < T:
+            raise MoEInputError(
+                f"x has {T} tokens, more than max_tokens={self.max_tokens}; split the batch or "
+                "create the group with a larger max_tokens"
+            )
+        self._check_tensor("x", x, (T, self.hidden))
+        if x.dtype != self.dtype:
+            raise MoEInputError(f"x is {x.dtype}; this group carries {self.dtype}")
+        self._check_tensor("topk_idx", idx, (T, self.topk))
+        self._check_tensor("topk_weights", w, (T, self.topk))
+        if idx.dtype not in (torch.int64, torch.int32, torch.int16):
+            raise MoEInputError(f"topk_idx must be an integer tensor, got {idx.dtype}")
+        if not w.is_floating_point():
+            raise MoEInputError(f"topk_weights must be floating point, got {w.dtype}")
+        if T:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.num_experts:
+                bad = lo if lo < 0 else hi
+                raise MoEInputError(
+                    f"topk_idx holds expert id {bad}, outside 0..{self.num_experts - 1}"
+                )
+            if self.topk > 1 and bool((idx.sort(1).values.diff(dim=1) == 0).any()):
+                raise MoEInputError("topk_idx names the same expert twice for one token; "
+                                    "each token's top-k experts must be distinct")  # fmt: skip
+
+    # ------------------------------------------------------------ waiting
+
+    def _left(self, deadline: float) -> float:
+        return max(0.0, deadline - time.monotonic())
+
+    async def _post(self, batch: af.Batch, dests: list[int], what: str) -> None:
+        if not len(batch):
+            return
+        t0 = time.perf_counter()
+        try:
+            await self.engine.write_many(batch, timeout=self.timeout)
+        except af.BatchError as e:
+            ranks = tuple(sorted({dests[i] for i in e.failures}))
+            self._broken = f"{what} failed"
+            raise RankLost(f"{what}: writes to rank(s) {list(ranks)} failed ({e}); the group "
+                           "is broken, rebuild it from the live ranks", ranks) from e  # fmt: skip
+        except af.TransferError as e:
+            self._broken = f"{what} failed"
+            raise RankLost(f"{what}: a write failed ({e}); rebuild the group from the live "
+                           "ranks", tuple(sorted(set(dests)))) from e  # fmt: skip
+        finally:
+            self.last_exchange_s += time.perf_counter() - t0
+
+    async def _await_all(self, phase: int, owed: Sequence[int], deadline: float, what: str) -> None:
+        """Wait for ``owed[s]`` immediates of ``phase`` from each source ``s``."""
+        t0 = time.perf_counter()
+        try:
+            await self._await_each(phase, owed, deadline, what)
+        finally:
+            self.last_exchange_s += time.perf_counter() - t0
+
+    async def _await_each(
+        self, phase: int, owed: Sequence[int], deadline: float, what: str
+    ) -> None:
+        eng = self.engine
+        for s, n in enumerate(owed):
+            if not n:
+                continue
+            c = eng.counter(self._imm(phase, s))
+            try:
+                await c.wait(n, timeout=self._left(deadline))
+            except af.ImmTimeout:
+                # Sources before s were consumed already; later ones may be short too.
+                late = [s] + [r for r in range(s + 1, len(owed))
+                              if owed[r] and eng.counter(self._imm(phase, r)).count < owed[r]]  # fmt: skip
+                self._broken = f"{what} timed out"
+                raise RankLost(
+                    f"{what}: rank(s) {late} did not deliver within {self.timeout} s (dead, or "
+                    "not calling the same dispatch/combine); rebuild the group from the live ranks",
+                    tuple(late),
+                ) from None
+
+    async def _guarded(self, aw: Awaitable[T], what: str) -> T:
+        """``aw`` under the view's guard (one per call: a guard costs a task), so a member
+        that leaves fails the call at once, as :class:`RankLost`."""
+        try:
+            return await self.view.guard(aw)
+        except af.MemberLost as e:
+            raise self._member_lost(e, what) from e
+
+    def _member_lost(self, e: af.MemberLost, what: str) -> RankLost:
+        names = list(getattr(self.view, "names", ()))
+        ranks = (names.index(e.name),) if e.name in names else ()
+        self._broken = f"{what}: member {e.name!r} left"
+        return RankLost(f"{what}: rank(s) {list(ranks)} (member {e.name!r}) left the group "
+                        "view; rebuild the group from a new view", ranks)  # fmt: skip
+
+    def _owed(self, rows: Sequence[int], region: af.Region) -> list[int]:
+        return [region.expected_imms(n * self.row_bytes) if n else 0 for n in rows]
+
+    # ------------------------------------------------------------ dispatch
+
+    async def dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Dispatched:
+        """Send each token's row to the ranks holding its ``topk_idx`` experts.
+
+        ``x``: [T, hidden] with T <= max_tokens; ``topk_idx``: [T, topk] distinct expert ids
+        per token; ``topk_weights``: [T, topk], used by :meth:`combine`. Every input is
+        checked before anything is sent (:class:`MoEInputError`)."""
+        self._check_state(False, "dispatch")
+        self._check_dispatch(x, topk_idx, topk_weights)
+        self.last_exchange_s = 0.0
+        return await self._guarded(self._dispatch(x, topk_idx, topk_weights), "dispatch")
+
+    async def _dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+    ) -> Dispatched:
+        deadline = time.monotonic() + self.timeout
+        W, rank, rb = self.size, self.rank, self.row_bytes
+        rt = route(topk_idx, self.num_experts, W)
+        n = rt.order.numel()
+        self._meta_send.copy_(rt.counts)
+        if self.mode == "low_latency":
+            # Rows for other ranks are gathered into the send buffer and posted first; this
+            # rank's own rows are gathered straight into its arena slot while they travel.
+            lo, hi = rt.dest_off[rank], rt.dest_off[rank] + rt.dest_rows[rank]
+            for a, z in ((0, lo), (hi, n)):
+                if z > a:
+                    torch.index_select(x, 0, rt.tokens[a:z], out=self._send[a:z])
+            b = af.Batch()
+            dests = []
+            E8 = self.num_experts * 8
+            for d in range(W):
+                rows = rt.dest_rows[d]
+                o = rt.dest_off[d]
+                if d == rank:
+                    continue
+                b.add(self._r_meta_send, self._meta_d[d][rank * E8 : (rank + 1) * E8],
+                      imm=self._imm(_META, rank))  # fmt: skip
+                dests.append(d)
+                if rows:
+                    at = rank * self.slot_rows * rb
+                    b.add(self._r_send[o * rb : (o + rows) * rb],
+                          self._arena_d[d][at : at + rows * rb], imm=self._imm(_DATA, rank))  # fmt: skip
+                    dests.append(d)
+            post = asyncio.ensure_future(self._post(b, dests, "dispatch"))
+            await asyncio.sleep(0)  # let it post before the copy below holds the thread
+            try:
+                self._meta[rank].copy_(rt.counts)
+                if hi > lo:
+                    at = rank * self.slot_rows
+                    torch.index_select(x, 0, rt.tokens[lo:hi], out=self._arena[at : at + hi - lo])
+            finally:
+                await post
+            await self._await_all(_META, self._not_me([1] * W), deadline, "dispatch (counts)")
+            C = self._meta.clone()
+            lay = recv_layout(C, rank, self.slot_rows)
+            owed = self._not_me(self._owed(lay.src_rows, self._r_arena))
+            await self._await_all(_DATA, owed, deadline, "dispatch (rows)")
+            assert self._recv is not None and lay.em_to_slot is not None
+            out = self._recv[: lay.rows]
+            torch.index_select(self._arena, 0, lay.em_to_slot.to(self.device), out=out)
+        else:
+            if n:
+                torch.index_select(x, 0, rt.tokens, out=self._send[:n])
+            b = af.Batch()
+            for d in range(W):
+                meta = self._meta_d[d][
+                    rank * self.num_experts * 8 : (rank + 1) * self.num_experts * 8
+                ]
+                b.add(self._r_meta_send, meta, imm=self._imm(_META, rank))
+            await self._post(b, list(range(W)), "dispatch (counts)")
+            await self._await_all(_META, [1] * W, deadline, "dispatch (counts)")
+            C = self._meta.clone()
+            totals = C.view(W, W, -1).sum(dim=(0, 2))  # rows each rank receives
+            if int(totals.max()) > self.capacity:
+                d = int(totals.argmax())
+                self._broken = "a rank's capacity was exceeded"
+                raise MoEError(
+                    f"dispatch: rank {d} would receive {int(totals[d])} rows, more than "
+                    f"capacity={self.capacity}; create the group with a larger capacity (every "
+                    "rank raises this, nothing was sent)"
+                )
+            b = af.Batch()
+            dests = []
+            for d in range(W):
+                if not rt.dest_rows[d]:
+                    continue
+                starts, lengths = packed_targets(C, rank, d)
+                keep = lengths > 0
+                s, ln = starts[keep].numpy(), lengths[keep].numpy()
+                b.add_many(self._r_send, self._arena_d[d], s[:, 0] * rb, s[:, 1] * rb, ln * rb,
+                           imm=self._imm(_DATA, rank))  # fmt: skip
+                dests.extend([d] * len(ln))
+            await self._post(b, dests, "dispatch (rows)")
+            lay = recv_layout(C, rank, None)
+            await self._await_all(_DATA, self._owed_packed(C), deadline, "dispatch (rows)")
+            out = self._arena[: lay.rows]
+        self._pending = (rt, lay, topk_weights, x.shape[0])
+        El = self.local_experts
+        return Dispatched(out, lay.expert_counts, range(rank * El, (rank + 1) * El))
+
+    def _not_me(self, owed: list[int]) -> list[int]:
+        owed[self.rank] = 0
+        return owed
+
+    def _owed_packed(self, C: torch.Tensor) -> list[int]:
+        """High-throughput: source ``s`` writes one run per local expert it has rows for."""
+        El, rank = self.local_experts, self.rank
+        Cl = C[:, rank * El : (rank + 1) * El].numpy()
+        chunk = self._r_arena.descriptor().chunk_bytes
+        nb = Cl * self.row_bytes
+        per = np.where(Cl > 0, np.maximum(1, -(-nb // chunk)), 0)
+        return [int(v) for v in per.sum(1)]
+
+    # ------------------------------------------------------------ combine
+
+    async def combine(self, expert_out: torch.Tensor) -> torch.Tensor:
+        """Send each row of ``expert_out`` (in the order :meth:`dispatch` returned) back to
+        its token's rank; returns this rank's [T, hidden] sums of its tokens' expert outputs
+        weighted by ``topk_weights``, summed over the top-k in order, in fp32."""
+        self._check_state(True, "combine")
+        assert self._pending is not None
+        rt, lay, weights, T = self._pending
+        self._check_tensor("expert_out", expert_out, (lay.rows, self.hidden))
+        if expert_out.dtype != self.dtype:
+            raise MoEInputError(
+                f"expert_out is {expert_out.dtype}; this group carries {self.dtype}"
+            )
+        self.last_exchange_s = 0.0
+        return await self._guarded(self._combine(expert_out), "combine")
+
+    async def _combine(self, expert_out: torch.Tensor) -> torch.Tensor:
+        assert self._pending is not None
+        rt, lay, weights, T = self._pending
+        deadline = time.monotonic() + self.timeout
+        W, rank, rb = self.size, self.rank, self.row_bytes
+        sm_to_em = lay.sm_to_em.to(self.device)
+        # Other ranks' rows first (gathered, then posted); this rank's own rows are gathered
+        # straight into its back buffer while the writes travel.
+        lo = lay.src_off[rank]
+        hi = lo + lay.src_rows[rank]
+        for a, z in ((0, lo), (hi, lay.rows)):
+            if z > a:
+                torch.index_select(expert_out, 0, sm_to_em[a:z], out=self._back_send[a:z])
+        b = af.Batch()
+        dests = []
+        for s in range(W):
+            rows = lay.src_rows[s]
+            if not rows or s == rank:
+                continue
+            o, at = lay.src_off[s], lay.back_off[s]
+            b.add(self._r_back_send[o * rb : (o + rows) * rb],
+                  self._back_d[s][at * rb : (at + rows) * rb], imm=self._imm(_BACK, rank))  # fmt: skip
+            dests.append(s)
+        self._pending = None
+        post = asyncio.ensure_future(self._post(b, dests, "combine"))
+        await asyncio.sleep(0)  # let it post before the copy below holds the thread
+        try:
+            if hi > lo:
+                at = lay.back_off[rank]
+                torch.index_select(expert_out, 0, sm_to_em[lo:hi],
+                                   out=self._back[at : at + hi - lo])  # fmt: skip
+        finally:
+            await post
+        owed = self._not_me(self._owed(rt.dest_rows, self._r_back))
+        await self._await_all(_BACK, owed, deadline, "combine")
+        n = rt.order.numel()
+        y = self._back[:n].index_select(0, rt.back.to(self.device))
+        return weighted_sum(y.view(T, self.topk, self.hidden), weights)
+
+
+def reference(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    expert: Any,
+) -> torch.Tensor:
+    """What ``combine(expert(dispatch(x)))`` computes, in one process: ``expert(e, rows)``
+    maps expert ``e``'s rows to its outputs."""
+    T, k = topk_idx.shape
+    y = torch.empty(T, k, x.shape[1], dtype=x.dtype, device=x.device)
+    for e in torch.unique(topk_idx).tolist():
+        t, j = (topk_idx == e).nonzero(as_tuple=True)
+        y[t, j] = expert(e, x[t])
+    return weighted_sum(y, topk_weights)
