@@ -11,7 +11,8 @@ bash scripts/setup.sh
 # Types: strict on the public API (the engine, the transport contract, the top-level names).
 .venv/bin/mypy --strict asyncfabric/__init__.py asyncfabric/_errors.py asyncfabric/_buffers.py \
   asyncfabric/engine asyncfabric/transport asyncfabric/store asyncfabric/group \
-  asyncfabric/testing/groups.py
+  asyncfabric/testing/groups.py asyncfabric/kv asyncfabric/weights asyncfabric/moe \
+  asyncfabric/collectives
 .venv/bin/python -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 .venv/bin/python scripts/run_notebooks.py
 
