@@ -202,3 +202,31 @@ async def test_killed_peer_fails_pending_reads(provider, kw):
         await eng.write(src[0:4096], bdesc[0:4096], imm=9)
         await bystander.wait(9, 1)
         assert await bystander.digest(brid, 0, 4096) == sha256(src.buffer, 0, 4096)
+
+
+async def test_closed_engine_of_this_process_refuses_transfers(provider, kw):
+    """A peer engine of this process never exits, so no process watch reports it:
+    closing it must make every transfer to it fail with PeerUnreachable (on shm a
+    post to its closed endpoint used to touch unmapped memory and segfault)."""
+    async with af.Engine(provider, **kw) as eng, af.Engine(provider, **kw) as third:
+        peer = await af.Engine.open(provider, **kw)
+        src = eng.register(random_bytes(1 << 20, seed=6))
+        dst = peer.register(np.zeros(1 << 20, np.uint8))
+        desc = dst.descriptor()
+        await eng.write(src[0:65536], desc[0:65536], imm=3)
+        await peer.counter(3).wait(1, timeout=10)
+        await peer.aclose()
+        for size in (8, 65536, 1 << 20):
+            with pytest.raises(af.PeerUnreachable, match="closed"):
+                await eng.write(src[0:size], desc[0:size], imm=3, timeout=10)
+            with pytest.raises(af.PeerUnreachable, match="closed"):
+                await eng.write_many([(src[0:size], desc[0:size], 3)], timeout=10)
+        with pytest.raises(af.PeerUnreachable, match="closed"):
+            await eng.read(src[0:4096], desc[0:4096], timeout=10)
+        with pytest.raises(af.PeerUnreachable, match="closed"):
+            await eng.send(desc, b"anyone?", timeout=10)
+        # the engine still serves a live peer of this process
+        inbox = third.register(np.zeros(4096, np.uint8))
+        await eng.write(src[0:4096], inbox.descriptor(), imm=4)
+        await third.counter(4).wait(1, timeout=10)
+        assert bytes(inbox.buffer[:4096]) == bytes(src.buffer[:4096])

@@ -39,6 +39,7 @@ PEER_ERRNOS = frozenset(
     {
         _e.ESRCH,
         _e.ECONNABORTED,
+        _e.ESHUTDOWN,
         _e.ECONNRESET,
         _e.ENOTCONN,
         _e.ETIMEDOUT,
@@ -60,6 +61,11 @@ _HINTS = {
         PeerUnreachable,
         "the peer's process has exited; its pending transfers failed and new ones are refused "
         "(connect to a live engine)",
+    ),
+    _e.ESHUTDOWN: (
+        PeerUnreachable,
+        "the peer is an engine of this process that was closed; its pending transfers failed "
+        "and new ones are refused (connect to a live engine)",
     ),
     _e.ETIMEDOUT: (
         PeerUnreachable,

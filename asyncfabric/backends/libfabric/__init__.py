@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,6 +146,13 @@ class LibfabricRemote(Remote):
         self.native = int(ffi.cast("uintptr_t", t))
 
 
+# The open transports of this process. A peer that is one of them never exits,
+# so no pidfd reports it; closing it must tell the others first: on shm a post
+# to a closed endpoint of this process touches unmapped memory (a segfault).
+_OPEN_LOCK = threading.Lock()
+_OPEN: weakref.WeakSet[LibfabricTransport] = weakref.WeakSet()
+
+
 class LibfabricTransport(Transport):
     backend = "libfabric"
 
@@ -181,6 +189,9 @@ class LibfabricTransport(Transport):
         self._u64 = ffi.new("uint64_t[]", 2 * domains)
         self._draining = False
         self._native: NativeOps | None = None
+        self._peer_of: dict[bytes, list[int]] = {}  # domain-0 address -> peer indexes
+        with _OPEN_LOCK:
+            _OPEN.add(self)
 
     def _dominfo(self, i: int) -> dict[str, Any]:
         info = ffi.new("af_dominfo *")
@@ -237,6 +248,12 @@ class LibfabricTransport(Transport):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            with _OPEN_LOCK:  # a transport in _OPEN has not begun to close
+                _OPEN.discard(self)
+                me = self._addresses[0]
+                for t in list(_OPEN):
+                    for peer in list(t._peer_of.get(me, ())):
+                        lib.afe_peer_closed(t._e, peer)
             if self._native is not None:
                 self._native.close()
             lib.afe_close(self._e)
@@ -259,7 +276,9 @@ class LibfabricTransport(Transport):
                 "(is the peer's engine open, on the same provider, and reachable?)",
                 -rc,
             )
-        return int(out[0])
+        peer = int(out[0])
+        self._peer_of.setdefault(bytes(addresses[0]), []).append(peer)
+        return peer
 
     def watch_peer(self, peer: int, pid: int) -> None:
         lib.afe_peer_watch(self._e, peer, pid)

@@ -73,6 +73,7 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_l
 /* afpeer.c: watch a same-host peer's process; transfers to it fail once it exits */
 int afe_peer_watch(af_engine *e, uint32_t peer, int32_t pid);
 int afe_peer_dead(af_engine *e, uint32_t peer);
+int afe_peer_closed(af_engine *e, uint32_t peer);
 
 int afe_mr_reg(af_engine *e, void *addr, uint64_t len, uint64_t access, int iface,
                uint64_t device, uint64_t *keys, uint64_t *bases);

@@ -159,7 +159,7 @@ typedef struct af_peer {
      * how many transfers to it are live and when it last completed one */
     int pidfd;
     int32_t pid;
-    int dead;
+    int dead; /* 0, or the errno its transfers fail with (ESRCH: its process exited) */
     uint32_t inflight;
     uint64_t t_progress;
 } af_peer;
@@ -487,7 +487,7 @@ static inline void maybe_finish(af_engine *e, uint32_t i) {
 
 static inline int check_peer(af_engine *e, uint32_t peer, int ndom) {
     if (peer >= e->npeers) return -FI_EINVAL;
-    if (e->peers[peer].dead) return -ESRCH; /* its process exited: fail now, never post into it */
+    if (e->peers[peer].dead) return -e->peers[peer].dead; /* gone: fail now, never post into it */
     if (ndom < 1 || ndom > e->ndom) return -FI_EINVAL;
     for (int d = 0; d < ndom; d++)
         if (e->peers[peer].addr[d] == FI_ADDR_NOTAVAIL) return -FI_EINVAL;

@@ -65,17 +65,19 @@ static void fail_peer(af_engine *e, uint32_t pi, int32_t status) {
     }
 }
 
-static void peer_dead(af_engine *e, uint32_t pi) {
+static void peer_gone(af_engine *e, uint32_t pi, int32_t status) {
     af_peer *p = &e->peers[pi];
     if (p->dead) return;
-    p->dead = 1;
+    p->dead = -status; /* the errno new posts to it fail with (check_peer) */
     if (p->pidfd >= 0) {
         if (e->watch_fd >= 0) epoll_ctl(e->watch_fd, EPOLL_CTL_DEL, p->pidfd, NULL);
         close(p->pidfd);
         p->pidfd = -1;
     }
-    fail_peer(e, pi, -ESRCH);
+    fail_peer(e, pi, status);
 }
+
+static void peer_dead(af_engine *e, uint32_t pi) { peer_gone(e, pi, -ESRCH); }
 
 void peer_watch(af_engine *e) {
     uint64_t t = now_ns();
@@ -132,6 +134,19 @@ int afe_peer_watch(af_engine *e, uint32_t pi, int32_t pid) {
     p->pidfd = fd;
 out:
     leave_py(e);
+    return rc;
+}
+
+/* Peer `pi` is an engine of this process that is closing: its process will
+ * not exit, so no pidfd says so, and once its endpoint closes a post to it
+ * would touch memory that is gone (shm maps a peer's queue into this
+ * process). Its transfers fail with -ESHUTDOWN and new ones are refused.
+ * Any thread may call this; it waits for a post in flight to finish. */
+int afe_peer_closed(af_engine *e, uint32_t pi) {
+    pthread_mutex_lock(&e->lock);
+    int rc = pi < e->npeers ? 0 : -FI_EINVAL;
+    if (!rc) peer_gone(e, pi, -ESHUTDOWN);
+    pthread_mutex_unlock(&e->lock);
     return rc;
 }
 
