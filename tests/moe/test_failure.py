@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import ranks
+from . import ranks
 
 from asyncfabric.testing.ranks import spawn_views
 
