@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from . import ranks
 
 from asyncfabric.testing.ranks import spawn_views
+
+from . import ranks
 
 TIMEOUT = 3.0
 
