@@ -31,7 +31,8 @@ from typing import Any
 import torch
 
 import asyncfabric as af
-from asyncfabric.weights import Layout, Receiver, Replicated, Sender, Split, column, row
+from asyncfabric.weights import Layout, Receiver, Sender, Split
+from asyncfabric.weights.rules import megatron_fused
 
 
 def _cfg(hidden: int = 256, layers: int = 2) -> Any:
@@ -45,24 +46,6 @@ def _cfg(hidden: int = 256, layers: int = 2) -> Any:
     )  # fmt: skip
 
 
-def _tp(cfg: Any) -> Any:
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    q, kv, i = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
-
-    def rule(name: str, shape: tuple[int, ...]) -> Any:
-        if name.endswith("qkv_proj.weight"):
-            return column((q, kv, kv))
-        if name.endswith("gate_up_proj.weight"):
-            return column((i, i))
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            return row()
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            return column()
-        return Replicated()
-
-    return rule
-
-
 async def bitwise_case(provider: str, device: str, iw: int, tdtype: Any, idtype: Any) -> dict:
     from transformers import Phi3ForCausalLM
 
@@ -72,7 +55,7 @@ async def bitwise_case(provider: str, device: str, iw: int, tdtype: Any, idtype:
     full = {n: p.detach() for n, p in model.named_parameters()}
     cast = tdtype != idtype
     tl = Layout.of(full, 2, lambda n, s: Split(0))
-    il = Layout.of(full, iw, _tp(cfg), dtype=idtype)
+    il = Layout.of(full, iw, megatron_fused(cfg), dtype=idtype)
     async with contextlib.AsyncExitStack() as st:
         teng = [await st.enter_async_context(af.Engine(provider)) for _ in range(2)]
         reng = [await st.enter_async_context(af.Engine(provider)) for _ in range(iw)]

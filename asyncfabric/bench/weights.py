@@ -65,24 +65,13 @@ def layouts(size: float, trainer: str = "fsdp") -> tuple[Any, Any]:
     import torch
     from transformers import Phi3ForCausalLM
 
-    from asyncfabric.weights import Layout, Replicated, Split, column, row
+    from asyncfabric.weights import Layout, Split
+    from asyncfabric.weights.rules import megatron_fused
 
     cfg = _cfg(size)
     with torch.device("meta"):
         model = Phi3ForCausalLM(cfg)
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    q, kv, i = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
-
-    def tp(name: str, shape: tuple[int, ...]) -> Any:
-        if name.endswith("qkv_proj.weight"):
-            return column((q, kv, kv))
-        if name.endswith("gate_up_proj.weight"):
-            return column((i, i))
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            return row()
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            return column()
-        return Replicated()
+    tp = megatron_fused(cfg)
 
     params = list(model.named_parameters())
     if trainer == "tp":

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from asyncfabric.weights import Layout, Replicated, Spec, Split, column, row
+from asyncfabric.weights import Layout, Spec, Split
+from asyncfabric.weights.rules import megatron_fused
 
 
 def config(hidden: int = 64, layers: int = 2, heads: int = 4, kv: int = 2, inter: int = 128,
@@ -30,22 +31,7 @@ def build(cfg: Any, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
 
 
 def tp_rule(cfg: Any) -> Any:
-    hd = cfg.hidden_size // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    i = cfg.intermediate_size
-
-    def rule(name: str, shape: tuple[int, ...]) -> Spec:
-        if name.endswith("qkv_proj.weight"):
-            return column((q, kv, kv))
-        if name.endswith("gate_up_proj.weight"):
-            return column((i, i))
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            return row()
-        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-            return column()  # vocabulary parallel
-        return Replicated()  # norms
-
-    return rule
+    return megatron_fused(cfg)
 
 
 def fsdp_rule(name: str, shape: tuple[int, ...]) -> Spec:
