@@ -34,6 +34,7 @@ FILES = [
     "cq.c",  # completions and errors
     "progress.c",  # the progress pass, thread and spins
     "workers.c",  # several progress threads, each owning domains
+    "wpost.c",  # the workers post large transfers, outside the engine lock
     "setup.c",  # getinfo, open/close, peers, registrations
     "quirks.c",  # what differs per provider, one table
     "afpeer.c",  # peer failure detection

@@ -145,11 +145,36 @@ typedef struct af_dom {
     int owner;
 } af_dom;
 
+/* A piece a worker took from a queued op (wpost.c): everything its post needs,
+ * so the post runs without the engine lock. */
+typedef struct af_piece {
+    uint32_t opi, dn, peer;
+    int kind, inject;
+    uint8_t *src;
+    uint64_t len, dst, key;
+    int64_t imm;
+    void *desc;
+    fi_addr_t dest;
+    af_wr *wr;
+    uint64_t t0;
+    int32_t ret; /* the post's result; 1: not tried yet */
+} af_piece;
+#define AF_WQ_PIECES 32            /* pieces a worker takes per pass */
+#define AF_WQ_BYTES (512u << 10)   /* ... and bytes (at least one piece) */
 typedef struct af_worker {
     struct af_engine *e;
     pthread_t thr;
     int id, cpu, started;
     int wake_fd;
+    atomic_int napping; /* asleep in ppoll: a poster that queues work must ring wake_fd */
+    /* the domains it owns, and which it tried last */
+    int doms[AF_MAX_DOMS];
+    int ndoms, rr;
+    /* pieces taken and not yet posted (EAGAIN: tried again next pass) */
+    af_piece pc[AF_WQ_PIECES];
+    int npc;
+    int more;     /* its last take left pieces it could have taken */
+    uint64_t gen; /* the engine's wq_gen at its last take */
 } af_worker;
 
 typedef struct af_peer {
@@ -198,6 +223,9 @@ typedef struct af_op {
     uint64_t lo, hi, bj, boff, stripe;
     int32_t *bstatus;
     uint64_t rot; /* chunk c goes to domain (c + rot) % ndom */
+    /* With several workers: the op's pieces are posted by the workers (wpost.c),
+     * each piece over a domain of the worker that takes it, not by the caller. */
+    int wq;
 } af_op;
 
 typedef struct af_ctr {
@@ -239,6 +267,7 @@ struct af_engine {
     char bell_name[64];
     int py_ctx;       /* the Python thread holds the lock: it drains events itself */
     uint64_t work_gen; /* bumped on every post: the progress thread must not sleep through it */
+    _Atomic uint64_t wq_gen; /* bumped when an op is queued for the workers (wpost.c) */
     atomic_int spinners, stop;
     atomic_int sleeping; /* progress thread: 1 blocked in block(), 2 standing aside for Python */
     /* While the Python thread keeps calling in (posting, spinning) it reaps
@@ -302,6 +331,13 @@ AF_INTERNAL void pin_thread(int cpu);
 /* workers.c */
 AF_INTERNAL int workers_start(af_engine *e);
 AF_INTERNAL void workers_stop(af_engine *e);
+AF_INTERNAL void workers_wake(af_engine *e);
+/* wpost.c */
+AF_INTERNAL int wq_wants(af_engine *e, const af_op *op);
+AF_INTERNAL int wq_pass(af_engine *e, af_worker *w);
+AF_INTERNAL int wq_waiting(af_engine *e, af_worker *w);
+/* cq.c: a transmit context is done (its piece completed, failed, or went out as inject) */
+AF_INTERNAL void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status);
 
 /* cq.c: one batch of entries already read, handled under the engine lock */
 AF_INTERNAL void cq_handle(af_engine *e, af_dom *d, const struct fi_cq_data_entry *ents, ssize_t n);
@@ -497,6 +533,22 @@ static inline int check_peer(af_engine *e, uint32_t peer, int ndom) {
 static inline int check_mr(af_engine *e, int mr) {
     if (mr < 0) return 0;
     return mr < e->nmrs && e->mrs[mr].live ? 0 : -FI_EINVAL;
+}
+
+/* Transmit contexts: take one for a post, commit it once the post went out. */
+static inline int take_wr(af_dom *d, uint32_t opi, int32_t sslot, af_wr **out) {
+    if (d->wr_free == AF_NONE) return 0;
+    af_wr *wr = &d->wrs[d->wr_free];
+    wr->op = opi;
+    wr->sslot = sslot;
+    *out = wr;
+    return 1;
+}
+
+static inline void commit_wr(af_dom *d, af_wr *wr) {
+    wr->live = 1;
+    d->wr_free = wr->next_free;
+    d->credits--;
 }
 
 /* receive buffers (cq.c) */

@@ -14,7 +14,7 @@ static inline af_wr *as_wr(af_dom *d, void *ctx) {
     return p >= lo && p < hi ? (af_wr *)ctx : NULL;
 }
 
-static void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
+void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
     uint32_t opi = wr->op, ent = wr->ent;
     wr->live = 0;
     if (wr->sslot >= 0) d->tx_free[d->tx_top++] = wr->sslot;
@@ -102,7 +102,9 @@ int progress_dom(af_engine *e, af_dom *d) {
     struct fi_cq_data_entry ents[64];
     int total = 0;
     for (;;) {
-        dom_lock(e, d);
+        /* With workers, a busy domain is its owner's to read (it may be posting
+         * a copy): skip it rather than wait. */
+        if (!dom_trylock(e, d)) break;
         ssize_t n = fi_cq_read(d->cq, ents, 64);
         dom_unlock(e, d);
         if (n == -FI_EAGAIN) break;

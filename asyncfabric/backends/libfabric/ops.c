@@ -43,22 +43,6 @@ void op_free(af_engine *e, uint32_t i) {
     e->live_ops--;
 }
 
-/* Transmit contexts: take one for a post, commit it once the post went out. */
-static inline int take_wr(af_dom *d, uint32_t opi, int32_t sslot, af_wr **out) {
-    if (d->wr_free == AF_NONE) return 0;
-    af_wr *wr = &d->wrs[d->wr_free];
-    wr->op = opi;
-    wr->sslot = sslot;
-    *out = wr;
-    return 1;
-}
-
-static inline void commit_wr(af_dom *d, af_wr *wr) {
-    wr->live = 1;
-    d->wr_free = wr->next_free;
-    d->credits--;
-}
-
 /* Post as much of one transfer as the endpoints take. AF_AGAIN: back-pressure,
  * the op keeps its cursor and is resumed when completions free room. */
 static int pump_op_inner(af_engine *e, uint32_t opi);
@@ -218,6 +202,11 @@ int pump_pending(af_engine *e) {
     while (i != AF_NONE) {
         af_op *op = &e->ops[i];
         uint32_t next = op->next;
+        if (op->wq && e->nworkers > 1) { /* the workers' (wpost.c) */
+            prev = i;
+            i = next;
+            continue;
+        }
         uint64_t before = op->posted;
         int r = pump_op(e, i);
         op = &e->ops[i];
@@ -261,6 +250,18 @@ void op_stop(af_engine *e, af_op *op, int32_t status) {
 void op_launch(af_engine *e, uint32_t i) {
     af_op *op = &e->ops[i];
     peer_op_begin(e, op);
+    if (wq_wants(e, op)) { /* the workers post it (wpost.c) */
+        op->wq = 1;
+        op->pending = 1;
+        op->t_queued = now_ns();
+        if (e->pend_tail == AF_NONE) e->pend_head = i;
+        else e->ops[e->pend_tail].next = i;
+        e->pend_tail = i;
+        e->work_gen++;
+        atomic_fetch_add(&e->wq_gen, 1);
+        workers_wake(e);
+        return;
+    }
     if (pump_op(e, i) == AF_AGAIN) {
         op = &e->ops[i];
         op->pending = 1;

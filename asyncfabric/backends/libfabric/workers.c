@@ -75,6 +75,7 @@ static void *worker_main(void *arg) {
         int n = 0;
         for (int d = 0; d < e->ndom; d++)
             if (e->dom[d].owner == w->id) n += worker_poll(e, &e->dom[d]);
+        n += wq_pass(e, w);
         if (w->id == 0) {
             pthread_mutex_lock(&e->lock);
             if (e->pend_head != AF_NONE) n += pump_pending(e);
@@ -98,11 +99,21 @@ static void *worker_main(void *arg) {
                           : e->pol.idle_block_ns;
         struct pollfd pfd = {w->wake_fd, POLLIN, 0};
         struct timespec ts = {(time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull)};
+        /* Say we nap, then look at the queue once more: a poster that queued
+         * before the flag is seen here, one after it rings (workers_wake). */
+        atomic_store(&w->napping, 1);
+        atomic_thread_fence(memory_order_seq_cst);
+        if (wq_waiting(e, w)) {
+            atomic_store(&w->napping, 0);
+            last = now_ns();
+            continue;
+        }
         e->st.blocks++;
         if (ppoll(&pfd, 1, &ts, NULL) > 0) {
             uint64_t v;
             if (read(w->wake_fd, &v, sizeof v) < 0) { /* drained already */ }
         }
+        atomic_store(&w->napping, 0);
         last = now_ns();
     }
     return NULL;
@@ -110,7 +121,12 @@ static void *worker_main(void *arg) {
 
 int workers_start(af_engine *e) {
     int nw = (int)e->pol.workers;
-    for (int d = 0; d < e->ndom; d++) e->dom[d].owner = d % nw;
+    for (int i = 0; i < nw; i++) e->wk[i].ndoms = 0;
+    for (int d = 0; d < e->ndom; d++) {
+        af_worker *w = &e->wk[d % nw];
+        e->dom[d].owner = d % nw;
+        w->doms[w->ndoms++] = d;
+    }
     e->nworkers = nw; /* from here on, posts and reads take the domain locks */
     for (int i = 0; i < nw; i++) {
         af_worker *w = &e->wk[i];
@@ -129,6 +145,15 @@ int workers_start(af_engine *e) {
         w->started = 1;
     }
     return 0;
+}
+
+/* Work was queued for the workers (lock held): wake those that nap. */
+void workers_wake(af_engine *e) {
+    atomic_thread_fence(memory_order_seq_cst);
+    uint64_t one = 1;
+    for (int i = 0; i < e->nworkers; i++)
+        if (atomic_load_explicit(&e->wk[i].napping, memory_order_relaxed) && e->wk[i].started &&
+            write(e->wk[i].wake_fd, &one, sizeof one) < 0) { /* a full counter wakes it already */ }
 }
 
 void workers_stop(af_engine *e) {
