@@ -21,6 +21,7 @@
  *   cq.c        completions: entries, errors, receive buffers
  *   progress.c  one progress pass, the progress thread, Python's spins
  *   workers.c   several progress threads, each owning some domains
+ *   wpost.c     the workers post large transfers, outside the engine lock
  *   setup.c     getinfo, opening and closing domains and engines, peers, MRs
  *   quirks.c    what differs per provider, in one table
  *   afpeer.c    peer failure detection
