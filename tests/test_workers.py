@@ -81,3 +81,46 @@ async def test_workers_are_checked():
         af.Engine("shm", domains=2, workers=3)
     with pytest.raises(ValueError, match="cpus"):
         af.Engine("shm", domains=2, workers=2, cpus=[10_000])
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_workers_post_large_transfers_and_caller_posts_small(provider, kw):
+    """Large pieces are posted by the workers (wpost.c), over every domain, and a batch
+    mixing small and large entries lands exactly; small writes still go out inline."""
+    async with (
+        af.Engine(provider, domains=4, workers=4, chunk_bytes=1 << 16, **kw) as b,
+        af.Engine(provider, domains=4, workers=4, **kw) as a,
+    ):
+        n = 4 << 20
+        data = random_bytes(n, seed=5)
+        back = np.zeros(n, np.uint8)
+        dst = b.register(back)
+        src = a.register(data)
+        desc = dst.descriptor()
+        before = a.stats()["worker_posts"]
+        await a.write(src, desc, imm=1)
+        await b.counter(1).wait(desc.expected_imms(n), timeout=10)  # 64 pieces
+        assert a.stats()["worker_posts"] - before == desc.expected_imms(n)
+        assert sha256(back) == sha256(data)
+        # a batch of mixed sizes: 8 B entries inline or by a worker, 200 KiB ones by workers
+        back[:] = 0
+        sizes = [8, 200 << 10, 8, 8, 100 << 10, 3]
+        offs = np.cumsum([0, *sizes[:-1]])
+        batch = af.Batch()
+        for o, s in zip(offs, sizes):
+            batch.add(src[int(o) : int(o) + s], desc[int(o) : int(o) + s], imm=2)
+        for _ in range(5):
+            await a.write_many(batch)
+        want = 5 * sum(desc.expected_imms(s) for s in sizes)
+        await b.counter(2).wait(want, timeout=10)
+        end = int(offs[-1]) + sizes[-1]
+        assert sha256(back[:end]) == sha256(data[:end])
+        # small writes: inline, never handed to the workers
+        before = a.stats()["worker_posts"]
+        for i in range(50):
+            await a.write(src[i * 8 : i * 8 + 8], desc[i * 8 : i * 8 + 8], imm=3)
+        await b.counter(3).wait(50, timeout=10)
+        assert a.stats()["worker_posts"] == before
+        await anyio.sleep(0.1)
+        assert b.counter(1).count == 0 and b.counter(2).count == 0, "immediates beyond the count"
+        assert a.stats()["live_ops"] == 0

@@ -56,6 +56,7 @@ typedef struct af_stats {
     uint64_t orphan_errors;
     uint64_t live_ops;
     uint64_t live_mrs;
+    uint64_t worker_posts; /* pieces posted by the workers (wpost.c), not by the caller */
 } af_stats;
 
 int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max,

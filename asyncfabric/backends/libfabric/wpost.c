@@ -33,10 +33,12 @@
 #include "afint.h"
 
 /* Whether op i goes to the workers (lock held): several workers, and a data
- * transfer with a piece larger than an inject. */
+ * transfer with a piece larger than an inject, or than AF_WQ_MIN where the
+ * provider never injects (tcp): below that a post costs less than a hand-off. */
+#define AF_WQ_MIN 4096u
 int wq_wants(af_engine *e, const af_op *op) {
     if (e->nworkers < 2) return 0;
-    uint64_t inj = e->dom[0].inject;
+    uint64_t inj = e->dom[0].inject > AF_WQ_MIN ? e->dom[0].inject : AF_WQ_MIN;
     switch (op->kind) {
     case OP_READ:
         return 1;
@@ -217,6 +219,7 @@ static int commit(af_engine *e, af_worker *w) {
         if (st == 0) {
             out++;
             e->st.posts++;
+            e->st.worker_posts++;
             int seen = 0;
             for (int j = 0; j < nrung; j++) seen |= rung[j] == pc->peer;
             if (!seen) rung[nrung++] = pc->peer;
