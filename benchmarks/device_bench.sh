@@ -12,6 +12,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD LIBFABRIC_HOME=/opt/lf/usr
 export LD_LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
 export C_INCLUDE_PATH=/opt/lf/usr/include LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
+python3 benchmarks/device_entrypoints.py /tmp/site  # the plugins, without installing
 python3 setup.py -q build_ext --inplace 2>&1 | grep -v "^$" | tail -3
 echo "host: $(nproc) cpus, $(git log -1 --format=%h 2>/dev/null)"
 i=0

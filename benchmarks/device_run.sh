@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."  # the repository root
   for f in .gpucarry/debs/*.deb; do dpkg -x "$f" /opt/lf; done
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpucarry/whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD LIBFABRIC_HOME=/opt/lf/usr LD_LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
+  python3 benchmarks/device_entrypoints.py /tmp/site  # the plugins, without installing
   python3 setup.py -q build_ext --inplace 2>&1 | tail -3
   git log -1 --format=%h 2>/dev/null
   echo "== tests"

@@ -20,6 +20,7 @@ mkdir -p "$res" /opt/lf
   export PYTHONPATH=/tmp/site:$PWD:/tmp/site2 LIBFABRIC_HOME=/opt/lf/usr
   export LD_LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
   export C_INCLUDE_PATH=/opt/lf/usr/include LIBRARY_PATH=/opt/lf/usr/lib/x86_64-linux-gnu
+  python3 benchmarks/device_entrypoints.py /tmp/site  # the plugins, without installing
   python3 setup.py -q build_ext --inplace 2>&1 | grep -v "^$" | tail -3
   echo "host: $(nproc) cpus, $(git log -1 --format=%h 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
