@@ -8,7 +8,11 @@
 
 int progress_locked(af_engine *e) {
     int n = 0;
-    for (int i = 0; i < e->ndom; i++) n += progress_dom(e, &e->dom[i]);
+    /* With workers each domain is its worker's to progress: on shm reading a
+     * CQ runs the copies of arriving writes, which from here would run under
+     * the engine lock and stop every worker (workers.c). */
+    if (e->nworkers < 2)
+        for (int i = 0; i < e->ndom; i++) n += progress_dom(e, &e->dom[i]);
     /* Posting queued work counts as progress: the caller keeps polling
      * instead of napping while a full queue drains. */
     if (e->pend_head != AF_NONE) n += pump_pending(e);
