@@ -96,10 +96,7 @@ async def _measure(
         quant = None if path == "af-bf16" else "int8"
         ins = [p.bfloat16() if path.endswith("bf16") else p.clone() for p in parts]
         await asyncio.gather(
-            *(
-                all_reduce(ins[i], views[i], quant=quant, timeout=120)
-                for i in range(len(views))
-            )
+            *(all_reduce(ins[i], views[i], quant=quant, timeout=120) for i in range(len(views)))
         )
         res[path] = _errors(ins[0], exact)
     res["exact"] = {"rms": float(np.sqrt(np.mean(exact**2))), "max_abs": float(np.abs(exact).max())}
@@ -168,6 +165,26 @@ def _decode_summary(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _decode_table(ds: list[dict[str, Any]]) -> str:
+    """One row a seed, then the mean: the table of docs/collectives.md."""
+    cols = [("int8", "agreement"), ("int8", "forced_top1"), ("int8", "kl_mean")]
+    cols += [("bf16", "agreement"), ("bf16", "forced_top1"), ("bf16", "kl_mean")]
+    head = ["seed", "None = HF"] + [f"{p} {k}" for p, k in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(k: str, v: float) -> str:
+        return f"{v:.2e}" if k == "kl_mean" else f"{v:.1%}"
+
+    for d in ds:
+        row = [str(d["spec"]["seed"]), f"{d['exact_vs_hf_agreement']:.1%}"]
+        row += [cell(k, d[p][k]) for p, k in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    mean = ["mean", f"{np.mean([d['exact_vs_hf_agreement'] for d in ds]):.1%}"]
+    mean += [cell(k, float(np.mean([d[p][k] for d in ds]))) for p, k in cols]
+    lines.append("| " + " | ".join(mean) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from .._cli import CliParser
     from .tp_llama import Spec, tp_check
@@ -181,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--provider", default="shm", help="libfabric provider (default shm)")
     p.add_argument("--hidden", type=int, default=Spec.hidden)
     p.add_argument("--layers", type=int, default=Spec.layers)
-    p.add_argument("--seed", type=int, default=Spec.seed)
+    p.add_argument(
+        "--seeds",
+        default="0",
+        help="model seeds, comma-separated: the table uses the first, --decode runs each "
+        "(default 0)",
+    )
     p.add_argument("--decode", action="store_true", help="also the tensor-parallel decoding check")
     p.add_argument("--tokens", type=int, default=Spec.tokens, help="decoded tokens (--decode)")
     p.add_argument("--no-table", action="store_true", help="skip the error table")
@@ -191,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         ranks = [int(r) for r in a.ranks.split(",")]
     except ValueError:
         p.error(f"--ranks: not a list of world sizes: {a.ranks!r} (example: 2,4)")
-    spec = Spec(hidden=a.hidden, layers=a.layers, seed=a.seed, tokens=a.tokens)
+    try:
+        seeds = [int(x) for x in a.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: not a list of integers: {a.seeds!r} (example: 0,1,2)")
+    spec = Spec(hidden=a.hidden, layers=a.layers, seed=seeds[0], tokens=a.tokens)
     torch.set_num_threads(spec.threads)
     out: dict[str, Any] = {"suite": "allreduce-accuracy"}
     if not a.no_table:
@@ -200,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all-reduce error against the exact fp32 sum (Llama: {spec})")
         print(_table(rows))
     if a.decode:
-        d = tp_check(spec, world=2, provider=a.provider)
-        out["decode"] = d
-        print(_decode_summary(d))
+        out["decode"] = []
+        for seed in seeds:
+            d = tp_check(replace(spec, seed=seed), world=2, provider=a.provider)
+            out["decode"].append(d)
+            print(_decode_summary(d), flush=True)
+        if len(seeds) > 1:
+            print(_decode_table(out["decode"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

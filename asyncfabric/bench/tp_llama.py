@@ -65,7 +65,8 @@ def build_model(spec: Spec) -> Any:
         tie_word_embeddings=False,
     )
     torch.manual_seed(spec.seed)
-    return LlamaForCausalLM(cfg).float().eval()
+    model: Any = LlamaForCausalLM(cfg)
+    return model.float().eval()
 
 
 def prompt_ids(spec: Spec) -> torch.Tensor:
@@ -160,7 +161,8 @@ class Shard:
             x = _rmsnorm(h, w["post_norm"], self.eps)
             a = torch.nn.functional.silu(x @ w["gate"].T) * (x @ w["up"].T)
             h = h + await reduce(a @ w["down"].T)
-        return _rmsnorm(h, self.norm, self.eps) @ self.head.T
+        logits: torch.Tensor = _rmsnorm(h, self.norm, self.eps) @ self.head.T
+        return logits
 
 
 async def decode(
@@ -230,9 +232,7 @@ async def local_decode(
     """Rank 0's :func:`decode` of ``world`` shards in this process (:class:`LocalSum`)."""
     ls = LocalSum(world)
     shards = [Shard(model, r, world) for r in range(world)]
-    res = await asyncio.gather(
-        *(decode(shards[r], ls.reducer(r), prompt, n) for r in range(world))
-    )
+    res = await asyncio.gather(*(decode(shards[r], ls.reducer(r), prompt, n) for r in range(world)))
     return res[0]
 
 
@@ -265,7 +265,9 @@ def check_against_hf(model: Any, prompt: torch.Tensor) -> float:
 
     with torch.no_grad():
         ref = model(prompt[None]).logits[0]
-        got = asyncio.run(Shard(model, 0, 1).forward(prompt, 0, [[] for _ in model.model.layers], ident))
+        got = asyncio.run(
+            Shard(model, 0, 1).forward(prompt, 0, [[] for _ in model.model.layers], ident)
+        )
     return float((got - ref).abs().max())
 
 
@@ -296,7 +298,9 @@ async def tp_rank(view: Any, spec_d: dict[str, Any]) -> dict[str, Any]:
     tokens. Rank 0 returns tokens and logits (numpy); the others ``{}``."""
     spec = Spec(**spec_d)
     torch.set_num_threads(spec.threads)
-    model = build_model(spec)
+    # in a thread: building the model takes seconds, and a loop blocked that long could
+    # not renew this member's lease in the group
+    model = await asyncio.to_thread(build_model, spec)
     shard = Shard(model, view.rank, view.size)
     prompt = prompt_ids(spec)
     out: dict[str, torch.Tensor] = {}
@@ -313,8 +317,8 @@ async def tp_rank(view: Any, spec_d: dict[str, Any]) -> dict[str, Any]:
 
 
 def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) per row, in nats."""
-    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    """KL(p || q) per row, in nats (in fp64: the values are near fp32's rounding)."""
+    lp, lq = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -330,7 +334,7 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
     from asyncfabric.testing.ranks import spawn_views
 
     torch.set_num_threads(spec.threads)
-    res = spawn_views(world, tp_rank, (asdict(spec),), provider=provider, ttl=10.0)
+    res = spawn_views(world, tp_rank, (asdict(spec),), provider=provider, ttl=30.0)
     bad = [r for r in res if r[0] != "ok"]
     if bad:
         raise RuntimeError(f"tensor-parallel ranks failed: {bad}")
