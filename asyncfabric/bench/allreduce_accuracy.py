@@ -77,7 +77,7 @@ def _errors(got: torch.Tensor, exact: np.ndarray) -> dict[str, float]:
 
 
 async def _measure(
-    parts: list[torch.Tensor], views: list[Any], paths: tuple[str, ...]
+    parts: list[torch.Tensor], views: list[Any], paths: tuple[str, ...], block: int
 ) -> dict[str, dict[str, float]]:
     from asyncfabric.collectives import all_reduce
 
@@ -96,7 +96,10 @@ async def _measure(
         quant = None if path == "af-bf16" else "int8"
         ins = [p.bfloat16() if path.endswith("bf16") else p.clone() for p in parts]
         await asyncio.gather(
-            *(all_reduce(ins[i], views[i], quant=quant, timeout=120) for i in range(len(views)))
+            *(
+                all_reduce(ins[i], views[i], quant=quant, block=block, timeout=120)
+                for i in range(len(views))
+            )
         )
         res[path] = _errors(ins[0], exact)
     res["exact"] = {"rms": float(np.sqrt(np.mean(exact**2))), "max_abs": float(np.abs(exact).max())}
@@ -121,7 +124,7 @@ def error_table(
         async def run(data: dict[str, list[torch.Tensor]] = data, world: int = world) -> None:
             async with local_views(world, provider) as views:
                 for name, parts in data.items():
-                    r = await _measure(parts, views, PATHS)
+                    r = await _measure(parts, views, PATHS, spec.block)
                     rows.append({"data": name, "ranks": world, "values": parts[0].numel(), **r})
 
         asyncio.run(run())
@@ -156,8 +159,9 @@ def _decode_summary(d: dict[str, Any]) -> str:
     for path in ("int8", "bf16"):
         r = d[path]
         first = r["first_divergence"]
+        name = f"int8 (block {s['block']})" if path == "int8" else path
         lines.append(
-            f"  {path} vs quant=None: free-running tokens agree {r['agreement']:.1%} "
+            f"  {name} vs quant=None: free-running tokens agree {r['agreement']:.1%} "
             f"(first divergence: {'none' if first is None else f'token {first}'}); "
             f"teacher-forced top-1 {r['forced_top1']:.1%}, KL mean {r['kl_mean']:.2e} "
             f"nats, max {r['kl_max']:.2e}"
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "(default 0)",
     )
     p.add_argument("--decode", action="store_true", help="also the tensor-parallel decoding check")
+    p.add_argument("--block", type=int, default=Spec.block, help="values per int8 scale (32)")
     p.add_argument("--tokens", type=int, default=Spec.tokens, help="decoded tokens (--decode)")
     p.add_argument("--no-table", action="store_true", help="skip the error table")
     p.add_argument("--json", help="write the results to this JSON file")
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(x) for x in a.seeds.split(",")]
     except ValueError:
         p.error(f"--seeds: not a list of integers: {a.seeds!r} (example: 0,1,2)")
-    spec = Spec(hidden=a.hidden, layers=a.layers, seed=seeds[0], tokens=a.tokens)
+    spec = Spec(hidden=a.hidden, layers=a.layers, seed=seeds[0], tokens=a.tokens, block=a.block)
     torch.set_num_threads(spec.threads)
     out: dict[str, Any] = {"suite": "allreduce-accuracy"}
     if not a.no_table:

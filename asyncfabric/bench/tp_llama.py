@@ -48,6 +48,7 @@ class Spec:
     prompt: int = 16  # prompt tokens (random ids, seeded)
     tokens: int = 64  # greedily decoded tokens
     threads: int = 1  # torch threads per process: the same on every side, so the same bits
+    block: int = 32  # values per int8 scale
 
 
 def build_model(spec: Spec) -> Any:
@@ -271,7 +272,7 @@ def check_against_hf(model: Any, prompt: torch.Tensor) -> float:
     return float((got - ref).abs().max())
 
 
-def af_reduce(view: Any, path: str | None, timeout: float = 60.0) -> Reduce:
+def af_reduce(view: Any, path: str | None, block: int = 32, timeout: float = 60.0) -> Reduce:
     """The real all-reduce over ``view`` of fp32 partials. ``path``: None (exact fp32),
     ``"int8"`` (``quant="int8"`` on the fp32 tensor) or ``"bf16"`` (the partials rounded to
     bf16, reduced as bf16 with ``quant=None``: a plain 16-bit all-reduce)."""
@@ -283,7 +284,7 @@ def af_reduce(view: Any, path: str | None, timeout: float = 60.0) -> Reduce:
             await all_reduce(b, view, timeout=timeout)
             return b.float()
         x = x.contiguous()
-        await all_reduce(x, view, quant=path, timeout=timeout)
+        await all_reduce(x, view, quant=path, block=block, timeout=timeout)
         return x
 
     return reduce
@@ -308,9 +309,11 @@ async def tp_rank(view: Any, spec_d: dict[str, Any]) -> dict[str, Any]:
         exact, out["exact_logits"] = await decode(shard, af_reduce(view, None), prompt, spec.tokens)
         out["exact"] = exact
         for path in PATHS:
-            out[path], _ = await decode(shard, af_reduce(view, path), prompt, spec.tokens)
+            out[path], _ = await decode(
+                shard, af_reduce(view, path, spec.block), prompt, spec.tokens
+            )
             out[f"{path}_forced"], out[f"{path}_forced_logits"] = await decode(
-                shard, af_reduce(view, path), prompt, spec.tokens, forced=exact
+                shard, af_reduce(view, path, spec.block), prompt, spec.tokens, forced=exact
             )
     # numpy: torch tensors would travel as shared-memory handles of a process that exits
     return {} if view.rank else {k: v.numpy() for k, v in out.items()}
