@@ -54,8 +54,29 @@ def test_tensor_parallel_decoding_two_processes():
     # quant=None: the fp32 sum in rank order, so the same bits as one process summing the
     # same partials, and the unsplit model's tokens up to fp32 reassociation
     assert d["exact_equals_local_sum"], d["tokens"]
+    assert d["exact_logits_equal_local_sum"]
     assert d["exact_vs_hf_agreement"] >= 0.95, d["tokens"]
     assert d["exact_vs_hf_max_logit_diff"] < 1e-4
     q = d["int8"]
     assert q["forced_top1"] >= 0.95, q
     assert 0 < q["kl_mean"] < 1e-3, q  # above 0: the int8 path really quantized
+
+
+def test_accuracy_command(tmp_path, capsys):
+    """`asyncfabric bench allreduce --accuracy`: the error table's rows, on real engines."""
+    import json
+
+    from asyncfabric.bench.allreduce import main
+
+    out = tmp_path / "acc.json"
+    args = ["--accuracy", "--ranks", "2", "--n", "4096", "--prompt", "8", "--hidden", "128"]
+    assert main(args + ["--layers", "1", "--json", str(out)]) == 0
+    rows = {r["data"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"normal", "heavy-tailed", "llama-o", "llama-down"}
+    for name, r in rows.items():
+        # at 2 ranks a ring's bf16 sum is one rounding of the fp32 sum, like af's
+        assert r["bf16"] == r["af-bf16"], name
+        assert 0 < r["af-bf16"]["rel_rms"] < 4e-3, name
+        # int8 is coarser than bf16, within the page's measured range
+        assert r["af-bf16"]["rel_rms"] < r["int8"]["rel_rms"] < 0.02, name
+    assert "| llama-down | 2 |" in capsys.readouterr().out

@@ -346,7 +346,7 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
     prompt = prompt_ids(spec)
     with torch.no_grad():
         hf_tok, hf_logits = hf_greedy(model, prompt, spec.tokens)
-        local_tok, _ = asyncio.run(local_decode(model, world, prompt, spec.tokens))
+        local_tok, local_logits = asyncio.run(local_decode(model, world, prompt, spec.tokens))
     exact = r["exact"]
     top2 = r["exact_logits"].topk(2, -1).values
     d: dict[str, Any] = {
@@ -357,6 +357,8 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
         "exact_vs_hf_agreement": float((exact == hf_tok).float().mean()),
         "exact_vs_hf_max_logit_diff": float((r["exact_logits"] - hf_logits).abs().max()),
         "exact_equals_local_sum": bool(torch.equal(exact, local_tok)),
+        # the same bits: the all-reduce's sum is the documented fp32 sum in rank order
+        "exact_logits_equal_local_sum": bool(torch.equal(r["exact_logits"], local_logits)),
         "exact_top2_gap_min": float((top2[:, 0] - top2[:, 1]).min()),
         "exact_top2_gap_median": float((top2[:, 0] - top2[:, 1]).median()),
         "tokens": {"hf": hf_tok.tolist(), "exact": exact.tolist()},
