@@ -31,7 +31,6 @@ SMALL = Spec(
 
 
 def test_split_forward_equals_hf():
-    torch.set_num_threads(1)
     model = build_model(SMALL)
     prompt = prompt_ids(SMALL)
     assert check_against_hf(model, prompt) < 1e-4

@@ -336,24 +336,29 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
     next-token distributions of the teacher-forced steps, mean over steps, nats."""
     from asyncfabric.testing.ranks import spawn_views
 
-    torch.set_num_threads(spec.threads)
     res = spawn_views(world, tp_rank, (asdict(spec),), provider=provider, ttl=30.0)
     bad = [r for r in res if r[0] != "ok"]
     if bad:
         raise RuntimeError(f"tensor-parallel ranks failed: {bad}")
     r = {k: torch.from_numpy(v) for k, v in res[0][1].items()}
-    model = build_model(spec)
-    prompt = prompt_ids(spec)
-    with torch.no_grad():
-        hf_tok, hf_logits = hf_greedy(model, prompt, spec.tokens)
-        local_tok, local_logits = asyncio.run(local_decode(model, world, prompt, spec.tokens))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)  # the ranks' count: the same bits from every matmul
+    try:
+        model = build_model(spec)
+        prompt = prompt_ids(spec)
+        one_rank = check_against_hf(model, prompt)
+        with torch.no_grad():
+            hf_tok, hf_logits = hf_greedy(model, prompt, spec.tokens)
+            local_tok, local_logits = asyncio.run(local_decode(model, world, prompt, spec.tokens))
+    finally:
+        torch.set_num_threads(threads)
     exact = r["exact"]
     top2 = r["exact_logits"].topk(2, -1).values
     d: dict[str, Any] = {
         "spec": asdict(spec),
         "world": world,
         "provider": provider,
-        "hf_max_logit_diff_1rank": check_against_hf(model, prompt),
+        "hf_max_logit_diff_1rank": one_rank,
         "exact_vs_hf_agreement": float((exact == hf_tok).float().mean()),
         "exact_vs_hf_max_logit_diff": float((r["exact_logits"] - hf_logits).abs().max()),
         "exact_equals_local_sum": bool(torch.equal(exact, local_tok)),
