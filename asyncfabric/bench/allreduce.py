@@ -1,6 +1,7 @@
 """``asyncfabric bench allreduce``: all-reduce side by side with torch.distributed gloo.
 
 asyncfabric bench allreduce --provider tcp --ranks 2 --sizes 8K-256M --json out.json
+asyncfabric bench allreduce --accuracy [--decode]   # errors, not speed: allreduce_accuracy.py
 
 P processes (spawned), each with one engine joined to one group (an embedded
 store served by this process) and one gloo process group over loopback. Every size runs every implementation in rounds (one repeat of each,
@@ -210,6 +211,12 @@ def _fmt(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from .._cli import CliParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--accuracy" in argv:  # a different measurement, its own options
+        from .allreduce_accuracy import main as accuracy_main
+
+        return accuracy_main([x for x in argv if x != "--accuracy"])
 
     p = CliParser(prog="asyncfabric bench allreduce", description=__doc__.split("\n\n")[0])
     p.add_argument("--provider", default="tcp", help="libfabric provider: tcp (default) or shm")
