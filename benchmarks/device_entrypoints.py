@@ -10,8 +10,9 @@ sys.path too. Usage: python3 benchmarks/device_entrypoints.py /tmp/site
 from __future__ import annotations
 
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 root = Path(__file__).resolve().parent.parent
 project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
