@@ -845,6 +845,7 @@ class Engine:
     ) -> Trigger:
         """Arm one write (as :meth:`write` takes it) to be posted when ``flag``'s word
         reaches ``value``: :meth:`arm` with a batch of one."""
+        self._check_open()
         return self.arm(Batch().add(src, dst, imm=imm), flag, value, reset=reset, repeat=repeat)
 
     def counter_flag(
