@@ -135,7 +135,7 @@ async def test_release_word_is_stored_exactly_at_n_arrivals(provider, kw, anyio_
             await c.wait(1)
         with pytest.raises(RuntimeError, match="already"):
             c.release_word(1, af.Flag(), 1)
-        for i in range(3):
+        for _ in range(3):
             await peer.call("write", rid, desc, 0, 0, 8, 7)
         await _eventually(lambda: c.count == 3)
         await anyio.sleep(0.05)
@@ -300,6 +300,18 @@ def _cuda() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def test_cuda_memops_refuse_plain_flags_without_a_gpu():
+    """Importable everywhere; a host flag is refused before any CUDA call."""
+    from asyncfabric import cuda_memops
+
+    with pytest.raises(af.TransferError, match="cuda_flag"):
+        cuda_memops.stream_fire(af.Flag(), 1)
+    with pytest.raises(af.TransferError, match="cuda_flag"):
+        cuda_memops.stream_wait(af.Flag(), 1)
+    with pytest.raises(TypeError, match="Flag"):
+        cuda_memops.stream_wait(object(), 1)  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not _cuda(), reason="needs torch with a CUDA device")

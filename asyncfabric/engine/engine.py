@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from .._buffers import buffer_info
-from .._flag import Flag, check_u32
 from .._errors import (
     BatchError,
     EngineClosed,
@@ -31,6 +30,7 @@ from .._errors import (
     RegionError,
     TransferError,
 )
+from .._flag import Flag, check_u32
 from ..transport import registry
 from ..transport.batching import SUB_BIT, split_sub
 from ..transport.contract import PagedWrite, Remote, Target, Transport, WriteBatch
