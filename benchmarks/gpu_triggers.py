@@ -217,6 +217,33 @@ async def _ask(conn: Any, proc: Any, cmd: str, *args: Any, timeout: float = 300)
     return val
 
 
+class _Phase:
+    """One command to rank 1: a first answer (armed, ready) and a second (its end).
+    After a failure here, ``abandon`` takes rank 1's second answer, whatever it is,
+    so the next command's answers are not taken for this one's."""
+
+    def __init__(self, conn: Any, proc: Any, cmd: str) -> None:
+        self.conn, self.proc, self.cmd = conn, proc, cmd
+        self.started = self.finished = False
+
+    async def start(self) -> Any:
+        val = await _ask(self.conn, self.proc, self.cmd)
+        self.started = True
+        return val
+
+    async def finish(self) -> Any:
+        val = await _ask_result(self.conn, self.proc, self.cmd)
+        self.finished = True
+        return val
+
+    async def abandon(self) -> None:
+        if self.started and not self.finished:
+            try:
+                await _ask_result(self.conn, self.proc, self.cmd, timeout=TIMEOUT + 120)
+            except Exception:
+                pass  # rank 1 reported its own failure, or is gone: the next _ask says so
+
+
 def _stats(us: list[float]) -> dict[str, float]:
     s = sorted(us)
     return {
@@ -250,8 +277,9 @@ async def amain(a: argparse.Namespace) -> int:
             conn.send((g.desc(), t.desc(), bytes(t.rrecv.descriptor()), eng.address))
 
             # 1. the captured graph, replayed
+            ph = _Phase(conn, proc, "graph")
             try:
-                await _ask(conn, proc, "graph")  # rank 1 armed and captured
+                await ph.start()  # rank 1 armed and captured
                 g.arm(cg, IMM_G)
                 x = torch.arange(L, dtype=torch.int64, device="cuda") % P
                 acc = torch.zeros(L, dtype=torch.int64, device="cuda")
@@ -272,7 +300,7 @@ async def amain(a: argparse.Namespace) -> int:
                 await _sync(torch, g, "rank 0 graph")
                 took = time.perf_counter() - t0
                 await g.trig.wait(a.iters, timeout=TIMEOUT)
-                fires_1 = await _ask_result(conn, proc, "graph")
+                fires_1 = await ph.finish()
                 g.disarm()
                 want_x, want_acc = _expected(a.iters)
                 ok = bool(
@@ -285,13 +313,16 @@ async def amain(a: argparse.Namespace) -> int:
                 )  # fmt: skip
                 failures += not ok
             except Exception as exc:
-                g.unstick()
                 failures += 1
                 emit(what="graph", error=f"{type(exc).__name__}: {exc}")
+                g.unstick()
+                g.disarm()
+                await ph.abandon()
 
             # 2a. 8 B ping-pong, GPU-triggered both ways
+            ph = _Phase(conn, proc, "trig_lat")
             try:
-                await _ask(conn, proc, "trig_lat")
+                await ph.start()
                 t.arm(ct, IMM_T)
                 dev = torch.zeros(1, dtype=torch.int64, device="cuda")
                 n = a.rounds
@@ -309,20 +340,23 @@ async def amain(a: argparse.Namespace) -> int:
                     dev.add_(1)
                     e_ev.record()
                 await _sync(torch, t, "rank 0 triggered latency")
-                await _ask_result(conn, proc, "trig_lat")
+                await ph.finish()
                 t.disarm()
                 ok = int(dev.item()) == 2 * n
                 rtts = [s_ev.elapsed_time(e_ev) * 1e3 for s_ev, e_ev in evs[a.warmup :]]
                 emit(what="latency", path="gpu_triggered", bytes=8, verified=ok, **_stats(rtts))
                 failures += not ok
             except Exception as exc:
-                t.unstick()
                 failures += 1
                 emit(what="latency", path="gpu_triggered", error=f"{type(exc).__name__}: {exc}")
+                t.disarm()
+                t.unstick()
+                await ph.abandon()
 
             # 2b. 8 B ping-pong, host sync + await write + await counter, both sides
+            ph = _Phase(conn, proc, "host_lat")
             try:
-                await _ask(conn, proc, "host_lat")
+                await ph.start()
                 dst = af.Descriptor.from_bytes(ch)
                 c = eng.counter(IMM_H)
                 dev = torch.zeros(1, dtype=torch.int64, device="cuda")
@@ -338,13 +372,14 @@ async def amain(a: argparse.Namespace) -> int:
                     torch.cuda.current_stream().synchronize()
                     if i >= a.warmup:
                         rtts.append((time.perf_counter() - t0) * 1e6)
-                await _ask_result(conn, proc, "host_lat")
+                await ph.finish()
                 ok = int(dev.item()) == 2 * a.rounds
                 emit(what="latency", path="host_sync_await", bytes=8, verified=ok, **_stats(rtts))
                 failures += not ok
             except Exception as exc:
                 failures += 1
                 emit(what="latency", path="host_sync_await", error=f"{type(exc).__name__}: {exc}")
+                await ph.abandon()
             await _ask(conn, proc, "exit")
     finally:
         proc.join(10)
