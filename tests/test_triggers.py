@@ -183,6 +183,27 @@ async def test_release_word_counts_what_arrived_before_it(provider, kw, anyio_ba
         assert eng.counter(9).count == 2
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_release_word_counts_staged_credits(provider, kw):
+    """A staged target's immediates are credited after its host-to-device copy (not
+    counted off the wire): the release word is stored then, and the data is there."""
+    torch = pytest.importorskip("torch")
+    from asyncfabric.testing.peer import register_staged
+
+    async with af.Engine(provider, **kw) as a, af.Engine(provider, **kw) as b:
+        n = 3 << 20
+        data = random_bytes(n, seed=17)
+        src = a.register(data)
+        land = torch.zeros(n, dtype=torch.uint8)
+        dst = register_staged(b, land)
+        flag = af.Flag()
+        rel = b.counter(14).release_word(dst.expected_imms(n), flag, 5)
+        await a.write(src, dst.descriptor(), imm=14)
+        await _eventually(lambda: flag.value == 5)
+        assert rel.fired == 1
+        assert sha256(land.numpy()) == sha256(data)
+
+
 async def test_disarm_and_close(provider, kw, anyio_backend):
     async with PeerProcess(provider, **kw) as peer:
         _, db = await peer.alloc(64)

@@ -128,6 +128,10 @@ void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n) {
     enter_py(e);
     af_ctr *c = ctr_find(e, imm, 1);
     c->avail += n;
+    if (e->rel_armed && rel_count(e, c)) { /* credited arrivals (the staged wrapper's) count too */
+        leave_py(e);
+        return;
+    }
     if (c->want && c->avail >= c->want) {
         c->want = 0;
         e->armed--;
