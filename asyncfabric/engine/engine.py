@@ -875,7 +875,8 @@ class Engine:
             try:
                 self._batch_raise(wb)
             except BatchError as exc:
-                err = exc
+                # one write (arm_write) fails as write() would: with the entry's error
+                err = exc.failures.get(0, exc) if len(wb.status) == 1 else exc
             if err is None:
                 err = self._t.error(ev.status, "triggered batch")
         if err is not None:

@@ -83,7 +83,7 @@ class Trigger:
 
     One-shot (the default): ``await trigger`` (or ``await trigger.wait(timeout=...)``)
     returns when the fired transfer is done (the source may be reused), and raises as
-    ``write_many`` would (:class:`BatchError`, :class:`PeerUnreachable`), with
+    ``write_many`` would (:class:`BatchError`; one write as ``write`` would), with
     :class:`EngineClosed` when the engine closes first, :class:`TriggerDisarmed` after
     :meth:`disarm`. ``repeat=True``: stays armed, one fire in flight at a time;
     ``await trigger.wait(k)`` returns once ``k`` fires have ended, ``fires`` counts
