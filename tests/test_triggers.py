@@ -94,6 +94,35 @@ async def test_armed_batch_to_two_peers_fired_from_another_thread(provider, kw):
         await p1.wait(5, 1)
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_triggers_and_release_words_with_several_workers(provider, kw):
+    """Workers own the domains (workers.c): the watcher's post goes through their
+    locks and queue, and the workers count the arrivals a release word takes."""
+    async with (
+        PeerProcess(provider, domains=2, chunk_bytes=CHUNK, **kw) as peer,
+        af.Engine(provider, domains=2, workers=2, **kw) as eng,
+    ):
+        n = 8 * CHUNK
+        data = random_bytes(n, seed=18)
+        src = eng.register(data)
+        rid, db = await peer.alloc(n)
+        d = af.Descriptor.from_bytes(db)
+        flag, ready = af.Flag(), af.Flag()
+        land = np.zeros(64, np.uint8)
+        back = bytes(eng.register(land).descriptor())
+        rel = eng.counter(16).release_word(3, ready, 1)
+        t = eng.arm_write(src, d, flag, 1, imm=15)
+        flag.set(1)
+        with anyio.fail_after(10):
+            await t
+        await peer.wait(15, d.expected_imms(n))
+        assert await peer.digest(rid, 0, n) == sha256(data)
+        for _ in range(3):
+            await peer.call("write", rid, back, 0, 0, 8, 16)
+        await _eventually(lambda: ready.value == 1)
+        assert rel.fired == 1
+
+
 async def test_repeating_trigger_resets_its_word(provider, kw, anyio_backend):
     async with (
         PeerProcess(provider, **kw) as peer,
