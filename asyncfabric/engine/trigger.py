@@ -175,8 +175,9 @@ class Release:
             v = self._counter._engine._t.release_fired(self.rid)
             if v >= 0:
                 self._fired = v
-            if v < 0 or (not self.repeat and v >= 1):
-                self._armed = False  # a one-shot word that fired is forgotten natively
+            else:  # not armed natively: a one-shot word that stored (it goes as it stores)
+                self._fired = max(self._fired, 0 if self.repeat else 1)
+                self._armed = False
                 self._counter._release_over(self)
         return self._fired
 

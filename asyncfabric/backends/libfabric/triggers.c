@@ -58,8 +58,7 @@ typedef struct af_trig {
 } af_trig;
 
 typedef struct af_rel {
-    int used;
-    int armed; /* 0: a one-shot word that fired, kept until afe_rel_fired reports it */
+    int used; /* armed: a one-shot word goes as it stores */
     int repeat;
     uint32_t imm;
     uint32_t value;
@@ -111,14 +110,14 @@ int rel_count(af_engine *e, af_ctr *c) {
     if (!T) return 0;
     for (uint32_t i = 0; i < T->rcap; i++) {
         af_rel *r = &T->rel[i];
-        if (!r->used || !r->armed || r->imm != c->imm) continue;
+        if (!r->used || r->imm != c->imm) continue;
         if (c->avail < r->n) return 0;
         while (c->avail >= r->n) {
             c->avail -= r->n;
             r->fired++;
             word_store(r->word, r->value);
-            if (!r->repeat) {
-                r->armed = 0;
+            if (!r->repeat) { /* done: its slot goes (afe_rel_fired then says -FI_ENOENT) */
+                r->used = 0;
                 e->rel_armed--;
                 e->armed--;
                 need_raise(e);
@@ -139,7 +138,7 @@ uint64_t rel_need(af_engine *e) {
     if (!T) return m;
     for (uint32_t i = 0; i < T->rcap; i++) {
         af_rel *r = &T->rel[i];
-        if (!r->used || !r->armed) continue;
+        if (!r->used) continue;
         af_ctr *c = ctr_find(e, r->imm, 0);
         uint64_t have = c ? c->avail : 0;
         uint64_t need = have >= r->n ? 1 : r->n - have;
@@ -157,7 +156,7 @@ int afe_rel_arm(af_engine *e, uint32_t imm, uint64_t n, uint32_t *word, uint32_t
     af_rel *r = NULL;
     if (!T) rc = -FI_ENOMEM;
     for (uint32_t i = 0; !rc && i < T->rcap; i++)
-        if (T->rel[i].used && T->rel[i].armed && T->rel[i].imm == imm) rc = -FI_EBUSY;
+        if (T->rel[i].used && T->rel[i].imm == imm) rc = -FI_EBUSY;
     for (uint32_t i = 0; !rc && i < T->rcap && !r; i++)
         if (!T->rel[i].used) r = &T->rel[i];
     if (!rc && !r) {
@@ -173,7 +172,7 @@ int afe_rel_arm(af_engine *e, uint32_t imm, uint64_t n, uint32_t *word, uint32_t
     }
     if (!rc) {
         memset(r, 0, sizeof *r);
-        r->used = r->armed = 1;
+        r->used = 1;
         r->repeat = repeat;
         r->imm = imm;
         r->value = value;
@@ -188,7 +187,7 @@ int afe_rel_arm(af_engine *e, uint32_t imm, uint64_t n, uint32_t *word, uint32_t
         af_ctr *c = ctr_find(e, imm, 0);
         if (c && c->avail >= n) rel_count(e, c);
         c = ctr_find(e, imm, 0);
-        if (r->armed) {
+        if (r->used) { /* still armed (a one-shot word that stored is gone) */
             uint64_t have = c ? c->avail : 0, need = have < n ? n - have : 1;
             if (need < e->need_min) e->need_min = need;
             if (e->bell_page) { /* as counters.c's need_publish_arm */
@@ -216,7 +215,6 @@ int64_t afe_rel_fired(af_engine *e, int64_t id) {
     pthread_mutex_lock(&e->lock);
     af_rel *r = rel_by_id(e, id);
     int64_t v = r ? r->fired : -FI_ENOENT;
-    if (r && !r->armed) r->used = 0; /* a one-shot word that fired: reported, forgotten */
     pthread_mutex_unlock(&e->lock);
     return v;
 }
@@ -226,12 +224,10 @@ int64_t afe_rel_disarm(af_engine *e, int64_t id) {
     af_rel *r = rel_by_id(e, id);
     int64_t v = r ? r->fired : -FI_ENOENT;
     if (r) {
-        if (r->armed) {
-            e->rel_armed--;
-            e->armed--;
-            need_raise(e);
-            publish_waiting(e);
-        }
+        e->rel_armed--;
+        e->armed--;
+        need_raise(e);
+        publish_waiting(e);
         r->used = 0;
     }
     leave_py(e);

@@ -28,8 +28,8 @@ int64_t afe_trig_fires(af_engine *e, uint64_t token);
  * Returns 0 or a negative errno (-FI_EBUSY: imm has a release word already). */
 int afe_rel_arm(af_engine *e, uint32_t imm, uint64_t n, uint32_t *word, uint32_t value, int repeat,
                 int64_t *id_out);
-/* Stores made so far by release word `id` (a fired one-shot word is forgotten
- * once this has reported it), or -FI_ENOENT. */
+/* Stores made so far by release word `id`, or -FI_ENOENT when it is not armed
+ * (a one-shot word is forgotten as it stores: -FI_ENOENT then means it stored). */
 int64_t afe_rel_fired(af_engine *e, int64_t id);
 /* Disarm release word `id`: the stores made so far, or -FI_ENOENT. */
 int64_t afe_rel_disarm(af_engine *e, int64_t id);
