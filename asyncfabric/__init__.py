@@ -19,8 +19,10 @@ from ._errors import (
     RegionError,
     RemoteAccessError,
     TransferError,
+    TriggerDisarmed,
     Unsupported,
 )
+from ._flag import Flag
 from .engine import (
     Batch,
     Descriptor,
@@ -31,7 +33,9 @@ from .engine import (
     ProgressPolicy,
     Region,
     RegionSlice,
+    Release,
     RemoteSlice,
+    Trigger,
     run,
 )
 from .transport import Registration, expected_imms
@@ -107,6 +111,7 @@ __all__ = [
     "Engine",
     "EngineAddress",
     "EngineClosed",
+    "Flag",
     "Group",
     "GroupError",
     "ImmCounter",
@@ -123,12 +128,15 @@ __all__ = [
     "RegionError",
     "RegionSlice",
     "Registration",
+    "Release",
     "RemoteAccessError",
     "RemoteSlice",
     "StoreAuthError",
     "StoreLost",
     "StoreUnavailable",
     "TransferError",
+    "Trigger",
+    "TriggerDisarmed",
     "UnknownMember",
     "Unsupported",
     "View",

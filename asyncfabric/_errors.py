@@ -56,3 +56,7 @@ class RemoteAccessError(TransferError):
 
 class ImmTimeout(AsyncFabricError, TimeoutError):
     """A wait did not finish within its timeout."""
+
+
+class TriggerDisarmed(AsyncFabricError):
+    """A triggered write was disarmed before it fired: nothing of it was posted."""

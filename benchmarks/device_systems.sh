@@ -2,7 +2,7 @@
 # On the GPU device machine (after benchmarks/device_prepare.sh here, and the transformers
 # wheels in .gpucarry/whl2; carry .gpucarry): the systems' GPU scripts under CUDA MPS, one
 # after another, each with a time limit. Results: $OUT/systems.log and $OUT/systems.tgz.
-# Usage: bash benchmarks/device_systems.sh [kv] [weights] [allreduce] [moe]
+# Usage: bash benchmarks/device_systems.sh [kv] [weights] [allreduce] [moe] [triggers]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -36,6 +36,7 @@ mkdir -p "$res" /opt/lf
       allreduce) timeout 120 python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
         --sizes 64K,1M,16M,256M ;;
       moe) timeout 120 python3 benchmarks/gpu_moe.py --out "$res/moe" ;;
+      triggers) timeout 240 python3 benchmarks/gpu_triggers.py --out "$res/triggers" ;;
       *) echo "unknown: $s" ;;
     esac
     echo "== $s rc=$? $(date -u +%T)"

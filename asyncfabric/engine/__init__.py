@@ -14,6 +14,7 @@ from .engine import Engine, Peer
 from .policy import ProgressPolicy
 from .region import Region, RegionSlice
 from .sync import run
+from .trigger import Release, Trigger
 
 __all__ = [
     "Batch",
@@ -25,6 +26,8 @@ __all__ = [
     "ProgressPolicy",
     "Region",
     "RegionSlice",
+    "Release",
     "RemoteSlice",
+    "Trigger",
     "run",
 ]

@@ -6,8 +6,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ImmTimeout
+from .._flag import Flag, check_u32
 from ..transport.contract import EVENTS_READY, NOT_POLLED, TAKEN
 from .fastpath import TAKE_BUSY, TAKE_NOT_HERE
+from .trigger import Release
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -22,12 +24,51 @@ class ImmCounter:
     first served. A cancelled or timed-out wait consumes nothing.
     """
 
-    __slots__ = ("_engine", "imm", "_waiters")
+    __slots__ = ("_engine", "imm", "_waiters", "_release")
 
     def __init__(self, engine: Engine, imm: int) -> None:
         self._engine = engine
         self.imm = imm
         self._waiters: deque[tuple[int, Any]] = deque()
+        self._release: Release | None = None
+
+    def release_word(self, n: int, flag: Flag, value: int, *, repeat: bool = False) -> Release:
+        """Once ``n`` immediates have arrived, take them and store ``value`` into
+        ``flag``'s word (a release store), in the transport, with no Python in the
+        path: a CUDA stream waiting on the word (``cuda_memops.stream_wait``) then
+        proceeds with the data in place. Arrivals already counted count. ``repeat``:
+        again for every further ``n``. While it is armed the counter's arrivals are
+        its own: ``wait()`` refuses. Returns a :class:`Release` (``fired``,
+        ``disarm()``). docs/gpu.md, "Triggers"."""
+        eng = self._engine
+        eng._check_open()
+        if not isinstance(flag, Flag):
+            raise TypeError(
+                f"flag must be an asyncfabric Flag (af.Flag(), or cuda_memops.cuda_flag() for a "
+                f"CUDA stream), got {type(flag).__name__}"
+            )
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n < 1 << 63:
+            raise ValueError(f"n must be an int >= 1 (arrivals per store), got {n!r}")
+        value = check_u32(value, "value")
+        if not isinstance(repeat, bool):
+            raise TypeError(f"repeat must be a bool, got {type(repeat).__name__}")
+        if self._release is not None and not self._release.done():
+            raise RuntimeError(
+                f"counter imm={self.imm} has a release word armed already; disarm it first"
+            )
+        if any(not w.done() for _, w in self._waiters):
+            raise RuntimeError(
+                f"counter imm={self.imm} has waiters; a release word takes the counter's "
+                "arrivals, so arm it when nobody waits on this counter"
+            )
+        rid = eng._t.release_arm(self.imm, n, flag.ptr, value, repeat)
+        rel = self._release = Release(self, rid, flag, n, value, repeat)
+        eng._after_call()
+        return rel
+
+    def _release_over(self, rel: Release) -> None:
+        if self._release is rel:
+            self._release = None
 
     @property
     def count(self) -> int:
@@ -45,6 +86,11 @@ class ImmCounter:
         eng._check_open()
         if expected == 0:
             return
+        if self._release is not None and not self._release.done():
+            raise RuntimeError(
+                f"counter imm={self.imm} has a release word armed: its arrivals go to the "
+                "flag; disarm it (release.disarm()) before waiting from Python"
+            )
         spun = False
         spin = eng._wait_spin_ns
         if spin and not self._waiters:

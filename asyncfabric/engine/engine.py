@@ -30,6 +30,7 @@ from .._errors import (
     RegionError,
     TransferError,
 )
+from .._flag import Flag, check_u32
 from ..transport import registry
 from ..transport.batching import SUB_BIT, split_sub
 from ..transport.contract import PagedWrite, Remote, Target, Transport, WriteBatch
@@ -44,6 +45,7 @@ from .fastpath import DONE, DONE_EVENTS, FAILED, LAST_CODE
 from .loop import LoopAdapter, current_adapter
 from .policy import ProgressPolicy
 from .region import Region, RegionSlice, flags_for
+from .trigger import Release, Trigger, _TrigHold
 
 DEFAULT_CHUNK = 1 << 20
 # uids of engines closed in this process: a descriptor naming one is refused up
@@ -249,8 +251,10 @@ class Engine:
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every pending transfer, counter wait and recv with ``exc``."""
-        for w, _ in self._ops.values():
-            if not w.done():
+        for w, h in self._ops.values():
+            if isinstance(h, _TrigHold):
+                h.fail(exc)
+            elif not w.done():
                 w.set_exception(exc)
         for c in self._counters.values():
             c._fail_all(exc)
@@ -768,6 +772,138 @@ class Engine:
             getattr(first, "errno", 0),
         )
 
+    # ---------------------------------------------------------------- triggers
+
+    def arm(
+        self,
+        ops: Batch | Any,
+        flag: Flag,
+        value: int,
+        *,
+        reset: int | None = None,
+        repeat: bool = False,
+        imm: int | None = None,
+    ) -> Trigger:
+        """Arm a batch to be posted when ``flag``'s word reaches ``value``.
+
+        ``ops``: a :class:`Batch` or ``(src, dst[, imm])`` tuples, as ``write_many``
+        takes them (host memory on both sides). The transport's watcher posts it the
+        moment the word reaches ``value`` (cyclic >=: ``(int32)(word - value) >= 0``, as
+        ``cuStreamWaitValue32``'s GEQ), whoever writes the word: a CUDA stream
+        (``asyncfabric.cuda_memops.stream_fire``), another thread or process, or
+        ``flag.set``. ``reset``: stored into the word just before the post (a
+        repeating trigger fired by a stream writing the same value each time resets it
+        to 0). ``repeat``: stay armed after a fire. Returns a :class:`Trigger`: await
+        it for the transfer's end. Every entry is checked now; nothing is posted
+        until the word is reached. docs/gpu.md, "Triggers"."""
+        self._check_open()
+        if not isinstance(flag, Flag):
+            raise TypeError(
+                f"flag must be an asyncfabric Flag (af.Flag(), or cuda_memops.cuda_flag() for a "
+                f"CUDA stream), got {type(flag).__name__}"
+            )
+        value = check_u32(value, "value")
+        rs = -1 if reset is None else check_u32(reset, "reset")
+        if not isinstance(repeat, bool):
+            raise TypeError(f"repeat must be a bool, got {type(repeat).__name__}")
+        batch = ops if isinstance(ops, Batch) else Batch.of(ops, imm=imm)
+        c = batch.compile(self)
+        for i, reg in enumerate(c.srcs):
+            if reg is not None and (reg.device != "cpu" or reg.staged):
+                raise RegionError(
+                    f"a triggered write posts from host memory, but source {i} of the batch is "
+                    f"{reg.device} memory; register a host (pinned) buffer and copy into it on "
+                    "the stream before the trigger fires"
+                )
+        token = self._next_token()
+        wb = WriteBatch(
+            token, c.srcs, c.dsts, c.src, c.dst, c.soff, c.doff, c.nbytes, c.imm,
+            np.zeros(c.n, np.int32), c.cache, {},
+        )  # fmt: skip
+        p = self.policy
+        self._t.trigger_arm(
+            token, wb, flag.ptr, value, rs, repeat,
+            _ns(p.trigger_spin_us), _ns(p.trigger_nap_us),
+        )  # fmt: skip
+        hold = _TrigHold(wb, c.regions, flag, repeat)
+        self._ops[token] = (None, hold)
+        for r in c.regions:
+            r._inflight += 1
+        self._after_call()
+        return Trigger(self, token, value, hold)
+
+    def arm_write(
+        self,
+        src: Region | RegionSlice,
+        dst: Descriptor | RemoteSlice,
+        flag: Flag,
+        value: int,
+        *,
+        imm: int | None = None,
+        reset: int | None = None,
+        repeat: bool = False,
+    ) -> Trigger:
+        """Arm one write (as :meth:`write` takes it) to be posted when ``flag``'s word
+        reaches ``value``: :meth:`arm` with a batch of one."""
+        self._check_open()
+        return self.arm(Batch().add(src, dst, imm=imm), flag, value, reset=reset, repeat=repeat)
+
+    def counter_flag(
+        self, imm: int, n: int, flag: Flag, value: int, *, repeat: bool = False
+    ) -> Release:
+        """``self.counter(imm).release_word(n, flag, value, repeat=repeat)``."""
+        return self.counter(imm).release_word(n, flag, value, repeat=repeat)
+
+    def _disarm(self, token: int, h: _TrigHold) -> bool:
+        if not h.armed or self._closed:
+            return False
+        rc = self._t.trigger_disarm(token)
+        h.armed = False
+        if rc == 0:
+            self._trigger_over(token, h)
+            return True
+        h.final_due = True  # a fire in flight (1), or a one-shot that fired (< 0)
+        return h.repeat
+
+    def _on_trigger(self, ev: OpDone, h: _TrigHold) -> None:
+        """A fire of trigger ``ev.token`` ended (or failed early: ``held``)."""
+        err: BaseException | None = ev.error
+        wb = h.wb
+        if ev.status and not wb.status.any():
+            wb.status[:] = ev.status  # no entry named: none is known to have landed
+        if err is None and (ev.status or wb.status.any()):
+            try:
+                self._batch_raise(wb)
+            except BatchError as exc:
+                # one write (arm_write) fails as write() would: with the entry's error
+                err = exc.failures.get(0, exc) if len(wb.status) == 1 else exc
+            if err is None:
+                err = self._t.error(ev.status, "triggered batch")
+        if err is not None:
+            h.fail(err)
+            if h.armed and h.repeat:
+                h.armed = False
+                if self._t.trigger_disarm(ev.token) == 1:
+                    h.final_due = True
+        if ev.held:
+            return  # failed early: the final event follows
+        if err is None:
+            h.done += 1
+        if not h.repeat:
+            h.armed = False
+        h.final_due = False
+        h.serve()
+        if h.over:
+            self._trigger_over(ev.token, h)
+
+    def _trigger_over(self, token: int, h: _TrigHold) -> None:
+        h.serve()
+        self._ops.pop(token, None)
+        for r in h.regions:
+            r._inflight -= 1
+            if r._closed and r._inflight == 0:
+                self._deregister(r)
+
     async def send(
         self,
         to: bytes | Descriptor | Peer,
@@ -902,6 +1038,9 @@ class Engine:
 
     def _on_op(self, ev: OpDone) -> None:
         entry = self._ops.get(ev.token)
+        if entry is not None and isinstance(entry[1], _TrigHold):
+            self._on_trigger(ev, entry[1])
+            return
         if entry is not None and isinstance(entry[1], _BatchHold):
             hold = entry[1]
             if ev.status and not hold.wb.status.any():
@@ -1029,6 +1168,11 @@ def _check_cpus(cpus: Any) -> tuple[int, ...]:
             f"({sorted(allowed)}); give at least one, or leave cpus out (not pinned)"
         )
     return out[:16]
+
+
+def _ns(us: float) -> int:
+    """Microseconds as nanoseconds for the native side (inf: about 146 years)."""
+    return int(min(us * 1e3, float(1 << 62)))
 
 
 def _pid_alive(pid: int) -> bool:

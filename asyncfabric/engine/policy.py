@@ -27,6 +27,11 @@ class ProgressPolicy:
     busy_block_us: float = 50.0
     wait_spin_us: float = 20.0
     py_hold_us: float = 50.0
+    trigger_spin_us: float = 1000.0
+    """Armed triggers: the watcher polls their flags without pause this long after an
+    arm or a fire (``float("inf")``: always, a core while armed), then every
+    ``trigger_nap_us`` (docs/gpu.md, "Triggers")."""
+    trigger_nap_us: float = 20.0
 
     @classmethod
     def latency(cls) -> ProgressPolicy:
@@ -39,11 +44,13 @@ class ProgressPolicy:
         return cls(spin_us=0.0, idle_block_us=5000.0, busy_block_us=200.0, wait_spin_us=0.0)
 
     def __post_init__(self) -> None:
-        for name in ("spin_us", "idle_block_us", "busy_block_us", "wait_spin_us", "py_hold_us"):
+        names = ("spin_us", "idle_block_us", "busy_block_us", "wait_spin_us", "py_hold_us",
+                 "trigger_spin_us", "trigger_nap_us")  # fmt: skip
+        for name in names:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ValueError(f"ProgressPolicy.{name} must be a number >= 0, got {v!r}")
-        if self.idle_block_us == 0 or self.busy_block_us == 0:
+        if self.idle_block_us == 0 or self.busy_block_us == 0 or self.trigger_nap_us == 0:
             raise ValueError(
                 "ProgressPolicy block times must be > 0 (they bound sleeping, not spinning)"
             )

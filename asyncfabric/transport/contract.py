@@ -336,6 +336,58 @@ class Transport(ABC):
     @abstractmethod
     def counters_live(self) -> int: ...
 
+    # ------------------------------------------------------------ triggers (optional)
+
+    def trigger_arm(
+        self,
+        token: int,
+        batch: WriteBatch,
+        word: int,
+        value: int,
+        reset: int,
+        repeat: bool,
+        spin_ns: int,
+        nap_ns: int,
+    ) -> None:
+        """Arm ``batch`` to be posted, with no Python in between, when the 32-bit word
+        at host address ``word`` reaches ``value`` (cyclic >=: ``(int32)(w - value) >=
+        0``, as ``cuStreamWaitValue32``'s GEQ). ``reset`` >= 0 is stored into the word
+        just before the post (-1: none). Each fire ends in one ``OpDone(token)``, as
+        :meth:`post_batch`. ``repeat``: stays armed, one fire in flight at a time.
+        ``spin_ns``/``nap_ns``: how the watcher polls (docs/gpu.md, "Triggers"). Raises,
+        arming nothing, for a batch it cannot post. The default has no triggers."""
+        from .._errors import Unsupported
+
+        raise Unsupported(
+            f"{self.backend}:{self.provider} has no triggered writes; use a libfabric "
+            "provider (shm, tcp, verbs, efa) or cuda_ipc's host regions"
+        )
+
+    def trigger_disarm(self, token: int) -> int:
+        """Disarm trigger ``token``: 0 when nothing of it is in flight (no event
+        follows), 1 when a fire is in flight (its ``OpDone`` follows), negative when it
+        is not armed (a one-shot trigger that fired)."""
+        return -2  # ENOENT: nothing was armed here
+
+    def release_arm(self, imm: int, n: int, word: int, value: int, repeat: bool) -> int:
+        """Arm a release word: once ``n`` arrivals of ``imm`` are counted, take them and
+        store ``value`` into the 32-bit word at ``word`` (a release store); ``repeat``:
+        again for every further ``n``. Returns its id. The default has none."""
+        from .._errors import Unsupported
+
+        raise Unsupported(
+            f"{self.backend}:{self.provider} has no counter release words; use a libfabric "
+            "provider (shm, tcp, verbs, efa) or cuda_ipc"
+        )
+
+    def release_fired(self, rid: int) -> int:
+        """Stores release word ``rid`` made so far (negative: not known)."""
+        return -2
+
+    def release_disarm(self, rid: int) -> int:
+        """Disarm release word ``rid``; returns the stores it made (negative: not known)."""
+        return -2
+
     # ------------------------------------------------------------ progress and events
 
     @abstractmethod

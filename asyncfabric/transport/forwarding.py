@@ -141,6 +141,31 @@ class ForwardingTransport(Transport):
     def counters_live(self) -> int:
         return self.inner.counters_live()
 
+    def trigger_arm(
+        self,
+        token: int,
+        batch: WriteBatch,
+        word: int,
+        value: int,
+        reset: int,
+        repeat: bool,
+        spin_ns: int,
+        nap_ns: int,
+    ) -> None:
+        self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
+
+    def trigger_disarm(self, token: int) -> int:
+        return self.inner.trigger_disarm(token)
+
+    def release_arm(self, imm: int, n: int, word: int, value: int, repeat: bool) -> int:
+        return self.inner.release_arm(imm, n, word, value, repeat)
+
+    def release_fired(self, rid: int) -> int:
+        return self.inner.release_fired(rid)
+
+    def release_disarm(self, rid: int) -> int:
+        return self.inner.release_disarm(rid)
+
     def pending_events(self) -> int:
         return self.inner.pending_events()
 

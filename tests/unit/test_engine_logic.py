@@ -204,3 +204,22 @@ async def test_counter_waiters_fifo_and_cancel(lb):
     finally:
         a.close()
         b.close()
+
+
+async def test_triggers_unsupported_where_the_transport_has_none(lb):
+    """The contract's defaults refuse triggers and release words, naming what has them,
+    and arm nothing (the engine keeps no state for them)."""
+    a, b = await _pair()
+    try:
+        with a.register(np.zeros(64, np.uint8)) as rd, b.register(np.ones(64, np.uint8)) as rs:
+            desc = af.Descriptor.from_bytes(bytes(rd.descriptor()))
+            with pytest.raises(af.Unsupported, match="no triggered writes"):
+                b.arm_write(rs, desc, af.Flag(), 1, imm=3)
+            with pytest.raises(af.Unsupported, match="no counter release words"):
+                a.counter(3).release_word(1, af.Flag(), 1)
+            assert b.stats()["pending_ops"] == 0
+            await b.write(rs, desc, imm=3)  # both engines go on as before
+            await a.counter(3).wait(1, timeout=1)
+    finally:
+        a.close()
+        b.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._errors import BackendUnavailable, PeerUnreachable, TransferError
+from ..._errors import BackendUnavailable, PeerUnreachable, RegionError, TransferError
 from ...transport.contract import (
     Backend,
     NativeOps,
@@ -429,6 +429,57 @@ class LibfabricTransport(Transport):
         if rc < 0:
             raise self.error(rc, f"send of {len(data)} bytes")
         return rc == 1
+
+    def trigger_arm(
+        self,
+        token: int,
+        batch: WriteBatch,
+        word: int,
+        value: int,
+        reset: int,
+        repeat: bool,
+        spin_ns: int,
+        nap_ns: int,
+    ) -> None:
+        for i, src in enumerate(batch.srcs):
+            if src is not None and (src.device != "cpu" or src.staged):
+                raise RegionError(
+                    f"a triggered write posts from host memory only; source {i} is "
+                    f"{'staged ' if src.staged else ''}{src.device} memory (copy it into a "
+                    "registered host buffer on the stream before the trigger fires)"
+                )
+        for r in batch.dsts:
+            if not isinstance(r, LibfabricRemote):
+                raise RegionError(
+                    "a triggered write goes into host memory only; a target is a GPU or "
+                    "staged region (write into a host region and copy it on the peer's stream)"
+                )
+        packed = batch.cache.get("libfabric")
+        if packed is None:
+            packed = batch.cache["libfabric"] = _pack_batch(batch)
+        tgts, ntgt, ents, n = packed
+        rc = lib.afe_trig_arm(
+            self._e, token, ffi.cast("uint32_t *", word), value, reset, int(repeat), tgts,
+            ntgt, ents, n, ffi.from_buffer("int32_t[]", batch.status), spin_ns, nap_ns,
+        )  # fmt: skip
+        if rc < 0:
+            raise self.error(rc, f"arming a trigger of {n} writes")
+
+    def trigger_disarm(self, token: int) -> int:
+        return int(lib.afe_trig_disarm(self._e, token))
+
+    def release_arm(self, imm: int, n: int, word: int, value: int, repeat: bool) -> int:
+        out = ffi.new("int64_t *")
+        rc = lib.afe_rel_arm(self._e, imm, n, ffi.cast("uint32_t *", word), value, int(repeat), out)
+        if rc < 0:
+            raise self.error(rc, f"arming a release word on imm={imm}")
+        return int(out[0])
+
+    def release_fired(self, rid: int) -> int:
+        return int(lib.afe_rel_fired(self._e, rid))
+
+    def release_disarm(self, rid: int) -> int:
+        return int(lib.afe_rel_disarm(self._e, rid))
 
     def counter_arm(self, imm: int, want: int) -> bool:
         return bool(lib.afe_counter_arm(self._e, imm, want))

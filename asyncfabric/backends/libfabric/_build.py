@@ -43,8 +43,10 @@ FILES = [
     "hook.c",  # the native hook (afhook.h)
     "cudanote.c",  # the CUDA host function
     "native.c",  # the contract's native table (transport/native_ops.h)
+    "triggers.c",  # triggered batches (a watcher thread) and counter release words
     "afcore.h",  # public: what Python sees (cdef)
     "cudanote.h",  # public: cudanote.c's part of the cdef
+    "triggers.h",  # public: triggers.c's part of the cdef
     "afhook.h",  # public: the native hook, for C outside the core
     "afint.h",  # internal: the engine's layout, shared inline helpers
     "doorbell.h",
@@ -53,7 +55,7 @@ FILES = [
 ]
 SOURCES = [f for f in FILES if f.endswith(".c")]
 # Parsed by cffi's cdef (no preprocessor), in this order.
-CDEFS = ["afcore.h", "cudanote.h"]
+CDEFS = ["afcore.h", "cudanote.h", "triggers.h"]
 # Every file: -Wall -Wextra (afint.h turns them into errors in our units).
 CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra"]
 INSTALL_HINT = (
@@ -113,7 +115,7 @@ def make_ffi() -> FFI:
     ffibuilder.set_source(
         "asyncfabric.backends.libfabric._afcore",
         # The wrapper needs only the declarations; the core is in SOURCES.
-        '#include <stddef.h>\n#include <stdint.h>\n#include "afcore.h"\n#include "cudanote.h"\n',
+        '#include <stddef.h>\n#include <stdint.h>\n#include "afcore.h"\n#include "cudanote.h"\n#include "triggers.h"\n',
         # setuptools wants paths relative to setup.py's directory, where it runs this;
         # relative to the current directory, they also serve an in-place compile().
         sources=[_rel(n) for n in SOURCES],

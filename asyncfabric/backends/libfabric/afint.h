@@ -29,6 +29,7 @@
  *   shmname.c   shm region names, reclaiming dead processes' regions
  *   hook.c      the native hook for C outside the core (afhook.h)
  *   cudanote.c  the CUDA host function that rings the notify fd
+ *   triggers.c  triggered batches (a watcher thread) and counter release words
  *
  * What the hot paths share (counting an immediate on every completion, the
  * event push, the counter lookup, peer bookkeeping per transfer) is static
@@ -294,6 +295,10 @@ struct af_engine {
     uint32_t reap_skip; /* ops.c: injected writes since the last reap */
     int hooked;         /* hook.c: a hook caller holds every lock (hook_thr) */
     pthread_t hook_thr;
+    /* triggers.c: armed triggers and release words (NULL until the first arm);
+     * rel_armed: release words armed, read by count_imm under the lock. */
+    struct af_trigs *trig;
+    uint32_t rel_armed;
 };
 
 /* ------------------------------------------------------------------ cross-unit functions */
@@ -318,6 +323,15 @@ AF_INTERNAL void op_launch(af_engine *e, uint32_t i);
 /* batch.c */
 AF_INTERNAL void batch_child_done(af_engine *e, uint32_t i);
 AF_INTERNAL void batch_child_reported(af_engine *e, uint32_t i);
+AF_INTERNAL int batch_check(af_engine *e, const af_btgt *tgts, uint32_t ntgt, const af_bent *ents,
+                            uint64_t n, uint32_t *runs_out);
+AF_INTERNAL int batch_launch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t ntgt,
+                             const af_bent *ents, uint64_t n, int32_t *status, uint32_t *gout);
+
+/* triggers.c */
+AF_INTERNAL int rel_count(af_engine *e, af_ctr *c); /* 1: it took arrivals and c may be gone */
+AF_INTERNAL uint64_t rel_need(af_engine *e);        /* the fewest arrivals a release word needs */
+AF_INTERNAL void trig_stop(af_engine *e);           /* join the watcher, free the tables */
 
 /* cq.c */
 AF_INTERNAL int progress_dom(af_engine *e, af_dom *d);
@@ -479,6 +493,7 @@ static inline void count_imm(af_engine *e, uint32_t imm) {
     af_ctr *c = ctr_find(e, imm, 1);
     c->avail++;
     e->st.imms++;
+    if (e->rel_armed && rel_count(e, c)) return; /* a release word took them (triggers.c) */
     if (!c->want) return;
     if (c->avail >= c->want) {
         c->want = 0;

@@ -55,13 +55,12 @@ void batch_child_reported(af_engine *e, uint32_t i) {
     group_check(e, op->group);
 }
 
-/* Returns 1 when every entry finished inside the call, 2 when it finished
- * with failed entries (their statuses are set), 0 when the batch's event
- * follows, or a negative errno when it was refused and nothing was posted. */
-int afe_post_batch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t ntgt,
-                   const af_bent *ents, uint64_t n, int32_t *status) {
-    if (n == 0) return 1;
-    if (!tgts || !ents || !status) return -FI_EINVAL;
+/* Check a batch before anything is posted (lock held): its targets, entries,
+ * peers and registrations. Returns 0 and the number of peer runs, or a
+ * negative errno. */
+int batch_check(af_engine *e, const af_btgt *tgts, uint32_t ntgt, const af_bent *ents, uint64_t n,
+                uint32_t *runs_out) {
+    if (!tgts || !ents || n == 0) return -FI_EINVAL;
     for (uint32_t t = 0; t < ntgt; t++)
         if (!tgts[t].chunk || tgts[t].ndom < 1 || tgts[t].ndom > AF_MAX_DOMS) return -FI_EINVAL;
     uint32_t runs = 0, prev = AF_NONE;
@@ -71,16 +70,26 @@ int afe_post_batch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t n
         if (p != prev) runs++;
         prev = p;
     }
-    enter_py(e);
     int rc = 0;
     for (uint32_t t = 0; t < ntgt && !rc; t++) rc = check_peer(e, tgts[t].peer, (int)tgts[t].ndom);
     for (uint64_t j = 0; j < n && !rc; j++) rc = check_mr(e, ents[j].mr);
+    *runs_out = runs;
+    return rc;
+}
+
+/* Check and post a batch from any thread holding the engine lock (the Python
+ * thread, or the trigger watcher). Returns 1 when every entry finished inside
+ * the call, 2 when it finished with failed entries (their statuses are set),
+ * 0 when the batch's event follows (*gout, if given: its group op), or a
+ * negative errno when it was refused and nothing was posted. */
+int batch_launch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t ntgt,
+                 const af_bent *ents, uint64_t n, int32_t *status, uint32_t *gout) {
+    if (!status) return -FI_EINVAL;
+    uint32_t runs = 0;
+    int rc = batch_check(e, tgts, ntgt, ents, n, &runs);
     uint32_t g = rc ? AF_NONE : op_alloc(e);
     if (!rc && g == AF_NONE) rc = -FI_ENOMEM;
-    if (rc) {
-        leave_py(e);
-        return rc;
-    }
+    if (rc) return rc;
     af_op *gp = &e->ops[g];
     gp->kind = OP_GROUP;
     gp->token = token;
@@ -125,9 +134,20 @@ int afe_post_batch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t n
         op_free(e, g);
     } else {
         group_check(e, g);
+        if (gout) *gout = g;
     }
-    py_active(e);
-    progress_locked(e); /* reap: this thread is the poller while it is busy */
+    return rc;
+}
+
+int afe_post_batch(af_engine *e, uint64_t token, const af_btgt *tgts, uint32_t ntgt,
+                   const af_bent *ents, uint64_t n, int32_t *status) {
+    if (n == 0) return 1;
+    enter_py(e);
+    int rc = batch_launch(e, token, tgts, ntgt, ents, n, status, NULL);
+    if (rc >= 0) {
+        py_active(e);
+        progress_locked(e); /* reap: this thread is the poller while it is busy */
+    }
     leave_py(e);
     return rc;
 }

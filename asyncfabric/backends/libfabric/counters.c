@@ -38,7 +38,18 @@ void ctr_delete(af_engine *e, af_ctr *c) {
 }
 
 /* What writers compare their pending count with while we sleep (lock held). */
+static uint64_t need_scan(af_engine *e, uint64_t t);
+
 uint64_t need_now(af_engine *e, uint64_t t) {
+    uint64_t m = need_scan(e, t);
+    if (e->rel_armed) { /* release words wait too (triggers.c) */
+        uint64_t r = rel_need(e);
+        if (r < m) m = r;
+    }
+    return m;
+}
+
+static uint64_t need_scan(af_engine *e, uint64_t t) {
     if (!e->need_dirty) return e->need_min;
     if (t - e->t_need_scan < 1000000ull) return 1; /* rescanned lately: ring on every write */
     uint64_t m = UINT64_MAX;
@@ -117,6 +128,10 @@ void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n) {
     enter_py(e);
     af_ctr *c = ctr_find(e, imm, 1);
     c->avail += n;
+    if (e->rel_armed && rel_count(e, c)) { /* credited arrivals (the staged wrapper's) count too */
+        leave_py(e);
+        return;
+    }
     if (c->want && c->avail >= c->want) {
         c->want = 0;
         e->armed--;

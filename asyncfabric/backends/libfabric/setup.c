@@ -442,6 +442,7 @@ int afe_mr_close(af_engine *e, int idx) {
 
 void afe_close(af_engine *e) {
     if (!e) return;
+    trig_stop(e); /* triggers.c: no armed word is watched or stored into from here on */
     if (e->started) {
         atomic_store(&e->stop, 1);
         kick(e);

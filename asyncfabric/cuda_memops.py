@@ -1,0 +1,161 @@
+"""CUDA stream memory operations on asyncfabric flags: a stream fires triggers and
+waits on counters' release words, with no host in the loop (docs/gpu.md, "Triggers").
+
+* :func:`cuda_flag` makes a :class:`~asyncfabric.Flag` in pinned host memory mapped into
+  the GPU's address space (``cuMemHostAlloc`` with ``DEVICEMAP``); its ``device_ptr`` is
+  the word as the GPU addresses it.
+* :func:`stream_fire` enqueues ``cuStreamWriteValue32(flag, value)`` on a stream: when
+  the stream reaches it (after the work queued before it, with a memory fence), the
+  engine's watcher sees the word and posts what was armed on it (``Engine.arm``).
+* :func:`stream_wait` enqueues ``cuStreamWaitValue32(flag, value, GEQ)``: the stream
+  stalls until the word reaches ``value``, which a release word stores once a counter
+  has counted its arrivals (``ImmCounter.release_word``).
+
+Both are stream memory operations, so they are captured into CUDA graphs like any
+other stream work. The calls go through ctypes on ``libcuda.so.1`` (the driver, present
+wherever a GPU is); nothing is built. torch owns the CUDA runtime: streams are torch
+streams (default: the current stream), contexts are the devices' primary contexts.
+Importing this module needs no GPU; the calls raise :class:`TransferError` without one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+from ._errors import TransferError
+from ._flag import Flag, check_u32
+from .backends.staged import _cuda
+
+MEMHOSTALLOC_PORTABLE = 0x01
+MEMHOSTALLOC_DEVICEMAP = 0x02
+WAIT_VALUE_GEQ = 0x0
+WAIT_VALUE_FLUSH = 1 << 30
+WRITE_VALUE_DEFAULT = 0x0  # a memory fence before the write: earlier work is visible first
+
+_calls: dict[str, Any] = {}
+
+
+def _call(name: str) -> Any:
+    """The driver entry point ``name`` (its ``_v2`` where the driver has one)."""
+    fn = _calls.get(name)
+    if fn is None:
+        d = _cuda.lib()
+        u64, u32, vp = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
+        for sym in (name + "_v2", name):
+            fn = getattr(d, sym, None)
+            if fn is not None:
+                break
+        if fn is None:
+            raise TransferError(
+                f"this CUDA driver has no {name}; stream memory operations need CUDA 11.7 or "
+                "newer (update the NVIDIA driver)"
+            )
+        if name in ("cuStreamWriteValue32", "cuStreamWaitValue32"):
+            fn.argtypes = [vp, u64, u32, ctypes.c_uint]
+        elif name == "cuMemHostAlloc":
+            fn.argtypes = [ctypes.POINTER(vp), ctypes.c_size_t, ctypes.c_uint]
+        elif name == "cuMemHostGetDevicePointer":
+            fn.argtypes = [ctypes.POINTER(u64), vp, ctypes.c_uint]
+        elif name == "cuMemFreeHost":
+            fn.argtypes = [vp]
+        _calls[name] = fn
+    return fn
+
+
+def _current_device() -> int:
+    try:
+        import torch
+    except ImportError:
+        raise TransferError("CUDA flags need torch with CUDA (pip install torch)") from None
+    if not torch.cuda.is_available():
+        raise TransferError(
+            "CUDA flags need a CUDA device, and torch sees none here; on a CPU-only machine "
+            "use af.Flag() and write the word from the host"
+        )
+    return int(torch.cuda.current_device())
+
+
+class _PinnedWord:
+    """Owns the pinned allocation behind a CUDA flag; frees it when the flag goes."""
+
+    __slots__ = ("ptr", "device")
+
+    def __init__(self, ptr: int, device: int) -> None:
+        self.ptr, self.device = ptr, device
+
+    def __del__(self) -> None:
+        try:
+            _call("cuMemFreeHost")(ctypes.c_void_p(self.ptr))
+        except Exception:  # interpreter shutdown: the process frees it anyway
+            pass
+
+
+def cuda_flag(device: int | None = None) -> Flag:
+    """A :class:`Flag` whose word a CUDA stream can write and wait on: 64 bytes of
+    pinned host memory mapped into ``device``'s address space (default: torch's
+    current device), zeroed. Arm triggers and release words on it like any flag."""
+    dev = _current_device() if device is None else int(device)
+    _cuda.use_device(dev)  # the primary context torch uses
+    p = ctypes.c_void_p()
+    flags = MEMHOSTALLOC_PORTABLE | MEMHOSTALLOC_DEVICEMAP
+    _cuda.check(_call("cuMemHostAlloc")(ctypes.byref(p), 64, flags), "cuMemHostAlloc")
+    owner = _PinnedWord(int(p.value or 0), dev)
+    ctypes.memset(owner.ptr, 0, 64)
+    dptr = ctypes.c_uint64()
+    _cuda.check(
+        _call("cuMemHostGetDevicePointer")(ctypes.byref(dptr), p, 0), "cuMemHostGetDevicePointer"
+    )
+    return Flag.from_address(owner.ptr, owner=owner, device_ptr=int(dptr.value))
+
+
+def _stream(stream: Any) -> int:
+    """A raw CUDA stream handle: from a torch stream, an int, or None (the current one)."""
+    if stream is None:
+        import torch
+
+        return int(torch.cuda.current_stream().cuda_stream)
+    if isinstance(stream, int):
+        return stream
+    handle = getattr(stream, "cuda_stream", None)
+    if handle is None:
+        raise TypeError(
+            f"stream must be a torch.cuda.Stream, a raw CUDA stream handle (int) or None, got "
+            f"{type(stream).__name__}"
+        )
+    return int(handle)
+
+
+def _device_ptr(flag: Flag) -> int:
+    if not isinstance(flag, Flag):
+        raise TypeError(f"flag must be an asyncfabric Flag, got {type(flag).__name__}")
+    if not flag.device_ptr:
+        raise TransferError(
+            "this flag is plain host memory, which a CUDA stream cannot address; make it with "
+            "asyncfabric.cuda_memops.cuda_flag()"
+        )
+    return flag.device_ptr
+
+
+def stream_fire(flag: Flag, value: int, stream: Any = None) -> None:
+    """Enqueue ``cuStreamWriteValue32(flag, value)`` on ``stream`` (default: torch's
+    current stream): once the stream reaches it, after the work queued before it and
+    a memory fence, the word holds ``value`` and what is armed on it fires. Also
+    resets a word (``stream_fire(flag, 0)``). Captured into CUDA graphs."""
+    ptr, v = _device_ptr(flag), check_u32(value, "value")
+    s = _stream(stream)
+    _cuda.check(
+        _call("cuStreamWriteValue32")(s, ptr, v, WRITE_VALUE_DEFAULT),
+        "cuStreamWriteValue32",
+    )
+
+
+def stream_wait(flag: Flag, value: int, stream: Any = None, *, flush: bool = False) -> None:
+    """Enqueue ``cuStreamWaitValue32(flag, value, GEQ)`` on ``stream`` (default: torch's
+    current stream): work queued after it starts once the word reaches ``value``
+    (cyclic >=). ``flush``: also flush remote writes (data written into GPU memory by
+    a NIC, GPUDirect; the device must support it). Captured into CUDA graphs."""
+    ptr, v = _device_ptr(flag), check_u32(value, "value")
+    s = _stream(stream)
+    flags = WAIT_VALUE_GEQ | (WAIT_VALUE_FLUSH if flush else 0)
+    _cuda.check(_call("cuStreamWaitValue32")(s, ptr, v, flags), "cuStreamWaitValue32")
