@@ -2,7 +2,9 @@
 # On the GPU device machine (after benchmarks/device_prepare.sh here, and the transformers
 # wheels in .gpucarry/whl2; carry .gpucarry): the systems' GPU scripts under CUDA MPS, one
 # after another, each with a time limit. Results: $OUT/systems.log and $OUT/systems.tgz.
-# Usage: bash benchmarks/device_systems.sh [kv] [weights] [allreduce] [moe] [triggers]
+# Usage: bash benchmarks/device_systems.sh [kv] [weights] [allreduce] [moe] [triggers] ["bench ..."]
+# (a "bench ..." argument runs that asyncfabric bench command; T_KV, T_WEIGHTS, T_ALLREDUCE,
+# T_MOE, T_TRIGGERS and T_BENCH override each one's time limit in seconds)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -31,12 +33,13 @@ mkdir -p "$res" /opt/lf
   for s in "$@"; do
     echo "== $s $(date -u +%T)"
     case "$s" in
-      kv) timeout 150 python3 benchmarks/gpu_kv.py --out "$res/kv" --reps 3 ;;
-      weights) timeout 170 python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
-      allreduce) timeout 120 python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
+      bench\ *) timeout "${T_BENCH:-120}" python3 -m asyncfabric $s ;;
+      kv) timeout "${T_KV:-150}" python3 benchmarks/gpu_kv.py --out "$res/kv" --reps 3 ;;
+      weights) timeout "${T_WEIGHTS:-170}" python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
+      allreduce) timeout "${T_ALLREDUCE:-120}" python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
         --sizes 64K,1M,16M,256M ;;
-      moe) timeout 120 python3 benchmarks/gpu_moe.py --out "$res/moe" ;;
-      triggers) timeout 240 python3 benchmarks/gpu_triggers.py --out "$res/triggers" ;;
+      moe) timeout "${T_MOE:-120}" python3 benchmarks/gpu_moe.py --out "$res/moe" ;;
+      triggers) timeout "${T_TRIGGERS:-240}" python3 benchmarks/gpu_triggers.py --out "$res/triggers" ;;
       *) echo "unknown: $s" ;;
     esac
     echo "== $s rc=$? $(date -u +%T)"
