@@ -212,6 +212,10 @@ class ExpertParallel:
         self._quant = (
             torch.empty(max_tokens, wh, dtype=wdt, device=dev) if quant else None
         )  # fmt: skip
+        self._qscratch = (
+            torch.empty(min(max_tokens, fp8.block_rows(hidden)), hidden, dtype=torch.float32,
+                        device=dev) if quant else None
+        )  # fmt: skip
         self._back_send = torch.empty(self.capacity, hidden, dtype=dt, device=dev)
         self._back = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
         self._recv = (
@@ -430,7 +434,7 @@ class ExpertParallel:
         if self._quant is not None:
             # each token once, whatever its top-k: its rows are gathered from here
             src = self._quant[: x.shape[0]]
-            fp8.quantize_rows(x, src)
+            fp8.quantize_rows(x, src, self._qscratch)
         else:
             src = x
         n = rt.order.numel()

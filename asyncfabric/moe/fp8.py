@@ -27,12 +27,28 @@ def scales(x: torch.Tensor) -> torch.Tensor:
     return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
 
 
-def quantize_rows(x: torch.Tensor, out: torch.Tensor) -> None:
-    """``x`` [T, hidden] into wire rows ``out`` (uint8 ``[T, row_bytes(hidden)]``)."""
+def block_rows(hidden: int) -> int:
+    """Rows converted at a time: about 256 K values (1 MiB of fp32), so the temporaries
+    stay in cache and are not fresh pages every call."""
+    return max(1, (1 << 18) // max(1, hidden))
+
+
+def quantize_rows(x: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+    """``x`` [T, hidden] into wire rows ``out`` (uint8 ``[T, row_bytes(hidden)]``).
+
+    ``scratch``: fp32 ``[block_rows(hidden), hidden]`` to work in (else allocated)."""
     assert E4M3 is not None
-    h = x.shape[1]
+    T, h = x.shape
     s = scales(x)
-    out[:, :h].view(E4M3).copy_((x.float() / s[:, None]).clamp_(-E4M3_MAX, E4M3_MAX))
+    step = block_rows(h)
+    if scratch is None:
+        scratch = torch.empty(min(T, step), h, dtype=torch.float32, device=x.device)
+    q = out[:, :h].view(E4M3)
+    for lo in range(0, T, step):
+        hi = min(T, lo + step)
+        t = scratch[: hi - lo]
+        torch.div(x[lo:hi], s[lo:hi, None], out=t)  # in fp32, as x.float() / s
+        q[lo:hi].copy_(t.clamp_(-E4M3_MAX, E4M3_MAX))
     out[:, -4:].view(torch.float32).copy_(s[:, None])
 
 
@@ -44,8 +60,26 @@ def dequantize_rows(
     assert E4M3 is not None
     q = wire[:, :hidden].view(E4M3)
     s = wire[:, -4:].view(torch.float32).view(-1)
-    out.copy_(q.float() * s[:, None])
+    if wire.device.type != "cpu":
+        out.copy_(q.float() * s[:, None])
+        return q, s
+    # On CPU torch converts e4m3 to fp32 at about 3 ns a value (7 with the temporaries);
+    # a 256-entry table gathered a block of rows at a time (cache-sized) is 3-4x faster
+    # and gives the same values: every e4m3 value is exact in fp32.
+    lut = _LUT.get(wire.device)
+    if lut is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(E4M3)
+        lut = _LUT[wire.device] = codes.float().to(wire.device)
+    step = block_rows(hidden)
+    for lo in range(0, wire.shape[0], step):
+        hi = min(wire.shape[0], lo + step)
+        codes = wire[lo:hi, :hidden].reshape(-1).to(torch.int32)
+        v = lut.index_select(0, codes).view(hi - lo, hidden)
+        out[lo:hi].copy_(v.mul_(s[lo:hi, None]))
     return q, s
+
+
+_LUT: dict[torch.device, torch.Tensor] = {}
 
 
 def roundtrip(x: torch.Tensor) -> torch.Tensor:

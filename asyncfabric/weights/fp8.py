@@ -40,9 +40,38 @@ def scale_for(amax: float, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(a, dtype=torch.float32, device=device) / E4M3_MAX
 
 
-def quantize_into(dst: torch.Tensor, src: torch.Tensor, scale: torch.Tensor) -> None:
+def quantize_into(
+    dst: torch.Tensor, src: torch.Tensor, scale: torch.Tensor, scratch: torch.Tensor | None = None
+) -> None:
     """``dst`` (float8_e4m3fn) = ``src`` quantized with ``scale`` (0-dim fp32).
 
     Division in fp32, whatever ``src``'s dtype; the clamp only matters for an ``amax``
-    smaller than the tensor's (it saturates instead of giving NaN)."""
-    dst.copy_(torch.div(src.float(), scale).clamp_(-E4M3_MAX, E4M3_MAX))
+    smaller than the tensor's (it saturates instead of giving NaN). ``scratch``: a flat
+    fp32 buffer to work in, a block of ``src``'s rows at a time (about 4x faster on CPU
+    than fresh temporaries the size of ``src``: no page faults, the block stays in cache)."""
+    if scratch is None or src.dim() == 0 or src.numel() == 0:
+        dst.copy_(torch.div(src.float(), scale).clamp_(-E4M3_MAX, E4M3_MAX))
+        return
+    n0 = src.shape[0]
+    per = max(1, src[0].numel())
+    rows = max(1, scratch.numel() // per)
+    for lo in range(0, n0, rows):
+        hi = min(n0, lo + rows)
+        shape = (hi - lo, *src.shape[1:])
+        k = (hi - lo) * per
+        t = (
+            scratch[:k].view(shape)
+            if k <= scratch.numel()
+            else src.new_empty(shape, dtype=torch.float32)
+        )
+        t.copy_(src[lo:hi])
+        t.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
+        dst[lo:hi].copy_(t)
+
+
+def amax(x: torch.Tensor) -> torch.Tensor:
+    """The largest ``|x|`` as a 0-dim fp32 (0 for an empty tensor), in one pass."""
+    if not x.numel():
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    lo, hi = torch.aminmax(x)
+    return torch.maximum(-lo, hi).float()

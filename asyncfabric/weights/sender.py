@@ -45,6 +45,7 @@ from .plan import Move, plan
 
 _U64 = np.uint64
 _Copy = tuple[Any, Any, "torch.Tensor | None"]
+_SCRATCH = 1 << 20  # fp32 values: the fp8 cast works in blocks of 4 MiB
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Sender:
         self._binding: _Binding | None = None
         # per fp8 parameter: its scale (0-dim fp32), set by each update before packing
         self._scales: dict[str, torch.Tensor] = {}
+        self._scratch: torch.Tensor | None = None  # fp32 blocks for the fp8 casts
         # per receiver name: (buffer it serves, version it last acknowledged or None)
         self._state: dict[str, tuple[int, int | None]] = {}
         self.timings: dict[str, float] = {}
@@ -194,6 +196,9 @@ class Sender:
                     src = src[tuple(slice(a, a + n) for a, n in box)]
                 if m.dst_dtype == fp8.E4M3:
                     packs[k].append((view, src, self._scale(m.param)))
+                    if self._scratch is None:
+                        self._scratch = torch.empty(_SCRATCH, dtype=torch.float32,
+                                                    device=self._buf.device)  # fmt: skip
                 else:
                     packs[k].append((*_pair(view, src), None))
             so = np.concatenate([off + np.arange(m.runs, dtype=_U64) * _U64(m.run_bytes)
@@ -224,8 +229,7 @@ class Sender:
         for n in names:
             if n not in self._views:
                 raise ValueError(f"no parameter {n!r} in this trainer layout")
-            v = self._views[n]
-            out.append(v.abs().max().float() if v.numel() else v.new_zeros((), dtype=torch.float32))
+            out.append(fp8.amax(self._views[n]))
         if not out:
             return torch.zeros(0, dtype=torch.float32, device=self._buf.device)
         return torch.stack(out)
@@ -391,7 +395,9 @@ class Sender:
                 first = min(self.depth, len(bind.packs))
                 tp = time.perf_counter()
                 if first:
-                    await anyio.to_thread.run_sync(_pack_all, bind.packs[:first], cuda)
+                    await anyio.to_thread.run_sync(
+                        _pack_all, bind.packs[:first], cuda, self._scratch
+                    )
                 tm["pack_s"] += time.perf_counter() - tp
                 for k in range(first):
                     ev = done[k] = anyio.Event()
@@ -409,7 +415,9 @@ class Sender:
                             k = rest.pop(0)
                             await done[k % self.depth].wait()
                             tp = time.perf_counter()
-                            await anyio.to_thread.run_sync(_pack, bind.packs[k], cuda)
+                            await anyio.to_thread.run_sync(
+                                _pack, bind.packs[k], cuda, self._scratch
+                            )
                             tm["pack_s"] += time.perf_counter() - tp
                             ev = done[k % self.depth] = anyio.Event()
                             await sem.acquire()
@@ -495,15 +503,15 @@ def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[Any, Any]:
     return dst, src
 
 
-def _pack_all(packs: list[list[_Copy]], cuda: bool) -> None:
+def _pack_all(packs: list[list[_Copy]], cuda: bool, scratch: torch.Tensor | None) -> None:
     for p in packs:
-        _pack(p, cuda)
+        _pack(p, cuda, scratch)
 
 
-def _pack(pack: list[_Copy], cuda: bool) -> None:
+def _pack(pack: list[_Copy], cuda: bool, scratch: torch.Tensor | None) -> None:
     for dst, src, scale in pack:
         if scale is not None:
-            fp8.quantize_into(dst, src, scale)
+            fp8.quantize_into(dst, src, scale, scratch)
         elif isinstance(dst, np.ndarray):
             np.copyto(dst, src)
         else:

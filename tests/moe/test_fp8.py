@@ -120,3 +120,17 @@ def test_wire_rows():
     x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [448.0, 1e-3, -3.0]])
     assert torch.equal(fp8.scales(x), torch.tensor([2 / 448, 1.0, 1.0]))
     assert torch.equal(fp8.roundtrip(x), roundtrip(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_in_several_blocks(dtype):
+    # 4096-wide rows: 64 rows a block, so 200 tokens take four blocks each way
+    x = (torch.randn(200, 4096, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    x[7] = 0
+    assert fp8.block_rows(4096) == 64
+    wire = torch.empty(200, fp8.row_bytes(4096), dtype=torch.uint8)
+    fp8.quantize_rows(x, wire)
+    out = torch.empty_like(x)
+    q, s = fp8.dequantize_rows(wire, 4096, out)
+    assert torch.equal(out, roundtrip(x))
+    assert torch.equal((q.float() * s[:, None]).to(dtype), out) and float(s[7]) == 1.0

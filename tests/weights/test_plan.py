@@ -224,3 +224,23 @@ def test_fp8_refusals_are_named():
     ix = Layout(1, [("x", (4,), FP8, Split(0))])
     with pytest.raises(LayoutError, match="'x_scale'.*scale of.*'x'"):
         plan(tx, ix, cast=True)
+
+
+@pytest.mark.parametrize("scratch", [None, 7, 64, 1 << 20])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fp8_cast_in_blocks_is_the_reference_cast(scratch, src_dtype):
+    from asyncfabric.weights import fp8
+
+    x = (torch.randn(33, 24, generator=torch.Generator().manual_seed(3)) * 5).to(src_dtype)
+    x[4, 5] = -x.abs().max() * 1.5  # the amax is a negative value
+    sl = x[:, 3:17]  # strided, as a row-parallel slice of a dim-0 shard
+    scale = fp8.scale_for(float(fp8.amax(x)))
+    assert float(scale) == float(x.abs().max().float() / 448)
+    dst = torch.empty(sl.shape, dtype=FP8)
+    buf = None if scratch is None else torch.empty(scratch, dtype=torch.float32)
+    fp8.quantize_into(dst, sl, scale, buf)
+    want = (sl.float() / (x.abs().max().float() / 448)).to(FP8)
+    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(fp8.scale_for(0.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="finite"):
+        fp8.scale_for(float("inf"))
