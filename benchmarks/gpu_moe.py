@@ -10,6 +10,7 @@ not run: it needs NVSHMEM and one GPU per rank (NVLink or an RDMA NIC), not one 
     nvidia-cuda-mps-control -d
     .venv/bin/python benchmarks/gpu_moe.py --out /tmp/gpu_moe
     .venv/bin/python benchmarks/gpu_moe.py --out /tmp/x --device cpu --quick   # smoke test
+    .venv/bin/python benchmarks/gpu_moe.py --out /tmp/gpu_moe_fp8 --fp8   # + fp8 dispatch
 
 Writes DIR/gpu_moe.json (rows and settings) and prints the table.
 """
@@ -31,6 +32,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--provider", default="shm")
     p.add_argument("--quick", action="store_true", help="small shapes, few iterations")
+    p.add_argument("--fp8", action="store_true", help="also time fp8 (e4m3) dispatch")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,8 @@ def main() -> int:
         warmup=5, capacity_factor=1.5, impls=["ll", "ht", "gloo"], deadline_s=580,
         threads=max(1, (os.cpu_count() or 2) // 8),
     )  # fmt: skip
+    if a.fp8:
+        settings["impls"] = ["ll", "ll-fp8", "ht", "ht-fp8", "gloo"]
     if a.quick:
         settings.update(experts=16, hidden=256, prefill_tokens=256, iters=5, prefill_iters=2,
                         warmup=1)  # fmt: skip

@@ -8,6 +8,7 @@ call to its return on each rank; p50/p99 pool every rank's iterations.
 
 asyncfabric bench moe --ep 2,4 --json moe.json
 asyncfabric bench moe --ep 2 --tokens 128 --prefill-tokens 4096 --hidden 7168
+asyncfabric bench moe --ep 2 --impls ll,ll-fp8 --prefill-tokens 0   # fp8 dispatch vs bf16
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 async def _af_rounds(
-    view: Any, a: dict[str, Any], mode: str, T: int, iters: int
+    view: Any, a: dict[str, Any], mode: str, T: int, iters: int, quant: str | None = None
 ) -> dict[str, list[float]]:
     import torch
 
@@ -45,7 +46,7 @@ async def _af_rounds(
     cap = None if mode == "low_latency" else int(T * a["topk"] * a["capacity_factor"])
     ep = await ExpertParallel.create(
         view, num_experts=a["experts"], hidden=a["hidden"], topk=a["topk"], max_tokens=T,
-        dtype=dt, mode=mode, capacity=cap, device=a["device"], timeout=120.0,
+        dtype=dt, mode=mode, capacity=cap, device=a["device"], timeout=120.0, quant=quant,
     )  # fmt: skip
     x = torch.randn(T, a["hidden"], device=a["device"]).to(dt)
     out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
@@ -180,6 +181,18 @@ async def _rank_main(view: Any, a: dict[str, Any]) -> dict[str, Any]:
             res["asyncfabric-ht/prefill"] = await _af_rounds(
                 view, a, "high_throughput", P, a["prefill_iters"]
             )
+    if "ll-fp8" in a["impls"]:
+        res["asyncfabric-ll-fp8/decode"] = await _af_rounds(
+            view, a, "low_latency", T, a["iters"], "fp8"
+        )
+    if "ht-fp8" in a["impls"]:
+        res["asyncfabric-ht-fp8/decode"] = await _af_rounds(
+            view, a, "high_throughput", T, a["iters"], "fp8"
+        )
+        if P:
+            res["asyncfabric-ht-fp8/prefill"] = await _af_rounds(
+                view, a, "high_throughput", P, a["prefill_iters"], "fp8"
+            )
     await view.barrier(timeout=120)
     if "gloo" in a["impls"]:
         import torch.distributed as dist
@@ -228,13 +241,16 @@ def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+IMPLS = ("ll", "ht", "gloo", "ll-fp8", "ht-fp8")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as text: latency p50/p99, the exchange's own p50, speed-ups over gloo."""
-    lines = [f"{'EP':>3} {'impl':14} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} "
+    lines = [f"{'EP':>3} {'impl':18} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} "
              f"{'p99 us':>10} {'xchg p50':>10} {'gloo/x':>7} {'xchg gloo/x':>11}"]  # fmt: skip
     for r in rows:
         lines.append(
-            f"{r['ep']:>3} {r['impl']:14} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
+            f"{r['ep']:>3} {r['impl']:18} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
             f"{r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {r['exchange_p50_us']:>10.1f} "
             f"{r['speedup_vs_gloo_p50'] or 0:>7.2f} {r['exchange_speedup_vs_gloo_p50'] or 0:>11.2f}"
         )
@@ -259,16 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--capacity-factor", type=float, default=1.5,
                    help="high-throughput receive capacity, in multiples of tokens*topk")  # fmt: skip
-    p.add_argument("--impls", default="ll,ht,gloo", help="comma-separated: ll,ht,gloo")
+    p.add_argument("--impls", default="ll,ht,gloo",
+                   help="comma-separated: ll,ht,gloo, and ll-fp8,ht-fp8 (fp8 dispatch)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--deadline-s", type=float, default=600)
     p.add_argument("--json", help="write rows and the settings here")
     args = p.parse_args(argv)
     a = {k: v for k, v in vars(args).items() if k not in ("ep", "json")}
     a["impls"] = [i.strip() for i in args.impls.split(",") if i.strip()]
-    bad = set(a["impls"]) - {"ll", "ht", "gloo"}
+    bad = set(a["impls"]) - set(IMPLS)
     if bad:
-        p.error(f"unknown --impls {sorted(bad)}; choose from ll, ht, gloo")
+        p.error(f"unknown --impls {sorted(bad)}; choose from {', '.join(IMPLS)}")
     eps = [int(e) for e in args.ep.split(",")]
     for W in eps:
         if args.experts % W:

@@ -24,6 +24,13 @@ inference rank has all its bytes (its counter fired, or its last broadcast retur
 Effective GB/s: model bytes / time. Weights are built on the meta device from a config (no
 download, no init cost) and filled with a byte pattern; the 0.5 GB model is checked
 bitwise after asyncfabric's update.
+
+``--fp8``: the inference side holds the decoder's linear weights as fp8 (e4m3, per-tensor
+scale; bf16 trainers), so every one of their runs is quantized while packed. It runs
+``asyncfabric`` (timed: each trainer's ``local_amax`` and its update; the max over the two
+trainers' amaxes, a few floats, is exchanged once through the driver, untimed) and
+``write_many`` (the same plan's writes, fp8-sized, no packing); the 0.5 GB model is checked
+bitwise against the one-process reference cast.
 """
 
 from __future__ import annotations
@@ -59,9 +66,9 @@ def _cfg(size: float) -> Any:
     )  # fmt: skip
 
 
-def layouts(size: float, trainer: str = "fsdp") -> tuple[Any, Any]:
+def layouts(size: float, trainer: str = "fsdp", fp8: bool = False) -> tuple[Any, Any]:
     """The trainer (2 ranks: dim 0, or ``"tp"``: Megatron tensor parallel) and inference
-    (tensor parallel 2) layouts, bf16."""
+    (tensor parallel 2) layouts, bf16 (``fp8``: the inference's linear weights e4m3)."""
     import torch
     from transformers import Phi3ForCausalLM
 
@@ -78,8 +85,39 @@ def layouts(size: float, trainer: str = "fsdp") -> tuple[Any, Any]:
         tl = Layout.of(params, 2, tp, dtype=torch.bfloat16)
     else:
         tl = Layout.of(params, 2, lambda n, s: Split(0), dtype=torch.bfloat16)
-    il = Layout.of(params, 2, tp, dtype=torch.bfloat16)
+    e4m3 = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    il = Layout.of(
+        params, 2, tp, dtype=lambda n, s: e4m3 if n.endswith("proj.weight") else torch.bfloat16
+    )
     return tl, il
+
+
+def _fill_model(buf: Any, rank: int, seed: int, tl: Any, fp8: bool) -> None:
+    """The byte pattern; for fp8, as finite values (a per-tensor scale needs a finite amax)."""
+    import torch
+
+    _fill(buf, rank, seed)
+    if fp8:
+        for v in tl.views(buf, rank).values():
+            torch.nan_to_num_(v, nan=0.0, posinf=1.0, neginf=-1.0)
+
+
+def _reference(tl: Any, il: Any, tbufs: list[Any]) -> dict[str, Any]:
+    """The full tensors the inference layout must hold: fp8 ones cast in one process
+    (scale = amax / 448 in fp32, the division in fp32), with their scales."""
+    import torch
+
+    tv = [tl.views(b, r) for r, b in enumerate(tbufs)]
+    full = {}
+    for n in tl.params:
+        x = tl.assemble(n, [v[n] for v in tv])
+        if n in il.fp8:
+            scale = x.abs().max().float() / 448
+            full[n] = (x.float() / scale).to(torch.float8_e4m3fn)
+            full[n + "_scale"] = scale
+        else:
+            full[n] = x
+    return full
 
 
 def _fill(buf: Any, rank: int, seed: int) -> None:
@@ -101,12 +139,24 @@ def _fill(buf: Any, rank: int, seed: int) -> None:
 
 def _worker(role: str, rank: int, conn: Any, provider: str, size: float, port: int,
             impls: tuple[str, ...], bucket: int, depth: int, trainer: str, group: int,
-            window: int) -> None:  # fmt: skip
+            window: int, fp8: bool = False) -> None:  # fmt: skip
     try:
         asyncio.run(
             _serve(
-                role, rank, conn, provider, size, port, impls, bucket, depth, trainer, group, window
-            )
+                role,
+                rank,
+                conn,
+                provider,
+                size,
+                port,
+                impls,
+                bucket,
+                depth,
+                trainer,
+                group,
+                window,
+                fp8,
+            )  # fmt: skip
         )
     except BaseException as exc:  # reported to the parent, which raises it
         import traceback
@@ -116,7 +166,7 @@ def _worker(role: str, rank: int, conn: Any, provider: str, size: float, port: i
 
 async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, port: int,
                  impls: tuple[str, ...], bucket: int, depth: int, trainer: str, group: int,
-                 window: int) -> None:  # fmt: skip
+                 window: int, fp8: bool = False) -> None:  # fmt: skip
     import torch
 
     import asyncfabric as af
@@ -130,8 +180,8 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
         return await loop.run_in_executor(None, conn.recv)
 
     kw = {"node": "127.0.0.1"} if provider == "tcp" else {}
-    tl, il = layouts(size, trainer)
-    p = plan(tl, il)
+    tl, il = layouts(size, trainer, fp8)
+    p = plan(tl, il, cast=fp8)
     pg = None
     if "gloo" in impls:
         import torch.distributed as dist
@@ -145,12 +195,13 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
     async with af.Engine(provider, **kw) as eng:
         if role == "t":
             buf = tl.alloc(rank, device)
-            _fill(buf, rank, 1)
+            _fill_model(buf, rank, 1, tl, fp8)
             tx = Sender(
                 eng,
                 tl,
                 rank,
                 buf,
+                cast=fp8,
                 bucket_bytes=bucket,
                 depth=depth,
                 group_bytes=group,
@@ -168,7 +219,10 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
             stage_reg = eng.register(stage)
             views = tl.views(buf, rank)
             wm = _write_many_batches(af, mine, rxs, region, tl.nbytes(rank), tx.group_bytes)
-            conn.send(("ok", None))
+            names = il.fp8
+            conn.send(("ok", tx.local_amax(names).tolist()))
+            got = await recv()  # the max over both trainers of each amax
+            amax = dict(zip(names, got)) if names else None
             while True:
                 cmd, *args = await recv()
                 if cmd == "exit":
@@ -178,7 +232,9 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
                 await recv()  # go
                 t0 = time.perf_counter()
                 if impl == "asyncfabric":
-                    await tx.update(rep, rxs)
+                    if names:
+                        tx.local_amax(names)  # timed: each rank's part of the amax
+                    await tx.update(rep, rxs, amax=amax)
                 elif impl == "write_many":
                     await _windowed(eng, wm(BASE_IMM + rep), tx.window)
                 elif impl == "naive":
@@ -204,7 +260,8 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
                     print(f"trainer{rank}: {tx.timings}", file=sys.stderr, flush=True)
                 conn.send(("ok", (t0, t1)))
         else:
-            rx = Receiver(eng, il, rank, tl, index=rank, name=f"inf{rank}", device=device)
+            rx = Receiver(eng, il, rank, tl, index=rank, name=f"inf{rank}", device=device,
+                          cast=fp8)  # fmt: skip
             info = rx.info
             conn.send(("ok", (rx.name, rx.index, rank, bytes(info.buffers[0]),
                               bytes(info.buffers[1]))))  # fmt: skip
@@ -220,14 +277,10 @@ async def _serve(role: str, rank: int, conn: Any, provider: str, size: float, po
                     break
                 if cmd == "verify":
                     ref = il.alloc(rank, device)
-                    full = {}
                     tb = [tl.alloc(r, device) for r in range(2)]
                     for r in range(2):
-                        _fill(tb[r], r, 1)
-                    tv = [tl.views(tb[r], r) for r in range(2)]
-                    for n in il.params:
-                        full[n] = tl.assemble(n, [tv[0][n], tv[1][n]])
-                    il.fill(ref, rank, full)
+                        _fill_model(tb[r], r, 1, tl, fp8)
+                    il.fill(ref, rank, _reference(tl, il, tb))
                     conn.send(("ok", bool(torch.equal(ref, rx.buffer))))
                     continue
                 impl, rep = args
@@ -336,7 +389,8 @@ async def _naive(eng: Any, moves: list[Any], rxs: list[Any], region: Any, stage:
 
 class _Procs:
     def __init__(self, provider: str, size: float, impls: tuple[str, ...], bucket: int,
-                 depth: int, trainer: str, group: int = 256 << 20, window: int = 1) -> None:  # fmt: skip
+                 depth: int, trainer: str, group: int = 256 << 20, window: int = 1,
+                 fp8: bool = False) -> None:  # fmt: skip
         import socket
 
         ctx = mp.get_context("spawn")
@@ -348,7 +402,8 @@ class _Procs:
         for role, rank in (("t", 0), ("t", 1), ("i", 0), ("i", 1)):
             a, b = ctx.Pipe()
             pr = ctx.Process(target=_worker, args=(role, rank, b, provider, size, port, impls,
-                                                   bucket, depth, trainer, group, window),
+                                                   bucket, depth, trainer, group, window,
+                                                   fp8),
                              daemon=True)  # fmt: skip
             pr.start()
             self.conns.append(a)
@@ -380,15 +435,15 @@ class _Procs:
 
 def run_size(provider: str, size: float, impls: tuple[str, ...], repeats: int, bucket: int,
              depth: int, say: Any, trainer: str = "fsdp", group: int = 64 << 20,
-             window: int = 2) -> list[dict[str, Any]]:  # fmt: skip
-    tl, il = layouts(size, trainer)
+             window: int = 2, fp8: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    tl, il = layouts(size, trainer, fp8)
     from asyncfabric.weights import plan
 
-    st = plan(tl, il).stats()
+    st = plan(tl, il, cast=fp8).stats()
     model_bytes = sum(p.numel(0) * p.itemsize for p in tl.params.values()) + sum(
         p.numel(1) * p.itemsize for p in tl.params.values()
     )
-    procs = _Procs(provider, size, impls, bucket, depth, trainer, group, window)
+    procs = _Procs(provider, size, impls, bucket, depth, trainer, group, window, fp8)
     rows: list[dict[str, Any]] = []
     try:
         txs = [procs.get(0), procs.get(1)]
@@ -397,7 +452,9 @@ def run_size(provider: str, size: float, impls: tuple[str, ...], repeats: int, b
             procs.conns[i].send(rxs)
         for i in (2, 3):
             procs.conns[i].send(txs)
-        procs.all()
+        local = procs.all()[:2]  # the trainers' amaxes of their shards (fp8)
+        for i in (0, 1):
+            procs.conns[i].send([max(a, b) for a, b in zip(*local)])
         times: dict[str, list[float]] = {k: [] for k in impls}
         version = 0
         for rep in range(repeats + 1):  # the first round warms up, untimed
@@ -428,6 +485,7 @@ def run_size(provider: str, size: float, impls: tuple[str, ...], repeats: int, b
                 "time_s_best": best, "time_s_median": statistics.median(ts),
                 "gbps_best": model_bytes / best, "gbps_median": model_bytes / statistics.median(ts),
                 "repeats": len(ts), "plan_writes": st["writes"], "plan_staged_bytes": st["staged_bytes"],
+                "fp8": fp8, "plan_bytes": st["bytes"],
             })  # fmt: skip
         ref = {r["impl"]: r for r in rows}
         for r in rows:
@@ -464,6 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         default="cpu",
         help="cpu, or cuda: every buffer on GPU 0 (several processes on one GPU need CUDA MPS)",
     )
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="inference linear weights in fp8 e4m3 (per-tensor scale); asyncfabric, write_many",
+    )
     p.add_argument("--json", help="write the rows to this JSON file")
     a = p.parse_args(argv)
     sizes = [float(s) for s in a.sizes.split(",")]
@@ -474,6 +537,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asyncfabric bench weights: error: sizes are {sorted(MODELS)} GB and impls "
               f"{', '.join(IMPLS)}", file=sys.stderr)  # fmt: skip
         return 2
+    if a.fp8:
+        if a.impls == ",".join(IMPLS):
+            impls = ("asyncfabric", "write_many")
+        elif set(impls) - {"asyncfabric", "write_many"}:
+            print("asyncfabric bench weights: error: --fp8 runs the impls asyncfabric and "
+                  "write_many only (naive and gloo send the trainer's bf16)",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     if "gloo" in impls:
         try:
             import torch.distributed as dist
@@ -502,8 +573,10 @@ def main(argv: list[str] | None = None) -> int:
             a.trainer,
             a.group_mib << 20,
             a.window,
+            a.fp8,
         )
-    print(f"trainer {a.trainer} -> inference TP 2 on {a.provider}")
+    what = " (linear weights fp8 e4m3)" if a.fp8 else ""
+    print(f"trainer {a.trainer} -> inference TP 2{what} on {a.provider}")
     print(f"{'model':>6} {'impl':11} {'time s':>8} {'GB/s':>7} {'vs write_many':>14} "
           f"{'vs naive':>9} {'vs gloo':>8}")  # fmt: skip
     for r in rows:

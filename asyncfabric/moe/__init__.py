@@ -6,6 +6,7 @@ engine writes the rows, immediates in the moe nibble (0x4) count what arrived.
 
 from __future__ import annotations
 
+from . import fp8
 from .errors import MoEError, MoEInputError, RankLost
 from .expert_parallel import Dispatched, ExpertParallel, View, reference
 
@@ -16,5 +17,6 @@ __all__ = [
     "MoEInputError",
     "RankLost",
     "View",
+    "fp8",
     "reference",
 ]

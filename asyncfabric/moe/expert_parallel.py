@@ -5,6 +5,10 @@ the group is created, and the descriptors are exchanged once; a dispatch or comb
 posts one batch of writes (an entry or ``El`` entries per destination rank, built from
 arrays) and counts what arrives per source rank with immediates in the moe nibble (0x4).
 Nothing orders the writes: each phase knows how many immediates each source owes.
+
+With ``quant="fp8"`` a dispatched row travels as e4m3 with its fp32 scale appended (one
+scale per token, see :mod:`asyncfabric.moe.fp8`): the same rows, the same writes and
+counts, fewer bytes; the receiver dequantizes before handing the rows to the experts.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import torch
 
 import asyncfabric as af
 
+from . import fp8
 from .errors import MoEError, MoEInputError, RankLost
 from .layout import RecvLayout, Route, packed_targets, recv_layout, route, weighted_sum
 
 T = TypeVar("T")
 Mode = Literal["low_latency", "high_throughput"]
 MODES = ("low_latency", "high_throughput")
+Quant = Literal["fp8"]
+QUANTS = ("fp8",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Immediate layout: 0x4 (moe) in bits 28..31, the instance slot in 20..27, the phase in
@@ -59,6 +66,11 @@ class Dispatched:
     x: torch.Tensor  # [N, hidden]
     counts: list[int]  # rows per local expert
     experts: range  # global ids of the local experts
+    #: With ``quant="fp8"``: the rows as they arrived, e4m3 ``[N, hidden]`` (``x`` is
+    #: ``q.float() * scales[:, None]`` in the group's dtype) and their per-token fp32 scales
+    #: ``[N]``, for experts that take fp8 (valid until the next dispatch).
+    q: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
 
     def split(self) -> list[torch.Tensor]:
         """``x`` cut into one tensor per local expert."""
@@ -78,7 +90,10 @@ class ExpertParallel:
     rows in one round of writes) or ``"high_throughput"`` (prefill: counts first, then rows
     packed by expert straight into place; ``capacity`` rows received at most per rank).
     ``slot`` (0..255) separates groups sharing one engine. ``timeout``: how long a phase
-    waits for a rank before raising :class:`RankLost`.
+    waits for a rank before raising :class:`RankLost`. ``quant="fp8"``: dispatch sends each
+    token as e4m3 with one fp32 scale (``amax / 448``), and dispatch returns the rows
+    dequantized to ``dtype`` (and the fp8 rows and scales, :class:`Dispatched`); combine
+    is unchanged.
     """
 
     def __init__(self) -> None:
@@ -99,10 +114,11 @@ class ExpertParallel:
         device: str | torch.device = "cpu",
         slot: int = 0,
         timeout: float = 10.0,
+        quant: Quant | None = None,
     ) -> ExpertParallel:
         self = object.__new__(cls)
         self._init(view, num_experts, hidden, topk, max_tokens, dtype, mode, capacity, device,
-                   slot, timeout)  # fmt: skip
+                   slot, timeout, quant)  # fmt: skip
         try:
             await self._connect()
         except BaseException:
@@ -125,6 +141,7 @@ class ExpertParallel:
         device: str | torch.device,
         slot: int,
         timeout: float,
+        quant: Quant | None = None,
     ) -> None:
         W = view.size
         for name, v, lo in (("num_experts", num_experts, 1), ("hidden", hidden, 1),
@@ -146,6 +163,14 @@ class ExpertParallel:
             raise MoEInputError(f"slot must be an int in 0..255, got {slot!r}")
         if not timeout > 0:
             raise MoEInputError(f"timeout must be > 0 seconds, got {timeout!r}")
+        if quant is not None and quant not in QUANTS:
+            raise MoEInputError(f"quant must be None or one of {QUANTS}, got {quant!r}")
+        if quant == "fp8" and fp8.E4M3 is None:
+            raise MoEInputError(
+                f"quant='fp8' needs torch.float8_e4m3fn (torch >= 2.1); this is torch "
+                f"{torch.__version__}: upgrade torch or pass quant=None"
+            )
+        self.quant = quant
         self.view, self.rank, self.size = view, view.rank, W
         self.engine = view.engine
         self.num_experts, self.hidden, self.topk, self.max_tokens = (
@@ -170,6 +195,9 @@ class ExpertParallel:
                 raise MoEInputError(f"capacity must be an int >= 1 (rows), got {capacity!r}")
             self.capacity = min(cap, worst)
         self.row_bytes = hidden * torch.empty((), dtype=dtype).element_size()
+        #: Bytes of one dispatched row on the wire: ``row_bytes``, or with fp8 the e4m3 row
+        #: padded to 4 bytes plus its fp32 scale.
+        self.dispatch_row_bytes = fp8.row_bytes(hidden) if quant else self.row_bytes
         self._regions: list[af.Region] = []
         self._broken: str | None = None
         #: Seconds the last dispatch or combine spent posting its writes and waiting for
@@ -177,13 +205,22 @@ class ExpertParallel:
         self.last_exchange_s = 0.0
         self._pending: tuple[Route, RecvLayout, torch.Tensor, int] | None = None
         dev, dt = self.device, dtype
-        self._send = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
-        self._arena = torch.empty(self.capacity, hidden, dtype=dt, device=dev)
+        # Dispatch's wire rows: the group's dtype, or (fp8) bytes: e4m3 row, pad, scale.
+        wdt, wh = (torch.uint8, self.dispatch_row_bytes) if quant else (dt, hidden)
+        self._send = torch.empty(max_tokens * topk, wh, dtype=wdt, device=dev)
+        self._arena = torch.empty(self.capacity, wh, dtype=wdt, device=dev)
+        self._quant = (
+            torch.empty(max_tokens, wh, dtype=wdt, device=dev) if quant else None
+        )  # fmt: skip
+        self._qscratch = (
+            torch.empty(min(max_tokens, fp8.block_rows(hidden)), hidden, dtype=torch.float32,
+                        device=dev) if quant else None
+        )  # fmt: skip
         self._back_send = torch.empty(self.capacity, hidden, dtype=dt, device=dev)
         self._back = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
         self._recv = (
             torch.empty(self.capacity, hidden, dtype=dt, device=dev)
-            if mode == "low_latency" else None
+            if mode == "low_latency" or quant else None
         )  # fmt: skip
         # Counts always live in host memory: the receiver reads them on the CPU.
         self._meta_send = torch.zeros(num_experts, dtype=torch.int64)
@@ -206,7 +243,7 @@ class ExpertParallel:
         self._r_meta = self._register(self._meta)
         conf = {"num_experts": self.num_experts, "hidden": self.hidden, "topk": self.topk,
                 "max_tokens": self.max_tokens, "dtype": str(self.dtype), "mode": self.mode,
-                "capacity": self.capacity, "slot": self.slot}  # fmt: skip
+                "capacity": self.capacity, "slot": self.slot, "quant": self.quant}  # fmt: skip
         descs = [self._r_arena.descriptor(), self._r_back.descriptor(), self._r_meta.descriptor()]
         blob = json.dumps(conf).encode()
         msg = (
@@ -370,8 +407,8 @@ class ExpertParallel:
         return RankLost(f"{what}: rank(s) {list(ranks)} (member {e.name!r}) left the group "
                         "view; rebuild the group from a new view", ranks)  # fmt: skip
 
-    def _owed(self, rows: Sequence[int], region: af.Region) -> list[int]:
-        return [region.expected_imms(n * self.row_bytes) if n else 0 for n in rows]
+    def _owed(self, rows: Sequence[int], region: af.Region, rb: int) -> list[int]:
+        return [region.expected_imms(n * rb) if n else 0 for n in rows]
 
     # ------------------------------------------------------------ dispatch
 
@@ -392,8 +429,14 @@ class ExpertParallel:
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
     ) -> Dispatched:
         deadline = time.monotonic() + self.timeout
-        W, rank, rb = self.size, self.rank, self.row_bytes
+        W, rank, rb = self.size, self.rank, self.dispatch_row_bytes
         rt = route(topk_idx, self.num_experts, W)
+        if self._quant is not None:
+            # each token once, whatever its top-k: its rows are gathered from here
+            src = self._quant[: x.shape[0]]
+            fp8.quantize_rows(x, src, self._qscratch)
+        else:
+            src = x
         n = rt.order.numel()
         self._meta_send.copy_(rt.counts)
         if self.mode == "low_latency":
@@ -402,7 +445,7 @@ class ExpertParallel:
             lo, hi = rt.dest_off[rank], rt.dest_off[rank] + rt.dest_rows[rank]
             for a, z in ((0, lo), (hi, n)):
                 if z > a:
-                    torch.index_select(x, 0, rt.tokens[a:z], out=self._send[a:z])
+                    torch.index_select(src, 0, rt.tokens[a:z], out=self._send[a:z])
             b = af.Batch()
             dests = []
             E8 = self.num_experts * 8
@@ -425,20 +468,24 @@ class ExpertParallel:
                 self._meta[rank].copy_(rt.counts)
                 if hi > lo:
                     at = rank * self.slot_rows
-                    torch.index_select(x, 0, rt.tokens[lo:hi], out=self._arena[at : at + hi - lo])
+                    torch.index_select(src, 0, rt.tokens[lo:hi], out=self._arena[at : at + hi - lo])
             finally:
                 await post
             await self._await_all(_META, self._not_me([1] * W), deadline, "dispatch (counts)")
             C = self._meta.clone()
             lay = recv_layout(C, rank, self.slot_rows)
-            owed = self._not_me(self._owed(lay.src_rows, self._r_arena))
+            owed = self._not_me(self._owed(lay.src_rows, self._r_arena, rb))
             await self._await_all(_DATA, owed, deadline, "dispatch (rows)")
             assert self._recv is not None and lay.em_to_slot is not None
             out = self._recv[: lay.rows]
-            torch.index_select(self._arena, 0, lay.em_to_slot.to(self.device), out=out)
+            em = lay.em_to_slot.to(self.device)
+            if self._quant is not None:
+                wire = self._arena.index_select(0, em)
+            else:
+                torch.index_select(self._arena, 0, em, out=out)
         else:
             if n:
-                torch.index_select(x, 0, rt.tokens, out=self._send[:n])
+                torch.index_select(src, 0, rt.tokens, out=self._send[:n])
             b = af.Batch()
             for d in range(W):
                 meta = self._meta_d[d][
@@ -471,10 +518,18 @@ class ExpertParallel:
             await self._post(b, dests, "dispatch (rows)")
             lay = recv_layout(C, rank, None)
             await self._await_all(_DATA, self._owed_packed(C), deadline, "dispatch (rows)")
-            out = self._arena[: lay.rows]
+            if self._quant is not None:
+                assert self._recv is not None
+                wire, out = self._arena[: lay.rows], self._recv[: lay.rows]
+            else:
+                out = self._arena[: lay.rows]
         self._pending = (rt, lay, topk_weights, x.shape[0])
         El = self.local_experts
-        return Dispatched(out, lay.expert_counts, range(rank * El, (rank + 1) * El))
+        experts = range(rank * El, (rank + 1) * El)
+        if self._quant is not None:
+            q, scales = fp8.dequantize_rows(wire, self.hidden, out)
+            return Dispatched(out, lay.expert_counts, experts, q, scales)
+        return Dispatched(out, lay.expert_counts, experts)
 
     def _not_me(self, owed: list[int]) -> list[int]:
         owed[self.rank] = 0
@@ -485,7 +540,7 @@ class ExpertParallel:
         El, rank = self.local_experts, self.rank
         Cl = C[:, rank * El : (rank + 1) * El].numpy()
         chunk = self._r_arena.descriptor().chunk_bytes
-        nb = Cl * self.row_bytes
+        nb = Cl * self.dispatch_row_bytes
         per = np.where(Cl > 0, np.maximum(1, -(-nb // chunk)), 0)
         return [int(v) for v in per.sum(1)]
 
@@ -539,7 +594,7 @@ class ExpertParallel:
                                    out=self._back[at : at + hi - lo])  # fmt: skip
         finally:
             await post
-        owed = self._not_me(self._owed(rt.dest_rows, self._r_back))
+        owed = self._not_me(self._owed(rt.dest_rows, self._r_back, rb))
         await self._await_all(_BACK, owed, deadline, "combine")
         n = rt.order.numel()
         y = self._back[:n].index_select(0, rt.back.to(self.device))
@@ -551,9 +606,15 @@ def reference(
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
     expert: Any,
+    quant: Quant | None = None,
 ) -> torch.Tensor:
     """What ``combine(expert(dispatch(x)))`` computes, in one process: ``expert(e, rows)``
-    maps expert ``e``'s rows to its outputs."""
+    maps expert ``e``'s rows to its outputs. ``quant="fp8"``: the experts see each token
+    quantized and dequantized as an fp8 dispatch does (:func:`asyncfabric.moe.fp8.roundtrip`)."""
+    if quant is not None:
+        if quant not in QUANTS:
+            raise MoEInputError(f"quant must be None or one of {QUANTS}, got {quant!r}")
+        x = fp8.roundtrip(x)
     T, k = topk_idx.shape
     y = torch.empty(T, k, x.shape[1], dtype=x.dtype, device=x.device)
     for e in torch.unique(topk_idx).tolist():

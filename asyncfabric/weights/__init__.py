@@ -10,7 +10,7 @@ docs/weights.md.
 
 from __future__ import annotations
 
-from . import fleet, imms
+from . import fleet, fp8, imms
 from .endpoints import ReceiverInfo, SenderInfo
 from .errors import LayoutError, ReceiverFailed, UpdateError
 from .layout import ALIGN, Layout, Param, Pieces, Replicated, Spec, Split, column, row
@@ -34,6 +34,7 @@ __all__ = [
     "SenderInfo",
     "Spec",
     "fleet",
+    "fp8",
     "imms",
     "Split",
     "UpdateError",

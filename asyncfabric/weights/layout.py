@@ -10,6 +10,10 @@ every block), and replication (every rank holds the whole tensor).
 Each rank keeps its shards packed in one flat buffer, in layout order, each
 shard starting on a 64-byte boundary: that buffer is what a receiver registers
 and what the plan's byte offsets point into.
+
+A parameter declared ``torch.float8_e4m3fn`` (inference side) gets a scale parameter
+of its own right after it: ``name + "_scale"``, a 0-dim float32 on every rank (see
+:mod:`asyncfabric.weights.fp8`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import torch
 
+from . import fp8
 from .errors import LayoutError
 
 ALIGN = 64
@@ -138,6 +143,8 @@ class Param:
     dim: int
     ranks: tuple[Ranges, ...]
     replicated: bool
+    scale_of: str | None = None
+    """For a per-tensor fp8 scale: the name of the parameter it scales."""
 
     @property
     def itemsize(self) -> int:
@@ -180,6 +187,11 @@ class Layout:
                     f"parameter {name!r}: spec must be Split, Replicated, Pieces (or column()/"
                     f"row()), got {spec!r}"
                 )
+            if fp8.is_fp8(dtype) and dtype != fp8.E4M3:
+                raise LayoutError(
+                    f"parameter {name!r}: {dtype} is not supported; the fp8 format sent is "
+                    "torch.float8_e4m3fn with a per-tensor scale"
+                )
             shp = tuple(int(x) for x in shape)
             if any(x < 0 for x in shp):
                 raise LayoutError(f"parameter {name!r}: negative size in shape {shp}")
@@ -188,6 +200,15 @@ class Layout:
             if not rep:
                 _check_tiles(name, shp[dim] if shp else 1, dim, ranks)
             self.params[name] = Param(name, shp, dtype, dim, ranks, rep)
+            if dtype == fp8.E4M3:
+                sname = name + fp8.SCALE_SUFFIX
+                if sname in self.params:
+                    raise LayoutError(
+                        f"parameter {sname!r} appears twice: it is the scale of the fp8 "
+                        f"parameter {name!r}; rename the other one"
+                    )
+                one = tuple(((0, 1),) for _ in range(world))
+                self.params[sname] = Param(sname, (), torch.float32, 0, one, True, name)
         self._offsets: list[dict[str, int]] = []
         self._nbytes: list[int] = []
         for r in range(world):
@@ -197,6 +218,10 @@ class Layout:
                 off += -(-p.numel(r) * p.itemsize // ALIGN) * ALIGN
             self._offsets.append(offs)
             self._nbytes.append(off)
+        self.fp8: tuple[str, ...] = tuple(
+            p.name for p in self.params.values() if p.dtype == fp8.E4M3
+        )
+        """The parameters held as fp8 (e4m3, per-tensor scale), in layout order."""
         h = hashlib.sha256(repr(world).encode())
         for p in self.params.values():
             h.update(repr((p.name, p.shape, str(p.dtype), p.dim, p.ranks, p.replicated)).encode())
@@ -210,14 +235,21 @@ class Layout:
         world: int,
         rule: Callable[[str, tuple[int, ...]], Spec],
         *,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | Callable[[str, tuple[int, ...]], torch.dtype] | None = None,
     ) -> Layout:
         """A layout of full tensors (``model.named_parameters()`` or a state dict):
-        ``rule(name, shape)`` gives each one's spec; ``dtype`` overrides theirs."""
+        ``rule(name, shape)`` gives each one's spec; ``dtype`` overrides theirs (a dtype,
+        or ``dtype(name, shape)`` per parameter, e.g. fp8 for the linear weights only)."""
         items = tensors.items() if isinstance(tensors, Mapping) else tensors
+
+        def dt(n: str, t: torch.Tensor) -> torch.dtype:
+            if dtype is None:
+                return t.dtype
+            return dtype if isinstance(dtype, torch.dtype) else dtype(n, tuple(t.shape))
+
         return cls(
             world,
-            [(n, tuple(t.shape), dtype or t.dtype, rule(n, tuple(t.shape))) for n, t in items],
+            [(n, tuple(t.shape), dt(n, t), rule(n, tuple(t.shape))) for n, t in items],
         )
 
     def __repr__(self) -> str:
@@ -278,7 +310,10 @@ class Layout:
         views = self.views(buf, rank)
         for name, v in views.items():
             if name not in full:
-                raise LayoutError(f"parameter {name!r} is missing from the tensors given")
+                p = self.params[name]
+                what = (f" (the scale of fp8 parameter {p.scale_of!r}: give it as a 0-dim "
+                        "float32 beside the fp8 tensor)" if p.scale_of else "")  # fmt: skip
+                raise LayoutError(f"parameter {name!r} is missing from the tensors given{what}")
             v.copy_(self.shard(name, full[name].to(v.device), rank))
 
     def assemble(self, name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:

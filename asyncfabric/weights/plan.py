@@ -8,6 +8,11 @@ into *runs*, byte ranges contiguous in the receiver's buffer; a run whose
 source bytes are contiguous too (and need no cast) is written straight from
 the trainer's buffer (*direct*), the others are first packed (and cast) into a
 staging buffer (*staged*), then written.
+
+An inference parameter declared fp8 (e4m3) is cast with a per-tensor scale: its
+moves are staged (quantized while packed) and each inference rank gets one more
+move, the scale (a 0-dim float32, :attr:`Move.scale_of` set), from trainer rank
+``rank % trainer.world``, packed from the scale the sender computed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import fp8
 from .errors import LayoutError
 from .layout import Layout, Param
 
@@ -47,6 +53,9 @@ class Move:
     src_offsets: np.ndarray | None
     src_dtype: torch.dtype
     dst_dtype: torch.dtype
+    scale_of: str | None = None
+    """Set on the move of an fp8 parameter's scale: that parameter's name (the bytes
+    come from the sender's scale, not from its buffer)."""
 
     @property
     def direct(self) -> bool:
@@ -89,7 +98,8 @@ class Move:
 def _replace(
     m: Move, box: tuple[tuple[int, int], ...], d: np.ndarray, rb: int, s: np.ndarray | None
 ) -> Move:
-    return Move(m.param, m.src, m.dst, box, m.outer, d, rb, s, m.src_dtype, m.dst_dtype)
+    return Move(m.param, m.src, m.dst, box, m.outer, d, rb, s, m.src_dtype, m.dst_dtype,
+                m.scale_of)  # fmt: skip
 
 
 @dataclass
@@ -99,6 +109,12 @@ class Plan:
     trainer: Layout
     inference: Layout
     moves: list[Move] = field(default_factory=list)
+
+    @property
+    def fp8(self) -> tuple[str, ...]:
+        """The parameters cast to fp8 (e4m3, per-tensor scale): the senders need their
+        ``amax`` over every trainer rank."""
+        return self.inference.fp8
 
     def for_src(self, rank: int) -> list[Move]:
         """The moves trainer rank ``rank`` executes."""
@@ -144,13 +160,16 @@ def plan(trainer: Layout, inference: Layout, *, cast: bool = False) -> Plan:
 
     Refused, naming the parameter (:class:`LayoutError`): a parameter missing
     on either side, a shape disagreement, a dtype disagreement (unless ``cast``,
-    which allows casts between floating types: the trainer casts while it packs).
+    which allows casts between floating types: the trainer casts while it packs,
+    and to float8_e4m3fn with a per-tensor scale, see :mod:`asyncfabric.weights.fp8`).
+    Scale parameters of fp8 ones exist on the inference side only.
     """
     key = (trainer.key, inference.key, cast)
     hit = _CACHE.get(key)
     if hit is not None:
         return hit
-    missing = [n for n in inference.params if n not in trainer.params]
+    missing = [n for n, q in inference.params.items()
+               if n not in trainer.params and q.scale_of is None]  # fmt: skip
     if missing:
         raise LayoutError(
             f"parameter {missing[0]!r} of the inference layout is missing from the trainer "
@@ -162,8 +181,23 @@ def plan(trainer: Layout, inference: Layout, *, cast: bool = False) -> Plan:
             f"parameter {extra[0]!r} of the trainer layout is missing from the inference "
             f"layout ({len(extra)} missing); both layouts must name the same parameters"
         )
+    for tp in trainer.params.values():
+        if fp8.is_fp8(tp.dtype):
+            raise LayoutError(
+                f"parameter {tp.name!r}: the trainer holds it as {tp.dtype}; fp8 is an "
+                "inference format only (the trainer quantizes while it sends): give the "
+                "trainer layout its training dtype"
+            )
     p = Plan(trainer, inference)
     for name, ip in inference.params.items():
+        if ip.scale_of is not None:
+            if name in trainer.params:
+                raise LayoutError(
+                    f"parameter {name!r} of the trainer layout has the name of the scale of "
+                    f"the inference's fp8 parameter {ip.scale_of!r}; rename it"
+                )
+            p.moves.extend(_scale_moves(trainer, inference, ip))
+            continue
         tp = trainer.params[name]
         if tp.shape != ip.shape:
             raise LayoutError(
@@ -176,14 +210,24 @@ def plan(trainer: Layout, inference: Layout, *, cast: bool = False) -> Plan:
                     f"parameter {name!r}: the trainer's dtype is {tp.dtype}, the inference's "
                     f"{ip.dtype}; pass cast=True to cast while sending"
                 )
-            if tp.dtype not in _CASTABLE or ip.dtype not in _CASTABLE:
+            if tp.dtype not in _CASTABLE or (ip.dtype not in _CASTABLE and ip.dtype != fp8.E4M3):
                 raise LayoutError(
                     f"parameter {name!r}: no cast from {tp.dtype} to {ip.dtype}; casts go "
-                    "between float32, float64, float16 and bfloat16"
+                    "between float32, float64, float16 and bfloat16, and from those to "
+                    "float8_e4m3fn (per-tensor scale)"
                 )
         p.moves.extend(_moves(trainer, inference, tp, ip))
     _CACHE[key] = p
     return p
+
+
+def _scale_moves(tl: Layout, il: Layout, sp: Param) -> Iterator[Move]:
+    """An fp8 parameter's scale, to every inference rank: packed by trainer rank
+    ``d % tl.world`` from the scale it computed (every trainer rank has the same one)."""
+    for d in range(il.world):
+        off = np.array([il.offset(sp.name, d)], np.uint64)
+        yield Move(sp.name, d % tl.world, d, (), 0, off, sp.itemsize, None,
+                   torch.float32, torch.float32, sp.scale_of)  # fmt: skip
 
 
 def _pieces(p: Param, rank: int) -> Iterator[tuple[int, int, int]]:

@@ -12,6 +12,11 @@ Bound to a set of receivers once (cached until the set changes), an update is:
    only for the writes that last used its staging buffer. Staging memory is
    ``depth * bucket_bytes``, whatever the model's size.
 
+Parameters the inference layout holds as fp8 (e4m3) are quantized while packed,
+with the scale of the full tensor: ``update(amax=...)`` takes each one's largest
+``|x|`` over every trainer rank (the caller reduces :meth:`Sender.local_amax`),
+and the scale goes out as a move of its own.
+
 Runs bound for several receivers of the same layout and rank (replicas) are
 packed once and written to each. Every write of update ``v`` carries one
 immediate, the data immediate of ``v``: one counter per (version, receiver).
@@ -22,7 +27,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,13 +37,15 @@ import torch
 
 import asyncfabric as af
 
-from . import imms
+from . import fp8, imms
 from .endpoints import ReceiverInfo, SenderInfo
 from .errors import ReceiverFailed, UpdateError
 from .layout import Layout
 from .plan import Move, plan
 
 _U64 = np.uint64
+_Copy = tuple[Any, Any, "torch.Tensor | None"]
+_SCRATCH = 1 << 20  # fp32 values: the fp8 cast works in blocks of 4 MiB
 
 
 @dataclass
@@ -55,7 +62,8 @@ class _Target:
 class _Binding:
     receivers: tuple[ReceiverInfo, ...]
     targets: dict[tuple[str, int], _Target]
-    packs: list[list[tuple[Any, Any]]]  # per bucket: (stage view, src view)
+    packs: list[list[_Copy]]  # per bucket: (stage view, src view, fp8 scale or None)
+    fp8: tuple[str, ...]  # the parameters quantized to fp8 for these receivers
 
 
 class Sender:
@@ -113,6 +121,9 @@ class Sender:
         self._staging: list[torch.Tensor] = []
         self._stage_regions: list[af.Region] = []
         self._binding: _Binding | None = None
+        # per fp8 parameter: its scale (0-dim fp32), set by each update before packing
+        self._scales: dict[str, torch.Tensor] = {}
+        self._scratch: torch.Tensor | None = None  # fp32 blocks for the fp8 casts
         # per receiver name: (buffer it serves, version it last acknowledged or None)
         self._state: dict[str, tuple[int, int | None]] = {}
         self.timings: dict[str, float] = {}
@@ -158,7 +169,7 @@ class Sender:
                          if (x.layout.key, x.rank) == key])  # fmt: skip
             targets[key] = _Target(_groups(so, do, nb, unit, self.group_bytes), staged)
         # staged runs into buckets, in order; a piece larger than a bucket gets one of its own
-        packs: list[list[tuple[Any, Any]]] = []
+        packs: list[list[_Copy]] = []
         rows: dict[tuple[int, tuple[str, int]], list[tuple[int, Move]]] = {}
         size = self.bucket_bytes + 1
         biggest = self.bucket_bytes
@@ -177,17 +188,76 @@ class Sender:
             for off, m in ms:
                 box = m.box
                 view = st[off : off + m.nbytes].view(m.dst_dtype).view(tuple(n for _, n in box))
+                if m.scale_of is not None:  # the scale itself: copied from the sender's
+                    packs[k].append((view, self._scale(m.scale_of), None))
+                    continue
                 src = self._views[m.param]
                 if box:
                     src = src[tuple(slice(a, a + n) for a, n in box)]
-                packs[k].append(_pair(view, src))
+                if m.dst_dtype == fp8.E4M3:
+                    packs[k].append((view, src, self._scale(m.param)))
+                    if self._scratch is None:
+                        self._scratch = torch.empty(_SCRATCH, dtype=torch.float32,
+                                                    device=self._buf.device)  # fmt: skip
+                else:
+                    packs[k].append((*_pair(view, src), None))
             so = np.concatenate([off + np.arange(m.runs, dtype=_U64) * _U64(m.run_bytes)
                                  for off, m in ms]).astype(_U64)  # fmt: skip
             do = np.concatenate([m.dst_offsets for _, m in ms])
             nb = np.concatenate([np.full(m.runs, m.run_bytes, _U64) for _, m in ms])
             targets[key].buckets[k] = (so, do, nb)
-        self._binding = _Binding(receivers, targets, packs)
+        quantized = {n for r in receivers for n in r.layout.fp8}
+        fp8_names = tuple(n for n in self.layout.params if n in quantized)
+        self._binding = _Binding(receivers, targets, packs, fp8_names)
         return self._binding
+
+    def _scale(self, name: str) -> torch.Tensor:
+        t = self._scales.get(name)
+        if t is None:
+            t = self._scales[name] = torch.ones((), dtype=torch.float32, device=self._buf.device)
+        return t
+
+    def local_amax(self, names: Iterable[str]) -> torch.Tensor:
+        """The largest ``|x|`` of this rank's shard of each parameter in ``names``
+        (float32, ``[len(names)]``, on the buffer's device; 0 for an empty shard).
+
+        For fp8 updates: reduce it with a max over every trainer rank (e.g.
+        ``torch.distributed.all_reduce(a, op=ReduceOp.MAX)``), then pass
+        ``amax=dict(zip(names, a.tolist()))`` to :meth:`update`. ``names``: usually
+        the inference layout's ``fp8``."""
+        out = []
+        for n in names:
+            if n not in self._views:
+                raise ValueError(f"no parameter {n!r} in this trainer layout")
+            out.append(fp8.amax(self._views[n]))
+        if not out:
+            return torch.zeros(0, dtype=torch.float32, device=self._buf.device)
+        return torch.stack(out)
+
+    def _set_scales(self, names: tuple[str, ...], amax: Mapping[str, float] | None) -> None:
+        """Each fp8 parameter's scale from its ``amax`` over every trainer rank; checked
+        before anything is sent."""
+        if not names:
+            return
+        if amax is None:
+            if self.layout.world > 1:
+                raise ValueError(
+                    f"update: the receivers hold {len(names)} parameters as fp8 (first "
+                    f"{names[0]!r}), whose scale needs the amax of the full tensor; pass "
+                    "amax={name: max over the trainer ranks of local_amax(names)}"
+                )
+            amax = dict(zip(names, self.local_amax(names).tolist()))
+        for n in names:
+            if n not in amax:
+                raise ValueError(
+                    f"update: amax has no entry for fp8 parameter {n!r}; give the max over "
+                    "every trainer rank of local_amax() for each of the inference layout's fp8"
+                )
+            try:
+                s = fp8.scale_for(amax[n], self._buf.device)
+            except ValueError as e:
+                raise ValueError(f"update: parameter {n!r}: {e}") from None
+            self._scale(n).copy_(s)
 
     def _ensure_staging(self, n: int, nbytes: int) -> None:
         if len(self._staging) >= n and all(t.numel() >= nbytes for t in self._staging):
@@ -208,6 +278,7 @@ class Sender:
         *,
         timeout: float = 30.0,
         write_timeout: float | None = None,
+        amax: Mapping[str, float] | None = None,
     ) -> tuple[str, ...]:
         """Send this rank's part of update ``version`` to ``receivers``; returns the
         names of the receivers it reached.
@@ -217,7 +288,9 @@ class Sender:
         then :class:`UpdateError` names each failure (``failures``) and the
         receivers that did get the update (``completed``). ``write_timeout``
         bounds the writes (default: no bound beyond the engine's ``peer_timeout``,
-        which fails the writes to a peer that went away)."""
+        which fails the writes to a peer that went away). ``amax``: for the
+        parameters the receivers hold as fp8, each one's largest ``|x|`` over every
+        trainer rank (see :meth:`local_amax`; optional with one trainer rank)."""
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"version must be an int >= 0, got {version!r}")
         rxs = tuple(receivers)
@@ -225,6 +298,7 @@ class Sender:
             return ()
         t0 = time.perf_counter()
         bind = self._bind(rxs)
+        self._set_scales(bind.fp8, amax)
         failures: dict[str, BaseException] = {}
         tm = self.timings = {"bind_s": time.perf_counter() - t0, "pack_s": 0.0}
 
@@ -321,7 +395,9 @@ class Sender:
                 first = min(self.depth, len(bind.packs))
                 tp = time.perf_counter()
                 if first:
-                    await anyio.to_thread.run_sync(_pack_all, bind.packs[:first], cuda)
+                    await anyio.to_thread.run_sync(
+                        _pack_all, bind.packs[:first], cuda, self._scratch
+                    )
                 tm["pack_s"] += time.perf_counter() - tp
                 for k in range(first):
                     ev = done[k] = anyio.Event()
@@ -339,7 +415,9 @@ class Sender:
                             k = rest.pop(0)
                             await done[k % self.depth].wait()
                             tp = time.perf_counter()
-                            await anyio.to_thread.run_sync(_pack, bind.packs[k], cuda)
+                            await anyio.to_thread.run_sync(
+                                _pack, bind.packs[k], cuda, self._scratch
+                            )
                             tm["pack_s"] += time.perf_counter() - tp
                             ev = done[k % self.depth] = anyio.Event()
                             await sem.acquire()
@@ -425,14 +503,16 @@ def _pair(dst: torch.Tensor, src: torch.Tensor) -> tuple[Any, Any]:
     return dst, src
 
 
-def _pack_all(packs: list[list[tuple[Any, Any]]], cuda: bool) -> None:
+def _pack_all(packs: list[list[_Copy]], cuda: bool, scratch: torch.Tensor | None) -> None:
     for p in packs:
-        _pack(p, cuda)
+        _pack(p, cuda, scratch)
 
 
-def _pack(pack: list[tuple[Any, Any]], cuda: bool) -> None:
-    for dst, src in pack:
-        if isinstance(dst, np.ndarray):
+def _pack(pack: list[_Copy], cuda: bool, scratch: torch.Tensor | None) -> None:
+    for dst, src, scale in pack:
+        if scale is not None:
+            fp8.quantize_into(dst, src, scale, scratch)
+        elif isinstance(dst, np.ndarray):
             np.copyto(dst, src)
         else:
             dst.copy_(src)

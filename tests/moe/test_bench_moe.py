@@ -26,3 +26,12 @@ def test_bench_moe_tiny(tmp_path, capsys):
     assert all(r["p50_us"] > 0 and r["samples"] == 2 * (2 if r["phase"] == "decode" else 1)
                for r in rows)  # fmt: skip
     assert "xchg p50" in capsys.readouterr().out
+
+
+def test_bench_moe_fp8_impls(capsys):
+    rc = main(["--ep", "2", "--experts", "8", "--hidden", "64", "--tokens", "8",
+               "--prefill-tokens", "16", "--iters", "1", "--prefill-iters", "1", "--warmup", "1",
+               "--impls", "ll-fp8,ht-fp8"])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "asyncfabric-ll-fp8" in out and "asyncfabric-ht-fp8" in out

@@ -26,3 +26,22 @@ def test_layouts_are_the_documented_sizes():
     model = sum(p.numel(r) * p.itemsize for p in tl.params.values() for r in range(2))
     assert 0.45e9 < model < 0.55e9
     assert 0.2 < st["staged_bytes"] / st["bytes"] < 0.35  # row-parallel slices are packed
+
+
+def test_fp8_option_runs_asyncfabric_and_write_many_only(capsys):
+    assert main(["--fp8", "--impls", "naive"]) == 2
+    assert "--fp8 runs the impls asyncfabric and write_many only" in capsys.readouterr().err
+
+
+def test_fp8_layouts_quantize_the_linear_weights():
+    pytest.importorskip("transformers")
+    import torch
+
+    from asyncfabric.bench.weights import layouts
+    from asyncfabric.weights import plan
+
+    tl, il = layouts(0.5, fp8=True)
+    assert il.fp8 and all(n.endswith("proj.weight") for n in il.fp8)
+    assert all(il.params[n].dtype == torch.float8_e4m3fn for n in il.fp8)
+    st = plan(tl, il, cast=True).stats()
+    assert st["bytes"] < plan(*layouts(0.5)).stats()["bytes"]

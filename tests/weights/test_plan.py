@@ -155,3 +155,92 @@ def test_tp_degree_must_divide():
         Layout(2, [("x", (12, 4), torch.float32, column((4, 4)))])
     with pytest.raises(LayoutError, match="'x'.*dim 2"):
         Layout(2, [("x", (12, 4), torch.float32, Split(2))])
+
+
+# ---------------------------------------------------------------- fp8 (e4m3, per-tensor scale)
+
+FP8 = torch.float8_e4m3fn
+QUANTIZED = ("embed", "qkv", "o", "gate_up", "down", "conv")
+
+
+def fp8_dtype(name: str, shape: tuple[int, ...]) -> torch.dtype:
+    return FP8 if name in QUANTIZED else torch.bfloat16
+
+
+def fp8_reference(full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One process, the full tensors: scale = amax / 448 (fp32), q = (x / scale) -> e4m3."""
+    out = {}
+    for n, x in full.items():
+        if n in QUANTIZED:
+            scale = x.abs().max().float() / 448
+            out[n] = (x.float() / scale).to(FP8)
+            out[n + "_scale"] = scale
+        else:
+            out[n] = x.to(torch.bfloat16)
+    return out
+
+
+@pytest.mark.parametrize("tw", [1, 2, 3])
+@pytest.mark.parametrize("iw", [1, 2, 4])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cast_is_the_reference_cast(tw, iw, src_dtype):
+    full = tensors(2, src_dtype)
+    tl = Layout.of(full, tw, fsdp_rule)
+    il = Layout.of(full, iw, tp_rule, dtype=fp8_dtype)
+    assert il.fp8 == QUANTIZED
+    assert il.params["o_scale"].shape == () and il.params["o_scale"].scale_of == "o"
+    p = plan(tl, il, cast=True)
+    assert p.fp8 == QUANTIZED
+    # each rank's amax of its shard, reduced with a max: what the senders are given
+    src = references(tl, full)
+    amax = {n: max(float(tl.views(b, r)[n].abs().max()) if tl.views(b, r)[n].numel() else 0.0
+                   for r, b in enumerate(src)) for n in QUANTIZED}  # fmt: skip
+    scales = {n: torch.tensor(a, dtype=torch.float32) / 448 for n, a in amax.items()}
+    got = apply(p, src, tl, scales)
+    want = references(il, fp8_reference(full))
+    for r in range(iw):
+        assert torch.equal(got[r], want[r]), f"inference rank {r}"
+    # one scale move per fp8 parameter and inference rank, counted like any write
+    sm = [m for m in p.moves if m.scale_of is not None]
+    assert len(sm) == len(QUANTIZED) * iw and all(m.nbytes == 4 for m in sm)
+    assert all(not m.direct for m in p.moves if m.dst_dtype == FP8)
+
+
+def test_fp8_refusals_are_named():
+    full = tensors()
+    tl = Layout.of(full, 2, fsdp_rule)
+    il = Layout.of(full, 2, tp_rule, dtype=fp8_dtype)
+    with pytest.raises(LayoutError, match="'embed'.*dtype.*cast=True"):
+        plan(tl, il)
+    with pytest.raises(LayoutError, match="'embed'.*trainer holds it as torch.float8_e4m3fn"):
+        plan(Layout.of(full, 2, fsdp_rule, dtype=fp8_dtype), il, cast=True)
+    with pytest.raises(LayoutError, match="'x'.*float8_e5m2 is not supported"):
+        Layout(1, [("x", (4,), torch.float8_e5m2, Split(0))])
+    with pytest.raises(LayoutError, match="'x_scale' appears twice"):
+        Layout(1, [("x_scale", (4,), torch.float32, Split(0)), ("x", (4,), FP8, Split(0))])
+    # a trainer parameter named like an inference scale is ambiguous
+    tx = Layout(1, [("x", (4,), torch.float32, Split(0)), ("x_scale", (), torch.float32,
+                                                          Replicated())])  # fmt: skip
+    ix = Layout(1, [("x", (4,), FP8, Split(0))])
+    with pytest.raises(LayoutError, match="'x_scale'.*scale of.*'x'"):
+        plan(tx, ix, cast=True)
+
+
+@pytest.mark.parametrize("scratch", [None, 7, 64, 1 << 20])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fp8_cast_in_blocks_is_the_reference_cast(scratch, src_dtype):
+    from asyncfabric.weights import fp8
+
+    x = (torch.randn(33, 24, generator=torch.Generator().manual_seed(3)) * 5).to(src_dtype)
+    x[4, 5] = -x.abs().max() * 1.5  # the amax is a negative value
+    sl = x[:, 3:17]  # strided, as a row-parallel slice of a dim-0 shard
+    scale = fp8.scale_for(float(fp8.amax(x)))
+    assert float(scale) == float(x.abs().max().float() / 448)
+    dst = torch.empty(sl.shape, dtype=FP8)
+    buf = None if scratch is None else torch.empty(scratch, dtype=torch.float32)
+    fp8.quantize_into(dst, sl, scale, buf)
+    want = (sl.float() / (x.abs().max().float() / 448)).to(FP8)
+    assert torch.equal(dst.view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(fp8.scale_for(0.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="finite"):
+        fp8.scale_for(float("inf"))

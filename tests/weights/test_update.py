@@ -66,12 +66,13 @@ class Setup:
         for rx in rxs:
             await rx.start([s.info for s in self.senders])
 
-    async def update(self, version: int, rxs: list[Receiver] | None = None) -> None:
+    async def update(self, version: int, rxs: list[Receiver] | None = None,
+                     amax: dict[str, float] | None = None) -> None:  # fmt: skip
         rxs = self.receivers if rxs is None else rxs
         infos = [rx.info for rx in rxs]
         async with anyio.create_task_group() as tg:
             for s in self.senders:
-                tg.start_soon(lambda s=s: s.update(version, infos, timeout=TIMEOUT))
+                tg.start_soon(lambda s=s: s.update(version, infos, timeout=TIMEOUT, amax=amax))
             for rx in rxs:
                 tg.start_soon(lambda rx=rx: rx.wait_version(version, timeout=TIMEOUT))
 
@@ -127,6 +128,85 @@ async def test_cast_fp32_trainer_to_bf16_inference(provider, kw):
         check_bitwise(il, rxs, ref)
         inf = M.assemble(cfg, il, [rx.params() for rx in rxs], torch.bfloat16)
         assert torch.equal(M.logits(inf), M.logits(model.to(torch.bfloat16)))
+
+
+FP8 = torch.float8_e4m3fn
+
+
+def fp8_linear(name: str, shape: tuple[int, ...]) -> torch.dtype:
+    """Inference dtypes: the decoder's linear weights in fp8, the rest bf16."""
+    return FP8 if name.endswith("proj.weight") else torch.bfloat16
+
+
+def fp8_reference(il: Layout, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """In one process, from the full tensors: scale = amax / 448 (fp32), (x / scale) -> e4m3
+    (the division in fp32); bf16 for the others."""
+    out = {}
+    for n, x in full.items():
+        if il.params[n].dtype == FP8:
+            scale = x.abs().max().float() / 448
+            out[n] = (x.float() / scale).to(FP8)
+            out[n + "_scale"] = scale
+        else:
+            out[n] = x.to(torch.bfloat16)
+    return out
+
+
+def global_amax(s: Setup, names: tuple[str, ...]) -> dict[str, float]:
+    """What the trainer ranks' all-reduce (max) of their local amaxes gives."""
+    a = torch.stack([tx.local_amax(names) for tx in s.senders]).amax(0)
+    return dict(zip(names, a.tolist()))
+
+
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("iw", [2, 4])
+async def test_fp8_cast_with_per_tensor_scales(provider, kw, iw, src_dtype):
+    cfg = M.config()
+    model = M.build(cfg, dtype=src_dtype)
+    full = M.full_params(model)
+    tl = Layout.of(full, 2, M.fsdp_rule)
+    il = Layout.of(full, iw, M.tp_rule(cfg), dtype=fp8_linear)
+    assert len(il.fp8) == 4 * cfg.num_hidden_layers  # qkv, o (row), gate_up, down (row)
+    async with engines(2, provider, kw) as teng, engines(iw, provider, kw) as reng:
+        s = Setup(cfg, tl, full, teng, cast=True)
+        rxs = s.add_receivers(il, reng)
+        await s.start(rxs)
+        # the scale needs the full tensor's amax: with two trainer ranks it must be given
+        with pytest.raises(ValueError, match="amax of the full tensor"):
+            await s.senders[0].update(1, [rx.info for rx in rxs], timeout=TIMEOUT)
+        with pytest.raises(ValueError, match="no entry for fp8 parameter"):
+            await s.senders[0].update(1, [rx.info for rx in rxs], timeout=TIMEOUT, amax={})
+        await s.update(1, amax=global_amax(s, il.fp8))
+        ref = fp8_reference(il, full)
+        check_bitwise(il, rxs, ref)
+        for rx in rxs:
+            for n in il.fp8:
+                assert torch.equal(rx.params()[n + "_scale"], ref[n + "_scale"])
+        # dequantized, every weight is within e4m3's rounding of the trainer's
+        for n in il.fp8:
+            shards = [r.params()[n].float() * r.params()[n + "_scale"] for r in rxs]
+            err = (il.assemble(n, shards) - full[n].float()).abs()
+            assert float(err.max()) <= float(full[n].abs().max()) / 16
+        # a training step: new amaxes, new scales, version 2 lands the same way
+        for r, b in enumerate(s.bufs):
+            for t in tl.views(b, r).values():
+                t.mul_(1.5).add_(0.25)
+        full2 = s.trainer_full()
+        await s.update(2, amax=global_amax(s, il.fp8))
+        check_bitwise(il, rxs, fp8_reference(il, full2))
+
+
+async def test_fp8_one_trainer_rank_needs_no_amax(provider, kw):
+    cfg = M.config()
+    full = M.full_params(M.build(cfg, dtype=torch.bfloat16))
+    tl = Layout.of(full, 1, M.fsdp_rule)
+    il = Layout.of(full, 2, M.tp_rule(cfg), dtype=fp8_linear)
+    async with engines(1, provider, kw) as teng, engines(2, provider, kw) as reng:
+        s = Setup(cfg, tl, full, teng, cast=True)
+        rxs = s.add_receivers(il, reng)
+        await s.start(rxs)
+        await s.update(1)
+        check_bitwise(il, rxs, fp8_reference(il, full))
 
 
 async def test_update_lands_while_readers_keep_reading_the_served_version(provider, kw):
