@@ -38,7 +38,7 @@ mkdir -p "$res" /opt/lf
       weights) timeout "${T_WEIGHTS:-170}" python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
       allreduce) timeout "${T_ALLREDUCE:-120}" python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
         --sizes 64K,1M,16M,256M ;;
-      moe) timeout "${T_MOE:-120}" python3 benchmarks/gpu_moe.py --out "$res/moe" ;;
+      moe) timeout "${T_MOE:-120}" python3 benchmarks/gpu_moe.py --out "$res/moe" --fp8 ;;
       triggers) timeout "${T_TRIGGERS:-240}" python3 benchmarks/gpu_triggers.py --out "$res/triggers" ;;
       *) echo "unknown: $s" ;;
     esac
