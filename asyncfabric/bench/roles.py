@@ -140,12 +140,14 @@ async def af_stream_send(
     ack: int,
     reps: int,
     warmup: int = 1,
+    slots: int = 1,
 ) -> list[int]:
     """Post ``iters`` writes of ``size`` bytes round-robin over ``targets`` receivers,
-    ``window`` in flight (one coroutine per lane, each awaiting its writes in turn)."""
+    ``window`` in flight (one coroutine per lane, each awaiting its writes in turn);
+    write j moves slot ``j % slots`` of the source to the same slot of the target."""
     eng, src = st.engines[0], st.regions[0]
-    s = src[:size]
-    dsts = [d[:size] for d in st.remote[:targets]]
+    srcs = [src[k * size : (k + 1) * size] for k in range(slots)]
+    dsts = [[d[k * size : (k + 1) * size] for k in range(slots)] for d in st.remote[:targets]]
     ntg = len(dsts)
     ackc = eng.counter(ack)
     write = eng.write
@@ -153,7 +155,7 @@ async def af_stream_send(
 
     async def lane(k: int) -> None:
         for j in range(k, iters, lanes):
-            await write(s, dsts[j % ntg], imm=imm)
+            await write(srcs[j % slots], dsts[j % ntg][j % slots], imm=imm)
 
     out = []
     for r in _reps(warmup, reps):
@@ -179,6 +181,7 @@ async def batch_stream_send(
     ack: int,
     reps: int,
     warmup: int = 1,
+    slots: int = 1,
 ) -> list[int]:
     """The same stream as ``af_stream_send`` through ``write_many``: the writes are
     built once into batches of at most BATCH_MAX (round-robin over the receivers),
@@ -194,8 +197,9 @@ async def batch_stream_send(
         for t in range(ntg):
             k = len(range(lo + (t - lo) % ntg, hi, ntg))  # writes j in [lo, hi), j % ntg == t
             if k:
-                zero = np.zeros(k, np.uint64)
-                b.add_many(src, dsts[t], zero, zero, size, imm=imm)
+                js = np.arange(lo + (t - lo) % ntg, hi, ntg, dtype=np.uint64)
+                offs = (js % np.uint64(slots)) * np.uint64(size)
+                b.add_many(src, dsts[t], offs, offs, size, imm=imm)
         batches.append(b)
     lanes = min(2, len(batches))
     write_many = eng.write_many

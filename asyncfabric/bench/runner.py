@@ -202,10 +202,11 @@ class Runner:
         imm, ack = self._imms()
         per_engine = (p.iters // p.peers) * expected_imms(p.size, chunk_bytes=self.chunk)
         pre, rx_pre = _STREAM_ROLES[impl]
+        extra = {"slots": p.slots} if p.slots > 1 and impl in ("asyncfabric", "batch") else {}
         times, _ = await asyncio.gather(
             self.tx.call(f"{pre}_stream_send", size=p.size, iters=p.iters, targets=p.peers,
                          window=self._window(impl, p.size, p.domains), imm=imm, ack=ack,
-                         reps=reps, warmup=warmup),
+                         reps=reps, warmup=warmup, **extra),
             self.rx.call(f"{rx_pre}_stream_recv", per_engine=per_engine, imm=imm, ack=ack,
                          reps=reps, warmup=warmup),
         )  # fmt: skip
@@ -233,8 +234,8 @@ class Runner:
         for r in range(reps):
             for p in pts:
                 if fresh:
-                    await self._open(p.size, p.size, receivers=p.peers, domains=p.domains,
-                                     workers=p.workers)  # fmt: skip
+                    await self._open(p.size * p.slots, p.size * p.slots, receivers=p.peers,
+                                     domains=p.domains, workers=p.workers)  # fmt: skip
                 if p.counters > 1 and (fresh or r == 0):
                     await self.rx.call("arm_background", counters=p.counters)
                 for impl in impls(p) if r % 2 == 0 else impls(p)[::-1]:

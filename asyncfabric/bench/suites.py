@@ -31,6 +31,10 @@ class Point:
     counters: int = 1
     domains: int = 1
     workers: int = 1
+    # Distinct source and destination slots the writes cycle through (1: every write
+    # moves the same bytes). With several domains, each domain's receiving thread copies
+    # into memory of its own instead of all of them into the same cache lines.
+    slots: int = 1
 
 
 @dataclass(frozen=True)
@@ -104,11 +108,14 @@ SUITES: dict[str, Suite] = {
             "one engine pair over D = 1, 2, 4 domains with D pinned progress workers each "
             "(a many-core machine; shm domains stand in for NICs) -> aggregate GB/s",
             tuple(
-                Point(s, stream_iters(s, budget=4 * BYTES_PER_REP), domains=d, workers=d)
+                Point(s, stream_iters(s, budget=4 * BYTES_PER_REP), domains=d, workers=d, slots=8)
                 for s in (64 * KiB, MiB)
                 for d in (1, 2, 4)
             ),  # fmt: skip
-            (Point(64 * KiB, 64, domains=1, workers=1), Point(64 * KiB, 64, domains=2, workers=2)),
+            (
+                Point(64 * KiB, 64, domains=1, workers=1, slots=8),
+                Point(64 * KiB, 64, domains=2, workers=2, slots=8),
+            ),  # fmt: skip
         ),
         Suite(
             "pairs",
