@@ -634,7 +634,8 @@ class ExpertParallel:
         owed = self._not_me(self._owed(rt.dest_rows, self._r_back, rb))
         await self._await_all(_BACK, owed, deadline, "combine")
         n = rt.order.numel()
-        return weighted_sum(self._back[:n], weights, rt.back.to(self.device))
+        y = self._back[:n].index_select(0, rt.back.to(self.device))
+        return weighted_sum(y.view(T, self.topk, self.hidden), weights)
 
 
 def reference(

@@ -112,34 +112,24 @@ def packed_targets(C: torch.Tensor, rank: int, dest: int) -> tuple[torch.Tensor,
     return torch.stack([send_start, em_start], 1), mine
 
 
-def weighted_sum(
-    y: torch.Tensor, weights: torch.Tensor, index: torch.Tensor | None = None
-) -> torch.Tensor:
+def weighted_sum(y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``y`` [T, k, H] expert outputs, ``weights`` [T, k]: each token's weighted sum over its
     top-k, accumulated in fp32 and returned in ``y``'s dtype. Batched matmuls, so each
     token's sum does not depend on the other tokens (combine and the reference agree).
 
-    ``index`` [T * k]: ``y`` is rows ``[M, H]`` and token ``t``'s ``j``-th output is row
-    ``index[t * k + j]`` (combine's rows arrive in send order). On CPU a block of tokens
-    at a time (about 4 MiB of fp32), gathered and converted in cache: one batch over all
-    of them made fresh pages of a whole fp32 copy and took 4x as long (9 ms against 2 at
-    128 x 8 x 7168)."""
-    T, k = weights.shape
-    H = y.shape[-1]
+    On CPU a block of tokens at a time (about 4 MiB of fp32), so the fp32 copy stays in
+    cache: one batch over all of them took 4x as long (9 ms against 2 at 128 x 8 x 7168,
+    one process). Gathering each block's rows just before its matmul (instead of all rows
+    first) was slower again with two ranks sharing the two cores (bench moe, EP 2)."""
+    T, k, H = y.shape
     w = weights.float().unsqueeze(1)
     if y.device.type != "cpu":
-        if index is not None:
-            y = y.index_select(0, index)
-        return torch.bmm(w, y.view(T, k, H).float()).squeeze(1).to(y.dtype)
+        return torch.bmm(w, y.float()).squeeze(1).to(y.dtype)
     out = torch.empty(T, H, dtype=y.dtype, device=y.device)
     step = max(1, (1 << 20) // max(1, k * H))
     for lo in range(0, T, step):
         hi = min(T, lo + step)
-        if index is None:
-            blk = y[lo:hi]
-        else:
-            blk = y.index_select(0, index[lo * k : hi * k]).view(hi - lo, k, H)
-        out[lo:hi] = torch.bmm(w[lo:hi], blk.float()).squeeze(1)
+        out[lo:hi] = torch.bmm(w[lo:hi], y[lo:hi].float()).squeeze(1)
     return out
 
 
