@@ -225,6 +225,10 @@ class ExpertParallel:
         self._quant = (
             torch.empty(max_tokens, wh, dtype=wdt, device=dev) if quant and not ll else None
         )  # fmt: skip
+        # Low-latency fp8: the arrived tokens, dequantized once each before the expansion.
+        self._deq = (
+            torch.empty(W * max_tokens, hidden, dtype=dt, device=dev) if quant and ll else None
+        )  # fmt: skip
         self._qscratch = (
             torch.empty(min(max_tokens, fp8.block_rows(hidden)), hidden, dtype=torch.float32,
                         device=dev) if quant else None
@@ -563,7 +567,18 @@ class ExpertParallel:
         self._pending = (rt, lay, weights, T)
         experts = range(rank * El, (rank + 1) * El)
         if self.quant is not None:
-            q, scales = fp8.dequantize_rows(self._arena.index_select(0, em), self.hidden, out)
+            # Dequantize each arrived token once, then expand (not once per expert row).
+            assert self._deq is not None and fp8.E4M3 is not None
+            slots, inv = np.unique(lay.em_to_slot.numpy(), return_inverse=True)
+            deq = self._deq[: slots.size]
+            fp8.dequantize_rows(
+                self._arena.index_select(0, torch.from_numpy(slots).to(self.device)),
+                self.hidden, deq,
+            )  # fmt: skip
+            torch.index_select(deq, 0, torch.from_numpy(inv.reshape(-1)).to(self.device), out=out)
+            wire = self._arena.index_select(0, em)
+            q = wire[:, : self.hidden].view(fp8.E4M3)
+            scales = wire[:, -4:].view(torch.float32).view(-1)
             return Dispatched(out, lay.expert_counts, experts, q, scales)
         torch.index_select(self._arena, 0, em, out=out)
         return Dispatched(out, lay.expert_counts, experts)
