@@ -2,9 +2,11 @@
 
 One object per rank of a frozen group view. Every buffer is allocated and registered when
 the group is created, and the descriptors are exchanged once; a dispatch or combine then
-posts one batch of writes (an entry or ``El`` entries per destination rank, built from
-arrays) and counts what arrives per source rank with immediates in the moe nibble (0x4).
-Nothing orders the writes: each phase knows how many immediates each source owes.
+posts one batch of writes (per destination rank: one entry, ``El`` entries, or in a
+low-latency dispatch one per run of consecutive token ids, built from arrays) and counts
+what arrives per source rank with immediates in the moe nibble (0x4). Nothing orders the
+writes: each phase knows how many immediates each source owes. A low-latency dispatch sends
+each token once per destination rank, however many of its experts live there.
 
 With ``quant="fp8"`` a dispatched row travels as e4m3 with its fp32 scale appended (one
 scale per token, see :mod:`asyncfabric.moe.fp8`): the same rows, the same writes and
