@@ -2,9 +2,11 @@
 
 One object per rank of a frozen group view. Every buffer is allocated and registered when
 the group is created, and the descriptors are exchanged once; a dispatch or combine then
-posts one batch of writes (an entry or ``El`` entries per destination rank, built from
-arrays) and counts what arrives per source rank with immediates in the moe nibble (0x4).
-Nothing orders the writes: each phase knows how many immediates each source owes.
+posts one batch of writes (per destination rank: one entry, ``El`` entries, or in a
+low-latency dispatch one per run of consecutive token ids, built from arrays) and counts
+what arrives per source rank with immediates in the moe nibble (0x4). Nothing orders the
+writes: each phase knows how many immediates each source owes. A low-latency dispatch sends
+each token once per destination rank, however many of its experts live there.
 
 With ``quant="fp8"`` a dispatched row travels as e4m3 with its fp32 scale appended (one
 scale per token, see :mod:`asyncfabric.moe.fp8`): the same rows, the same writes and
@@ -27,7 +29,16 @@ import asyncfabric as af
 
 from . import fp8
 from .errors import MoEError, MoEInputError, RankLost
-from .layout import RecvLayout, Route, packed_targets, recv_layout, route, weighted_sum
+from .layout import (
+    RecvLayout,
+    Route,
+    ll_layout,
+    packed_targets,
+    recv_layout,
+    route,
+    token_runs,
+    weighted_sum,
+)
 
 T = TypeVar("T")
 Mode = Literal["low_latency", "high_throughput"]
@@ -207,10 +218,18 @@ class ExpertParallel:
         dev, dt = self.device, dtype
         # Dispatch's wire rows: the group's dtype, or (fp8) bytes: e4m3 row, pad, scale.
         wdt, wh = (torch.uint8, self.dispatch_row_bytes) if quant else (dt, hidden)
-        self._send = torch.empty(max_tokens * topk, wh, dtype=wdt, device=dev)
-        self._arena = torch.empty(self.capacity, wh, dtype=wdt, device=dev)
+        ll = mode == "low_latency"
+        # Low-latency: the arena holds one row per (source, token), row s * max_tokens + t;
+        # a source writes its own tokens into its own slot there and sends them from it.
+        self._send = torch.empty(0 if ll else max_tokens * topk, wh, dtype=wdt, device=dev)
+        self._arena = torch.empty(W * max_tokens if ll else self.capacity, wh, dtype=wdt,
+                                  device=dev)  # fmt: skip
         self._quant = (
-            torch.empty(max_tokens, wh, dtype=wdt, device=dev) if quant else None
+            torch.empty(max_tokens, wh, dtype=wdt, device=dev) if quant and not ll else None
+        )  # fmt: skip
+        # Low-latency fp8: the arrived tokens, dequantized once each before the expansion.
+        self._deq = (
+            torch.empty(W * max_tokens, hidden, dtype=dt, device=dev) if quant and ll else None
         )  # fmt: skip
         self._qscratch = (
             torch.empty(min(max_tokens, fp8.block_rows(hidden)), hidden, dtype=torch.float32,
@@ -223,8 +242,13 @@ class ExpertParallel:
             if mode == "low_latency" or quant else None
         )  # fmt: skip
         # Counts always live in host memory: the receiver reads them on the CPU.
-        self._meta_send = torch.zeros(num_experts, dtype=torch.int64)
-        self._meta = torch.zeros(W, num_experts, dtype=torch.int64)
+        # Low-latency: per destination, its El counts, where its rows start in the send order,
+        # then the flat (token * topk + j) index of each row, sorted by expert then token;
+        # high-throughput: the E counts.
+        El = self.local_experts
+        self._meta_cols = El + 1 + self.slot_rows if ll else num_experts
+        self._meta_send = torch.zeros(W if ll else 1, self._meta_cols, dtype=torch.int64)
+        self._meta = torch.zeros(W, self._meta_cols, dtype=torch.int64)
 
     def _imm(self, phase: int, src: int) -> int:
         return _NIBBLE | self.slot << 20 | phase << 16 | src
@@ -235,7 +259,7 @@ class ExpertParallel:
         return r
 
     async def _connect(self) -> None:
-        self._r_send = self._register(self._send)
+        self._r_send = self._register(self._send) if self._send.numel() else None
         self._r_arena = self._register(self._arena)
         self._r_back_send = self._register(self._back_send)
         self._r_back = self._register(self._back)
@@ -345,21 +369,21 @@ class ExpertParallel:
     def _left(self, deadline: float) -> float:
         return max(0.0, deadline - time.monotonic())
 
-    async def _post(self, batch: af.Batch, dests: list[int], what: str) -> None:
+    async def _post(self, batch: af.Batch, dests: Sequence[int], what: str) -> None:
         if not len(batch):
             return
         t0 = time.perf_counter()
         try:
             await self.engine.write_many(batch, timeout=self.timeout)
         except af.BatchError as e:
-            ranks = tuple(sorted({dests[i] for i in e.failures}))
+            ranks = tuple(sorted({int(dests[i]) for i in e.failures}))
             self._broken = f"{what} failed"
             raise RankLost(f"{what}: writes to rank(s) {list(ranks)} failed ({e}); the group "
                            "is broken, rebuild it from the live ranks", ranks) from e  # fmt: skip
         except af.TransferError as e:
             self._broken = f"{what} failed"
             raise RankLost(f"{what}: a write failed ({e}); rebuild the group from the live "
-                           "ranks", tuple(sorted(set(dests)))) from e  # fmt: skip
+                           "ranks", tuple(sorted({int(d) for d in dests}))) from e  # fmt: skip
         finally:
             self.last_exchange_s += time.perf_counter() - t0
 
@@ -431,6 +455,8 @@ class ExpertParallel:
         deadline = time.monotonic() + self.timeout
         W, rank, rb = self.size, self.rank, self.dispatch_row_bytes
         rt = route(topk_idx, self.num_experts, W)
+        if self.mode == "low_latency":
+            return await self._dispatch_ll(x, rt, topk_weights, deadline)
         if self._quant is not None:
             # each token once, whatever its top-k: its rows are gathered from here
             src = self._quant[: x.shape[0]]
@@ -438,97 +464,125 @@ class ExpertParallel:
         else:
             src = x
         n = rt.order.numel()
-        self._meta_send.copy_(rt.counts)
-        if self.mode == "low_latency":
-            # Rows for other ranks are gathered into the send buffer and posted first; this
-            # rank's own rows are gathered straight into its arena slot while they travel.
-            lo, hi = rt.dest_off[rank], rt.dest_off[rank] + rt.dest_rows[rank]
-            for a, z in ((0, lo), (hi, n)):
-                if z > a:
-                    torch.index_select(src, 0, rt.tokens[a:z], out=self._send[a:z])
-            b = af.Batch()
-            dests = []
-            E8 = self.num_experts * 8
-            for d in range(W):
-                rows = rt.dest_rows[d]
-                o = rt.dest_off[d]
-                if d == rank:
-                    continue
-                b.add(self._r_meta_send, self._meta_d[d][rank * E8 : (rank + 1) * E8],
-                      imm=self._imm(_META, rank))  # fmt: skip
-                dests.append(d)
-                if rows:
-                    at = rank * self.slot_rows * rb
-                    b.add(self._r_send[o * rb : (o + rows) * rb],
-                          self._arena_d[d][at : at + rows * rb], imm=self._imm(_DATA, rank))  # fmt: skip
-                    dests.append(d)
-            post = asyncio.ensure_future(self._post(b, dests, "dispatch"))
-            await asyncio.sleep(0)  # let it post before the copy below holds the thread
-            try:
-                self._meta[rank].copy_(rt.counts)
-                if hi > lo:
-                    at = rank * self.slot_rows
-                    torch.index_select(src, 0, rt.tokens[lo:hi], out=self._arena[at : at + hi - lo])
-            finally:
-                await post
-            await self._await_all(_META, self._not_me([1] * W), deadline, "dispatch (counts)")
-            C = self._meta.clone()
-            lay = recv_layout(C, rank, self.slot_rows)
-            owed = self._not_me(self._owed(lay.src_rows, self._r_arena, rb))
-            await self._await_all(_DATA, owed, deadline, "dispatch (rows)")
-            assert self._recv is not None and lay.em_to_slot is not None
-            out = self._recv[: lay.rows]
-            em = lay.em_to_slot.to(self.device)
-            if self._quant is not None:
-                wire = self._arena.index_select(0, em)
-            else:
-                torch.index_select(self._arena, 0, em, out=out)
+        self._meta_send[0].copy_(rt.counts)
+        if n:
+            torch.index_select(src, 0, rt.tokens, out=self._send[:n])
+        b = af.Batch()
+        for d in range(W):
+            meta = self._meta_d[d][rank * self.num_experts * 8 : (rank + 1) * self.num_experts * 8]
+            b.add(self._r_meta_send, meta, imm=self._imm(_META, rank))
+        await self._post(b, list(range(W)), "dispatch (counts)")
+        await self._await_all(_META, [1] * W, deadline, "dispatch (counts)")
+        C = self._meta.clone()
+        totals = C.view(W, W, -1).sum(dim=(0, 2))  # rows each rank receives
+        if int(totals.max()) > self.capacity:
+            d = int(totals.argmax())
+            self._broken = "a rank's capacity was exceeded"
+            raise MoEError(
+                f"dispatch: rank {d} would receive {int(totals[d])} rows, more than "
+                f"capacity={self.capacity}; create the group with a larger capacity (every "
+                "rank raises this, nothing was sent)"
+            )
+        b = af.Batch()
+        dests = []
+        for d in range(W):
+            if not rt.dest_rows[d]:
+                continue
+            starts, lengths = packed_targets(C, rank, d)
+            keep = lengths > 0
+            s, ln = starts[keep].numpy(), lengths[keep].numpy()
+            assert self._r_send is not None
+            b.add_many(self._r_send, self._arena_d[d], s[:, 0] * rb, s[:, 1] * rb, ln * rb,
+                       imm=self._imm(_DATA, rank))  # fmt: skip
+            dests.extend([d] * len(ln))
+        await self._post(b, dests, "dispatch (rows)")
+        lay = recv_layout(C, rank, None)
+        await self._await_all(_DATA, self._owed_packed(C), deadline, "dispatch (rows)")
+        if self._quant is not None:
+            assert self._recv is not None
+            wire, out = self._arena[: lay.rows], self._recv[: lay.rows]
         else:
-            if n:
-                torch.index_select(src, 0, rt.tokens, out=self._send[:n])
-            b = af.Batch()
-            for d in range(W):
-                meta = self._meta_d[d][
-                    rank * self.num_experts * 8 : (rank + 1) * self.num_experts * 8
-                ]
-                b.add(self._r_meta_send, meta, imm=self._imm(_META, rank))
-            await self._post(b, list(range(W)), "dispatch (counts)")
-            await self._await_all(_META, [1] * W, deadline, "dispatch (counts)")
-            C = self._meta.clone()
-            totals = C.view(W, W, -1).sum(dim=(0, 2))  # rows each rank receives
-            if int(totals.max()) > self.capacity:
-                d = int(totals.argmax())
-                self._broken = "a rank's capacity was exceeded"
-                raise MoEError(
-                    f"dispatch: rank {d} would receive {int(totals[d])} rows, more than "
-                    f"capacity={self.capacity}; create the group with a larger capacity (every "
-                    "rank raises this, nothing was sent)"
-                )
-            b = af.Batch()
-            dests = []
-            for d in range(W):
-                if not rt.dest_rows[d]:
-                    continue
-                starts, lengths = packed_targets(C, rank, d)
-                keep = lengths > 0
-                s, ln = starts[keep].numpy(), lengths[keep].numpy()
-                b.add_many(self._r_send, self._arena_d[d], s[:, 0] * rb, s[:, 1] * rb, ln * rb,
-                           imm=self._imm(_DATA, rank))  # fmt: skip
-                dests.extend([d] * len(ln))
-            await self._post(b, dests, "dispatch (rows)")
-            lay = recv_layout(C, rank, None)
-            await self._await_all(_DATA, self._owed_packed(C), deadline, "dispatch (rows)")
-            if self._quant is not None:
-                assert self._recv is not None
-                wire, out = self._arena[: lay.rows], self._recv[: lay.rows]
-            else:
-                out = self._arena[: lay.rows]
+            out = self._arena[: lay.rows]
         self._pending = (rt, lay, topk_weights, x.shape[0])
         El = self.local_experts
         experts = range(rank * El, (rank + 1) * El)
         if self._quant is not None:
             q, scales = fp8.dequantize_rows(wire, self.hidden, out)
             return Dispatched(out, lay.expert_counts, experts, q, scales)
+        return Dispatched(out, lay.expert_counts, experts)
+
+    async def _dispatch_ll(
+        self, x: torch.Tensor, rt: Route, weights: torch.Tensor, deadline: float
+    ) -> Dispatched:
+        """Low-latency: each token travels once per destination rank (not once per expert),
+        straight from this rank's own arena slot, where it was copied (or quantized) first;
+        the receiver expands the rows into expert-major order with one gather."""
+        W, rank, rb, k = self.size, self.rank, self.dispatch_row_bytes, self.topk
+        mt, El, cols = self.max_tokens, self.local_experts, self._meta_cols
+        T = x.shape[0]
+        at = rank * mt
+        own = self._arena[at : at + T]
+        if self.quant is not None:
+            fp8.quantize_rows(x, own, self._qscratch)
+        else:
+            own.copy_(x)
+        ms = self._meta_send.numpy()
+        ms[:, :El] = rt.counts.view(W, El).numpy()
+        order = rt.order.cpu().numpy()
+        b = af.Batch()
+        dests: list[int] = []
+        mb = cols * 8
+        for d in range(W):
+            o, n = rt.dest_off[d], rt.dest_rows[d]
+            ms[d, El] = o
+            ms[d, El + 1 : El + 1 + n] = order[o : o + n]
+            if d == rank:
+                continue
+            b.add(self._r_meta_send[d * mb : (d + 1) * mb], self._meta_d[d][rank * mb : (rank + 1) * mb],
+                  imm=self._imm(_META, rank))  # fmt: skip
+            dests.append(d)
+            if n:
+                starts, lens = token_runs(np.unique(order[o : o + n] // k))
+                off = (at + starts) * rb
+                b.add_many(self._r_arena, self._arena_d[d], off, off, lens * rb,
+                           imm=self._imm(_DATA, rank))  # fmt: skip
+                dests.extend([d] * len(lens))
+        self._meta[rank].copy_(self._meta_send[rank])
+        await self._post(b, dests, "dispatch")
+        meta_imms = self._r_meta.expected_imms(mb)
+        await self._await_all(_META, self._not_me([meta_imms] * W), deadline, "dispatch (counts)")
+        M = self._meta.numpy()
+        counts = M[:, :El].copy()
+        flats = [M[s, El + 1 : El + 1 + int(counts[s].sum())].copy() for s in range(W)]
+        chunk = self._r_arena.descriptor().chunk_bytes
+        owed = [0] * W
+        for s in range(W):
+            if s != rank and flats[s].size:
+                _, lens = token_runs(np.unique(flats[s] // k))
+                owed[s] = int(np.maximum(1, -(-(lens * rb) // chunk)).sum())
+        lay = ll_layout(counts, flats, M[:, El].tolist(), k, mt)
+        await self._await_all(_DATA, owed, deadline, "dispatch (rows)")
+        assert self._recv is not None
+        out = self._recv[: lay.rows]
+        assert lay.em_to_slot is not None
+        em = lay.em_to_slot.to(self.device)
+        self._pending = (rt, lay, weights, T)
+        experts = range(rank * El, (rank + 1) * El)
+        if self.quant is not None:
+            # Dequantize each arrived token once, then expand (not once per expert row).
+            assert self._deq is not None and fp8.E4M3 is not None
+            slots, inv = np.unique(lay.em_to_slot.numpy(), return_inverse=True)
+            deq = self._deq[: slots.size]
+            fp8.dequantize_rows(
+                self._arena.index_select(0, torch.from_numpy(slots).to(self.device)),
+                self.hidden, deq,
+            )  # fmt: skip
+            torch.index_select(deq, 0, torch.from_numpy(inv.reshape(-1)).to(self.device), out=out)
+            wire = self._arena.index_select(0, em)
+            q = wire[:, : self.hidden].view(fp8.E4M3)
+            scales = wire[:, -4:].view(torch.float32).view(-1)
+            return Dispatched(out, lay.expert_counts, experts, q, scales)
+        torch.index_select(self._arena, 0, em, out=out)
         return Dispatched(out, lay.expert_counts, experts)
 
     def _not_me(self, owed: list[int]) -> list[int]:
