@@ -247,6 +247,21 @@ AVX512 static void quant_bf16_32_avx512(const uint16_t *src, Py_ssize_t nblk, in
     }
 }
 
+/* dequantize_run for bf16 out, block 32: nblk whole blocks. */
+AVX512 static void dequant_bf16_32_avx512(const int8_t *q, const uint16_t *scales,
+                                          Py_ssize_t nblk, uint16_t *dst) {
+    Py_ssize_t b;
+    for (b = 0; b < nblk; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + b * 32));
+        __m512 s = _mm512_set1_ps(bf16_f32(scales[b]));
+        _mm256_storeu_si256((__m256i *)(dst + b * 32),
+                            f32x16_bf16(_mm512_mul_ps(i8x16_f32(_mm256_castsi256_si128(v)), s)));
+        _mm256_storeu_si256(
+            (__m256i *)(dst + b * 32 + 16),
+            f32x16_bf16(_mm512_mul_ps(i8x16_f32(_mm256_extracti128_si256(v, 1)), s)));
+    }
+}
+
 /* Scales of 16 blocks at once from their absmax bits (scale_bits, in lanes): the
  * bf16 scale bits into sb, the scales into sc, 1 / scale into inv, and a mask of the
  * blocks that quantize to zeros (all zero, or Inf/NaN: see quant_block). */
@@ -465,6 +480,16 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86_FAST
+    if (use_avx512 && !add && block == 32 && dt == DT_BF16) {
+        Py_ssize_t full = n / 32;
+        dequant_bf16_32_avx512((const int8_t *)(uintptr_t)q, (const uint16_t *)(uintptr_t)sc, full,
+                               (uint16_t *)(uintptr_t)dst);
+        if (full * 32 < n)
+            dequantize_run((uintptr_t)q + (uintptr_t)full * 32, (uintptr_t)sc + (uintptr_t)full * 2,
+                           n - full * 32, block, (uintptr_t)dst + (uintptr_t)full * 64, dt, 0);
+    } else
+#endif
     dequantize_run((uintptr_t)q, (uintptr_t)sc, n, block, (uintptr_t)dst, dt, add);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
