@@ -731,6 +731,7 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     __builtin_cpu_init();
     use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("fma") &&
                  getenv("ASYNCFABRIC_NO_AVX512") == NULL;
 #endif
     return PyModule_Create(&kernels_module);
