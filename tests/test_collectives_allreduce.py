@@ -269,6 +269,51 @@ def test_kernels_round_trip_and_nonfinite(anyio_backend):
     assert torch.isnan(y[64:]).all()  # a non-finite value poisons its block, never hides
 
 
+_KERNEL_BYTES = r"""
+import hashlib, sys
+import numpy as np, torch
+from asyncfabric.collectives import _kernels as K
+torch.manual_seed(0)
+h = hashlib.sha256()
+for n in (1, 31, 32, 33, 1000, 4099, 65536):
+    x = (torch.randn(n) * torch.logspace(-3, 3, n)).bfloat16()
+    if n > 1100:
+        x[64:96] = 0; x[200] = float("inf"); x[300] = float("nan"); x[1000:1032] = 0
+    z = torch.randn(n).bfloat16()
+    a = (n + 7) & ~7
+    w = np.zeros(a + 2 * n + 64, np.uint8); p = w.ctypes.data
+    K.quantize(x.data_ptr(), 2, n, 32, p, p + a)
+    w2 = np.zeros_like(w); p2 = w2.ctypes.data
+    y, y2, y3 = torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+    K.reduce([z.data_ptr(), p], 0, 2, True, n, 32, p2, y.data_ptr())  # two-shot reduce
+    K.reduce([p, p2], -1, 2, True, n, 32, 0, y2.data_ptr())  # one-shot: every source int8
+    K.dequantize(p2, p2 + a, n, 32, y3.data_ptr(), 2, False)
+    for b in (w, w2, y.view(torch.int16).numpy(), y2.view(torch.int16).numpy(),
+              y3.view(torch.int16).numpy()):
+        h.update(b.tobytes())
+sys.stdout.write(h.hexdigest())
+"""
+
+
+def test_avx512_kernels_give_the_portable_bytes(anyio_backend):
+    """The AVX-512 quantize / reduce / dequantize (bf16, block 32) must write the same bytes
+    as the portable loops, including zero blocks, Inf, NaN and a partial last block."""
+    import os
+    import subprocess
+    import sys
+
+    def run(off: bool) -> str:
+        env = dict(os.environ)
+        env.pop("ASYNCFABRIC_NO_AVX512", None)
+        if off:
+            env["ASYNCFABRIC_NO_AVX512"] = "1"
+        r = subprocess.run([sys.executable, "-c", _KERNEL_BYTES], env=env, capture_output=True,
+                           text=True, timeout=120, check=True)  # fmt: skip
+        return r.stdout
+
+    assert run(False) == run(True)
+
+
 def test_bench_allreduce_runs(tmp_path, anyio_backend):
     """The benchmark's smoke test: every implementation runs and reports (no timing asserted)."""
     import json

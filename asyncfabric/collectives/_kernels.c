@@ -24,6 +24,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
@@ -164,6 +165,204 @@ quant_block(const void *src, int dt, Py_ssize_t n, int8_t *restrict q) {
     return sb;
 }
 
+
+/* AVX-512 forms of the two hot loops (bf16 tensors, blocks of 32: the all-reduce's
+ * default), picked at load time when the CPU has AVX-512 F/BW/VL. Profiling showed
+ * the auto-vectorized loops above at 0.6 ns a value for quantize and 1.2 ns for the
+ * fused reduce: every block paid a scalar absmax reduction and a spill of 32 fp32
+ * values to the stack. Here one 32-value block is one zmm of bf16 (or one ymm of
+ * int8), its absmax a few in-register shuffles. Same arithmetic as the portable
+ * forms (absmax from the bits, scale rounded up to bf16, round to nearest even,
+ * clamp to +-127, bf16 stores rounded to nearest even, products fused into FMAs
+ * where gcc fuses them in the portable loops' x86-64-v4 clone): the same bytes. */
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86_FAST 1
+static int use_avx512 = 0;
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+AVX512 static inline __m512 bf16x16_f32(__m256i h) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AVX512 static inline __m512 i8x16_f32(__m128i q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+}
+
+/* 16 fp32 (finite or not) to bf16, nearest even, NaN stays a quiet NaN (f32_bf16). */
+AVX512 static inline __m256i f32x16_bf16(__m512 f) {
+    __m512i u = _mm512_castps_si512(f);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    __m512i nanq = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    __mmask16 isnan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
+    return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(isnan, r, nanq));
+}
+
+/* 32 fp32 values (a0, a1) with absmax bits amax: int8 into q, returns the scale bits;
+ * *sc gets the scale. */
+AVX512 static inline uint16_t quant32(__m512 a0, __m512 a1, uint32_t amax, int8_t *q,
+                                      float *sc) {
+    uint16_t sb = scale_bits(amax);
+    float scale = bf16_f32(sb);
+    __m512 inv;
+    __m512i i0, i1, lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    *sc = scale;
+    if (!(scale > 0.0f) || amax >= 0x7f800000u) {
+        memset(q, 0, 32);
+        return sb;
+    }
+    inv = _mm512_set1_ps(1.0f / scale);
+    /* x * inv + magic - magic, the product fused as gcc contracts the portable loop on
+     * an FMA machine (so both paths give the same bytes there) */
+    i0 = _mm512_cvtps_epi32(_mm512_sub_ps(_mm512_fmadd_ps(a0, inv, magic), magic));
+    i1 = _mm512_cvtps_epi32(_mm512_sub_ps(_mm512_fmadd_ps(a1, inv, magic), magic));
+    i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
+    i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(i0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(i1));
+    return sb;
+}
+
+AVX512 static void quant_bf16_32_avx512(const uint16_t *src, Py_ssize_t nblk, int8_t *q,
+                                        uint16_t *scales) {
+    Py_ssize_t b;
+    const __m512i absm = _mm512_set1_epi16(0x7fff);
+    for (b = 0; b < nblk; b++) {
+        __m512i v = _mm512_loadu_si512((const void *)(src + b * 32));
+        __m512i a = _mm512_and_si512(v, absm);
+        __m256i m = _mm256_max_epu16(_mm512_castsi512_si256(a), _mm512_extracti64x4_epi64(a, 1));
+        __m128i m2 = _mm_max_epu16(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+        /* the largest of 8 u16: the smallest of their complements (minpos) */
+        uint32_t mx = 0xffffu ^ (uint32_t)(uint16_t)_mm_cvtsi128_si32(
+                                    _mm_minpos_epu16(_mm_xor_si128(m2, _mm_set1_epi16(-1))));
+        float sc;
+        scales[b] = quant32(bf16x16_f32(_mm512_castsi512_si256(v)),
+                            bf16x16_f32(_mm512_extracti64x4_epi64(v, 1)), mx << 16, q + b * 32,
+                            &sc);
+    }
+}
+
+/* dequantize_run for bf16 out, block 32: nblk whole blocks. */
+AVX512 static void dequant_bf16_32_avx512(const int8_t *q, const uint16_t *scales,
+                                          Py_ssize_t nblk, uint16_t *dst) {
+    Py_ssize_t b;
+    for (b = 0; b < nblk; b++) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(q + b * 32));
+        __m512 s = _mm512_set1_ps(bf16_f32(scales[b]));
+        _mm256_storeu_si256((__m256i *)(dst + b * 32),
+                            f32x16_bf16(_mm512_mul_ps(i8x16_f32(_mm256_castsi256_si128(v)), s)));
+        _mm256_storeu_si256(
+            (__m256i *)(dst + b * 32 + 16),
+            f32x16_bf16(_mm512_mul_ps(i8x16_f32(_mm256_extracti128_si256(v, 1)), s)));
+    }
+}
+
+/* Scales of 16 blocks at once from their absmax bits (scale_bits, in lanes): the
+ * bf16 scale bits into sb, the scales into sc, 1 / scale into inv, and a mask of the
+ * blocks that quantize to zeros (all zero, or Inf/NaN: see quant_block). */
+AVX512 static inline __mmask16 scales16(__m512i amax, uint16_t *sb, float *sc, float *inv) {
+    __m512 s = _mm512_div_ps(_mm512_castsi512_ps(amax), _mm512_set1_ps(127.0f));
+    __m512i u = _mm512_castps_si512(s);
+    __m512i hi = _mm512_srli_epi32(u, 16);
+    __mmask16 frac = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0xffff));
+    __mmask16 fin = _mm512_cmpneq_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7f800000)),
+                                             _mm512_set1_epi32(0x7f800000));
+    __m512 scale;
+    __mmask16 zero;
+    hi = _mm512_mask_add_epi32(hi, frac & fin, hi, _mm512_set1_epi32(1)); /* round up */
+    _mm256_storeu_si256((__m256i *)sb, _mm512_cvtepi32_epi16(hi));
+    scale = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16));
+    _mm512_storeu_ps(sc, scale);
+    _mm512_storeu_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), scale));
+    zero = _mm512_cmp_ps_mask(scale, _mm512_setzero_ps(), _CMP_NGT_UQ) |
+           _mm512_cmpge_epu32_mask(amax, _mm512_set1_epi32(0x7f800000));
+    return zero;
+}
+
+/* reduce_run for bf16, block 32, quant: nblk whole blocks, 16 blocks a group: first
+ * every block's sum (fp32, on the stack) and absmax, then the 16 scales in one go
+ * (two vector divisions instead of 32 scalar ones), then quantize and store. */
+AVX512 static void reduce_bf16_32_avx512(const uintptr_t *srcs, int nsrc, int own,
+                                         Py_ssize_t nblk, Py_ssize_t scoff, uintptr_t wire,
+                                         uintptr_t y) {
+    Py_ssize_t g, b;
+    int k;
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    float acc[16 * 32] __attribute__((aligned(64)));
+    uint32_t amax[16] __attribute__((aligned(64)));
+    uint16_t sb[16];
+    float sc[16], inv[16];
+    int8_t qb[32];
+    for (g = 0; g < nblk; g += 16) {
+        Py_ssize_t nb = nblk - g < 16 ? nblk - g : 16;
+        __mmask16 zero;
+        for (b = 0; b < nb; b++) {
+            Py_ssize_t off = (g + b) * 32;
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), t0, t1;
+            for (k = 0; k < nsrc; k++) {
+                /* acc += q * s fused, as gcc contracts the portable loop with FMA */
+                if (k == own) {
+                    __m512i v =
+                        _mm512_loadu_si512((const void *)((const uint16_t *)srcs[k] + off));
+                    t0 = bf16x16_f32(_mm512_castsi512_si256(v));
+                    t1 = bf16x16_f32(_mm512_extracti64x4_epi64(v, 1));
+                    a0 = k == 0 ? t0 : _mm512_add_ps(a0, t0);
+                    a1 = k == 0 ? t1 : _mm512_add_ps(a1, t1);
+                } else {
+                    __m256i q =
+                        _mm256_loadu_si256((const __m256i *)((const int8_t *)srcs[k] + off));
+                    __m512 s =
+                        _mm512_set1_ps(bf16_f32(((const uint16_t *)(srcs[k] + scoff))[g + b]));
+                    t0 = i8x16_f32(_mm256_castsi256_si128(q));
+                    t1 = i8x16_f32(_mm256_extracti128_si256(q, 1));
+                    a0 = k == 0 ? _mm512_mul_ps(t0, s) : _mm512_fmadd_ps(t0, s, a0);
+                    a1 = k == 0 ? _mm512_mul_ps(t1, s) : _mm512_fmadd_ps(t1, s, a1);
+                }
+            }
+            _mm512_store_ps(acc + b * 32, a0);
+            _mm512_store_ps(acc + b * 32 + 16, a1);
+            amax[b] = _mm512_reduce_max_epu32(
+                _mm512_max_epu32(_mm512_and_si512(_mm512_castps_si512(a0), absm),
+                                 _mm512_and_si512(_mm512_castps_si512(a1), absm)));
+        }
+        for (b = nb; b < 16; b++) amax[b] = 0;
+        zero = scales16(_mm512_load_si512((const void *)amax), sb, sc, inv);
+        for (b = 0; b < nb; b++) {
+            Py_ssize_t off = (g + b) * 32;
+            int8_t *qo = wire ? (int8_t *)wire + off : qb;
+            if (wire) ((uint16_t *)(wire + scoff))[g + b] = sb[b];
+            __m512i i0 = _mm512_setzero_si512(), i1 = _mm512_setzero_si512();
+            if (!((zero >> b) & 1)) {
+                __m512 iv = _mm512_set1_ps(inv[b]);
+                i0 = _mm512_cvtps_epi32(_mm512_sub_ps(
+                    _mm512_fmadd_ps(_mm512_load_ps(acc + b * 32), iv, magic), magic));
+                i1 = _mm512_cvtps_epi32(_mm512_sub_ps(
+                    _mm512_fmadd_ps(_mm512_load_ps(acc + b * 32 + 16), iv, magic), magic));
+                i0 = _mm512_min_epi32(_mm512_max_epi32(i0, lo), hi);
+                i1 = _mm512_min_epi32(_mm512_max_epi32(i1, lo), hi);
+            }
+            _mm_storeu_si128((__m128i *)qo, _mm512_cvtepi32_epi8(i0));
+            _mm_storeu_si128((__m128i *)(qo + 16), _mm512_cvtepi32_epi8(i1));
+            if (y) { /* from the registers: reloading qo would stall on store forwarding */
+                __m512 s = _mm512_set1_ps(sc[b]);
+                uint16_t *d = (uint16_t *)y + off;
+                _mm256_storeu_si256((__m256i *)d,
+                                    f32x16_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(i0), s)));
+                _mm256_storeu_si256((__m256i *)(d + 16),
+                                    f32x16_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(i1), s)));
+            }
+        }
+    }
+}
+#endif
+
 static int parse_block(Py_ssize_t block) {
     if (block < 1 || block > MAX_BLOCK) {
         PyErr_Format(PyExc_ValueError, "block must be from 1 to %d values, got %zd", MAX_BLOCK,
@@ -215,6 +414,16 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "KinnKK", &src, &dt, &n, &block, &q, &sc)) return NULL;
     if (parse_block(block) < 0 || parse_dtype(dt) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86_FAST
+    if (use_avx512 && block == 32 && dt == DT_BF16) {
+        Py_ssize_t full = n / 32;
+        quant_bf16_32_avx512((const uint16_t *)(uintptr_t)src, full, (int8_t *)(uintptr_t)q,
+                             (uint16_t *)(uintptr_t)sc);
+        if (full * 32 < n) /* the partial block: the portable loop, from there */
+            quantize_run((uintptr_t)src + (uintptr_t)full * 64, dt, n - full * 32, block,
+                         (uintptr_t)q + (uintptr_t)full * 32, (uintptr_t)sc + (uintptr_t)full * 2);
+    } else
+#endif
     quantize_run((uintptr_t)src, dt, n, block, (uintptr_t)q, (uintptr_t)sc);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -271,6 +480,16 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86_FAST
+    if (use_avx512 && !add && block == 32 && dt == DT_BF16) {
+        Py_ssize_t full = n / 32;
+        dequant_bf16_32_avx512((const int8_t *)(uintptr_t)q, (const uint16_t *)(uintptr_t)sc, full,
+                               (uint16_t *)(uintptr_t)dst);
+        if (full * 32 < n)
+            dequantize_run((uintptr_t)q + (uintptr_t)full * 32, (uintptr_t)sc + (uintptr_t)full * 2,
+                           n - full * 32, block, (uintptr_t)dst + (uintptr_t)full * 64, dt, 0);
+    } else
+#endif
     dequantize_run((uintptr_t)q, (uintptr_t)sc, n, block, (uintptr_t)dst, dt, add);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -434,6 +653,18 @@ reduce_run(const uintptr_t *srcs, int nsrc, int own, int dt, int quant, Py_ssize
                      wire, y);
 }
 
+/* The last, partial block of a bf16 block-32 quantized reduce (the AVX-512 path
+ * does the whole ones). */
+/* gcc cannot see that nsrc >= 1 fills acc before it is read */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+static void reduce_tail(const uintptr_t *srcs, int nsrc, int own, Py_ssize_t n, uintptr_t wire,
+                        uintptr_t y) {
+    Py_ssize_t full = n / 32;
+    reduce_block(srcs, nsrc, own, DT_BF16, 1, full, full * 32, n - full * 32, align8(n), wire, y);
+}
+#pragma GCC diagnostic pop
+
 /* reduce(srcs, own, dtype, quant, n, block, wire, y): see reduce_run above. */
 static PyObject *py_reduce(PyObject *self, PyObject *args) {
     PyObject *seq, *fast;
@@ -462,6 +693,16 @@ static PyObject *py_reduce(PyObject *self, PyObject *args) {
     }
     Py_DECREF(fast);
     Py_BEGIN_ALLOW_THREADS
+#ifdef HAVE_X86_FAST
+    if (use_avx512 && quant && block == 32 && dt == DT_BF16) {
+        /* whole blocks here; the partial last block (if any) by the portable loop,
+         * which takes the block index from the offset it is given */
+        Py_ssize_t full = n / 32;
+        reduce_bf16_32_avx512(ptrs, nsrc, own, full, align8(n), (uintptr_t)wire, (uintptr_t)y);
+        if (full * 32 < n)
+            reduce_tail(ptrs, nsrc, own, n, (uintptr_t)wire, (uintptr_t)y);
+    } else
+#endif
     reduce_run(ptrs, nsrc, own, dt, quant, n, block, (uintptr_t)wire, (uintptr_t)y);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -485,4 +726,13 @@ static struct PyModuleDef kernels_module = {
     kernel_methods, NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernels_module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+#ifdef HAVE_X86_FAST
+    __builtin_cpu_init();
+    use_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                 __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                 __builtin_cpu_supports("fma") &&
+                 getenv("ASYNCFABRIC_NO_AVX512") == NULL;
+#endif
+    return PyModule_Create(&kernels_module);
+}
