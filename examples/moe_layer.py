@@ -77,7 +77,8 @@ def main() -> None:
     p.add_argument("--provider", default="shm")
     p.add_argument("--ranks", type=int, default=4)
     a = p.parse_args()
-    for kind, msg in spawn_views(a.ranks, rank_main, provider=a.provider, timeout=120):
+    # ttl 10 s: a rank busy building its experts on a loaded machine still renews its lease
+    for kind, msg in spawn_views(a.ranks, rank_main, provider=a.provider, timeout=120, ttl=10.0):
         if kind != "ok":
             raise SystemExit(f"failed: {msg}")
         print(msg)
