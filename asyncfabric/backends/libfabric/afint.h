@@ -150,7 +150,7 @@ typedef struct af_dom {
 /* A piece a worker took from a queued op (wpost.c): everything its post needs,
  * so the post runs without the engine lock. */
 typedef struct af_piece {
-    uint32_t opi, dn, peer;
+    uint32_t opi, dn, peer, ent;
     int kind, inject;
     uint8_t *src;
     uint64_t len, dst, key;
@@ -549,6 +549,75 @@ static inline int check_peer(af_engine *e, uint32_t peer, int ndom) {
 static inline int check_mr(af_engine *e, int mr) {
     if (mr < 0) return 0;
     return mr < e->nmrs && e->mrs[mr].live ? 0 : -FI_EINVAL;
+}
+
+/* The pending queue (ops waiting for room, or for the workers: wpost.c), a
+ * singly linked list through op->next (lock held). */
+static inline void pend_push(af_engine *e, uint32_t i) {
+    af_op *op = &e->ops[i];
+    op->pending = 1;
+    op->t_queued = now_ns();
+    if (e->pend_tail == AF_NONE) e->pend_head = i;
+    else e->ops[e->pend_tail].next = i;
+    e->pend_tail = i;
+}
+
+/* Unlink op i, whose predecessor in the queue is prev (AF_NONE: the head). */
+static inline void pend_unlink_after(af_engine *e, uint32_t prev, uint32_t i) {
+    af_op *op = &e->ops[i];
+    if (prev == AF_NONE) e->pend_head = op->next;
+    else e->ops[prev].next = op->next;
+    if (e->pend_tail == i) e->pend_tail = prev;
+    op->pending = 0;
+    op->next = AF_NONE;
+}
+
+/* The op's next piece (its cursor: posted, or bj/boff for a batch) as it goes
+ * over domain dn: source, destination, length, key, immediate and the source's
+ * registration (returned, -1: none). The cursor does not move. */
+static inline int piece_at(af_engine *e, const af_op *op, uint32_t dn, af_piece *pc) {
+    uint64_t c = op->posted;
+    int mr = op->mr;
+    pc->imm = op->imm;
+    pc->key = op->rkey[dn];
+    if (op->kind == OP_WRITE || op->kind == OP_READ) {
+        uint64_t off = c * op->chunk;
+        pc->len = op->len - off < op->chunk ? op->len - off : op->chunk;
+        pc->src = op->laddr + off;
+        pc->dst = op->raddr[dn] + off;
+    } else if (op->kind == OP_PAGED) {
+        pc->src = op->laddr + op->offs[c];
+        pc->dst = op->raddr[dn] + op->offs[op->total + c];
+        pc->len = op->page;
+    } else { /* OP_BATCH: entry bj, from byte boff, at its own target */
+        const af_bent *en = &op->ents[op->bj];
+        const af_btgt *t = &op->tgts[en->tgt];
+        uint64_t rem = en->len - op->boff;
+        pc->len = rem < t->chunk ? rem : t->chunk;
+        pc->src = en->src ? (uint8_t *)(uintptr_t)en->src + op->boff : e->scratch;
+        pc->dst = t->base[dn] + en->roff + op->boff;
+        pc->key = t->key[dn];
+        pc->ent = en->idx;
+        mr = en->mr;
+        pc->imm = en->imm;
+    }
+    return mr;
+}
+
+/* Whether a piece of len bytes from registration mr may be injected: small
+ * enough, and host memory (inject reads the source with the CPU). */
+static inline int can_inject(const af_engine *e, const af_dom *d, int mr, uint64_t len) {
+    return len <= d->inject && !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM);
+}
+
+/* A batch's cursor past a piece of len bytes that went out. */
+static inline void batch_advance(af_op *op, uint64_t len) {
+    op->stripe++;
+    op->boff += len;
+    if (op->boff >= op->ents[op->bj].len) {
+        op->bj++;
+        op->boff = 0;
+    }
 }
 
 /* Transmit contexts: take one for a post, commit it once the post went out. */

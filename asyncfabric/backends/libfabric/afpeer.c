@@ -39,12 +39,7 @@ static void pend_unlink(af_engine *e, uint32_t i) {
         prev = j;
         j = e->ops[j].next;
     }
-    if (j == AF_NONE) return;
-    if (prev == AF_NONE) e->pend_head = e->ops[i].next;
-    else e->ops[prev].next = e->ops[i].next;
-    if (e->pend_tail == i) e->pend_tail = prev;
-    e->ops[i].next = AF_NONE;
-    e->ops[i].pending = 0;
+    if (j != AF_NONE) pend_unlink_after(e, prev, i);
 }
 
 /* Fail every live transfer to peer `pi` with `status` (lock held). */

@@ -111,58 +111,30 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                 ret = fi_send(d->ep, buf, op->msglen, d->tx_desc, dest, wr);
             }
         } else {
-            uint8_t *src;
-            uint64_t dst, len, key = op->rkey[dn];
-            int mr = op->mr;
-            int64_t imm = op->imm;
-            const af_bent *en = NULL;
-            if (op->kind == OP_WRITE || op->kind == OP_READ) {
-                uint64_t off = c * op->chunk;
-                len = op->len - off < op->chunk ? op->len - off : op->chunk;
-                src = op->laddr + off;
-                dst = op->raddr[dn] + off;
-            } else if (op->kind == OP_PAGED) {
-                src = op->laddr + op->offs[c];
-                dst = op->raddr[dn] + op->offs[op->total + c];
-                len = op->page;
-            } else { /* OP_BATCH: entry bj, from byte boff, at its own target */
-                en = &op->ents[op->bj];
-                const af_btgt *t = &op->tgts[en->tgt];
-                uint64_t rem = en->len - op->boff;
-                len = rem < t->chunk ? rem : t->chunk;
-                src = en->src ? (uint8_t *)(uintptr_t)en->src + op->boff : e->scratch;
-                dst = t->base[dn] + en->roff + op->boff;
-                key = t->key[dn];
-                mr = en->mr;
-                imm = en->imm;
-            }
+            af_piece pc;
+            int mr = piece_at(e, op, dn, &pc);
             void *desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
             if (op->kind == OP_READ) {
                 if (!d->credits || !take_wr(d, opi, -1, &wr)) {
                     dom_unlock(e, d);
                     return AF_AGAIN;
                 }
-                ret = fi_read(d->ep, src, len, desc, dest, dst, key, wr);
-            } else if (len <= d->inject && !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM)) {
-                ret = imm >= 0 ? fi_inject_writedata(d->ep, src, len, (uint64_t)imm, dest, dst, key)
-                               : fi_inject_write(d->ep, src, len, dest, dst, key);
+                ret = fi_read(d->ep, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
+            } else if (can_inject(e, d, mr, pc.len)) {
+                ret = pc.imm >= 0 ? fi_inject_writedata(d->ep, pc.src, pc.len, (uint64_t)pc.imm, dest,
+                                                        pc.dst, pc.key)
+                                  : fi_inject_write(d->ep, pc.src, pc.len, dest, pc.dst, pc.key);
             } else {
                 if (!d->credits || !take_wr(d, opi, -1, &wr)) {
                     dom_unlock(e, d);
                     return AF_AGAIN;
                 }
-                if (en) wr->ent = en->idx;
-                ret = imm >= 0 ? fi_writedata(d->ep, src, len, desc, (uint64_t)imm, dest, dst, key, wr)
-                               : fi_write(d->ep, src, len, desc, dest, dst, key, wr);
+                if (op->kind == OP_BATCH) wr->ent = pc.ent;
+                ret = pc.imm >= 0 ? fi_writedata(d->ep, pc.src, pc.len, desc, (uint64_t)pc.imm, dest,
+                                                 pc.dst, pc.key, wr)
+                                  : fi_write(d->ep, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
             }
-            if (en && ret == 0) {
-                op->stripe++;
-                op->boff += len;
-                if (op->boff >= en->len) {
-                    op->bj++;
-                    op->boff = 0;
-                }
-            }
+            if (op->kind == OP_BATCH && ret == 0) batch_advance(op, pc.len);
         }
         dom_unlock(e, d);
         if (ret == -FI_EAGAIN) {
@@ -223,11 +195,7 @@ int pump_pending(af_engine *e) {
             i = next;
             continue;
         }
-        if (prev == AF_NONE) e->pend_head = next;
-        else e->ops[prev].next = next;
-        if (e->pend_tail == i) e->pend_tail = prev;
-        op->pending = 0;
-        op->next = AF_NONE;
+        pend_unlink_after(e, prev, i);
         maybe_finish(e, i);
         i = next;
     }
@@ -252,24 +220,13 @@ void op_launch(af_engine *e, uint32_t i) {
     peer_op_begin(e, op);
     if (wq_wants(e, op)) { /* the workers post it (wpost.c) */
         op->wq = 1;
-        op->pending = 1;
-        op->t_queued = now_ns();
-        if (e->pend_tail == AF_NONE) e->pend_head = i;
-        else e->ops[e->pend_tail].next = i;
-        e->pend_tail = i;
+        pend_push(e, i);
         e->work_gen++;
         atomic_fetch_add(&e->wq_gen, 1);
         workers_wake(e);
         return;
     }
-    if (pump_op(e, i) == AF_AGAIN) {
-        op = &e->ops[i];
-        op->pending = 1;
-        op->t_queued = now_ns();
-        if (e->pend_tail == AF_NONE) e->pend_head = i;
-        else e->ops[e->pend_tail].next = i;
-        e->pend_tail = i;
-    }
+    if (pump_op(e, i) == AF_AGAIN) pend_push(e, i);
     e->work_gen++;
     if (atomic_load(&e->sleeping) == 1 || (e->nworkers > 1 && e->ops[i].pending)) kick(e);
 }

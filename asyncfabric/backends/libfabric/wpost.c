@@ -55,6 +55,11 @@ int wq_wants(af_engine *e, const af_op *op) {
     }
 }
 
+/* How many domains the op's next piece may go over: its target's. */
+static inline uint32_t piece_ndom(const af_op *op) {
+    return op->kind == OP_BATCH ? op->tgts[op->ents[op->bj].tgt].ndom : op->ndom;
+}
+
 /* A domain of w's below nd with a context and a credit free, or -1. */
 static int pick_dom(af_engine *e, af_worker *w, uint32_t nd) {
     for (int k = 0; k < w->ndoms; k++) {
@@ -71,56 +76,22 @@ static int pick_dom(af_engine *e, af_worker *w, uint32_t nd) {
 /* Take op i's next piece into pc (lock held). 0: none for this worker now. */
 static int take_piece(af_engine *e, af_worker *w, uint32_t opi, af_piece *pc) {
     af_op *op = &e->ops[opi];
-    const af_bent *en = NULL;
-    const af_btgt *t = NULL;
-    uint32_t nd = op->ndom;
-    if (op->kind == OP_BATCH) {
-        en = &op->ents[op->bj];
-        t = &op->tgts[en->tgt];
-        nd = t->ndom;
-    }
-    int dn = pick_dom(e, w, nd);
+    int dn = pick_dom(e, w, piece_ndom(op));
     if (dn < 0) return 0;
     af_dom *d = &e->dom[dn];
-    uint64_t c = op->posted;
-    int mr = op->mr;
-    pc->imm = op->imm;
-    pc->key = op->rkey[dn];
-    if (op->kind == OP_WRITE || op->kind == OP_READ) {
-        uint64_t off = c * op->chunk;
-        pc->len = op->len - off < op->chunk ? op->len - off : op->chunk;
-        pc->src = op->laddr + off;
-        pc->dst = op->raddr[dn] + off;
-    } else if (op->kind == OP_PAGED) {
-        pc->src = op->laddr + op->offs[c];
-        pc->dst = op->raddr[dn] + op->offs[op->total + c];
-        pc->len = op->page;
-    } else {
-        uint64_t rem = en->len - op->boff;
-        pc->len = rem < t->chunk ? rem : t->chunk;
-        pc->src = en->src ? (uint8_t *)(uintptr_t)en->src + op->boff : e->scratch;
-        pc->dst = t->base[dn] + en->roff + op->boff;
-        pc->key = t->key[dn];
-        mr = en->mr;
-        pc->imm = en->imm;
-        op->boff += pc->len;
-        if (op->boff >= en->len) {
-            op->bj++;
-            op->boff = 0;
-        }
-    }
+    int mr = piece_at(e, op, (uint32_t)dn, pc);
+    if (op->kind == OP_BATCH) batch_advance(op, pc->len); /* taken: it is this worker's now */
     af_wr *wr = NULL;
     take_wr(d, opi, -1, &wr); /* pick_dom saw one free */
     commit_wr(d, wr);
-    wr->ent = en ? en->idx : 0;
+    wr->ent = op->kind == OP_BATCH ? pc->ent : 0;
     pc->wr = wr;
     pc->opi = opi;
     pc->dn = (uint32_t)dn;
     pc->peer = op->peer;
     pc->kind = (int)op->kind;
     pc->desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
-    pc->inject = op->kind != OP_READ && pc->len <= d->inject &&
-                 !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM);
+    pc->inject = op->kind != OP_READ && can_inject(e, d, mr, pc->len);
     pc->dest = e->peers[op->peer].addr[dn];
     pc->t0 = now_ns();
     pc->ret = 1;
@@ -146,18 +117,13 @@ static void take(af_engine *e, af_worker *w) {
                 w->npc++;
             }
             if (op->posted >= op->total) { /* every piece taken: off the queue */
-                if (prev == AF_NONE) e->pend_head = next;
-                else e->ops[prev].next = next;
-                if (e->pend_tail == i) e->pend_tail = prev;
-                op->pending = 0;
-                op->next = AF_NONE;
+                pend_unlink_after(e, prev, i);
                 maybe_finish(e, i);
                 i = next;
                 continue;
             }
             /* pieces left that one of w's domains could carry: come back soon */
-            uint32_t nd = op->kind == OP_BATCH ? op->tgts[op->ents[op->bj].tgt].ndom : op->ndom;
-            if ((uint32_t)w->doms[0] < nd) w->more = 1;
+            if ((uint32_t)w->doms[0] < piece_ndom(op)) w->more = 1;
         }
         prev = i;
         i = next;
