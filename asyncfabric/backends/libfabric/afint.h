@@ -172,8 +172,9 @@ typedef struct af_worker {
     /* the domains it owns, and which it tried last */
     int doms[AF_MAX_DOMS];
     int ndoms, rr;
-    /* pieces taken and not yet posted (EAGAIN: tried again next pass) */
-    af_piece pc[AF_WQ_PIECES];
+    /* pieces taken and not yet posted (EAGAIN: tried again next pass); AF_WQ_PIECES
+     * of them, allocated by workers_start, so an engine without workers stays small */
+    af_piece *pc;
     int npc;
     int more;     /* its last take left pieces it could have taken */
     uint64_t gen; /* the engine's wq_gen at its last take */

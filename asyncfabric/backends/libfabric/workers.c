@@ -134,8 +134,12 @@ int workers_start(af_engine *e) {
         w->id = i;
         w->cpu = e->pol.ncpus ? e->pol.cpus[i % e->pol.ncpus] : -1;
         w->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-        if (w->wake_fd < 0 || pthread_create(&w->thr, NULL, worker_main, w)) {
+        w->pc = calloc(AF_WQ_PIECES, sizeof *w->pc);
+        w->npc = 0;
+        if (w->wake_fd < 0 || !w->pc || pthread_create(&w->thr, NULL, worker_main, w)) {
             if (w->wake_fd >= 0) close(w->wake_fd);
+            free(w->pc);
+            w->pc = NULL;
             atomic_store(&e->stop, 1);
             workers_stop(e);
             atomic_store(&e->stop, 0);
@@ -163,6 +167,8 @@ void workers_stop(af_engine *e) {
         if (!w->started) continue;
         pthread_join(w->thr, NULL);
         close(w->wake_fd);
+        free(w->pc);
+        w->pc = NULL;
         w->started = 0;
     }
 }
