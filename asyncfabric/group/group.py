@@ -404,10 +404,22 @@ class Group:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             changed = self._changed
-            kv = await self.store.get(self._k.publication(member, key))
+            try:
+                kv = await self.store.get(self._k.publication(member, key))
+                tomb = (
+                    None if kv is not None else await self.store.get(self._k.tombstone(member, key))
+                )
+            except StoreUnavailable:
+                # The group reconnects on its own within store_grace (past it, _check
+                # raises StoreLost): a lookup with time left waits for it.
+                self._check()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                continue
             if kv is not None:
                 return af.Descriptor.from_bytes(kv.value)
-            if await self.store.get(self._k.tombstone(member, key)) is not None:
+            if tomb is not None:
                 raise DescriptorRevoked(
                     f"{member!r} revoked {key!r} in group {self.group!r} (its region closed or "
                     "it unpublished it); ask it to publish a new descriptor"
