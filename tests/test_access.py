@@ -1,6 +1,7 @@
 """Access control: a write through a revoked key or into a region without remote-write
-access never lands and never counts; descriptor and address bytes, however mangled,
-only ever raise DescriptorError or TypeError."""
+access never lands and never counts, with or without an immediate; a read through a
+revoked key never returns the target's bytes; descriptor and address bytes, however
+mangled, only ever raise DescriptorError or TypeError."""
 
 from __future__ import annotations
 
@@ -33,14 +34,17 @@ async def _attempt(eng, src, desc, n, imm):
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("case", ["unregistered", "no_remote_write", "forged_key"])
-async def test_denied_write_never_lands(provider, kw, case):
+@pytest.mark.parametrize("with_imm", [True, False], ids=["imm", "plain"])
+async def test_denied_write_never_lands(provider, kw, case, with_imm):
+    # Plain writes matter on their own: shm copies a plain write from the sender's
+    # process without looking at the target's keys unless the engine asks otherwise.
     async with (
         PeerProcess(provider, **kw) as peer,
         af.Engine(provider, peer_timeout=TIMEOUT, **kw) as eng,
     ):
         src = eng.register(np.full(1 << 16, 0xAB, np.uint8))
         for n in (8, 4096, 65536):
-            imm = 100 + n % 251
+            imm = 100 + n % 251 if with_imm else None
             rid, desc_b = await peer.alloc(n, remote_write=case != "no_remote_write")
             desc = af.Descriptor.from_bytes(desc_b)
             if case == "unregistered":
@@ -72,7 +76,8 @@ async def test_denied_write_never_lands(provider, kw, case):
             await anyio.sleep(0.2)  # give a (wrongly) accepted write time to land
             got = np.frombuffer(await peer.call("read", rid, 0, n), np.uint8)
             assert not got.any(), f"{case}: {int(np.count_nonzero(got))} bytes landed"
-            assert await peer.call("count", imm) == 0, f"{case}: the immediate was counted"
+            if imm is not None:
+                assert await peer.call("count", imm) == 0, f"{case}: the immediate was counted"
         # the target is unharmed: a legitimate write from a fresh engine lands
         async with af.Engine(provider, **kw) as other:
             ok_src = other.register(np.full(64, 7, np.uint8))
@@ -80,6 +85,31 @@ async def test_denied_write_never_lands(provider, kw, case):
             await other.write(ok_src, af.Descriptor.from_bytes(desc_b), imm=9)
             await peer.wait(9, 1, timeout=10)
             assert np.all(np.frombuffer(await peer.call("read", rid, 0, 64), np.uint8) == 7)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_revoked_read_returns_nothing(provider, kw):
+    if provider not in ("shm", "tcp"):
+        pytest.skip("reads: shm and tcp")
+    async with (
+        PeerProcess(provider, **kw) as peer,
+        af.Engine(provider, peer_timeout=TIMEOUT, **kw) as eng,
+    ):
+        dst = eng.register(np.zeros(1 << 16, np.uint8))
+        for n in (8, 65536):
+            rid, desc_b = await peer.alloc(n, seed=n)  # random bytes, not zeros
+            await peer.call("unregister", rid)
+            desc = af.Descriptor.from_bytes(desc_b)
+            with anyio.fail_after(TIMEOUT + 5):
+                try:
+                    await eng.read(dst[0:n], desc[0:n])
+                    outcome = "completed"
+                except (af.RemoteAccessError, af.PeerUnreachable, af.TransferError) as exc:
+                    outcome = type(exc).__name__
+            print(f"\n[access] {provider} read through a revoked key, {n} B: {outcome}")
+            got = np.frombuffer(dst.buffer, np.uint8)[:n]
+            assert not got.any(), f"{int(np.count_nonzero(got))} of the target's bytes came back"
 
 
 def _valid_blobs():

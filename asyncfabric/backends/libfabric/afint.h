@@ -141,6 +141,7 @@ typedef struct af_dom {
     void *tx_desc;
     int32_t *tx_free;
     int32_t tx_top, ntx;
+    int checked_plain; /* quirks.h plain_unchecked: plain RMA goes through post_plain */
     /* With several workers (workers.c) every libfabric call on this domain is
      * made holding this lock; its owner holds it only across its CQ reads. */
     pthread_mutex_t lock;
@@ -607,8 +608,26 @@ static inline int piece_at(af_engine *e, const af_op *op, uint32_t dn, af_piece 
 
 /* Whether a piece of len bytes from registration mr may be injected: small
  * enough, and host memory (inject reads the source with the CPU). */
-static inline int can_inject(const af_engine *e, const af_dom *d, int mr, uint64_t len) {
-    return len <= d->inject && !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM);
+static inline int can_inject(const af_engine *e, const af_dom *d, int mr, uint64_t len, int64_t imm) {
+    return len <= d->inject && !(mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM) &&
+           (imm >= 0 || !d->checked_plain);
+}
+
+/* A write (or read) without an immediate, d's lock held. Where a plain one
+ * skips the target's key check (quirks.h plain_unchecked: shm copies it from
+ * this process, unseen by the target), it goes with FI_DELIVERY_COMPLETE,
+ * which the target carries out after checking the key. */
+static inline ssize_t post_plain(af_dom *d, int read, void *buf, size_t len, void *desc, fi_addr_t dest,
+                                 uint64_t raddr, uint64_t key, void *ctx) {
+    if (!d->checked_plain)
+        return read ? fi_read(d->ep, buf, len, desc, dest, raddr, key, ctx)
+                    : fi_write(d->ep, buf, len, desc, dest, raddr, key, ctx);
+    struct iovec iov = {buf, len};
+    struct fi_rma_iov rma = {raddr, len, key};
+    struct fi_msg_rma m = {.msg_iov = &iov, .desc = &desc, .iov_count = 1, .addr = dest,
+                           .rma_iov = &rma, .rma_iov_count = 1, .context = ctx, .data = 0};
+    return read ? fi_readmsg(d->ep, &m, FI_DELIVERY_COMPLETE | FI_COMPLETION)
+                : fi_writemsg(d->ep, &m, FI_DELIVERY_COMPLETE | FI_COMPLETION);
 }
 
 /* A batch's cursor past a piece of len bytes that went out. */

@@ -112,6 +112,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
             }
         } else {
             af_piece pc;
+            pc.ent = 0; /* set by piece_at for batches only */
             int mr = piece_at(e, op, dn, &pc);
             void *desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
             if (op->kind == OP_READ) {
@@ -119,8 +120,8 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                     dom_unlock(e, d);
                     return AF_AGAIN;
                 }
-                ret = fi_read(d->ep, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
-            } else if (can_inject(e, d, mr, pc.len)) {
+                ret = post_plain(d, 1, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
+            } else if (can_inject(e, d, mr, pc.len, pc.imm)) {
                 ret = pc.imm >= 0 ? fi_inject_writedata(d->ep, pc.src, pc.len, (uint64_t)pc.imm, dest,
                                                         pc.dst, pc.key)
                                   : fi_inject_write(d->ep, pc.src, pc.len, dest, pc.dst, pc.key);
@@ -130,9 +131,11 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                     return AF_AGAIN;
                 }
                 if (op->kind == OP_BATCH) wr->ent = pc.ent;
-                ret = pc.imm >= 0 ? fi_writedata(d->ep, pc.src, pc.len, desc, (uint64_t)pc.imm, dest,
-                                                 pc.dst, pc.key, wr)
-                                  : fi_write(d->ep, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
+                if (pc.imm >= 0)
+                    ret = fi_writedata(d->ep, pc.src, pc.len, desc, (uint64_t)pc.imm, dest, pc.dst,
+                                       pc.key, wr);
+                else
+                    ret = post_plain(d, 0, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
             }
             if (op->kind == OP_BATCH && ret == 0) batch_advance(op, pc.len);
         }

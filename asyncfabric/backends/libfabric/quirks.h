@@ -17,6 +17,9 @@ typedef struct af_quirks {
     /* Every peer is a process on this host that rings our doorbell when an
      * arrival matters (doorbell.h), so armed counters need no short naps. */
     unsigned host_only : 1;
+    /* Plain RMA (no CQ data) skips the target's key check: post it with
+     * FI_DELIVERY_COMPLETE, which the target carries out (afint.h post_plain). */
+    unsigned plain_unchecked : 1;
 } af_quirks;
 
 /* The quirks of provider `prov` ("tcp;ofi_rxm", "shm", ...): every table row

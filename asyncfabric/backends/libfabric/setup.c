@@ -110,6 +110,7 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
     d->mr_mode = info->domain_attr->mr_mode;
     d->key_size = info->domain_attr->mr_key_size;
     d->rx_cq_data = (info->mode & FI_RX_CQ_DATA) != 0;
+    d->checked_plain = q.plain_unchecked;
 
     if ((rc = fi_fabric(info->fabric_attr, &d->fabric, NULL))) goto fail_fabric;
     if ((rc = fi_domain(d->fabric, info, &d->domain, NULL))) goto fail_domain;

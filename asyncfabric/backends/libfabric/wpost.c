@@ -91,7 +91,7 @@ static int take_piece(af_engine *e, af_worker *w, uint32_t opi, af_piece *pc) {
     pc->peer = op->peer;
     pc->kind = (int)op->kind;
     pc->desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
-    pc->inject = op->kind != OP_READ && can_inject(e, d, mr, pc->len);
+    pc->inject = op->kind != OP_READ && can_inject(e, d, mr, pc->len, pc->imm);
     pc->dest = e->peers[op->peer].addr[dn];
     pc->t0 = now_ns();
     pc->ret = 1;
@@ -145,16 +145,16 @@ static void post(af_engine *e, af_worker *w) {
         ssize_t r;
         pthread_mutex_lock(&d->lock);
         if (pc->kind == OP_READ)
-            r = fi_read(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
+            r = post_plain(d, 1, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         else if (pc->inject)
             r = pc->imm >= 0 ? fi_inject_writedata(d->ep, pc->src, pc->len, (uint64_t)pc->imm, pc->dest,
                                                    pc->dst, pc->key)
                              : fi_inject_write(d->ep, pc->src, pc->len, pc->dest, pc->dst, pc->key);
+        else if (pc->imm >= 0)
+            r = fi_writedata(d->ep, pc->src, pc->len, pc->desc, (uint64_t)pc->imm, pc->dest, pc->dst,
+                             pc->key, pc->wr);
         else
-            r = pc->imm >= 0 ? fi_writedata(d->ep, pc->src, pc->len, pc->desc, (uint64_t)pc->imm,
-                                            pc->dest, pc->dst, pc->key, pc->wr)
-                             : fi_write(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key,
-                                        pc->wr);
+            r = post_plain(d, 0, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         pthread_mutex_unlock(&d->lock);
         pc->ret = (int32_t)r;
         if (r == -FI_EAGAIN) full |= 1u << pc->dn;
@@ -173,7 +173,7 @@ static int commit(af_engine *e, af_worker *w) {
         af_op *op = &e->ops[pc->opi];
         int32_t st = pc->ret;
         if (st == -FI_EAGAIN) {
-                e->st.eagain++;
+            e->st.eagain++;
             if (!t) t = now_ns();
             if (op->status) st = op->status; /* failed meanwhile: post nothing more */
             else if (e->pol.post_timeout_ns && t - pc->t0 > e->pol.post_timeout_ns) st = -FI_ETIMEDOUT;
