@@ -103,6 +103,13 @@ typedef struct af_wr {
     uint32_t next_free;
     uint32_t ent; /* OP_BATCH: the entry this piece belongs to (its idx) */
     uint32_t live; /* posted, its completion not yet read */
+    /* Owed immediate (sender_copy, cq.c): the piece went as a plain write and
+     * its immediate goes, as a zero-byte write, once that write completed.
+     * owe: 0 none, 1 owed, 2 queued on its domain's owed list (next_free links it). */
+    uint32_t owe;
+    uint32_t imm;
+    fi_addr_t dest;
+    uint64_t raddr, key, t_owe;
 } af_wr;
 
 typedef struct af_rx {
@@ -141,6 +148,11 @@ typedef struct af_dom {
     void *tx_desc;
     int32_t *tx_free;
     int32_t tx_top, ntx;
+    /* quirks.h sender_copy: 0, or the smallest piece that goes as a plain
+     * write with its immediate owed (cq.c); owed immediates the target's
+     * queue had no room for, oldest first, linked through next_free */
+    uint64_t sender_copy;
+    uint32_t owe_head, owe_tail;
     int checked_plain; /* quirks.h plain_unchecked: plain RMA goes through post_plain */
     /* With several workers (workers.c) every libfabric call on this domain is
      * made holding this lock; its owner holds it only across its CQ reads. */
@@ -358,6 +370,8 @@ AF_INTERNAL void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status)
 
 /* cq.c: one batch of entries already read, handled under the engine lock */
 AF_INTERNAL void cq_handle(af_engine *e, af_dom *d, const struct fi_cq_data_entry *ents, ssize_t n);
+/* cq.c: send the owed immediates that found the target's queue full (lock held) */
+AF_INTERNAL int owed_retry(af_engine *e, af_dom *d);
 
 /* afpeer.c */
 AF_INTERNAL void peer_watch(af_engine *e);
@@ -630,6 +644,23 @@ static inline ssize_t post_plain(af_dom *d, int read, void *buf, size_t len, voi
                 : fi_writemsg(d->ep, &m, FI_DELIVERY_COMPLETE | FI_COMPLETION);
 }
 
+/* Whether piece pc (from registration mr, to dest) goes as a plain write whose
+ * immediate is owed (quirks.h sender_copy, cq.c): it carries an immediate, is
+ * not injected, is large enough and is host memory. If so, wr keeps what the
+ * immediate's write needs. */
+static inline int owe_imm(const af_engine *e, const af_dom *d, int mr, const af_piece *pc,
+                          fi_addr_t dest, af_wr *wr) {
+    if (!d->sender_copy || pc->imm < 0 || pc->len < d->sender_copy ||
+        (mr >= 0 && e->mrs[mr].iface != FI_HMEM_SYSTEM))
+        return 0;
+    wr->owe = 1;
+    wr->imm = (uint32_t)pc->imm;
+    wr->dest = dest;
+    wr->raddr = pc->dst;
+    wr->key = pc->key;
+    return 1;
+}
+
 /* A batch's cursor past a piece of len bytes that went out. */
 static inline void batch_advance(af_op *op, uint64_t len) {
     op->stripe++;
@@ -646,6 +677,7 @@ static inline int take_wr(af_dom *d, uint32_t opi, int32_t sslot, af_wr **out) {
     af_wr *wr = &d->wrs[d->wr_free];
     wr->op = opi;
     wr->sslot = sslot;
+    wr->owe = 0;
     *out = wr;
     return 1;
 }

@@ -14,8 +14,78 @@ static inline af_wr *as_wr(af_dom *d, void *ctx) {
     return p >= lo && p < hi ? (af_wr *)ctx : NULL;
 }
 
+/* Owed immediates (quirks.h sender_copy). On shm a write with CQ data is a
+ * command the target's progress thread carries out (it copies the data and
+ * answers), while a plain write of host memory is copied by the posting
+ * thread before the call returns. So a piece that carries an immediate goes
+ * as a plain write; when that write has completed the data is in place, and
+ * the immediate follows as a zero-byte write carrying it. The target counts
+ * it exactly as before (one immediate per piece: the counting rule holds),
+ * and never before the data is there. The piece stays outstanding until its
+ * immediate went out; a target whose queue is full gets it later, from the
+ * domain's owed list (owed_retry); a failed op or a lost peer gets none.
+ *
+ * Post wr's immediate (lock held). 0: out; 1: queued for later; < 0: failed. */
+static int send_owed(af_engine *e, af_dom *d, af_wr *wr) {
+    af_op *op = &e->ops[wr->op];
+    if (op->status) return op->status; /* failed meanwhile: no immediate for it */
+    af_peer *p = &e->peers[op->peer];
+    if (p->dead) return -p->dead; /* shm maps a peer's queue: never post into a gone one */
+    dom_lock(e, d);
+    ssize_t r = fi_inject_writedata(d->ep, e->scratch, 0, wr->imm, wr->dest, wr->raddr, wr->key);
+    dom_unlock(e, d);
+    if (r == -FI_EAGAIN) {
+        e->st.eagain++;
+        uint64_t t = now_ns();
+        if (wr->owe == 1) wr->t_owe = t;
+        else if (e->pol.post_timeout_ns && t - wr->t_owe > e->pol.post_timeout_ns) return -FI_ETIMEDOUT;
+        return 1;
+    }
+    if (r) return (int)r;
+    e->st.posts++;
+    /* a sleeping target must wake to count it (doorbell.h) */
+    if (p->bell.page) {
+        atomic_thread_fence(memory_order_seq_cst);
+        if (bell_ring(e->bell_fd, &p->bell)) e->st.wakeups++;
+    }
+    return 0;
+}
+
+static void finish_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status);
+
 void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
+    if (wr->owe && !status) {
+        int r = send_owed(e, d, wr);
+        if (r == 1) { /* the target's queue is full: its immediate waits on the list */
+            wr->owe = 2;
+            wr->next_free = AF_NONE;
+            if (d->owe_tail == AF_NONE) d->owe_head = (uint32_t)(wr - d->wrs);
+            else d->wrs[d->owe_tail].next_free = (uint32_t)(wr - d->wrs);
+            d->owe_tail = (uint32_t)(wr - d->wrs);
+            return;
+        }
+        status = r;
+    }
+    finish_wr(e, d, wr, status);
+}
+
+int owed_retry(af_engine *e, af_dom *d) {
+    int n = 0;
+    while (d->owe_head != AF_NONE) {
+        af_wr *wr = &d->wrs[d->owe_head];
+        int r = send_owed(e, d, wr);
+        if (r == 1) break; /* still full: keep the order, try again next pass */
+        d->owe_head = wr->next_free;
+        if (d->owe_head == AF_NONE) d->owe_tail = AF_NONE;
+        finish_wr(e, d, wr, r);
+        n++;
+    }
+    return n;
+}
+
+static void finish_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
     uint32_t opi = wr->op, ent = wr->ent;
+    wr->owe = 0;
     wr->live = 0;
     if (wr->sslot >= 0) d->tx_free[d->tx_top++] = wr->sslot;
     wr->next_free = d->wr_free;
@@ -122,12 +192,14 @@ int progress_dom(af_engine *e, af_dom *d) {
         if (n < 64) break;
     }
     repost_idle(e, d);
+    if (d->owe_head != AF_NONE) total += owed_retry(e, d);
     return total;
 }
 
 void cq_handle(af_engine *e, af_dom *d, const struct fi_cq_data_entry *ents, ssize_t n) {
     for (ssize_t i = 0; i < n; i++) handle_entry(e, d, &ents[i]);
     repost_idle(e, d);
+    if (d->owe_head != AF_NONE) owed_retry(e, d);
 }
 
 /* Copy a received message out and give its buffer back to the provider. */

@@ -131,9 +131,11 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                     return AF_AGAIN;
                 }
                 if (op->kind == OP_BATCH) wr->ent = pc.ent;
-                if (pc.imm >= 0)
+                if (pc.imm >= 0 && !owe_imm(e, d, mr, &pc, dest, wr))
                     ret = fi_writedata(d->ep, pc.src, pc.len, desc, (uint64_t)pc.imm, dest, pc.dst,
                                        pc.key, wr);
+                else if (wr->owe) /* the sender copies; its immediate follows (cq.c) */
+                    ret = fi_write(d->ep, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
                 else
                     ret = post_plain(d, 0, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
             }

@@ -51,13 +51,16 @@ typedef struct af_quirk_row {
 static const af_quirk_row g_quirks[] = {
     /* shm: regions named by us (a SIGKILLed process's region would block its
      * pid's next owner), swept when opening, and only local peers, which ring
-     * our doorbell (shm gives a sleeping target nothing to wait on). A plain
-     * write or read of a host buffer (no CQ data) is copied by the sender
-     * itself (process_vm_writev/readv, "fast RMA") without looking at the
-     * target's registrations, so a revoked key would still be written
-     * through: plain RMA goes with FI_DELIVERY_COMPLETE, which the target's
-     * progress carries out after checking the key (plain_unchecked). */
-    {"shm", 1, {.own_name = 1, .sweep_shm = 1, .host_only = 1, .plain_unchecked = 1}, NULL},
+     * our doorbell (shm gives a sleeping target nothing to wait on). Its
+     * writes with CQ data go through the target's progress thread, which does
+     * the copy (process_vm_readv) and answers; a plain write of a host buffer
+     * is copied by the sender itself (process_vm_writev, "fast RMA") and done
+     * when the call returns: sender_copy, if the user asks for it. That copy
+     * (and a plain read's) never looks at the target's registrations, so a
+     * revoked key would still be written through: plain RMA goes with
+     * FI_DELIVERY_COMPLETE, which takes the checked path (plain_unchecked). */
+    {"shm", 1, {.own_name = 1, .sweep_shm = 1, .host_only = 1, .sender_copy = 1,
+                .plain_unchecked = 1}, NULL},
     /* tcp (and tcp;ofi_rxm): no fi_inject*. libfabric 1.17's tcp provider
      * segfaults in fi_cq_read when a peer dies with injected writes queued to
      * it (reproduced by SIGKILLing a peer mid-stream), and an injected write
@@ -90,6 +93,7 @@ af_quirks af_quirks_for(const char *prov) {
         q.own_name |= r->q.own_name;
         q.sweep_shm |= r->q.sweep_shm;
         q.host_only |= r->q.host_only;
+        q.sender_copy |= r->q.sender_copy;
         q.plain_unchecked |= r->q.plain_unchecked;
     }
     return q;

@@ -17,6 +17,13 @@ typedef struct af_quirks {
     /* Every peer is a process on this host that rings our doorbell when an
      * arrival matters (doorbell.h), so armed counters need no short naps. */
     unsigned host_only : 1;
+    /* A plain write (no CQ data) is copied by the posting thread and placed
+     * when it completes, while a write with CQ data is queued for the target
+     * to copy: pieces carrying an immediate go as a plain write followed by a
+     * zero-byte write with the immediate (cq.c, "Owed immediates"). Such a
+     * write is not checked against the target's keys: only where the user
+     * turns it on (ASYNCFABRIC_SHM_SENDER_COPY, docs/failure-semantics.md). */
+    unsigned sender_copy : 1;
     /* Plain RMA (no CQ data) skips the target's key check: post it with
      * FI_DELIVERY_COMPLETE, which the target carries out (afint.h post_plain). */
     unsigned plain_unchecked : 1;

@@ -110,7 +110,17 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
     d->mr_mode = info->domain_attr->mr_mode;
     d->key_size = info->domain_attr->mr_key_size;
     d->rx_cq_data = (info->mode & FI_RX_CQ_DATA) != 0;
+    d->owe_head = d->owe_tail = AF_NONE;
     d->checked_plain = q.plain_unchecked;
+    d->sender_copy = 0;
+    const char *sc = getenv("ASYNCFABRIC_SHM_SENDER_COPY");
+    if (q.sender_copy && !(info->caps & FI_HMEM) && sc && *sc) {
+        /* Off unless asked for (it bypasses the target's key check): N >= 1
+         * turns it on for pieces of at least N bytes and more than an inject. */
+        uint64_t min = strtoull(sc, NULL, 10);
+        d->sender_copy = min ? (min > d->inject ? min : d->inject + 1) : 0;
+        if (d->sender_copy) d->checked_plain = 0; /* trusted peers: plain RMA copies fast too */
+    }
 
     if ((rc = fi_fabric(info->fabric_attr, &d->fabric, NULL))) goto fail_fabric;
     if ((rc = fi_domain(d->fabric, info, &d->domain, NULL))) goto fail_domain;

@@ -41,9 +41,9 @@ static int worker_poll(af_engine *e, af_dom *d) {
         }
         pthread_mutex_unlock(&d->lock);
         if (n == -FI_EAGAIN) {
-            if (d->rx_retry) {
+            if (d->rx_retry || d->owe_head != AF_NONE) {
                 pthread_mutex_lock(&e->lock);
-                cq_handle(e, d, ents, 0); /* receive buffers to repost */
+                cq_handle(e, d, ents, 0); /* receive buffers to repost, owed immediates */
                 pthread_mutex_unlock(&e->lock);
             }
             break;

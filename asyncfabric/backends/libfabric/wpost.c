@@ -93,6 +93,8 @@ static int take_piece(af_engine *e, af_worker *w, uint32_t opi, af_piece *pc) {
     pc->desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
     pc->inject = op->kind != OP_READ && can_inject(e, d, mr, pc->len, pc->imm);
     pc->dest = e->peers[op->peer].addr[dn];
+    if (op->kind != OP_READ && !pc->inject && owe_imm(e, d, mr, pc, pc->dest, wr))
+        pc->imm = -1; /* a plain write now; its immediate follows its completion (cq.c) */
     pc->t0 = now_ns();
     pc->ret = 1;
     op->posted++;
@@ -153,6 +155,8 @@ static void post(af_engine *e, af_worker *w) {
         else if (pc->imm >= 0)
             r = fi_writedata(d->ep, pc->src, pc->len, pc->desc, (uint64_t)pc->imm, pc->dest, pc->dst,
                              pc->key, pc->wr);
+        else if (pc->wr->owe) /* the sender copies; its immediate follows (cq.c) */
+            r = fi_write(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         else
             r = post_plain(d, 0, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         pthread_mutex_unlock(&d->lock);
