@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# On the GPU device machine (after benchmarks/device_prepare.sh here, and the transformers
-# wheels in .gpucarry/whl2; carry .gpucarry): the systems' GPU scripts under CUDA MPS, one
-# after another, each with a time limit. Results: $OUT/systems.log and $OUT/systems.tgz.
+# On the GPU device machine (after benchmarks/device_prepare.sh here; carry .gpucarry): the
+# systems' GPU scripts under CUDA MPS, one after another, each with a time limit. The image's
+# transformers (5.17) runs the model tests (checked here with it on PYTHONPATH); wheels in
+# .gpucarry/whl2, if any, are installed over it. Results: $OUT/systems.log and systems.tgz.
 # Usage: bash benchmarks/device_systems.sh [kv] [weights] [allreduce] [moe] [triggers] ["bench ..."]
-# (a "bench ..." argument runs that asyncfabric bench command, a "python3 ..." one that command; T_KV, T_WEIGHTS, T_ALLREDUCE,
-# T_MOE, T_TRIGGERS and T_BENCH override each one's time limit in seconds)
+# (a "bench ..." argument runs that asyncfabric bench command, a "python3 ..." or "env ..." one
+# that command; T_KV, T_WEIGHTS, T_ALLREDUCE, T_MOE, T_TRIGGERS and T_BENCH override each
+# one's time limit in seconds)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
@@ -34,7 +36,7 @@ mkdir -p "$res" /opt/lf
     echo "== $s $(date -u +%T)"
     case "$s" in
       bench\ *) timeout "${T_BENCH:-120}" python3 -m asyncfabric $s ;;
-      python3\ *) timeout "${T_BENCH:-120}" $s ;;
+      python3\ *|env\ *) timeout "${T_BENCH:-120}" $s ;;
       kv) timeout "${T_KV:-150}" python3 benchmarks/gpu_kv.py --out "$res/kv" --reps 3 ;;
       weights) timeout "${T_WEIGHTS:-170}" python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
       allreduce) timeout "${T_ALLREDUCE:-120}" python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \

@@ -119,6 +119,7 @@ static void *progress_main(void *arg) {
     /* Naps of tens of microseconds mean nothing with Linux's default 50 us
      * timer slack. */
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    prctl(PR_SET_NAME, "af-progress", 0, 0, 0); /* seen in top -H */
     if (e->pol.ncpus) pin_thread(e->pol.cpus[0]);
     uint64_t last = now_ns();
     uint32_t idle_polls = 0;

@@ -324,6 +324,7 @@ static void *trig_main(void *arg) {
     af_engine *e = arg;
     struct af_trigs *T = e->trig;
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    prctl(PR_SET_NAME, "af-trigger", 0, 0, 0);
     uint32_t polls = 0;
     uint64_t t_check = 0;
     while (!atomic_load(&T->stop)) {

@@ -68,6 +68,9 @@ static void *worker_main(void *arg) {
     af_worker *w = arg;
     af_engine *e = w->e;
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    char name[16]; /* seen in top -H and /proc/PID/task/TID/comm */
+    snprintf(name, sizeof name, "af-worker-%d", w->id);
+    prctl(PR_SET_NAME, name, 0, 0, 0);
     pin_thread(w->cpu);
     uint64_t last = now_ns();
     uint32_t idle = 0;
