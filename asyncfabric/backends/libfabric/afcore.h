@@ -57,6 +57,8 @@ typedef struct af_stats {
     uint64_t live_ops;
     uint64_t live_mrs;
     uint64_t worker_posts; /* pieces posted by the workers (wpost.c), not by the caller */
+    uint64_t lock_waits;   /* times a thread found the engine lock held (eng_lock) */
+    uint64_t lock_wait_ns; /* and the time it waited for it */
 } af_stats;
 
 int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max,

@@ -414,8 +414,18 @@ static inline void dom_unlock(af_engine *e, af_dom *d) {
     if (dom_locking(e)) pthread_mutex_unlock(&d->lock);
 }
 
-static inline void enter_py(af_engine *e) {
+/* The engine lock, counting contention: how often, and how long, a thread
+ * waited for it (stats lock_waits, lock_wait_ns; updated under the lock). */
+static inline void eng_lock(af_engine *e) {
+    if (pthread_mutex_trylock(&e->lock) == 0) return;
+    uint64_t t0 = now_ns();
     pthread_mutex_lock(&e->lock);
+    e->st.lock_waits++;
+    e->st.lock_wait_ns += now_ns() - t0;
+}
+
+static inline void enter_py(af_engine *e) {
+    eng_lock(e);
     e->py_ctx = 1;
 }
 

@@ -116,7 +116,7 @@ void afe_counter_disarm(af_engine *e, uint32_t imm) {
 }
 
 uint64_t afe_counter_avail(af_engine *e, uint32_t imm) {
-    pthread_mutex_lock(&e->lock);
+    eng_lock(e);
     af_ctr *c = ctr_find(e, imm, 0);
     uint64_t v = c ? c->avail : 0;
     pthread_mutex_unlock(&e->lock);
@@ -145,7 +145,7 @@ void afe_counter_give(af_engine *e, uint32_t imm, uint64_t n) {
 }
 
 uint64_t afe_counter_live(af_engine *e) {
-    pthread_mutex_lock(&e->lock);
+    eng_lock(e);
     uint64_t n = e->ctr_n;
     pthread_mutex_unlock(&e->lock);
     return n;

@@ -25,7 +25,7 @@ static int block(af_engine *e, uint64_t ns, uint64_t gen_seen) {
     int n = 0;
     pfd[n].fd = e->wake_fd;
     pfd[n++].events = POLLIN;
-    pthread_mutex_lock(&e->lock);
+    eng_lock(e);
     if (e->work_gen != gen_seen || e->ev_count == UINT32_MAX) {
         pthread_mutex_unlock(&e->lock);
         return 1;

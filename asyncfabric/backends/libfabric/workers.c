@@ -42,13 +42,13 @@ static int worker_poll(af_engine *e, af_dom *d) {
         pthread_mutex_unlock(&d->lock);
         if (n == -FI_EAGAIN) {
             if (d->rx_retry || d->owe_head != AF_NONE) {
-                pthread_mutex_lock(&e->lock);
+                eng_lock(e);
                 cq_handle(e, d, ents, 0); /* receive buffers to repost, owed immediates */
                 pthread_mutex_unlock(&e->lock);
             }
             break;
         }
-        pthread_mutex_lock(&e->lock);
+        eng_lock(e);
         if (n > 0) {
             cq_handle(e, d, ents, n);
         } else if (have_err) {
@@ -80,7 +80,7 @@ static void *worker_main(void *arg) {
             if (e->dom[d].owner == w->id) n += worker_poll(e, &e->dom[d]);
         n += wq_pass(e, w);
         if (w->id == 0) {
-            pthread_mutex_lock(&e->lock);
+            eng_lock(e);
             if (e->pend_head != AF_NONE) n += pump_pending(e);
             peer_watch(e);
             pthread_mutex_unlock(&e->lock);

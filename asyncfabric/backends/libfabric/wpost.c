@@ -213,12 +213,12 @@ int wq_waiting(af_engine *e, af_worker *w) {
 /* One pass of worker w: take, post, commit. Returns the pieces posted. */
 int wq_pass(af_engine *e, af_worker *w) {
     if (!w->npc && !wq_waiting(e, w)) return 0;
-    pthread_mutex_lock(&e->lock);
+    eng_lock(e);
     take(e, w);
     pthread_mutex_unlock(&e->lock);
     if (!w->npc) return 0;
     post(e, w);
-    pthread_mutex_lock(&e->lock);
+    eng_lock(e);
     int n = commit(e, w);
     pthread_mutex_unlock(&e->lock);
     return n;
