@@ -153,6 +153,27 @@ class CudaIpcBackend(Backend):
             raise
 
 
+def _gpu_batch(batch: WriteBatch) -> bool:
+    """Whether ``batch`` has a GPU side; raises, before anything is posted, naming the
+    first entry that writes GPU memory into a host region (which post_write refuses)."""
+    cuda_src = [r is not None and r.device == "cuda" for r in batch.srcs]
+    gpu_dst = [d.__class__ is _GpuRemote for d in batch.dsts]
+    if not any(cuda_src) and not any(gpu_dst):
+        return False
+    bad = (
+        np.array(cuda_src, bool)[batch.src]
+        & ~np.array(gpu_dst, bool)[batch.dst]
+        & (batch.nbytes > 0)
+    )
+    if bad.any():
+        raise RegionError(
+            f"batch entry {int(np.argmax(bad))}: cuda_ipc cannot write GPU memory into a "
+            "peer's host memory; register a CUDA tensor on the receiving side, or use a "
+            "libfabric provider (staged path)"
+        )
+    return True
+
+
 class _GpuRemote(Remote):
     """A peer's GPU region, mapped into this process (or our own)."""
 
@@ -395,9 +416,7 @@ class CudaIpcTransport(ForwardingTransport):
         # through the doorbell). Decided once per compiled batch.
         gpu = batch.cache.get("cuda_ipc")
         if gpu is None:
-            gpu = batch.cache["cuda_ipc"] = any(
-                r is not None and r.device == "cuda" for r in batch.srcs
-            ) or any(d.__class__ is _GpuRemote for d in batch.dsts)
+            gpu = batch.cache["cuda_ipc"] = _gpu_batch(batch)
         if gpu:
             return post_batch_each(self, batch)
         return self.inner.post_batch(batch)
