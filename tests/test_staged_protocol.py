@@ -124,3 +124,39 @@ async def test_staged_failed_host_to_device_copy_fails_the_wait(provider, kw):
             assert isinstance(got["wait"], CopyFailed), got
             assert "host-to-device" in str(got["wait"])
             assert got["write"] is None or isinstance(got["write"], CopyFailed)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_staged_mixed_batch_in_one_process(provider, kw):
+    """write_many mixing staged and host entries, scatter and barrier into staged targets,
+    between two engines of one process (the weights pattern): every entry lands, exactly
+    counted. The host entries of a batch that has staged ones go entry by entry under
+    sub-tokens, whose completions the wrapper once took for its own (and the batch then
+    never ended)."""
+    async with af.Engine(provider, **kw) as a, af.Engine(provider, **kw) as b:
+        n = 6 << 20
+        st_src = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        h_src = torch.randint(0, 256, (n,), dtype=torch.uint8)
+        rs, rh = register_staged(a, st_src), a.register(h_src)
+        d_host = b.register(torch.zeros(2 * n, dtype=torch.uint8))
+        d_st = register_staged(b, torch.zeros(2 * n, dtype=torch.uint8))
+        dh, ds = d_host.descriptor(), d_st.descriptor()
+        bt = af.Batch()
+        bt.add(rs[0:n], ds[0:n], imm=1)  # staged -> staged
+        bt.add(rh[0:n], dh[0:n], imm=2)  # host -> host, beside them
+        bt.add(rh[0:n], ds[n : 2 * n], imm=1)  # host -> staged
+        bt.add(rs[0:n], dh[n : 2 * n], imm=2)  # staged -> host
+        with anyio.fail_after(30):
+            for _ in range(2):  # a reposted batch too
+                await a.write_many(bt)
+            await b.counter(1).wait(2 * 2 * ds.expected_imms(n))
+            await b.counter(2).wait(2 * 2 * dh.expected_imms(n))
+            assert torch.equal(d_st.buffer[:n], st_src) and torch.equal(d_st.buffer[n:], h_src)
+            assert torch.equal(d_host.buffer[:n], h_src) and torch.equal(d_host.buffer[n:], st_src)
+            await a.scatter(rs[0:4096], [ds[0:2048], dh[0:2048]], imm=3)
+            await a.barrier([ds, dh, ds], 4)
+            await b.counter(3).wait(2)
+            await b.counter(4).wait(3)
+            assert torch.equal(d_st.buffer[:2048], st_src[:2048])
+            assert torch.equal(d_host.buffer[:2048], st_src[2048:4096])
+        assert b.counter(1).count == 0 and b.counter(2).count == 0

@@ -118,3 +118,108 @@ def test_backend_offers_nvlink_only_when_asked():
     assert b.auto(local_only=False, nvlink=True) == []
     assert b.auto(local_only=True, nvlink=False) == []
     assert b.auto(local_only=True, nvlink=True) == ([(0, "nvlink")] if b.providers() else [])
+
+
+def test_drop_internal_keeps_fallback_batch_sub_tokens():
+    # A batch posted entry by entry completes under sub-tokens (SUB_BIT set, above
+    # INTERNAL_TOKENS): they are the engine's, or the batch never ends.
+    from asyncfabric.transport.batching import sub_token
+
+    evs = [OpDone(sub_token(9, 0)), OpDone(INTERNAL_TOKENS + 3), OpDone(sub_token(9, 1), IO_ERROR)]
+    kept, failed = drop_internal(evs)
+    assert kept == [OpDone(sub_token(9, 0)), OpDone(sub_token(9, 1), IO_ERROR)]
+    assert failed == 0
+
+
+def _gpu_batch(a, pb, gpu_src: bool, gpu_dst: bool):
+    """A two-entry batch from a (fabricated) GPU registration and/or into a GPU remote."""
+    import numpy as np
+
+    from asyncfabric.backends.cuda_ipc import _GpuRemote
+    from asyncfabric.transport import Registration, WriteBatch
+
+    host_src = a.inner.register(0, 64, remote_write=False, remote_read=False)
+    src = (
+        Registration(7, (7,), (0xDEAD0000,), 0xDEAD0000, 64, "cuda", 0, b"C")
+        if gpu_src
+        else host_src
+    )
+    t = Target((0xBEEF0000,), (7,), 64, 1 << 20, b"C")
+    dst = (
+        _GpuRemote(pb, 1, t, 0xBEEF0000, 64)
+        if gpu_dst
+        else a.remote(pb, 1, Target((0,), (0,), 64, 1 << 20, b"H"))
+    )
+    return WriteBatch(
+        5, (src,), (dst,), np.zeros(2, np.uint32), np.zeros(2, np.uint32),
+        np.array([0, 32], np.uint64), np.array([0, 32], np.uint64),
+        np.array([32, 32], np.uint64), np.array([3, 3], np.int64), np.zeros(2, np.int32), {}, {},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("gpu_src,gpu_dst", [(True, True), (False, True)])
+def test_gpu_batches_never_reach_the_native_host_batch_path(gpu_src, gpu_dst):
+    """The 2026-12-06 GPU weights crash: CudaIpcTransport forwarded post_batch to the
+    shm transport's native batch, which memcpy()d from device pointers (SIGSEGV). A
+    batch with a GPU side must go entry by entry through cuda_ipc's own post_write."""
+    native = []
+    inner = LoopbackTransport(domains=1, ctrl_max=64, complete="event")
+    inner.post_batch = lambda b: native.append(b) or True  # (patched before wrapping)
+    a = CudaIpcTransport(inner)
+    b = CudaIpcTransport(LoopbackTransport(domains=1, ctrl_max=64, complete="event"))
+    try:
+        pb = a.add_peer(b.addresses)
+        posted = []
+        a.post_write = lambda *args: posted.append(args) or True  # no CUDA here: record
+        batch = _gpu_batch(a, pb, gpu_src, gpu_dst)
+        assert a.post_batch(batch) is True
+        assert native == []
+        assert [(p[2], p[4], p[5], p[6]) for p in posted] == [(0, 0, 32, 3), (32, 32, 32, 3)]
+        assert batch.cache["cuda_ipc"] is True  # decided once per compiled batch
+    finally:
+        a.close()
+        b.close()
+
+
+def test_gpu_to_host_batch_entries_are_refused_before_anything_is_posted(pair):
+    from asyncfabric import RegionError
+
+    a, _, pb = pair
+    posted = []
+    a.post_write = lambda *args: posted.append(args) or True
+    batch = _gpu_batch(a, pb, True, False)
+    with pytest.raises(RegionError, match="batch entry 0: cuda_ipc cannot write GPU memory"):
+        a.post_batch(batch)
+    assert posted == []
+
+
+def test_host_batches_keep_the_native_path():
+    native = []
+    inner = LoopbackTransport(domains=1, ctrl_max=64, complete="event")
+    inner.post_batch = lambda b: native.append(b) or True
+    a = CudaIpcTransport(inner)
+    b = CudaIpcTransport(LoopbackTransport(domains=1, ctrl_max=64, complete="event"))
+    try:
+        pb = a.add_peer(b.addresses)
+        batch = _gpu_batch(a, pb, False, False)
+        assert a.post_batch(batch) is True
+        assert native == [batch]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reads_of_gpu_memory_are_refused(pair):
+    from asyncfabric import Unsupported
+    from asyncfabric.backends.cuda_ipc import _GpuRemote
+    from asyncfabric.transport import Registration
+
+    a, _, pb = pair
+    gpu_reg = Registration(7, (7,), (0xDEAD0000,), 0xDEAD0000, 64, "cuda", 0, b"C")
+    t = Target((0xBEEF0000,), (7,), 64, 1 << 20, b"C")
+    with pytest.raises(Unsupported, match="no one-sided read of GPU memory"):
+        a.post_read(1, _GpuRemote(pb, 1, t, 0xBEEF0000, 64), 0, a.inner.register(0, 64,
+                    remote_write=True, remote_read=True), 0, 64)  # fmt: skip
+    host = a.remote(pb, 1, Target((0,), (0,), 64, 1 << 20, b"H"))
+    with pytest.raises(Unsupported, match="no one-sided read of GPU memory"):
+        a.post_read(1, host, 0, gpu_reg, 0, 64)

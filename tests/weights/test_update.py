@@ -113,6 +113,36 @@ async def test_update_is_bitwise_and_logits_match(provider, kw, iw):
         check_bitwise(il, rxs, full2)
 
 
+async def test_update_staged_through_host_mirrors(provider, kw):
+    """The GPU path on shm without FI_HMEM, on CPU: every tensor the sender and receivers
+    register is staged through a host mirror (the staged wrapper's test switch), so every
+    write_many of an update is a staged batch, as with CUDA tensors."""
+    cfg = M.config()
+    model = M.build(cfg, dtype=torch.bfloat16)
+    full = M.full_params(model)
+    tl = Layout.of(full, 2, M.fsdp_rule)
+    il = Layout.of(full, 2, M.tp_rule(cfg))
+    async with engines(2, provider, kw) as teng, engines(2, provider, kw) as reng:
+        for e in (*teng, *reng):
+            e.transport.stage_host_tensors = True
+        s = Setup(cfg, tl, full, teng)
+        rxs = s.add_receivers(il, reng)
+        assert s.senders[0]._region.staged and rxs[0]._regions[0].staged
+        await s.start(rxs)
+        with anyio.fail_after(60):
+            await s.update(1)
+        assert s.senders[0]._stage_regions and all(
+            r.staged for x in s.senders for r in x._stage_regions
+        )
+        check_bitwise(il, rxs, full)
+        for b in s.bufs:
+            b.view(torch.bfloat16).mul_(-0.5)
+        full2 = s.trainer_full()
+        with anyio.fail_after(60):
+            await s.update(2)
+        check_bitwise(il, rxs, full2)
+
+
 async def test_cast_fp32_trainer_to_bf16_inference(provider, kw):
     cfg = M.config()
     model = M.build(cfg, dtype=torch.float32)

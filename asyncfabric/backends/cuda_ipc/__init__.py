@@ -21,8 +21,14 @@ never stalls on the host, so back-to-back writes keep the copy engines busy.
 Copies of at most INLINE_SYNC_BYTES are waited on inline, which saves the
 wake-up for small latency-bound writes.
 
-The doorbell posts are this transport's own (tokens at and above ``2**62``):
-:func:`drop_internal` keeps their completions, held or final, from the engine.
+The doorbell posts are this transport's own (tokens from ``2**62`` up to the
+fallback batches' sub-tokens at ``2**63``): :func:`drop_internal` keeps their
+completions, held or final, from the engine.
+
+Batches (``write_many``, ``scatter``, ``barrier``) with a GPU source or a GPU target
+go entry by entry through :meth:`CudaIpcTransport.post_write` (the contract's
+fallback); only all-host batches reach the shm transport's native batch path, which
+copies host memory only (a GPU pointer there was a SIGSEGV, docs/weights.md "GPU").
 """
 
 from __future__ import annotations
@@ -37,7 +43,13 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..._errors import BackendUnavailable, DescriptorError, PeerUnreachable, RegionError
+from ..._errors import (
+    BackendUnavailable,
+    DescriptorError,
+    PeerUnreachable,
+    RegionError,
+    Unsupported,
+)
 from ...transport import (
     EVENTS_READY,
     NO_IMM,
@@ -50,8 +62,10 @@ from ...transport import (
     Remote,
     Target,
     Transport,
+    WriteBatch,
     expected_imms,
 )
+from ...transport.batching import SUB_BIT, post_batch_each
 from ...transport.events import Event
 from ...transport.status import IO_ERROR
 from ..staged.copies import CopyWaiter, producer_stream
@@ -92,7 +106,8 @@ def drop_internal(events: list[Event]) -> tuple[list[Event], int]:
     keep: list[Event] | None = None
     failed = 0
     for i, ev in enumerate(events):
-        if ev.__class__ is OpDone and ev.token >= INTERNAL_TOKENS:  # type: ignore[union-attr]
+        # (a fallback batch's sub-tokens, SUB_BIT set, are the engine's)
+        if ev.__class__ is OpDone and INTERNAL_TOKENS <= ev.token < SUB_BIT:  # type: ignore[union-attr]
             if ev.status and not ev.held:  # type: ignore[union-attr]
                 failed += 1
             if keep is None:
@@ -136,6 +151,27 @@ class CudaIpcBackend(Backend):
         except BaseException:
             inner.close()
             raise
+
+
+def _gpu_batch(batch: WriteBatch) -> bool:
+    """Whether ``batch`` has a GPU side; raises, before anything is posted, naming the
+    first entry that writes GPU memory into a host region (which post_write refuses)."""
+    cuda_src = [r is not None and r.device == "cuda" for r in batch.srcs]
+    gpu_dst = [d.__class__ is _GpuRemote for d in batch.dsts]
+    if not any(cuda_src) and not any(gpu_dst):
+        return False
+    bad = (
+        np.array(cuda_src, bool)[batch.src]
+        & ~np.array(gpu_dst, bool)[batch.dst]
+        & (batch.nbytes > 0)
+    )
+    if bad.any():
+        raise RegionError(
+            f"batch entry {int(np.argmax(bad))}: cuda_ipc cannot write GPU memory into a "
+            "peer's host memory; register a CUDA tensor on the receiving side, or use a "
+            "libfabric provider (staged path)"
+        )
+    return True
 
 
 class _GpuRemote(Remote):
@@ -372,6 +408,28 @@ class CudaIpcTransport(ForwardingTransport):
             except Exception as exc:
                 err = exc
         self._q.push(OpDone(token, IO_ERROR if err else 0, False, err))
+
+    def post_batch(self, batch: WriteBatch) -> bool:
+        # The inner shm transport's native batch path hands every pointer to the
+        # provider, which memcpy()s host memory only: any GPU entry makes the whole
+        # batch go entry by entry through post_write (copy-engine copies, immediates
+        # through the doorbell). Decided once per compiled batch.
+        gpu = batch.cache.get("cuda_ipc")
+        if gpu is None:
+            gpu = batch.cache["cuda_ipc"] = _gpu_batch(batch)
+        if gpu:
+            return post_batch_each(self, batch)
+        return self.inner.post_batch(batch)
+
+    def post_read(
+        self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
+    ) -> bool:
+        if src.__class__ is _GpuRemote or dst.device == "cuda":
+            raise Unsupported(
+                "cuda_ipc has no one-sided read of GPU memory (either side); have the peer "
+                "write instead, or read between host regions"
+            )
+        return self.inner.post_read(token, src, roff, dst, doff, nbytes)
 
     def post_paged(self, op: PagedWrite) -> bool:
         if op.dst.__class__ is _GpuRemote or op.src.device == "cuda":

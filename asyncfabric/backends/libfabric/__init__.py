@@ -71,6 +71,19 @@ def wants_hmem(cuda: str, provider: str) -> bool:
     return cuda == "direct" or provider.partition(";")[0] != "shm"
 
 
+def _postable(reg: Registration | None, hmem: bool) -> bool:
+    """Whether the native core may hand ``reg``'s memory to the provider: host memory,
+    or CUDA memory registered directly (iface CUDA) on a transport opened with FI_HMEM.
+
+    A staged registration never is: its ``ptr`` is the GPU tensor's, only its mirror's
+    keys are host memory (backends/staged posts from the mirror itself). Nor is another
+    transport's (cuda_ipc's GPU registration: a device pointer and a handle of its own,
+    which may well be the index of a live host MR of the shm engine under it)."""
+    return reg is None or (
+        not reg.staged and (reg.device == "cpu" or (hmem and reg.device == "cuda"))
+    )
+
+
 def _keep_python_sigint() -> None:
     """Give SIGINT back to Python once libfabric has loaded its providers.
 
@@ -336,6 +349,53 @@ class LibfabricTransport(Transport):
     def remote(self, peer: int, ndom: int, target: Target) -> LibfabricRemote:
         return LibfabricRemote(peer, ndom, target)
 
+    # The native paths below hand pointers to the provider as they are: shm opened
+    # without FI_HMEM memcpy()s from and into them, and a device pointer there is a
+    # SIGSEGV, not an error. So every post first checks what it was given (the kind is
+    # known from the registration; a batch is checked once, when it is packed).
+
+    def _refuse_local(self, reg: Registration, what: str, role: str) -> RegionError:
+        kind = f"{'staged ' if reg.staged else ''}{reg.device}"
+        if reg.staged:
+            why = "its pointer is the GPU tensor's; only its host mirror may be posted"
+        elif self.hmem:
+            why = "the provider takes host and directly registered cuda memory only"
+        else:
+            why = (
+                "this transport was opened without FI_HMEM, so the provider copies host memory only"
+            )
+        return RegionError(
+            f"{what}: the {role} is {kind} memory, which libfabric:{self.provider} cannot "
+            f"touch ({why}); post it through an engine whose transport stages GPU memory "
+            "(Engine(cuda='auto') on a libfabric provider) or copies it itself (cuda_ipc), "
+            "or copy it into a registered host buffer first"
+        )
+
+    def _refuse_remote(self, dst: Remote, what: str, role: str) -> RegionError:
+        return RegionError(
+            f"{what}: the {role} is a {type(dst).__name__} (a GPU or staged region that a "
+            f"wrapper prepared), not a region libfabric:{self.provider} can address; post it "
+            "through that wrapper (the engine does), never to the libfabric transport directly"
+        )
+
+    def _check_write(self, dst: Remote, src: Registration | None, what: str) -> None:
+        if dst.__class__ is not LibfabricRemote:
+            raise self._refuse_remote(dst, what, "destination")
+        if src is not None and not _postable(src, self.hmem):
+            raise self._refuse_local(src, what, "source")
+
+    def _check_batch(self, batch: WriteBatch) -> None:
+        """Refuse, naming the first entry, a batch with memory the provider cannot touch."""
+        for k, r in enumerate(batch.srcs):
+            if not _postable(r, self.hmem):
+                i = int(np.flatnonzero(batch.src == k)[0])
+                assert r is not None
+                raise self._refuse_local(r, f"batch entry {i}", "source")
+        for k, d in enumerate(batch.dsts):
+            if d.__class__ is not LibfabricRemote:
+                i = int(np.flatnonzero(batch.dst == k)[0])
+                raise self._refuse_remote(d, f"batch entry {i}", "destination")
+
     def post_write(
         self,
         token: int,
@@ -347,6 +407,10 @@ class LibfabricTransport(Transport):
         imm: int,
         stream: Any = None,
     ) -> bool:
+        if dst.__class__ is not LibfabricRemote or (
+            src is not None and (src.staged or src.device != "cpu")
+        ):
+            self._check_write(dst, src, f"write of {nbytes} bytes")
         r: LibfabricRemote = dst  # type: ignore[assignment]
         if src is None:
             ptr, handle = ffi.NULL, -1
@@ -371,6 +435,7 @@ class LibfabricTransport(Transport):
         return rc == 1
 
     def post_paged(self, op: PagedWrite) -> bool:
+        self._check_write(op.dst, op.src, f"paged write of {len(op.src_off)} pages")
         r: LibfabricRemote = op.dst  # type: ignore[assignment]
         rc = lib.afe_post_paged(
             self._e,
@@ -394,6 +459,7 @@ class LibfabricTransport(Transport):
     def post_batch(self, batch: WriteBatch) -> bool:
         packed = batch.cache.get("libfabric")
         if packed is None:
+            self._check_batch(batch)  # once per compiled batch: reposts reuse the packing
             packed = batch.cache["libfabric"] = _pack_batch(batch)
         tgts, ntgt, ents, n = packed
         rc = lib.afe_post_batch(
@@ -406,6 +472,10 @@ class LibfabricTransport(Transport):
     def post_read(
         self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
     ) -> bool:
+        if src.__class__ is not LibfabricRemote:
+            raise self._refuse_remote(src, f"read of {nbytes} bytes", "source")
+        if not _postable(dst, self.hmem):
+            raise self._refuse_local(dst, f"read of {nbytes} bytes", "destination")
         r: LibfabricRemote = src  # type: ignore[assignment]
         rc = lib.afe_post_read(
             self._e,

@@ -48,7 +48,7 @@ from ...transport import (
     expected_imms,
     piece_bytes,
 )
-from ...transport.batching import post_batch_each
+from ...transport.batching import SUB_BIT, post_batch_each
 from ...transport.events import Event
 from ...transport.status import IO_ERROR
 from .copies import (
@@ -72,7 +72,7 @@ _LANDED_TAG = bytes([MSG_LANDED])
 _LANDED = struct.Struct("<QQQqQ")  # stage id, offset, length, imm (-1: none), count
 LANDING_NOTICE_BYTES = 1 + _LANDED.size
 _STAGE_ID = struct.Struct("<Q")  # leads a staged registration's ext: the receiver's stage id
-_INTERNAL = 1 << 62  # tokens of the posts this wrapper makes itself
+_INTERNAL = 1 << 62  # tokens of the posts this wrapper makes itself (below SUB_BIT)
 _DRAIN_ROUNDS = 8  # inner drains per drain, at most, while our follow-ups cause events
 # Methods bound to the inner transport's until staging is first needed.
 _HOT = (
@@ -648,7 +648,8 @@ class StagedTransport(ForwardingTransport):
     def _sift(self, evs: list[Event]) -> list[Event]:
         """Unframe user messages; keep landing notices and internal completions to ourselves."""
         keep: list[Event] | None = None
-        message, opdone, internal, user = Message, OpDone, _INTERNAL, _USER
+        # (a fallback batch's sub-tokens, SUB_BIT set, are the engine's, not internal)
+        message, opdone, internal, sub, user = Message, OpDone, _INTERNAL, SUB_BIT, _USER
         for i, ev in enumerate(evs):
             cls = ev.__class__
             if cls is message:
@@ -659,7 +660,7 @@ class StagedTransport(ForwardingTransport):
                         keep.append(ev)
                     continue
                 self._control(d)
-            elif cls is opdone and ev.token >= internal:  # type: ignore[union-attr]
+            elif cls is opdone and internal <= ev.token < sub:  # type: ignore[union-attr]
                 self._internal_done(ev)  # type: ignore[arg-type]
             else:
                 if keep is not None:
