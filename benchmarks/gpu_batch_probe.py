@@ -153,6 +153,7 @@ async def _weights(case: str) -> None:
 
     import asyncfabric as af
     from asyncfabric.weights import Layout, Receiver, Replicated, Sender, Split, column, row
+    from asyncfabric.weights import fp8 as fp8mod
 
     _, kind, provider = case.split(" ")
     fp8 = kind == "fp8"
@@ -190,16 +191,7 @@ async def _weights(case: str) -> None:
                 *(t.update(v, [rx.info for rx in rxs], amax=amax, timeout=20) for t in txs),
                 *(rx.wait_version(v, timeout=30) for rx in rxs),
             )
-        ref = {n: t.to(i_dt[n]) for n, t in full.items()}
-        for n in names:
-            scale = full[n].abs().max().float() / 448
-            ref[n] = (full[n].float() / scale).to(torch.float8_e4m3fn)
-            ref[n + "_scale"] = scale
-        equal = []
-        for rx in rxs:
-            want = il.alloc(rx.rank, dev)
-            il.fill(want, rx.rank, ref)
-            equal.append(bool(torch.equal(want, rx.buffer)))
+        equal = fp8mod.shards_equal(il, rxs, fp8mod.reference(il, full))
         for x in (*txs, *rxs):
             x.close()
         print(case, "landed, equal:", all(equal), equal, flush=True)

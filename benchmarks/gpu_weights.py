@@ -35,6 +35,7 @@ import torch
 
 import asyncfabric as af
 from asyncfabric.weights import Layout, Receiver, Sender, Split
+from asyncfabric.weights import fp8 as fp8mod
 from asyncfabric.weights.rules import megatron_fused
 
 
@@ -81,16 +82,7 @@ async def bitwise_case(provider: str, device: str, iw: int, tdtype: Any, idtype:
         await asyncio.gather(*(t.update(1, [rx.info for rx in rxs], amax=amax_d) for t in txs),
                              *(rx.wait_version(1, timeout=60) for rx in rxs))  # fmt: skip
         dt = time.perf_counter() - t0
-        ref = {n: t.to(il.params[n].dtype) for n, t in full.items()}
-        for n in names:  # the one-process cast: scale = amax / 448, division in fp32
-            scale = full[n].abs().max().float() / 448
-            ref[n] = (full[n].float() / scale).to(torch.float8_e4m3fn)
-            ref[n + "_scale"] = scale
-        equal = []
-        for rx in rxs:
-            want = il.alloc(rx.rank, device)
-            il.fill(want, rx.rank, ref)
-            equal.append(bool(torch.equal(want, rx.buffer)))
+        equal = fp8mod.shards_equal(il, rxs, fp8mod.reference(il, full))
         same: bool | None = None  # fp8: the shards and scales are the check
         if not fp8:
             inf = Phi3ForCausalLM(cfg).to(device=device, dtype=idtype).eval()

@@ -13,8 +13,14 @@ ranks must agree on ``amax``: the caller reduces :meth:`Sender.local_amax` over 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .layout import Layout
+    from .receiver import Receiver
 
 E4M3: torch.dtype | None = getattr(torch, "float8_e4m3fn", None)
 """``torch.float8_e4m3fn`` where this torch has it (>= 2.1), else None."""
@@ -75,3 +81,37 @@ def amax(x: torch.Tensor) -> torch.Tensor:
         return torch.zeros((), dtype=torch.float32, device=x.device)
     lo, hi = torch.aminmax(x)
     return torch.maximum(-lo, hi).float()
+
+
+def reference(layout: Layout, full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What ``layout``'s ranks should hold, cast in one process from the full tensors.
+
+    fp8 parameters: ``scale = amax / 448`` of the whole tensor (fp32; 1.0 for an all-zero
+    tensor), ``q = (x.float() / scale) -> e4m3``, and ``name + "_scale"`` beside it; every
+    other parameter: ``x`` cast to the layout's dtype. Written apart from
+    :func:`quantize_into` (one division over the whole tensor, no blocks), so a check
+    against it can catch a bug in the sender's cast."""
+    out: dict[str, torch.Tensor] = {}
+    for n, x in full.items():
+        dt = layout.params[n].dtype
+        if not is_fp8(dt):
+            out[n] = x.to(dt)
+            continue
+        a = x.abs().max().float()
+        scale = a / E4M3_MAX if float(a) else torch.ones((), dtype=torch.float32, device=x.device)
+        out[n] = (x.float() / scale).to(dt)
+        out[n + SCALE_SUFFIX] = scale
+    return out
+
+
+def shards_equal(
+    layout: Layout, receivers: Sequence[Receiver], ref: Mapping[str, torch.Tensor]
+) -> list[bool]:
+    """Per receiver: is its served buffer bitwise what ``ref`` (full tensors, e.g. from
+    :func:`reference`) gives for its rank?"""
+    equal = []
+    for rx in receivers:
+        want = layout.alloc(rx.rank, rx.buffer.device)
+        layout.fill(want, rx.rank, ref)
+        equal.append(bool(torch.equal(want, rx.buffer)))
+    return equal
