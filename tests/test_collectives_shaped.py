@@ -104,3 +104,15 @@ def test_allreduce_over_a_shaped_link():
     line = (4 * N - link.burst) * 8 / RATE
     assert out[0]["seconds"] >= 0.8 * line, (out[0]["seconds"], line, stats)
     assert all("Sent" in s for s in stats), stats
+
+
+def test_parse_rate():
+    from asyncfabric.bench.shaped import parse_rate
+
+    assert parse_rate("10gbit") == 10_000_000_000
+    assert parse_rate("2.5gbit") == 2_500_000_000
+    assert parse_rate("800mbit") == 800_000_000
+    assert parse_rate("100mbps") == 800_000_000  # tc: bps is bytes a second
+    for bad in ("fast", "10", "5tbit", ""):
+        with pytest.raises(ValueError):
+            parse_rate(bad)
