@@ -139,19 +139,20 @@ async def test_int8_within_bound_and_identical(ranks, n):
 def _dequantized(x: torch.Tensor, block: int) -> np.ndarray:
     """``x`` quantized by the kernel as a sender does, then dequantized into fp32."""
     from asyncfabric.collectives import _kernels as K
-    from asyncfabric.collectives.tensors import BF16, F32
+    from asyncfabric.collectives.tensors import BF16, F16, F32
 
     n, a = x.numel(), (x.numel() + 7) & ~7
     w = np.zeros(a + 2 * (-(-n // block)) + 8, np.uint8)
     p = w.ctypes.data
-    K.quantize(x.data_ptr(), F32 if x.dtype == torch.float32 else BF16, n, block, p, p + a)
+    code = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}[x.dtype]
+    K.quantize(x.data_ptr(), code, n, block, p, p + a)
     y = np.empty(n, np.float32)
     K.dequantize(p, p + a, n, block, y.ctypes.data, F32, False)
     return y
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 async def test_int8_oneshot_sums_the_contributions_unrequantized(ranks, dtype):
     """One-shot sends no sum, so its sum is the fp32 sum of the P dequantized
     contributions in rank order, rounded once to the dtype, not quantized once more."""
