@@ -136,6 +136,43 @@ async def test_int8_within_bound_and_identical(ranks, n):
     assert err.max() > 0
 
 
+def _dequantized(x: torch.Tensor, block: int) -> np.ndarray:
+    """``x`` quantized by the kernel as a sender does, then dequantized into fp32."""
+    from asyncfabric.collectives import _kernels as K
+    from asyncfabric.collectives.tensors import BF16, F16, F32
+
+    n, a = x.numel(), (x.numel() + 7) & ~7
+    w = np.zeros(a + 2 * (-(-n // block)) + 8, np.uint8)
+    p = w.ctypes.data
+    code = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}[x.dtype]
+    K.quantize(x.data_ptr(), code, n, block, p, p + a)
+    y = np.empty(n, np.float32)
+    K.dequantize(p, p + a, n, block, y.ctypes.data, F32, False)
+    return y
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+async def test_int8_oneshot_sums_the_contributions_unrequantized(ranks, dtype):
+    """One-shot sends no sum, so its sum is the fp32 sum of the P dequantized
+    contributions in rank order, rounded once to the dtype, not quantized once more."""
+    g = torch.Generator().manual_seed(ranks)
+    n = 2000 + 13  # a partial last block; 8 KiB at most: one-shot
+    xs = [(torch.randn(n, generator=g) * torch.randn(n, generator=g).exp()).to(dtype)
+          for _ in range(ranks)]  # fmt: skip
+    want = torch.from_numpy(_ref_sum([_dequantized(x, 32) for x in xs])).to(dtype)
+    async with local_views(ranks, "shm") as views:
+        ins = [x.clone() for x in xs]
+        await _all(
+            [
+                lambda i=i: all_reduce(ins[i], views[i], quant="int8", timeout=TIMEOUT)
+                for i in range(ranks)
+            ]  # fmt: skip
+        )
+    for i in range(ranks):
+        assert torch.equal(ins[i], want), f"rank {i}: {(ins[i] - want).abs().max()}"
+
+
 async def test_mismatched_calls_fail_every_rank():
     async with local_views(3, "shm") as views:
         a = [np.ones(1000, np.float32), np.ones(1000, np.float32), np.ones(1001, np.float32)]

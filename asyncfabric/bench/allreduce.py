@@ -1,10 +1,15 @@
 """``asyncfabric bench allreduce``: all-reduce side by side with torch.distributed gloo.
 
 asyncfabric bench allreduce --provider tcp --ranks 2 --sizes 8K-256M --json out.json
+asyncfabric bench allreduce --link-rate 10gbit     # every rank in its own network namespace
 asyncfabric bench allreduce --accuracy [--decode]   # errors, not speed: allreduce_accuracy.py
 
 P processes (spawned), each with one engine joined to one group (an embedded
-store served by this process) and one gloo process group over loopback. Every size runs every implementation in rounds (one repeat of each,
+store served by this process) and one gloo process group over loopback; with
+``--link-rate`` (tcp, root) each rank runs in its own network namespace behind a
+bridge, every port limited to that rate each way by ``tc`` (``bench/shaped.py``), and
+everything (asyncfabric, gloo, the store) goes over that link. Every size runs every
+implementation in rounds (one repeat of each,
 in turn, ``--repeats`` rounds) so drift hits them alike. A repeat is ``iters``
 back-to-back all-reduces after a barrier; its time is the slowest rank's.
 Rows: latency (µs per all-reduce, median of repeats) and algorithm bandwidth
@@ -21,6 +26,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import socket
 import statistics
 import sys
@@ -60,14 +66,15 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
     from asyncfabric.collectives import AllReduce
 
     P = args["ranks"]
+    host = args["addrs"][0] if args["addrs"] else "127.0.0.1"
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{args['port']}", rank=rank, world_size=P
+        "gloo", init_method=f"tcp://{host}:{args['port']}", rank=rank, world_size=P
     )
     kw: dict[str, Any] = {}
     if args["policy"] != "default":
         kw["progress"] = getattr(af.ProgressPolicy, args["policy"])()
     if args["provider"] == "tcp":
-        kw["node"] = "127.0.0.1"
+        kw["node"] = args["addrs"][rank] if args["addrs"] else "127.0.0.1"
     async with af.Engine(args["provider"], **kw) as eng:
         store = await af.store.connect(args["store"], secret=args["secret"])
         grp = await af.join(store, group="bench-allreduce", name=f"r{rank:04d}", engine=eng, ttl=30)
@@ -118,6 +125,7 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
                             "suite": "allreduce",
                             "impl": impl,
                             "provider": args["provider"],
+                            "link_rate_bps": args["link_rate"],
                             "ranks": P,
                             "dtype": "float32" if impl.endswith("fp32") else "bfloat16",
                             "size_bytes": size,
@@ -139,8 +147,9 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
 
 
 @contextlib.contextmanager
-def _store() -> Iterator[tuple[str, str]]:
-    """An embedded group store on loopback, served from a thread of this process."""
+def _store(ns: str | None = None, host: str = "127.0.0.1") -> Iterator[tuple[str, str]]:
+    """An embedded group store on ``host``, served from a thread of this process (inside
+    network namespace ``ns`` if given: only that thread enters it)."""
     import asyncfabric as af
 
     secret = os.urandom(16).hex()
@@ -148,7 +157,11 @@ def _store() -> Iterator[tuple[str, str]]:
     box: dict[str, Any] = {}
 
     async def serve() -> None:
-        srv = await af.store.serve("127.0.0.1:0", secret=secret)
+        if ns is not None:
+            from .shaped import enter
+
+            enter(ns)
+        srv = await af.store.serve(f"{host}:0", secret=secret)
         box["url"], box["loop"], box["stop"] = srv.url, asyncio.get_running_loop(), asyncio.Event()
         ready.set()
         await box["stop"].wait()
@@ -167,6 +180,11 @@ def _store() -> Iterator[tuple[str, str]]:
 
 def _worker(rank: int, args: dict[str, Any], q: Any) -> None:
     try:
+        if args["netns"]:  # first, before any thread or socket exists
+            from .shaped import enter
+
+            enter(args["netns"][rank])
+            os.environ["GLOO_SOCKET_IFNAME"] = args["iface"]
         asyncio.run(_rank_main(rank, args, q))
     except BaseException as exc:  # report, then let the parent fail the run
         q.put({"error": f"rank {rank}: {type(exc).__name__}: {exc}"})
@@ -242,10 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         help="where the tensors live: cpu, or cuda (every rank on cuda:0; run under CUDA MPS)",
     )
     p.add_argument("--piece", type=int, help="values per pipeline piece (default: built in)")
+    p.add_argument(
+        "--link-rate",
+        help="tcp only, needs root and tc: run every rank in its own network namespace, "
+        "on a bridge, every port limited to this rate each way (e.g. 2.5gbit, 10gbit)",
+    )
     p.add_argument("--json", help="write the rows to this JSON file")
     a = p.parse_args(argv)
-    from ..collectives import ONESHOT_BYTES
-
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     bad = [i for i in impls if i not in IMPLS]
     if bad:
@@ -256,7 +277,54 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [_size(s) for s in a.sizes.split(",")]
     except ValueError:
         p.error(f"--sizes: not a list of sizes: {a.sizes!r} (example: 8K,1M,256M)")
-    with _store() as (url, secret):
+    rate = None
+    if a.link_rate is not None:
+        from .shaped import parse_rate, shaped_available
+
+        if a.provider != "tcp":
+            p.error("--link-rate shapes a tcp link: use it with --provider tcp")
+        try:
+            rate = parse_rate(a.link_rate)
+        except ValueError as exc:
+            p.error(f"--link-rate: {exc}")
+        reason = shaped_available()
+        if reason is not None:
+            p.error(f"--link-rate: cannot build a shaped link here: {reason}")
+    with contextlib.ExitStack() as stack:
+        link = None
+        if rate is not None:
+            from .shaped import ShapedLink
+
+            link = stack.enter_context(ShapedLink(a.ranks, rate))
+            print(
+                f"shaped link: {a.ranks} namespaces on a bridge, {rate / 1e9:g} Gbit/s "
+                f"each way a port (tbf burst {link.burst} B)",
+                file=sys.stderr,
+            )
+        rows, errors = _run(a, sizes, impls, rate, link, stack)
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    where = "loopback" if rate is None else f"shaped link {rate / 1e9:g} Gbit/s"
+    print(
+        f"all-reduce, {a.ranks} ranks, provider {a.provider} ({where}), device {a.device}, "
+        f"os.cpu_count()={os.cpu_count()}"
+    )
+    print(_table(rows))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"suite": "allreduce", "rows": rows}, f, indent=1)
+    return 0
+
+
+def _run(
+    a: Any, sizes: list[int], impls: list[str], rate: int | None, link: Any, stack: Any
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Serve the store, spawn the ranks, collect their rows; every rank is gone on return
+    (a process left inside a namespace would keep it alive)."""
+    from ..collectives import ONESHOT_BYTES
+
+    store = _store() if link is None else _store(link.switch_ns, link.switch_addr)
+    with store as (url, secret):
         args = {
             "store": url,
             "secret": secret,
@@ -265,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             "sizes": sizes,
             "impls": impls,
             "repeats": max(1, a.repeats),
-            "port": _free_port(),
+            "port": _free_port() if link is None else 29500,  # a fresh namespace: free
+            "link_rate": rate,
+            "netns": None if link is None else link.ns,
+            "addrs": None if link is None else link.addr,
+            "iface": None if link is None else link.iface,
             "policy": a.policy,
             "device": "cuda:0" if a.device == "cuda" else a.device,
             "ar_kw": {} if a.piece is None else {"piece_elems": a.piece},
@@ -274,12 +346,31 @@ def main(argv: list[str] | None = None) -> int:
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(r, args, q)) for r in range(a.ranks)]
+
+        def stop() -> None:
+            for pr in procs:
+                if pr.is_alive():
+                    pr.terminate()
+            for pr in procs:
+                pr.join(5)
+                if pr.is_alive():
+                    pr.kill()
+                    pr.join(5)
+
+        stack.callback(stop)  # runs before the link is taken down, on errors too
         for pr in procs:
             pr.start()
         rows: list[dict[str, Any]] = []
         done, errors = 0, []
         while done < a.ranks:
-            msg = q.get()
+            try:
+                msg = q.get(timeout=5)
+            except queue.Empty:
+                dead = [pr for pr in procs if pr.exitcode not in (None, 0)]
+                if dead:
+                    errors.append(f"rank process exited with code {dead[0].exitcode}")
+                    break
+                continue
             if "done" in msg:
                 done += 1
             elif "error" in msg:
@@ -298,14 +389,5 @@ def main(argv: list[str] | None = None) -> int:
                 )
         for pr in procs:
             pr.join(10)
-    if errors:
-        raise RuntimeError("; ".join(errors))
-    print(
-        f"all-reduce, {a.ranks} ranks, provider {a.provider}, device {a.device}, "
-        f"os.cpu_count()={os.cpu_count()}"
-    )
-    print(_table(rows))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"suite": "allreduce", "rows": rows}, f, indent=1)
-    return 0
+        stop()
+    return rows, errors

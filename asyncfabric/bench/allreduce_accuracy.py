@@ -147,14 +147,16 @@ def _decode_summary(d: dict[str, Any]) -> str:
         f"Llama hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads "
         f"({s['kv_heads']} KV), MLP {s['intermediate']}, vocab {s['vocab']}, seed {s['seed']}, "
         f"fp32; tensor-parallel over {d['world']} processes ({d['provider']}), "
-        f"prompt {s['prompt']}, {s['tokens']} tokens greedy",
+        f"prompt {s['prompt']}, {s['tokens']} tokens greedy"
+        + (f", trained {s['train_steps']} steps on a Markov chain" if s["train_steps"] else ""),
         f"  one unsplit shard vs HF forward: max |logit diff| {d['hf_max_logit_diff_1rank']:.2e}",
         f"  quant=None vs HF (one process): tokens agree {d['exact_vs_hf_agreement']:.1%}, "
         f"max |logit diff| {d['exact_vs_hf_max_logit_diff']:.2e}",
         f"  quant=None vs the same split summed in one process: "
         f"{'identical' if d['exact_equals_local_sum'] else 'DIFFERENT'} tokens",
         f"  exact run's top-1 minus top-2 logit: min {d['exact_top2_gap_min']:.3g}, "
-        f"median {d['exact_top2_gap_median']:.3g}",
+        f"median {d['exact_top2_gap_median']:.3g}; top-1 probability median "
+        f"{d['exact_top1_prob_median']:.3g}",
     ]
     for path in ("int8", "bf16"):
         r = d[path]
@@ -211,6 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", action="store_true", help="also the tensor-parallel decoding check")
     p.add_argument("--block", type=int, default=Spec.block, help="values per int8 scale (32)")
     p.add_argument("--tokens", type=int, default=Spec.tokens, help="decoded tokens (--decode)")
+    p.add_argument(
+        "--train",
+        type=int,
+        default=0,
+        help="--decode on a model trained this many steps on a synthetic Markov chain "
+        "(tp_llama.Chain: confident predictions, as trained models make) instead of the "
+        "random-weight one (default 0: random weights)",
+    )
     p.add_argument("--no-table", action="store_true", help="skip the error table")
     p.add_argument("--json", help="write the results to this JSON file")
     a = p.parse_args(argv)
@@ -233,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.decode:
         out["decode"] = []
         for seed in seeds:
-            d = tp_check(replace(spec, seed=seed), world=2, provider=a.provider)
+            dspec = replace(spec, seed=seed, train_steps=a.train)
+            d = tp_check(dspec, world=2, provider=a.provider)
             out["decode"].append(d)
             print(_decode_summary(d), flush=True)
         if len(seeds) > 1:

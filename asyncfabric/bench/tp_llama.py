@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -49,10 +49,59 @@ class Spec:
     tokens: int = 64  # greedily decoded tokens
     threads: int = 1  # torch threads per process: the same on every side, so the same bits
     block: int = 32  # values per int8 scale
+    # > 0: train that many steps on :class:`Chain` first (a model with real margins);
+    # ``weights``: where tp_check saved the trained weights, so ranks need not train
+    train_steps: int = 0
+    weights: str = ""
+
+
+class Chain:
+    """A synthetic language for :func:`train`: a Markov chain on ``states`` token ids of
+    the vocab, each followed by one of 3 successors with probabilities 0.6, 0.3 and 0.1
+    (fixed seed). The best possible next-token loss is their entropy, 0.898 nats."""
+
+    def __init__(self, vocab: int, states: int = 256, seed: int = 1234) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randperm(vocab, generator=g)[: min(states, vocab)]
+        self.succ = torch.randint(0, len(self.ids), (len(self.ids), 3), generator=g)
+        self.p = torch.tensor([0.6, 0.3, 0.1])
+
+    def sample(self, n: int, length: int, g: torch.Generator) -> torch.Tensor:
+        """``n`` sequences of ``length`` token ids, each from a random state."""
+        st = torch.randint(0, len(self.ids), (n,), generator=g)
+        out = [st]
+        for _ in range(length - 1):
+            k = torch.multinomial(self.p, n, replacement=True, generator=g)
+            st = self.succ[st, k]
+            out.append(st)
+        return self.ids[torch.stack(out, 1)]
+
+
+def train(model: Any, chain: Chain, steps: int, seed: int) -> list[float]:
+    """``steps`` AdamW steps (lr 3e-3) of next-token loss on the chain's sequences, batch
+    16 x 32 tokens; returns the losses. Deterministic for a seed and thread count."""
+    g = torch.Generator().manual_seed(seed + 99)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x = chain.sample(16, 33, g)
+        logits = model(x[:, :-1]).logits
+        loss: Any = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
 
 
 def build_model(spec: Spec) -> Any:
-    """The HF ``LlamaForCausalLM`` of ``spec``, fp32, random weights under ``spec.seed``."""
+    """The HF ``LlamaForCausalLM`` of ``spec``, fp32, random weights under ``spec.seed``
+    (then, with ``spec.train_steps``, trained on :class:`Chain`, or loaded from
+    ``spec.weights``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -67,11 +116,19 @@ def build_model(spec: Spec) -> Any:
     )
     torch.manual_seed(spec.seed)
     model: Any = LlamaForCausalLM(cfg)
-    return model.float().eval()
+    model = model.float()
+    if spec.train_steps and spec.weights:
+        model.load_state_dict(torch.load(spec.weights))
+    elif spec.train_steps:
+        train(model, Chain(spec.vocab), spec.train_steps, spec.seed)
+    return model.eval()
 
 
 def prompt_ids(spec: Spec) -> torch.Tensor:
+    """The prompt: random ids, or (a trained model) a walk of its chain."""
     g = torch.Generator().manual_seed(spec.seed + 1)
+    if spec.train_steps:
+        return Chain(spec.vocab).sample(1, spec.prompt, g)[0]
     return torch.randint(0, spec.vocab, (spec.prompt,), generator=g)
 
 
@@ -334,17 +391,24 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
     tokens mostly differ too). ``forced_top1``: the same with every step fed the exact
     run's tokens (only the reduction differs). ``kl_mean``: KL(exact || path) of the
     next-token distributions of the teacher-forced steps, mean over steps, nats."""
+    import tempfile
+
     from asyncfabric.testing.ranks import spawn_views
 
-    res = spawn_views(world, tp_rank, (asdict(spec),), provider=provider, ttl=30.0)
-    bad = [r for r in res if r[0] != "ok"]
-    if bad:
-        raise RuntimeError(f"tensor-parallel ranks failed: {bad}")
-    r = {k: torch.from_numpy(v) for k, v in res[0][1].items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(spec.threads)  # the ranks' count: the same bits from every matmul
+    tmp = tempfile.TemporaryDirectory(prefix="tp_llama_")
     try:
         model = build_model(spec)
+        if spec.train_steps and not spec.weights:  # train once, here; the ranks load it
+            path = f"{tmp.name}/weights.pt"
+            torch.save(model.state_dict(), path)
+            spec = replace(spec, weights=path)
+        res = spawn_views(world, tp_rank, (asdict(spec),), provider=provider, ttl=30.0)
+        bad = [r for r in res if r[0] != "ok"]
+        if bad:
+            raise RuntimeError(f"tensor-parallel ranks failed: {bad}")
+        r = {k: torch.from_numpy(v) for k, v in res[0][1].items()}
         prompt = prompt_ids(spec)
         one_rank = check_against_hf(model, prompt)
         with torch.no_grad():
@@ -352,10 +416,12 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
             local_tok, local_logits = asyncio.run(local_decode(model, world, prompt, spec.tokens))
     finally:
         torch.set_num_threads(threads)
+        tmp.cleanup()
     exact = r["exact"]
     top2 = r["exact_logits"].topk(2, -1).values
+    p1 = r["exact_logits"].softmax(-1).max(-1).values
     d: dict[str, Any] = {
-        "spec": asdict(spec),
+        "spec": {**asdict(spec), "weights": ""},
         "world": world,
         "provider": provider,
         "hf_max_logit_diff_1rank": one_rank,
@@ -366,6 +432,7 @@ def tp_check(spec: Spec, world: int = 2, provider: str = "shm") -> dict[str, Any
         "exact_logits_equal_local_sum": bool(torch.equal(r["exact_logits"], local_logits)),
         "exact_top2_gap_min": float((top2[:, 0] - top2[:, 1]).min()),
         "exact_top2_gap_median": float((top2[:, 0] - top2[:, 1]).median()),
+        "exact_top1_prob_median": float(p1.median()),
         "tokens": {"hf": hf_tok.tolist(), "exact": exact.tolist()},
     }
     for path in PATHS:

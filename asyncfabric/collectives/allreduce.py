@@ -15,9 +15,10 @@ receiver reduces piece j while j+1 arrives.
 
 With ``quant="int8"`` every value is quantized before it is sent (int8, one
 bf16 scale per ``block`` values), dequantized on arrival and accumulated in
-fp32; the reduced chunk is quantized again for the gather. Every rank ends with
-bitwise the same result: a rank uses the same dequantized values for its own
-contribution (one-shot) or its own chunk (two-shot) that its peers receive.
+fp32; the reduced chunk is quantized again for the gather (two-shot; one-shot
+sends no sum, so its sum is not quantized). Every rank ends with bitwise the
+same result: a rank uses the same dequantized values for its own contribution
+(one-shot) or its own chunk (two-shot) that its peers receive.
 
 Reuse of the scratch across calls without a handshake: a rank starts call k+1
 only after it got every peer's last write of call k, which each peer sent only
@@ -55,7 +56,7 @@ from .layout import (
     pieces,
     wire_bytes,
 )
-from .tensors import ITEMSIZE, NAMES, Flat, flat
+from .tensors import F32, ITEMSIZE, NAMES, Flat, flat
 
 _HEADER = struct.Struct("<4sIQBBHII")
 _MAGIC = b"AFAR"
@@ -133,6 +134,7 @@ class AllReduce:
         self._recv: af.Region | None = None
         self._send: af.Region | None = None
         self._rdesc: list[af.Descriptor] = []
+        self._acc: np.ndarray | None = None  # fp32 sum of a 16-bit one-shot int8 call
         self._seq = 0
         self._busy = False
         self._broken: str | None = None
@@ -359,7 +361,22 @@ class AllReduce:
                 srcs.append(self._rptr + self.r_one + (parity * P + s) * self.one_bytes + HDR_BYTES)
             else:  # int8: my own contribution as the peers see it, so all ranks agree
                 srcs.append(sp if quant else x.ptr)
-        K.reduce(srcs, -1 if quant else r, x.dtype, bool(quant), n, block, 0, y.ptr)
+        if not quant:
+            K.reduce(srcs, r, x.dtype, False, n, block, 0, y.ptr)
+            return
+        # int8: every rank sums the same P dequantized contributions in the same order, so
+        # all agree bit for bit without quantizing the sum once more (which two-shot's
+        # gather needs and one-shot does not: it would only add a third rounding)
+        if y.dtype == F32:
+            acc = y.ptr
+        else:
+            if self._acc is None:
+                self._acc = np.empty(ONESHOT_CAP, np.float32)
+            acc = int(self._acc.ctypes.data)
+        for k, src in enumerate(srcs):
+            K.dequantize(src, src + align8(n), n, block, acc, F32, k > 0)
+        if y.dtype != F32:
+            K.convert(acc, F32, y.ptr, y.dtype, n, False)
 
     async def _round(
         self,
