@@ -22,11 +22,14 @@ def _inputs(rank: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return x, idx, torch.rand(T, K, generator=g)
 
 
-async def dies_mid_layer(view: Any, victim: int, timeout: float, mode: str) -> dict[str, Any]:
+async def dies_mid_layer(
+    view: Any, victim: int, timeout: float, mode: Any, combine: Any = None
+) -> dict[str, Any]:
     """Layer 0 runs on every rank; in layer 1 ``victim`` is SIGKILLed after its dispatch.
     The others report what their layer-1 dispatch/combine raised and how long it took."""
     ep = await ExpertParallel.create(view, num_experts=E, hidden=H, topk=K, max_tokens=T,
-                                     dtype=torch.float32, mode=mode, timeout=timeout)  # fmt: skip
+                                     dtype=torch.float32, mode=mode, timeout=timeout,
+                                     combine=combine)  # fmt: skip
     for layer in range(2):
         x, idx, w = _inputs(view.rank, layer)
         d = await ep.dispatch(x, idx, w)
