@@ -9,6 +9,8 @@ call to its return on each rank; p50/p99 pool every rank's iterations.
 asyncfabric bench moe --ep 2,4 --json moe.json
 asyncfabric bench moe --ep 2 --tokens 128 --prefill-tokens 4096 --hidden 7168
 asyncfabric bench moe --ep 2 --impls ll,ll-fp8 --prefill-tokens 0   # fp8 dispatch vs bf16
+asyncfabric bench moe --ep 2,4 --impls ll-exact,ll-red,gloo,gloo-red --prefill-tokens 0
+    # combine="exact" against "reduced" (pre-reduced partials), and gloo doing each
 """
 
 from __future__ import annotations
