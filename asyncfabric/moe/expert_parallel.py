@@ -291,7 +291,7 @@ class ExpertParallel:
                                       dtype=pdt if red else dt, device=dev)  # fmt: skip
         self._back = torch.empty(W * max_tokens if red else max_tokens * topk, hidden,
                                  dtype=pdt if red else dt, device=dev)  # fmt: skip
-        # fp32 scratch for the partials, a block of rows at a time (about 1 MiB each)
+        # fp32 scratch for the partials, a block of rows at a time (about 2 MiB each)
         blk = max(1, min(W * max_tokens, _RED_BLOCK_BYTES // (4 * hidden))) if red else 0
         self._red_tmp = torch.empty(blk, hidden, dtype=torch.float32, device=dev)
         self._red_acc = torch.empty(blk if pdt != torch.float32 else 0, hidden,
