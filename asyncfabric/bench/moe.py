@@ -9,6 +9,8 @@ call to its return on each rank; p50/p99 pool every rank's iterations.
 asyncfabric bench moe --ep 2,4 --json moe.json
 asyncfabric bench moe --ep 2 --tokens 128 --prefill-tokens 4096 --hidden 7168
 asyncfabric bench moe --ep 2 --impls ll,ll-fp8 --prefill-tokens 0   # fp8 dispatch vs bf16
+asyncfabric bench moe --ep 2,4 --impls ll-exact,ll-red,gloo,gloo-red --prefill-tokens 0
+    # combine="exact" against "reduced" (pre-reduced partials), and gloo doing each
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 async def _af_rounds(
-    view: Any, a: dict[str, Any], mode: str, T: int, iters: int, quant: str | None = None
+    view: Any,
+    a: dict[str, Any],
+    mode: Any,
+    T: int,
+    iters: int,
+    quant: Any = None,
+    combine: Any = None,
+    combine_dtype: str | None = None,
 ) -> dict[str, list[float]]:
     import torch
 
@@ -47,9 +56,11 @@ async def _af_rounds(
     ep = await ExpertParallel.create(
         view, num_experts=a["experts"], hidden=a["hidden"], topk=a["topk"], max_tokens=T,
         dtype=dt, mode=mode, capacity=cap, device=a["device"], timeout=120.0, quant=quant,
+        combine=combine, combine_dtype=getattr(torch, combine_dtype) if combine_dtype else None,
     )  # fmt: skip
     x = torch.randn(T, a["hidden"], device=a["device"]).to(dt)
-    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
+    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "step": [], "dispatch_x": [],
+                                   "combine_x": [], "step_x": []}  # fmt: skip
     warm = a["warmup"] if a["tokens"] == T else min(1, a["warmup"])
     try:
         for it in range(iters + warm):
@@ -69,8 +80,10 @@ async def _af_rounds(
             if it >= warm:
                 out["dispatch"].append((t1 - t0) * 1e6)
                 out["combine"].append((t3 - t2) * 1e6)
+                out["step"].append((t3 - t0) * 1e6)
                 out["dispatch_x"].append(dx * 1e6)
                 out["combine_x"].append(ep.last_exchange_s * 1e6)
+                out["step_x"].append((dx + ep.last_exchange_s) * 1e6)
     finally:
         await ep.aclose()
         del ep
@@ -85,13 +98,20 @@ def _sync(device: str) -> None:
 
 
 def _gloo_rounds(
-    rank: int, W: int, a: dict[str, Any], T: int, iters: int
+    rank: int, W: int, a: dict[str, Any], T: int, iters: int, reduced: bool = False
 ) -> dict[str, list[float]]:
-    """What users run today: counts with all_to_all_single, then rows, then outputs back."""
+    """What users run today: counts with all_to_all_single, then rows, then outputs back.
+
+    ``reduced``: the pre-reduced exchange asyncfabric's ``combine="reduced"`` does, over
+    gloo: dispatch also sends each row's flat index and router weight (one more
+    all_to_all_single, float64 pairs), the expert side sums each token's rows with the
+    same torch ops (``layout.reduce_rows``), one fp32 partial per (token, rank) goes back,
+    and the source sums them in rank order."""
+    import numpy as np
     import torch
     import torch.distributed as dist
 
-    from ..moe.layout import weighted_sum
+    from ..moe.layout import partial_tokens, reduce_rows, reduction, weighted_sum
 
     E, k, H = a["experts"], a["topk"], a["hidden"]
     El = E // W
@@ -101,7 +121,8 @@ def _gloo_rounds(
     # each all_to_all_single, as users of gloo do.
     host = dev.type != "cpu"
     x = torch.randn(T, H, device=dev).to(dt)
-    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "dispatch_x": [], "combine_x": []}
+    out: dict[str, list[float]] = {"dispatch": [], "combine": [], "step": [], "dispatch_x": [],
+                                   "combine_x": [], "step_x": []}  # fmt: skip
     warm = a["warmup"] if a["tokens"] == T else min(1, a["warmup"])
     for it in range(iters + warm):
         idx, w = _routing(T, E, k, seed=it * 1000 + rank)
@@ -121,6 +142,10 @@ def _gloo_rounds(
         out_split = recv_counts.view(W, El).sum(1).tolist()
         recv = torch.empty(sum(out_split), H, dtype=dt)
         dist.all_to_all_single(recv, send, out_split, in_split)
+        if reduced:  # each row's flat index and weight, exact in float64
+            fw = torch.stack([order.double(), w.reshape(-1)[order].double()], 1).cpu()
+            rfw = torch.empty(sum(out_split), 2, dtype=torch.float64)
+            dist.all_to_all_single(rfw, fw, out_split, in_split)
         dx = time.perf_counter() - x0
         # group by local expert, as asyncfabric's dispatch returns them (same torch ops as
         # asyncfabric's, gathers with precomputed permutations, so only the exchange differs)
@@ -130,6 +155,19 @@ def _gloo_rounds(
         t1 = time.perf_counter()
         y = expert_in
         t2 = time.perf_counter()
+        if reduced:
+            _gloo_reduced_combine(y, rfw, sm_to_em, order, out_split, in_split, T, k, W, host,
+                                  np, torch, dist, partial_tokens, reduce_rows, reduction)  # fmt: skip
+            _sync(a["device"])
+            t3 = time.perf_counter()
+            if it >= warm:
+                out["dispatch"].append((t1 - t0) * 1e6)
+                out["combine"].append((t3 - t2) * 1e6)
+                out["step"].append((t3 - t0) * 1e6)
+                out["dispatch_x"].append(dx * 1e6)
+                out["combine_x"].append(_GLOO_X[0] * 1e6)
+                out["step_x"].append((dx + _GLOO_X[0]) * 1e6)
+            continue
         back_send = y.index_select(0, sm_to_em.to(dev))
         if host:
             back_send = back_send.cpu()
@@ -145,9 +183,62 @@ def _gloo_rounds(
         if it >= warm:
             out["dispatch"].append((t1 - t0) * 1e6)
             out["combine"].append((t3 - t2) * 1e6)
+            out["step"].append((t3 - t0) * 1e6)
             out["dispatch_x"].append(dx * 1e6)
             out["combine_x"].append(cx * 1e6)
+            out["step_x"].append((dx + cx) * 1e6)
     return out
+
+
+_GLOO_X = [0.0]  # the reduced combine's exchange time, seconds
+
+
+def _gloo_reduced_combine(
+    y: Any, rfw: Any, sm_to_em: Any, order: Any, out_split: list[int], in_split: list[int],
+    T: int, k: int, W: int, host: bool, np: Any, torch: Any, dist: Any, partial_tokens: Any,
+    reduce_rows: Any, reduction: Any,
+) -> Any:  # fmt: skip
+    dev, H = y.device, y.shape[1]
+    flat = rfw[:, 0].long().numpy()
+    wts = rfw[:, 1].float().numpy()
+    em = sm_to_em.numpy()
+    back_rows = []
+    sends = []
+    o = 0
+    tmp = torch.empty(max(1, (2 << 20) // (4 * H)), H, dtype=torch.float32, device=dev)
+    rows = torch.empty(tmp.shape[0], H, dtype=y.dtype, device=dev)
+    for s in range(W):  # partials for each source, in partial order
+        n = out_split[s]
+        red = reduction(flat[o : o + n], wts[o : o + n], em[o : o + n], k)
+        m = red.prefix[0] if red.prefix else 0
+        part = torch.empty(m, H, dtype=torch.float32, device=dev)
+        if m:
+            if dev.type != "cpu":
+                red = type(red)(red.prefix, red.rows.to(dev), red.weights.to(dev))
+            reduce_rows(y, red, part, tmp[:0], tmp, rows)
+        sends.append(part)
+        o += n
+    send = torch.cat(sends)
+    if host:
+        send = send.cpu()
+    ordn = order.cpu().numpy()
+    toks, p = [], 0
+    for d in range(W):
+        toks.append(partial_tokens(ordn[p : p + in_split[d]], k)[0])
+        p += in_split[d]
+        back_rows.append(toks[d].size)
+    back = torch.empty(sum(back_rows), H, dtype=torch.float32)
+    x0 = time.perf_counter()
+    dist.all_to_all_single(back, send, back_rows, [x.shape[0] for x in sends])
+    _GLOO_X[0] = time.perf_counter() - x0
+    back = back.to(dev)
+    acc = torch.zeros(T, H, dtype=torch.float32, device=dev)
+    p = 0
+    for d in range(W):
+        if back_rows[d]:
+            acc.index_add_(0, torch.from_numpy(toks[d]).to(dev), back[p : p + back_rows[d]])
+        p += back_rows[d]
+    return acc.to(y.dtype)
 
 
 def _expert_major(C: Any) -> tuple[Any, Any]:
@@ -175,6 +266,12 @@ async def _rank_main(view: Any, a: dict[str, Any]) -> dict[str, Any]:
     T, P = a["tokens"], a["prefill_tokens"]
     if "ll" in a["impls"]:
         res["asyncfabric-ll/decode"] = await _af_rounds(view, a, "low_latency", T, a["iters"])
+    for impl, comb, cdt in (("ll-exact", "exact", None), ("ll-red", "reduced", None),
+                            ("ll-red-bf16", "reduced", "bfloat16")):  # fmt: skip
+        if impl in a["impls"]:
+            res[f"asyncfabric-{impl}/decode"] = await _af_rounds(
+                view, a, "low_latency", T, a["iters"], None, comb, cdt
+            )
     if "ht" in a["impls"]:
         res["asyncfabric-ht/decode"] = await _af_rounds(view, a, "high_throughput", T, a["iters"])
         if P:
@@ -194,14 +291,17 @@ async def _rank_main(view: Any, a: dict[str, Any]) -> dict[str, Any]:
                 view, a, "high_throughput", P, a["prefill_iters"], "fp8"
             )
     await view.barrier(timeout=120)
-    if "gloo" in a["impls"]:
+    if "gloo" in a["impls"] or "gloo-red" in a["impls"]:
         import torch.distributed as dist
 
         rank, W = view.rank, view.size
         dist.init_process_group("gloo", init_method=a["gloo_url"], rank=rank, world_size=W)
         try:
-            res["gloo/decode"] = _gloo_rounds(rank, W, a, T, a["iters"])
-            if P:
+            if "gloo" in a["impls"]:
+                res["gloo/decode"] = _gloo_rounds(rank, W, a, T, a["iters"])
+            if "gloo-red" in a["impls"]:
+                res["gloo-red/decode"] = _gloo_rounds(rank, W, a, T, a["iters"], reduced=True)
+            if P and "gloo" in a["impls"]:
                 res["gloo/prefill"] = _gloo_rounds(rank, W, a, P, a["prefill_iters"])
         finally:
             dist.destroy_process_group()
@@ -225,7 +325,7 @@ def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
     for key in results[0]:
         impl, phase = key.split("/")
         tokens = a["tokens"] if phase == "decode" else a["prefill_tokens"]
-        for op in ("dispatch", "combine"):
+        for op in ("dispatch", "combine", "step"):
             xs = [v for r in results for v in r[key][op]]
             xx = [v for r in results for v in r[key][op + "_x"]]
             rows.append({"ep": W, "impl": impl, "phase": phase, "op": op, "tokens": tokens,
@@ -235,24 +335,26 @@ def run_ep(W: int, a: dict[str, Any]) -> list[dict[str, Any]]:
         base = [g for g in rows if g["impl"] == "gloo" and g["phase"] == r["phase"]
                 and g["op"] == r["op"]]  # fmt: skip
         r["speedup_vs_gloo_p50"] = base[0]["p50_us"] / r["p50_us"] if base else None
+        r["speedup_vs_gloo_p99"] = base[0]["p99_us"] / r["p99_us"] if base else None
         r["exchange_speedup_vs_gloo_p50"] = (
             base[0]["exchange_p50_us"] / r["exchange_p50_us"] if base else None
         )
     return rows
 
 
-IMPLS = ("ll", "ht", "gloo", "ll-fp8", "ht-fp8")
+IMPLS = ("ll", "ll-exact", "ll-red", "ll-red-bf16", "ht", "gloo", "gloo-red", "ll-fp8", "ht-fp8")
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as text: latency p50/p99, the exchange's own p50, speed-ups over gloo."""
-    lines = [f"{'EP':>3} {'impl':18} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} "
-             f"{'p99 us':>10} {'xchg p50':>10} {'gloo/x':>7} {'xchg gloo/x':>11}"]  # fmt: skip
+    lines = [f"{'EP':>3} {'impl':23} {'phase':8} {'op':9} {'tokens':>6} {'p50 us':>10} "
+             f"{'p99 us':>10} {'xchg p50':>10} {'gloo/x':>7} {'p99':>5} {'xchg gloo/x':>11}"]  # fmt: skip
     for r in rows:
         lines.append(
-            f"{r['ep']:>3} {r['impl']:18} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
+            f"{r['ep']:>3} {r['impl']:23} {r['phase']:8} {r['op']:9} {r['tokens']:>6} "
             f"{r['p50_us']:>10.1f} {r['p99_us']:>10.1f} {r['exchange_p50_us']:>10.1f} "
-            f"{r['speedup_vs_gloo_p50'] or 0:>7.2f} {r['exchange_speedup_vs_gloo_p50'] or 0:>11.2f}"
+            f"{r['speedup_vs_gloo_p50'] or 0:>7.2f} {r['speedup_vs_gloo_p99'] or 0:>5.2f} "
+            f"{r['exchange_speedup_vs_gloo_p50'] or 0:>11.2f}"
         )
     return "\n".join(lines)
 
@@ -276,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacity-factor", type=float, default=1.5,
                    help="high-throughput receive capacity, in multiples of tokens*topk")  # fmt: skip
     p.add_argument("--impls", default="ll,ht,gloo",
-                   help="comma-separated: ll,ht,gloo, and ll-fp8,ht-fp8 (fp8 dispatch)")  # fmt: skip
+                   help="comma-separated: ll (default combine), ll-exact, ll-red (pre-reduced "
+                   "combine, fp32 partials), ll-red-bf16, ht, gloo, gloo-red (gloo with the "
+                   "pre-reduced exchange), and ll-fp8,ht-fp8 (fp8 dispatch)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--deadline-s", type=float, default=600)
     p.add_argument("--json", help="write rows and the settings here")

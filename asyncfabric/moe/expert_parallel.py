@@ -31,10 +31,14 @@ from . import fp8
 from .errors import MoEError, MoEInputError, RankLost
 from .layout import (
     RecvLayout,
+    Reduction,
     Route,
     ll_layout,
     packed_targets,
+    partial_tokens,
     recv_layout,
+    reduce_rows,
+    reduction,
     route,
     token_runs,
     weighted_sum,
@@ -45,12 +49,27 @@ Mode = Literal["low_latency", "high_throughput"]
 MODES = ("low_latency", "high_throughput")
 Quant = Literal["fp8"]
 QUANTS = ("fp8",)
+Combine = Literal["exact", "reduced"]
+COMBINES = ("exact", "reduced")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Immediate layout: 0x4 (moe) in bits 28..31, the instance slot in 20..27, the phase in
 # 16..19 and the source rank in 0..15, so each (phase, source) has its own counter.
 _NIBBLE = 0x4 << 28
 _META, _DATA, _BACK = 1, 2, 3
+#: What ``combine`` does in low-latency mode unless told (docs/moe.md: measured).
+DEFAULT_COMBINE: Combine = "exact"
+# fp32 scratch for pre-reduced partials: this many bytes of rows at a time
+_RED_BLOCK_BYTES = 2 << 20
+
+
+@dataclass
+class _Partials:
+    """What a reduced combine needs from its dispatch, per source: the flat (token * topk
+    + j) index and the router weight (fp32) of each row this rank got, in its send order."""
+
+    flats: list[np.ndarray]
+    weights: list[np.ndarray]
 
 
 class View(Protocol):
@@ -105,6 +124,15 @@ class ExpertParallel:
     token as e4m3 with one fp32 scale (``amax / 448``), and dispatch returns the rows
     dequantized to ``dtype`` (and the fp8 rows and scales, :class:`Dispatched`); combine
     is unchanged.
+
+    ``combine`` (low-latency only): ``"exact"`` sends every (token, expert) output row back
+    and the source sums them in top-k order, equal bit for bit to :func:`reference`;
+    ``"reduced"`` sums each token's outputs on the expert's rank first (router weights
+    travel with the dispatch metadata) and sends one partial per (token, rank) in
+    ``combine_dtype`` (default fp32), summed by the source in rank order: fewer bytes and
+    less work on the source, equal bit for bit to ``reference(..., ep=..., num_experts=...)``
+    and to the top-k order sum within fp32 rounding. ``None``: ``DEFAULT_COMBINE`` in
+    low-latency mode, ``"exact"`` in high-throughput mode.
     """
 
     def __init__(self) -> None:
@@ -126,10 +154,12 @@ class ExpertParallel:
         slot: int = 0,
         timeout: float = 10.0,
         quant: Quant | None = None,
+        combine: Combine | None = None,
+        combine_dtype: torch.dtype | None = None,
     ) -> ExpertParallel:
         self = object.__new__(cls)
         self._init(view, num_experts, hidden, topk, max_tokens, dtype, mode, capacity, device,
-                   slot, timeout, quant)  # fmt: skip
+                   slot, timeout, quant, combine, combine_dtype)  # fmt: skip
         try:
             await self._connect()
         except BaseException:
@@ -153,6 +183,8 @@ class ExpertParallel:
         slot: int,
         timeout: float,
         quant: Quant | None = None,
+        combine: Combine | None = None,
+        combine_dtype: torch.dtype | None = None,
     ) -> None:
         W = view.size
         for name, v, lo in (("num_experts", num_experts, 1), ("hidden", hidden, 1),
@@ -181,6 +213,22 @@ class ExpertParallel:
                 f"quant='fp8' needs torch.float8_e4m3fn (torch >= 2.1); this is torch "
                 f"{torch.__version__}: upgrade torch or pass quant=None"
             )
+        if combine is None:
+            combine = DEFAULT_COMBINE if mode == "low_latency" else "exact"
+        if combine not in COMBINES:
+            raise MoEInputError(f"combine must be None or one of {COMBINES}, got {combine!r}")
+        if combine == "reduced" and mode != "low_latency":
+            raise MoEInputError(
+                "combine='reduced' needs mode='low_latency' (its dispatch carries the token "
+                "ids and router weights the expert side sums with); pass combine='exact'"
+            )
+        if combine_dtype is not None and combine != "reduced":
+            raise MoEInputError("combine_dtype applies to combine='reduced' only")
+        pdt = torch.float32 if combine_dtype is None else combine_dtype
+        if pdt not in DTYPES.values():
+            raise MoEInputError(f"combine_dtype must be one of {sorted(DTYPES)}, got {pdt}")
+        self.combine_mode: Combine = combine
+        self.combine_dtype = pdt
         self.quant = quant
         self.view, self.rank, self.size = view, view.rank, W
         self.engine = view.engine
@@ -214,7 +262,7 @@ class ExpertParallel:
         #: Seconds the last dispatch or combine spent posting its writes and waiting for
         #: arrivals; the rest of its time was routing and packing (torch ops).
         self.last_exchange_s = 0.0
-        self._pending: tuple[Route, RecvLayout, torch.Tensor, int] | None = None
+        self._pending: tuple[Route, RecvLayout, torch.Tensor, int, _Partials | None] | None = None
         dev, dt = self.device, dtype
         # Dispatch's wire rows: the group's dtype, or (fp8) bytes: e4m3 row, pad, scale.
         wdt, wh = (torch.uint8, self.dispatch_row_bytes) if quant else (dt, hidden)
@@ -235,8 +283,20 @@ class ExpertParallel:
             torch.empty(min(max_tokens, fp8.block_rows(hidden)), hidden, dtype=torch.float32,
                         device=dev) if quant else None
         )  # fmt: skip
-        self._back_send = torch.empty(self.capacity, hidden, dtype=dt, device=dev)
-        self._back = torch.empty(max_tokens * topk, hidden, dtype=dt, device=dev)
+        red = combine == "reduced"
+        # Combine, exact: one row per (token, expert); reduced: one partial per (token, rank),
+        # partials for source s at rows s * max_tokens.. of back-send, those from rank d at
+        # rows d * max_tokens.. of back.
+        self._back_send = torch.empty(W * max_tokens if red else self.capacity, hidden,
+                                      dtype=pdt if red else dt, device=dev)  # fmt: skip
+        self._back = torch.empty(W * max_tokens if red else max_tokens * topk, hidden,
+                                 dtype=pdt if red else dt, device=dev)  # fmt: skip
+        # fp32 scratch for the partials, a block of rows at a time (about 2 MiB each)
+        blk = max(1, min(W * max_tokens, _RED_BLOCK_BYTES // (4 * hidden))) if red else 0
+        self._red_tmp = torch.empty(blk, hidden, dtype=torch.float32, device=dev)
+        self._red_acc = torch.empty(blk if pdt != torch.float32 else 0, hidden,
+                                    dtype=torch.float32, device=dev)  # fmt: skip
+        self._red_rows = torch.empty(blk, hidden, dtype=dt, device=dev)
         self._recv = (
             torch.empty(self.capacity, hidden, dtype=dt, device=dev)
             if mode == "low_latency" or quant else None
@@ -246,7 +306,10 @@ class ExpertParallel:
         # then the flat (token * topk + j) index of each row, sorted by expert then token;
         # high-throughput: the E counts.
         El = self.local_experts
-        self._meta_cols = El + 1 + self.slot_rows if ll else num_experts
+        # combine="reduced": then the router weight of each row, fp32, two to an int64
+        self._w_col = El + 1 + self.slot_rows
+        self._meta_cols = (self._w_col + (-(-self.slot_rows // 2) if red else 0)
+                           if ll else num_experts)  # fmt: skip
         self._meta_send = torch.zeros(W if ll else 1, self._meta_cols, dtype=torch.int64)
         self._meta = torch.zeros(W, self._meta_cols, dtype=torch.int64)
 
@@ -267,7 +330,8 @@ class ExpertParallel:
         self._r_meta = self._register(self._meta)
         conf = {"num_experts": self.num_experts, "hidden": self.hidden, "topk": self.topk,
                 "max_tokens": self.max_tokens, "dtype": str(self.dtype), "mode": self.mode,
-                "capacity": self.capacity, "slot": self.slot, "quant": self.quant}  # fmt: skip
+                "capacity": self.capacity, "slot": self.slot, "quant": self.quant,
+                "combine": self.combine_mode, "combine_dtype": str(self.combine_dtype)}  # fmt: skip
         descs = [self._r_arena.descriptor(), self._r_back.descriptor(), self._r_meta.descriptor()]
         blob = json.dumps(conf).encode()
         msg = (
@@ -503,7 +567,7 @@ class ExpertParallel:
             wire, out = self._arena[: lay.rows], self._recv[: lay.rows]
         else:
             out = self._arena[: lay.rows]
-        self._pending = (rt, lay, topk_weights, x.shape[0])
+        self._pending = (rt, lay, topk_weights, x.shape[0], None)
         El = self.local_experts
         experts = range(rank * El, (rank + 1) * El)
         if self._quant is not None:
@@ -529,6 +593,10 @@ class ExpertParallel:
         ms = self._meta_send.numpy()
         ms[:, :El] = rt.counts.view(W, El).numpy()
         order = rt.order.cpu().numpy()
+        red = self.combine_mode == "reduced"
+        if red:  # router weights travel with the metadata: fp32 per row, in send order
+            wsend = self._meta_send[:, self._w_col :].view(torch.float32).numpy()
+            wflat = weights.detach().reshape(-1).float().cpu().numpy()
         b = af.Batch()
         dests: list[int] = []
         mb = cols * 8
@@ -536,6 +604,8 @@ class ExpertParallel:
             o, n = rt.dest_off[d], rt.dest_rows[d]
             ms[d, El] = o
             ms[d, El + 1 : El + 1 + n] = order[o : o + n]
+            if red:
+                wsend[d, :n] = wflat[order[o : o + n]]
             if d == rank:
                 continue
             b.add(self._r_meta_send[d * mb : (d + 1) * mb], self._meta_d[d][rank * mb : (rank + 1) * mb],
@@ -554,6 +624,10 @@ class ExpertParallel:
         M = self._meta.numpy()
         counts = M[:, :El].copy()
         flats = [M[s, El + 1 : El + 1 + int(counts[s].sum())].copy() for s in range(W)]
+        parts = None
+        if red:
+            Mw = self._meta[:, self._w_col :].view(torch.float32).numpy()
+            parts = _Partials(flats, [Mw[s, : flats[s].size].copy() for s in range(W)])
         chunk = self._r_arena.descriptor().chunk_bytes
         owed = [0] * W
         for s in range(W):
@@ -566,7 +640,7 @@ class ExpertParallel:
         out = self._recv[: lay.rows]
         assert lay.em_to_slot is not None
         em = lay.em_to_slot.to(self.device)
-        self._pending = (rt, lay, weights, T)
+        self._pending = (rt, lay, weights, T, parts)
         experts = range(rank * El, (rank + 1) * El)
         if self.quant is not None:
             # Dequantize each arrived token once, then expand (not once per expert row).
@@ -606,7 +680,7 @@ class ExpertParallel:
         weighted by ``topk_weights``, summed over the top-k in order, in fp32."""
         self._check_state(True, "combine")
         assert self._pending is not None
-        rt, lay, weights, T = self._pending
+        rt, lay, weights, T, _ = self._pending
         self._check_tensor("expert_out", expert_out, (lay.rows, self.hidden))
         if expert_out.dtype != self.dtype:
             raise MoEInputError(
@@ -617,8 +691,10 @@ class ExpertParallel:
 
     async def _combine(self, expert_out: torch.Tensor) -> torch.Tensor:
         assert self._pending is not None
-        rt, lay, weights, T = self._pending
+        rt, lay, weights, T, parts = self._pending
         deadline = time.monotonic() + self.timeout
+        if parts is not None:
+            return await self._combine_reduced(expert_out, rt, lay, T, parts, deadline)
         W, rank, rb = self.size, self.rank, self.row_bytes
         sm_to_em = lay.sm_to_em.to(self.device)
         # Other ranks' rows first (gathered, then posted); this rank's own rows are gathered
@@ -654,6 +730,68 @@ class ExpertParallel:
         y = self._back[:n].index_select(0, rt.back.to(self.device))
         return weighted_sum(y.view(T, self.topk, self.hidden), weights)
 
+    async def _combine_reduced(
+        self,
+        expert_out: torch.Tensor,
+        rt: Route,
+        lay: RecvLayout,
+        T: int,
+        parts: _Partials,
+        deadline: float,
+    ) -> torch.Tensor:
+        """Each source gets one partial per token with experts here (the router-weighted sum
+        of those experts' outputs, fp32, in top-k slot order), in one write; it sums the
+        partials in rank order (docs/moe.md: "Pre-reduced combine")."""
+        W, rank, mt, k, dev = self.size, self.rank, self.max_tokens, self.topk, self.device
+        prb = self._back.element_size() * self.hidden
+        sm_to_em = lay.sm_to_em.numpy()
+
+        def plan(s: int) -> Reduction:
+            o, n = lay.src_off[s], lay.src_rows[s]
+            r = reduction(parts.flats[s], parts.weights[s], sm_to_em[o : o + n], k)
+            if dev.type == "cpu":
+                return r
+            return Reduction(r.prefix, r.rows.to(dev), r.weights.to(dev))
+
+        b = af.Batch()
+        dests = []
+        for s in range(W):
+            if s == rank or not lay.src_rows[s]:
+                continue
+            r = plan(s)
+            n = r.prefix[0]
+            reduce_rows(expert_out, r, self._back_send[s * mt : s * mt + n], self._red_acc,
+                        self._red_tmp, self._red_rows)  # fmt: skip
+            b.add(self._r_back_send[s * mt * prb : (s * mt + n) * prb],
+                  self._back_d[s][rank * mt * prb : (rank * mt + n) * prb],
+                  imm=self._imm(_BACK, rank))  # fmt: skip
+            dests.append(s)
+        self._pending = None
+        post = asyncio.ensure_future(self._post(b, dests, "combine"))
+        await asyncio.sleep(0)  # let it post before the work below holds the thread
+        try:
+            if lay.src_rows[rank]:
+                r = plan(rank)
+                reduce_rows(expert_out, r, self._back[rank * mt : rank * mt + r.prefix[0]],
+                            self._red_acc, self._red_tmp, self._red_rows)  # fmt: skip
+        finally:
+            await post
+        order = rt.order.cpu().numpy()
+        toks: list[np.ndarray] = []
+        owed = [0] * W
+        for d in range(W):
+            o, n = rt.dest_off[d], rt.dest_rows[d]
+            toks.append(partial_tokens(order[o : o + n], k)[0])
+            if d != rank and toks[d].size:
+                owed[d] = self._r_back.expected_imms(toks[d].size * prb)
+        await self._await_all(_BACK, owed, deadline, "combine")
+        acc = torch.zeros(T, self.hidden, dtype=torch.float32, device=dev)
+        for d in range(W):  # rank order: the documented summation order
+            if toks[d].size:
+                part = self._back[d * mt : d * mt + toks[d].size]
+                acc.index_add_(0, torch.from_numpy(toks[d]).to(dev), part.float())
+        return acc.to(self.dtype)
+
 
 def reference(
     x: torch.Tensor,
@@ -661,10 +799,21 @@ def reference(
     topk_weights: torch.Tensor,
     expert: Any,
     quant: Quant | None = None,
+    *,
+    ep: int | None = None,
+    num_experts: int | None = None,
+    placement: Sequence[int] | torch.Tensor | None = None,
+    combine_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """What ``combine(expert(dispatch(x)))`` computes, in one process: ``expert(e, rows)``
     maps expert ``e``'s rows to its outputs. ``quant="fp8"``: the experts see each token
-    quantized and dequantized as an fp8 dispatch does (:func:`asyncfabric.moe.fp8.roundtrip`)."""
+    quantized and dequantized as an fp8 dispatch does (:func:`asyncfabric.moe.fp8.roundtrip`).
+
+    By default the top-k order sum of ``combine="exact"``. With ``ep`` ranks (experts split
+    evenly in rank order, as :class:`ExpertParallel` places them; needs ``num_experts``) or
+    an explicit ``placement`` (expert id -> rank): what ``combine="reduced"`` computes, each
+    rank's partial summed in top-k slot order, rounded to ``combine_dtype``, then the
+    partials summed in rank order (docs/moe.md, "Pre-reduced combine")."""
     if quant is not None:
         if quant not in QUANTS:
             raise MoEInputError(f"quant must be None or one of {QUANTS}, got {quant!r}")
@@ -674,4 +823,36 @@ def reference(
     for e in torch.unique(topk_idx).tolist():
         t, j = (topk_idx == e).nonzero(as_tuple=True)
         y[t, j] = expert(e, x[t])
-    return weighted_sum(y, topk_weights)
+    if ep is None and placement is None:
+        return weighted_sum(y, topk_weights)
+    if placement is None:
+        if num_experts is None or ep is None or ep < 1 or num_experts % ep:
+            raise MoEInputError("reference: ep needs num_experts, a multiple of ep")
+        place = torch.arange(num_experts) // (num_experts // ep)
+    else:
+        place = torch.as_tensor(placement, dtype=torch.int64)
+    return _reduced_sum(y, topk_idx, topk_weights, place.to(x.device), combine_dtype)
+
+
+def _reduced_sum(
+    y: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, place: torch.Tensor,
+    pdt: torch.dtype,
+) -> torch.Tensor:  # fmt: skip
+    """The pre-reduced combine's sum, written apart from its code (same order, plain ops)."""
+    T, k, H = y.shape
+    w = weights.float()
+    rank_of = place[idx.long()]
+    acc = torch.zeros(T, H, dtype=torch.float32, device=y.device)
+    for d in range(int(place.max()) + 1 if place.numel() else 0):
+        part = torch.zeros(T, H, dtype=torch.float32, device=y.device)
+        has = torch.zeros(T, dtype=torch.bool, device=y.device)
+        for j in range(k):  # ascending top-k slot
+            m = rank_of[:, j] == d
+            if not bool(m.any()):
+                continue
+            prod = w[m, j, None] * y[m, j].float()
+            part[m] = torch.where(has[m, None], part[m] + prod, prod)
+            has |= m
+        if bool(has.any()):
+            acc[has] = acc[has] + part[has].to(pdt).float()
+    return acc.to(y.dtype)

@@ -35,3 +35,41 @@ def test_bench_moe_fp8_impls(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "asyncfabric-ll-fp8" in out and "asyncfabric-ht-fp8" in out
+
+
+def test_bench_moe_reduced_impls(capsys):
+    rc = main(["--ep", "2", "--experts", "8", "--hidden", "64", "--tokens", "8",
+               "--prefill-tokens", "0", "--iters", "2", "--warmup", "1",
+               "--impls", "ll-exact,ll-red,ll-red-bf16,gloo,gloo-red"])  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    for impl in ("asyncfabric-ll-red-bf16", "gloo-red"):
+        assert impl in out
+    assert " step " in out
+
+
+def test_gloo_reduced_baseline_sums_like_the_reference():
+    """The gloo-red baseline does the same pre-reduced sum as combine="reduced" (so the
+    comparison is fair), not the top-k order one."""
+    import multiprocessing as mp
+    import socket
+
+    from .ranks import gloo_reduced_baseline
+
+    W = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=gloo_reduced_baseline, args=(r, W, port, q)) for r in range(W)]
+    for p in ps:
+        p.start()
+    try:
+        got = dict(q.get(timeout=120) for _ in ps)
+    finally:
+        for p in ps:
+            p.join(timeout=30)
+    for r in range(W):
+        assert got[r] and all(eq for eq, _ in got[r]), got
+        assert not all(top for _, top in got[r]), "the orders should differ at top-5"

@@ -74,7 +74,7 @@ def test_matches_reference(world, k, dtype, mode):
         async with local_views(world, "shm") as views:
             eps = await asyncio.gather(*(ExpertParallel.create(
                 v, num_experts=E, hidden=H, topk=k, max_tokens=T, dtype=dtype, mode=mode,
-                timeout=20) for v in views))  # fmt: skip
+                combine="exact", timeout=20) for v in views))  # fmt: skip
             # Several layers through one group; uneven token counts, one rank idle once.
             for layer in range(3):
                 tokens = [T - (r * 5 + layer) % T for r in range(world)]

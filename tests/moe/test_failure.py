@@ -11,9 +11,12 @@ from . import ranks
 TIMEOUT = 3.0
 
 
-@pytest.mark.parametrize("mode", ["low_latency", "high_throughput"])
-def test_rank_killed_between_dispatch_and_combine(mode):
-    out = spawn_views(3, ranks.dies_mid_layer, (2, TIMEOUT, mode), timeout=120)
+@pytest.mark.parametrize(
+    "mode,combine",
+    [("low_latency", "exact"), ("low_latency", "reduced"), ("high_throughput", "exact")],
+)
+def test_rank_killed_between_dispatch_and_combine(mode, combine):
+    out = spawn_views(3, ranks.dies_mid_layer, (2, TIMEOUT, mode, combine), timeout=120)
     assert out[2][0] == "dead"
     for kind, res in out[:2]:
         assert kind == "ok", res
