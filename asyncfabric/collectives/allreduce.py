@@ -143,6 +143,10 @@ class AllReduce:
         self._main: asyncio.Task[Any] | None = None
         self._deadline: float | None = None
         self._timeout: float | None = None
+        #: set to a list to record (perf_counter, event, round, piece) of every call
+        #: (diagnostics: ``asyncfabric bench allreduce --trace``)
+        self.trace: list[tuple[float, str, int, int]] | None = None
+        self._rnd = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -248,6 +252,10 @@ class AllReduce:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _ev(self, what: str, j: int = -1) -> None:
+        if self.trace is not None:
+            self.trace.append((time.perf_counter(), what, self._rnd, j))
+
     def _left(self) -> float | None:
         if self._deadline is None:
             return None
@@ -325,6 +333,8 @@ class AllReduce:
         parity = self._seq & 1
         hdr = self._header(x, quant, block)
         wire = wire_bytes(x.numel, ITEMSIZE[x.dtype], bool(quant), block)
+        self._rnd = 0
+        self._ev("call")
         if x.nbytes <= self.oneshot_bytes and x.numel <= ONESHOT_CAP and self._one_write(wire):
             await self._oneshot(x, y, quant, block, hdr, parity, wire)
         else:
@@ -334,7 +344,9 @@ class AllReduce:
                 m = min(self.round_elems, x.numel - a)
                 await self._round(x, y, a, m, quant, block, hdr, parity, checked)
                 checked = True
+                self._rnd += 1
         await self._drain_writes()
+        self._ev("end")
 
     def _one_write(self, wire: int) -> bool:
         """Whether header + one-shot data is one chunk at every rank (one immediate), so
@@ -408,9 +420,11 @@ class AllReduce:
                 doff = self.r_rs + r * self.slot_bytes + j * pw
                 wire = wire_bytes(sp.numel, isz, q, block)
                 self._post(soff, wire, d, doff, imm(self.slot, RS, r, j))
+            self._ev("rs_post", j)
             await asyncio.sleep(0)  # let the writes post while the next piece is encoded
         if not checked:
             await self._check_headers(hdr, parity)
+            self._ev("hdr")
         # 2. reduce my chunk piece by piece in rank order (one fused kernel: sum, encode
         #    for the gather, and my own chunk of the output); send each reduced piece on
         for j, sp in enumerate(cut[r]):
@@ -421,13 +435,16 @@ class AllReduce:
                     srcs.append(x.ptr + (base + sp.start) * isz)
                 else:
                     await self._wait(RS, s, j, wire)
+                    self._ev("rs_in", j)
                     srcs.append(self._rptr + self.r_rs + s * self.slot_bytes + j * pw)
             soff = self.s_ag + j * pw
             ypiece = y.ptr + (base + sp.start) * isz
             K.reduce(srcs, r, dt, q, sp.numel, block, self._sptr + soff, ypiece)
+            self._ev("reduced", j)
             for d in _after(r, P):
                 self._post(soff, wire, d, self.r_ag + r * self.slot_bytes + j * pw,
                            imm(self.slot, AG, r, j))  # fmt: skip
+            self._ev("ag_post", j)
             await asyncio.sleep(0)
         # 3. the gathered chunks
         # 4. the gathered chunks
@@ -438,9 +455,12 @@ class AllReduce:
                 sp = cut[s][j]
                 wire = wire_bytes(sp.numel, isz, q, block)
                 await self._wait(AG, s, j, wire)
+                self._ev("ag_in", j)
                 p = self._rptr + self.r_ag + s * self.slot_bytes + j * pw
                 self._decode(p, sp.numel, q, block, y.ptr + (base + sp.start) * isz, dt, False, dt)
+        self._ev("decoded")
         await self._drain_writes()
+        self._ev("drained")
 
     def _encode(self, src: int, dt: int, n: int, q: bool, block: int, soff: int) -> None:
         """``n`` values of ``dt`` at ``src`` into the send area at ``soff``, in wire form."""
