@@ -23,7 +23,9 @@ same result: a rank uses the same dequantized values for its own contribution
 Reuse of the scratch across calls without a handshake: a rank starts call k+1
 only after it got every peer's last write of call k, which each peer sent only
 after it had consumed what it received in call k (see docs/collectives.md,
-"why one set of buffers is enough"); the one-shot area and the header have two
+"why one set of buffers is enough"). Rounds of one call overlap under the same rule,
+piece by piece: round k+1's piece j goes to rank s once s's gather piece j of round k is
+in and copied out; the one-shot area and the header have two
 parities because there a peer may still be reading call k's data.
 """
 
