@@ -3,7 +3,7 @@
 python benchmarks/tp_decode_study.py [--seeds 0-7] [--init 0.02,0.1] [--json out.json]
 
 The tensor-parallel Llama of ``asyncfabric/bench/tp_llama.py`` (P = 2, fp32) decoded in
-one process (:class:`EmuSum`: both shards as tasks of one loop, as ``LocalSum``), with
+one process (:func:`emu_sum`: both shards as tasks of one loop, a ``LocalSum``), with
 the all-reduce's wire format applied to every partial before the fp32 sum in rank
 order. This is the one-shot path every reduction of that model takes (at most 32 KiB a
 call): each rank's tensor quantized in blocks from its first value, dequantized, summed
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncfabric.bench.tp_llama import Chain, Shard, Spec, decode, kl, train
+from asyncfabric.bench.tp_llama import Chain, LocalSum, Shard, Spec, decode, kl, train
 
 # (kind, block, scale format, whether the one-shot sum is quantized once more)
 Fmt = tuple[str, int, str, bool]
@@ -79,37 +79,18 @@ def wire(x: torch.Tensor, fmt: Fmt | None) -> torch.Tensor:
     return (q * scale[:, None]).reshape(-1)[:n].view_as(x)
 
 
-class EmuSum:
+def emu_sum(world: int, fmt: Fmt | None) -> LocalSum:
     """P shards in one loop; partials through ``fmt``, then summed in rank order in fp32
     (bf16: the fp32 sum rounded once to bf16, as ``all_reduce(quant=None)`` on bf16)."""
 
-    def __init__(self, world: int, fmt: Fmt | None) -> None:
-        self.world, self.fmt = world, fmt
-        self._calls: dict[int, tuple[list[torch.Tensor | None], asyncio.Future[torch.Tensor]]] = {}
-        self._count = [0] * world
+    def total(acc: torch.Tensor) -> torch.Tensor:
+        if fmt is not None and fmt[0] == "bf16":
+            return acc.bfloat16().float()
+        if fmt is not None and fmt[3]:  # the sum quantized again
+            return wire(acc, fmt)
+        return acc
 
-    def reducer(self, rank: int) -> Any:
-        async def reduce(x: torch.Tensor) -> torch.Tensor:
-            k = self._count[rank]
-            self._count[rank] += 1
-            if k not in self._calls:
-                self._calls[k] = ([None] * self.world, asyncio.get_running_loop().create_future())
-            parts, fut = self._calls[k]
-            parts[rank] = wire(x.float().contiguous(), self.fmt)
-            if all(p is not None for p in parts):
-                ps = [p for p in parts if p is not None]
-                acc = ps[0].clone()
-                for p in ps[1:]:
-                    acc += p
-                if self.fmt is not None and self.fmt[0] == "bf16":
-                    acc = acc.bfloat16().float()
-                elif self.fmt is not None and self.fmt[3]:  # the sum quantized again
-                    acc = wire(acc, self.fmt)
-                fut.set_result(acc)
-                del self._calls[k]
-            return (await fut).clone()
-
-        return reduce
+    return LocalSum(world, part=lambda x: wire(x.float().contiguous(), fmt), total=total)
 
 
 def check() -> None:
@@ -154,7 +135,7 @@ def build(spec: Spec, init: float, tied: bool = False) -> Any:
 async def _decode_all(
     shards: list[Shard], fmt: Any, prompt: torch.Tensor, n: int, forced: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    es = EmuSum(len(shards), fmt)
+    es = emu_sum(len(shards), fmt)
     res = await asyncio.gather(
         *(decode(s, es.reducer(r), prompt, n, forced) for r, s in enumerate(shards))
     )

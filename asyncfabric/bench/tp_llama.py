@@ -254,11 +254,20 @@ class LocalSum:
     """P shards in one event loop, their partials summed in rank order in fp32.
 
     ``reducer(r)`` is rank r's :data:`Reduce`. ``record``: a list that receives, per
-    reduction, the P partials (for the error study)."""
+    reduction, the P partials (for the error study). ``part``: what a partial becomes on
+    the way (default: ``x.float()``); ``total``: what the fp32 sum becomes after it
+    (default: itself); both for emulating a wire format."""
 
-    def __init__(self, world: int, record: list[list[torch.Tensor]] | None = None) -> None:
+    def __init__(
+        self,
+        world: int,
+        record: list[list[torch.Tensor]] | None = None,
+        part: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        total: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         self.world = world
         self.record = record
+        self.part, self.total = part, total
         self._calls: dict[int, tuple[list[torch.Tensor | None], asyncio.Future[torch.Tensor]]] = {}
         self._count = [0] * world
 
@@ -269,7 +278,7 @@ class LocalSum:
             if k not in self._calls:
                 self._calls[k] = ([None] * self.world, asyncio.get_running_loop().create_future())
             parts, fut = self._calls[k]
-            parts[rank] = x.float()
+            parts[rank] = x.float() if self.part is None else self.part(x)
             if all(p is not None for p in parts):
                 ps = [p for p in parts if p is not None]
                 acc = ps[0].clone()
@@ -277,7 +286,7 @@ class LocalSum:
                     acc += p  # ((x0 + x1) + x2) + ...: all_reduce's order
                 if self.record is not None:
                     self.record.append([p.clone() for p in ps])
-                fut.set_result(acc)
+                fut.set_result(acc if self.total is None else self.total(acc))
                 del self._calls[k]
             return (await fut).clone()
 
