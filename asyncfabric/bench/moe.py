@@ -78,16 +78,21 @@ async def _af_rounds(
             _sync(a["device"])
             t3 = time.perf_counter()
             if it >= warm:
-                out["dispatch"].append((t1 - t0) * 1e6)
-                out["combine"].append((t3 - t2) * 1e6)
-                out["step"].append((t3 - t0) * 1e6)
-                out["dispatch_x"].append(dx * 1e6)
-                out["combine_x"].append(ep.last_exchange_s * 1e6)
-                out["step_x"].append((dx + ep.last_exchange_s) * 1e6)
+                _record(out, t0, t1, t2, t3, dx, ep.last_exchange_s)
     finally:
         await ep.aclose()
         del ep
     return out
+
+
+def _record(
+    out: dict[str, list[float]], t0: float, t1: float, t2: float, t3: float, dx: float, cx: float
+) -> None:
+    """One timed iteration, in µs: the phases (dispatch t0-t1, combine t2-t3, the step)
+    and their exchanges alone (dx, cx)."""
+    for key, v in (("dispatch", t1 - t0), ("combine", t3 - t2), ("step", t3 - t0),
+                   ("dispatch_x", dx), ("combine_x", cx), ("step_x", dx + cx)):  # fmt: skip
+        out[key].append(v * 1e6)
 
 
 def _sync(device: str) -> None:
@@ -161,12 +166,7 @@ def _gloo_rounds(
             _sync(a["device"])
             t3 = time.perf_counter()
             if it >= warm:
-                out["dispatch"].append((t1 - t0) * 1e6)
-                out["combine"].append((t3 - t2) * 1e6)
-                out["step"].append((t3 - t0) * 1e6)
-                out["dispatch_x"].append(dx * 1e6)
-                out["combine_x"].append(_GLOO_X[0] * 1e6)
-                out["step_x"].append((dx + _GLOO_X[0]) * 1e6)
+                _record(out, t0, t1, t2, t3, dx, _GLOO_X[0])
             continue
         back_send = y.index_select(0, sm_to_em.to(dev))
         if host:
@@ -181,12 +181,7 @@ def _gloo_rounds(
         _sync(a["device"])
         t3 = time.perf_counter()
         if it >= warm:
-            out["dispatch"].append((t1 - t0) * 1e6)
-            out["combine"].append((t3 - t2) * 1e6)
-            out["step"].append((t3 - t0) * 1e6)
-            out["dispatch_x"].append(dx * 1e6)
-            out["combine_x"].append(cx * 1e6)
-            out["step_x"].append((dx + cx) * 1e6)
+            _record(out, t0, t1, t2, t3, dx, cx)
     return out
 
 
