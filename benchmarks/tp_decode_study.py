@@ -33,7 +33,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from asyncfabric.bench.tp_llama import Chain, LocalSum, Shard, Spec, decode, kl, train
+from asyncfabric.bench.tp_llama import (
+    Chain,
+    LocalSum,
+    Shard,
+    Spec,
+    build_model,
+    decode,
+    kl,
+    train,
+)
 
 # (kind, block, scale format, whether the one-shot sum is quantized once more)
 Fmt = tuple[str, int, str, bool]
@@ -115,21 +124,9 @@ def check() -> None:
 
 
 def build(spec: Spec, init: float, tied: bool = False) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=spec.vocab,
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=max(256, spec.prompt + spec.tokens),
-        tie_word_embeddings=tied,
-        initializer_range=init,
-    )
-    torch.manual_seed(spec.seed)
-    return LlamaForCausalLM(cfg).float().eval()
+    """The random-weight model of ``spec`` with this ``initializer_range`` (training, if
+    any, is the study's own step)."""
+    return build_model(replace(spec, train_steps=0), init=init, tied=tied)
 
 
 async def _decode_all(

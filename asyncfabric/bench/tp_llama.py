@@ -98,10 +98,11 @@ def train(model: Any, chain: Chain, steps: int, seed: int) -> list[float]:
     return losses
 
 
-def build_model(spec: Spec) -> Any:
+def build_model(spec: Spec, *, init: float | None = None, tied: bool = False) -> Any:
     """The HF ``LlamaForCausalLM`` of ``spec``, fp32, random weights under ``spec.seed``
     (then, with ``spec.train_steps``, trained on :class:`Chain`, or loaded from
-    ``spec.weights``)."""
+    ``spec.weights``). ``init``: the config's ``initializer_range`` (None: HF's default);
+    ``tied``: the LM head tied to the embeddings."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
@@ -112,7 +113,8 @@ def build_model(spec: Spec) -> Any:
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=max(256, spec.prompt + spec.tokens),
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
+        initializer_range=LlamaConfig().initializer_range if init is None else init,
     )
     torch.manual_seed(spec.seed)
     model: Any = LlamaForCausalLM(cfg)

@@ -409,15 +409,18 @@ class AllReduce:
         if y.dtype != F32:
             K.convert(acc, F32, y.ptr, y.dtype, n, False)
 
+    def _piece(self, block: int) -> int:
+        """Values per pipeline piece: ``self.piece`` rounded down to whole blocks."""
+        return max(block, self.piece // block * block)
+
     def _cut(self, m: int, block: int) -> list[list[Span]]:
         """A round of ``m`` values: every rank's chunk, as pipeline pieces."""
-        piece = max(block, self.piece // block * block)
-        return [pieces(c, piece) for c in chunks(m, self.P, block)]
+        return [pieces(c, self._piece(block)) for c in chunks(m, self.P, block)]
 
     def _send_rs(self, x: Flat, base: int, sp: Span, d: int, j: int, q: bool, block: int) -> None:
         """Encode piece ``j`` of chunk ``d`` (round at ``base``) and write it to rank ``d``."""
         isz = ITEMSIZE[x.dtype]
-        pw = 4 * max(block, self.piece // block * block)
+        pw = 4 * self._piece(block)
         soff = self.s_rs + d * self.slot_bytes + j * pw
         self._encode(x.ptr + (base + sp.start) * isz, x.dtype, sp.numel, q, block, soff)
         doff = self.r_rs + self.rank * self.slot_bytes + j * pw
@@ -443,7 +446,7 @@ class AllReduce:
         P, r, dt = self.P, self.rank, x.dtype
         isz = ITEMSIZE[dt]
         q = bool(quant)
-        pw = 4 * max(block, self.piece // block * block)
+        pw = 4 * self._piece(block)
         cut = self._cut(m, block)
         # 1. reduce-scatter sends: piece by piece, to every peer in turn (those the
         #    previous round did not send already)
