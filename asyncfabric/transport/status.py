@@ -26,6 +26,8 @@ PEER_TIMEOUT = -_e.ETIMEDOUT
 """The peer took or completed nothing within the engine's ``peer_timeout``."""
 PEER_STALLED = -_e.ETIME
 """Transfers in flight saw no completion within ``peer_timeout``."""
+PEER_LOCKED = -_e.ENOLCK
+"""The peer's shared-memory queue lock stayed held for ``peer_timeout`` (a process died holding it)."""
 PEER_RESET = -_e.ECONNRESET
 """The connection to the peer broke."""
 ACCESS_DENIED = -_e.EACCES
@@ -44,6 +46,7 @@ PEER_ERRNOS = frozenset(
         _e.ENOTCONN,
         _e.ETIMEDOUT,
         _e.ETIME,
+        _e.ENOLCK,
         _e.ECONNREFUSED,
         _e.EHOSTDOWN,
         _e.EHOSTUNREACH,
@@ -77,6 +80,12 @@ _HINTS = {
         PeerUnreachable,
         "the peer acknowledged nothing within the engine's peer_timeout; it died or its link "
         "is down",
+    ),
+    _e.ENOLCK: (
+        PeerUnreachable,
+        "the peer's shared-memory queue lock stayed held for the engine's peer_timeout: a "
+        "process that died while posting to it (or the peer itself, dying) holds it for good; "
+        "nothing can be posted to that peer again: restart it and connect to its new engine",
     ),
     _e.ECONNRESET: (
         PeerUnreachable,

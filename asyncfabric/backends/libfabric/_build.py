@@ -40,6 +40,7 @@ FILES = [
     "afpeer.c",  # peer failure detection
     "doorbell.c",  # waking sleeping engines on this host
     "shmname.c",  # shm region names, reclaiming dead processes' regions
+    "qlock.c",  # looking at a shm queue lock before libfabric takes it
     "hook.c",  # the native hook (afhook.h)
     "cudanote.c",  # the CUDA host function
     "native.c",  # the contract's native table (transport/native_ops.h)
@@ -52,6 +53,7 @@ FILES = [
     "doorbell.h",
     "quirks.h",
     "shmname.h",
+    "qlock.h",
 ]
 SOURCES = [f for f in FILES if f.endswith(".c")]
 # Parsed by cffi's cdef (no preprocessor), in this order.

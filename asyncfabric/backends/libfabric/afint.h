@@ -27,6 +27,7 @@
  *   afpeer.c    peer failure detection
  *   doorbell.c  waking sleeping engines on this host
  *   shmname.c   shm region names, reclaiming dead processes' regions
+ *   qlock.c     a shm queue lock looked at before libfabric takes it
  *   hook.c      the native hook for C outside the core (afhook.h)
  *   cudanote.c  the CUDA host function that rings the notify fd
  *   triggers.c  triggered batches (a watcher thread) and counter release words
@@ -158,6 +159,11 @@ typedef struct af_dom {
      * made holding this lock; its owner holds it only across its CQ reads. */
     pthread_mutex_t lock;
     int owner;
+    /* qlock.h: shm; the lock word of this endpoint's own region, which its
+     * CQ reads take (NULL: unguarded), and its mapping */
+    int qguard;
+    const volatile int *own_qlock;
+    void *own_qmap;
 } af_dom;
 
 /* A piece a worker took from a queued op (wpost.c): everything its post needs,
@@ -172,6 +178,8 @@ typedef struct af_piece {
     fi_addr_t dest;
     af_wr *wr;
     uint64_t t0;
+    const volatile int *qlock; /* the target region's lock word and the guard's pidfd (qlock.h) */
+    int qpidfd;
     int32_t ret; /* the post's result; 1: not tried yet */
 } af_piece;
 #define AF_WQ_PIECES 32            /* pieces a worker takes per pass */
@@ -203,6 +211,11 @@ typedef struct af_peer {
     int dead; /* 0, or the errno its transfers fail with (ESRCH: its process exited) */
     uint32_t inflight;
     uint64_t t_progress;
+    /* qlock.h: each domain's region lock word (NULL: unguarded), its mapping,
+     * and a pidfd of the guard's own (the watch closes p->pidfd when it likes) */
+    const volatile int *qlock[AF_MAX_DOMS];
+    void *qmap[AF_MAX_DOMS];
+    int qpidfd;
 } af_peer;
 
 typedef struct af_mr {
@@ -570,6 +583,19 @@ static inline int check_peer(af_engine *e, uint32_t peer, int ndom) {
     for (int d = 0; d < ndom; d++)
         if (e->peers[peer].addr[d] == FI_ADDR_NOTAVAIL) return -FI_EINVAL;
     return 0;
+}
+
+#include "qlock.h" /* after cpu_relax and now_ns, which its inline parts use */
+
+/* How long a post waits outside libfabric for a shm queue lock (qlock.h). */
+static inline uint64_t qlock_bound(const af_engine *e) {
+    return e->pol.post_timeout_ns ? e->pol.post_timeout_ns : 5000000000ull;
+}
+
+/* Before a post to peer's domain dn: 0, or the errno to fail it with (qlock.h). */
+static inline int peer_qlock(af_engine *e, uint32_t peer, uint32_t dn) {
+    const af_peer *p = &e->peers[peer];
+    return qlock_check(p->qlock[dn], p->qpidfd, qlock_bound(e));
 }
 
 static inline int check_mr(af_engine *e, int mr) {

@@ -154,8 +154,12 @@ int afe_peer_dead(af_engine *e, uint32_t pi) {
 }
 
 void peer_close_all(af_engine *e) {
-    for (uint32_t i = 0; i < e->npeers; i++)
-        if (e->peers[i].pidfd >= 0) close(e->peers[i].pidfd);
+    for (uint32_t i = 0; i < e->npeers; i++) {
+        af_peer *p = &e->peers[i];
+        if (p->pidfd >= 0) close(p->pidfd);
+        if (p->qpidfd >= 0) close(p->qpidfd);
+        for (int d = 0; d < AF_MAX_DOMS; d++) qlock_unmap(p->qmap[d]);
+    }
     if (e->watch_fd >= 0) close(e->watch_fd);
     e->watch_fd = -1;
 }

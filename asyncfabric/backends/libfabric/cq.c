@@ -31,6 +31,8 @@ static int send_owed(af_engine *e, af_dom *d, af_wr *wr) {
     if (op->status) return op->status; /* failed meanwhile: no immediate for it */
     af_peer *p = &e->peers[op->peer];
     if (p->dead) return -p->dead; /* shm maps a peer's queue: never post into a gone one */
+    int held = peer_qlock(e, op->peer, (uint32_t)(d - e->dom)); /* qlock.h */
+    if (held) return held;
     dom_lock(e, d);
     ssize_t r = fi_inject_writedata(d->ep, e->scratch, 0, wr->imm, wr->dest, wr->raddr, wr->key);
     dom_unlock(e, d);
@@ -175,6 +177,10 @@ int progress_dom(af_engine *e, af_dom *d) {
         /* With workers, a busy domain is its owner's to read (it may be posting
          * a copy): skip it rather than wait. */
         if (!dom_trylock(e, d)) break;
+        if (!qlock_free_soon(d->own_qlock)) { /* held by a poster, maybe a dead one (qlock.h) */
+            dom_unlock(e, d);
+            break;
+        }
         ssize_t n = fi_cq_read(d->cq, ents, 64);
         dom_unlock(e, d);
         if (n == -FI_EAGAIN) break;

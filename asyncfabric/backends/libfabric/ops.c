@@ -96,6 +96,12 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
             dest = e->peers[op->peer].addr[dn];
         }
         if (!dom_trylock(e, d)) return AF_AGAIN; /* its worker is reading: it posts it later */
+        int held = peer_qlock(e, op->peer, dn); /* a dead process may hold its queue (qlock.h) */
+        if (held) {
+            dom_unlock(e, d);
+            op_stop(e, op, held);
+            break;
+        }
         if (op->kind == OP_SEND) {
             if (op->msglen <= d->inject) {
                 ret = fi_inject(d->ep, op->msg, op->msglen, dest);

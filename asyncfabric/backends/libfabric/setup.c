@@ -5,6 +5,7 @@
 
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 
 static void seterr(char *err, size_t errlen, const char *fmt, const char *a, int rc) {
@@ -157,15 +158,20 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
     av_attr.type = FI_AV_TABLE;
     if ((rc = fi_av_open(d->domain, &av_attr, &d->av, NULL))) goto fail_av;
     if ((rc = fi_endpoint(d->domain, info, &d->ep, NULL))) goto fail_ep;
+    char name[64] = "";
     if (q.own_name) {
         /* A region name of our own (shm): shmname.h says why. */
-        char name[64];
         af_shm_name(name, sizeof name, rand64());
         if ((rc = fi_setname(&d->ep->fid, name, strlen(name) + 1))) goto fail_ep;
     }
     if ((rc = fi_ep_bind(d->ep, &d->av->fid, 0))) goto fail_ep;
     if ((rc = fi_ep_bind(d->ep, &d->cq->fid, FI_TRANSMIT | FI_RECV))) goto fail_ep;
     if ((rc = fi_enable(d->ep))) goto fail_ep;
+    if (q.own_name) { /* the region exists now: guard its lock (qlock.h) */
+        int32_t self = (int32_t)getpid();
+        d->qguard = qlock_init();
+        d->own_qlock = qlock_map(name, sizeof name, &self, &d->own_qmap);
+    }
 
     /* Receive pool. On FI_MR_LOCAL providers the pools are registered once. */
     size_t rxbytes = (size_t)d->nrx * e->ctrl_max;
@@ -218,6 +224,7 @@ fail_mr:
 }
 
 static void close_dom(af_dom *d) {
+    qlock_unmap(d->own_qmap);
     if (d->ep) fi_close(&d->ep->fid);
     if (d->rx_mr) fi_close(&d->rx_mr->fid);
     if (d->tx_mr) fi_close(&d->tx_mr->fid);
@@ -364,12 +371,19 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_l
         p->dead = 0;
         p->inflight = 0;
         p->t_progress = 0;
+        p->qpidfd = -1;
+        int32_t qpid = 0;
         for (int d = 0; d < ndom && !rc; d++) {
             dom_lock(e, &e->dom[d]);
             int n = fi_av_insert(e->dom[d].av, addrs[d], 1, &p->addr[d], 0, NULL);
             dom_unlock(e, &e->dom[d]);
             if (n != 1) rc = n < 0 ? n : -FI_EADDRNOTAVAIL;
+            else if (e->dom[d].qguard) /* its region's lock, looked at before each post (qlock.h) */
+                p->qlock[d] = qlock_map(addrs[d], addr_len0, &qpid, &p->qmap[d]);
         }
+        if (!rc && qpid > 0) p->qpidfd = (int)syscall(SYS_pidfd_open, qpid, 0);
+        if (rc)
+            for (int d = 0; d < ndom; d++) qlock_unmap(p->qmap[d]);
         if (!rc) {
             bell_open_peer(bell_hash(addrs[0], addr_len0), &p->bell);
             *out_peer = e->npeers++;

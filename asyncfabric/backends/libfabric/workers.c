@@ -33,6 +33,7 @@ static int worker_poll(af_engine *e, af_dom *d) {
     int total = 0;
     for (;;) {
         int have_err = 0;
+        if (!qlock_free_soon(d->own_qlock)) break; /* held by a poster, maybe a dead one (qlock.h) */
         pthread_mutex_lock(&d->lock);
         ssize_t n = fi_cq_read(d->cq, ents, 64);
         if (n == -FI_EAVAIL) {

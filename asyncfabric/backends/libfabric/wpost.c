@@ -93,6 +93,8 @@ static int take_piece(af_engine *e, af_worker *w, uint32_t opi, af_piece *pc) {
     pc->desc = mr >= 0 ? e->mrs[mr].desc[dn] : NULL;
     pc->inject = op->kind != OP_READ && can_inject(e, d, mr, pc->len, pc->imm);
     pc->dest = e->peers[op->peer].addr[dn];
+    pc->qlock = e->peers[op->peer].qlock[dn];
+    pc->qpidfd = e->peers[op->peer].qpidfd;
     if (op->kind != OP_READ && !pc->inject && owe_imm(e, d, mr, pc, pc->dest, wr))
         pc->imm = -1; /* a plain write now; its immediate follows its completion (cq.c) */
     pc->t0 = now_ns();
@@ -144,7 +146,11 @@ static void post(af_engine *e, af_worker *w) {
             continue;
         }
         af_dom *d = &e->dom[pc->dn];
-        ssize_t r;
+        ssize_t r = qlock_check(pc->qlock, pc->qpidfd, qlock_bound(e)); /* qlock.h */
+        if (r) {
+            pc->ret = (int32_t)r;
+            continue;
+        }
         pthread_mutex_lock(&d->lock);
         if (pc->kind == OP_READ)
             r = post_plain(d, 1, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
