@@ -90,10 +90,8 @@ async def test_denied_write_never_lands(provider, kw, case, with_imm):
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_revoked_read_returns_nothing(provider, kw):
-    if provider != "tcp":
-        # shm: a read keeps shm's unchecked fast path (docs/failure-semantics.md): the
-        # checked path hung on a peer killed inside its critical section
-        pytest.skip("reads through a revoked key are refused by the target on tcp only")
+    if provider not in ("shm", "tcp"):
+        pytest.skip("reads: shm and tcp")
     async with (
         PeerProcess(provider, **kw) as peer,
         af.Engine(provider, peer_timeout=TIMEOUT, **kw) as eng,

@@ -95,8 +95,11 @@ async def _setup(peer_timeout: float):
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.parametrize("size", [8, 65_536])  # injected, and completion-tracked
-async def test_post_to_peer_killed_holding_its_lock_fails(size):
+@pytest.mark.parametrize(
+    "op, size",
+    [("write", 8), ("write", 65_536), ("pull", 8)],  # injected, completion-tracked, a read
+)
+async def test_post_to_peer_killed_holding_its_lock_fails(op, size):
     """The peer dies holding its own queue lock while a post waits for it."""
     poster, target, src, _, desc = await _setup(peer_timeout=30)
     assert target.pid is not None
@@ -104,8 +107,9 @@ async def test_post_to_peer_killed_holding_its_lock_fails(size):
     try:
         killer = _kill_later(target.pid, 0.5)
         t0 = time.monotonic()
+        args = (src, desc, 0, 0, size) + ((2,) if op == "write" else ())
         with pytest.raises(PeerError, match="process has exited"):
-            await poster.call("write", src, desc, 0, 0, size, 2, timeout=20)
+            await poster.call(op, *args, timeout=20)
         took = time.monotonic() - t0
         killer.wait()
         # the lock is still held: only the peer's exit could end the wait, far

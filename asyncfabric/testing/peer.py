@@ -89,6 +89,12 @@ def _child_main(conn: Connection, provider: str, kwargs: dict[str, Any]) -> None
                         d = Descriptor.from_bytes(desc)
                         await eng.write(regions[rid][off : off + n], d[roff : roff + n], imm=imm)
                         conn.send(("ok", None))
+                    elif cmd == "pull":
+                        # a one-sided read from the descriptor into our region
+                        rid, desc, off, roff, n = args
+                        d = Descriptor.from_bytes(desc)
+                        await eng.read(regions[rid][off : off + n], d[roff : roff + n])
+                        conn.send(("ok", None))
                     elif cmd == "write_imms":
                         # many small writes with the given immediates, all in flight at once
                         rid, desc, imms = args

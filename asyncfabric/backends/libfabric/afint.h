@@ -669,10 +669,7 @@ static inline int can_inject(const af_engine *e, const af_dom *d, int mr, uint64
  * which the target carries out after checking the key. */
 static inline ssize_t post_plain(af_dom *d, int read, void *buf, size_t len, void *desc, fi_addr_t dest,
                                  uint64_t raddr, uint64_t key, void *ctx) {
-    /* Reads stay on the fast path: a checked read goes through the target's
-     * command queue and its shared spinlock, on which a read to a peer killed
-     * inside its critical section spun forever (seen in CI). */
-    if (!d->checked_plain || read)
+    if (!d->checked_plain)
         return read ? fi_read(d->ep, buf, len, desc, dest, raddr, key, ctx)
                     : fi_write(d->ep, buf, len, desc, dest, raddr, key, ctx);
     struct iovec iov = {buf, len};
