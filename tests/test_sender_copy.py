@@ -72,9 +72,16 @@ async def test_sender_copy_places_data_without_the_target(monkeypatch, sender_co
         assert while_stopped == N
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["own_copy", "fast_rma"])
 @pytest.mark.parametrize("workers", [1, 2])
-async def test_sender_copy_counts_exactly(monkeypatch, workers):
+async def test_sender_copy_counts_exactly(monkeypatch, workers, direct):
+    """Both ways of letting the sender copy (cma.c): the engine's own process_vm_writev
+    (the default) and libfabric's fast RMA (ASYNCFABRIC_SHM_DIRECT_COPY=0)."""
     monkeypatch.setenv("ASYNCFABRIC_SHM_SENDER_COPY", "4097")
+    if direct:
+        monkeypatch.delenv("ASYNCFABRIC_SHM_DIRECT_COPY", raising=False)
+    else:
+        monkeypatch.setenv("ASYNCFABRIC_SHM_DIRECT_COPY", "0")
     async with (
         PeerProcess("shm", domains=2, workers=workers) as peer,
         af.Engine("shm", domains=2, workers=workers) as eng,
@@ -93,6 +100,8 @@ async def test_sender_copy_counts_exactly(monkeypatch, workers):
             await eng.write_many(batch)
         await peer.wait(4, 5 * len(sizes))
         assert await peer.call("count", 4) == 0  # wait took them all: none extra
+        copied = eng.stats()["direct_copies"]
+        assert (copied >= 5 * 3 * 40) if direct else (copied == 0), copied  # 3 sizes above 4 KiB
         want = np.zeros(n, np.uint8)
         for o, s in zip(offs, sizes):
             want[o : o + s] = data[o : o + s]

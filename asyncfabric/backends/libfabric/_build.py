@@ -41,6 +41,7 @@ FILES = [
     "doorbell.c",  # waking sleeping engines on this host
     "shmname.c",  # shm region names, reclaiming dead processes' regions
     "qlock.c",  # looking at a shm queue lock before libfabric takes it
+    "cma.c",  # the sender's own copy into a shm peer (sender_copy)
     "hook.c",  # the native hook (afhook.h)
     "cudanote.c",  # the CUDA host function
     "native.c",  # the contract's native table (transport/native_ops.h)

@@ -28,6 +28,7 @@
  *   doorbell.c  waking sleeping engines on this host
  *   shmname.c   shm region names, reclaiming dead processes' regions
  *   qlock.c     a shm queue lock looked at before libfabric takes it
+ *   cma.c       the sender's own copy into a shm peer (sender_copy)
  *   hook.c      the native hook for C outside the core (afhook.h)
  *   cudanote.c  the CUDA host function that rings the notify fd
  *   triggers.c  triggered batches (a watcher thread) and counter release words
@@ -153,6 +154,7 @@ typedef struct af_dom {
      * write with its immediate owed (cq.c); owed immediates the target's
      * queue had no room for, oldest first, linked through next_free */
     uint64_t sender_copy;
+    int direct_copy; /* sender_copy: the copy is ours, not libfabric's (cma.c) */
     uint32_t owe_head, owe_tail;
     int checked_plain; /* quirks.h plain_unchecked: plain RMA goes through post_plain */
     /* With several workers (workers.c) every libfabric call on this domain is
@@ -180,6 +182,8 @@ typedef struct af_piece {
     uint64_t t0;
     const volatile int *qlock; /* the target region's lock word and the guard's pidfd (qlock.h) */
     int qpidfd;
+    int32_t pid; /* the target's process, for a copy of our own (cma.c) */
+    int direct;  /* copied by cma_put: no completion comes; its immediate is owed */
     int32_t ret; /* the post's result; 1: not tried yet */
 } af_piece;
 #define AF_WQ_PIECES 32            /* pieces a worker takes per pass */
@@ -216,7 +220,11 @@ typedef struct af_peer {
     const volatile int *qlock[AF_MAX_DOMS];
     void *qmap[AF_MAX_DOMS];
     int qpidfd;
+    int32_t qpid; /* the pid its region names (0: unknown), this process's own included */
 } af_peer;
+
+/* The process to copy into for a copy of our own (cma.c): 0 if unknown. */
+static inline int32_t peer_cma_pid(const af_peer *p) { return p->qpid ? p->qpid : p->pid; }
 
 typedef struct af_mr {
     struct fid_mr *mr[AF_MAX_DOMS];
@@ -385,6 +393,12 @@ AF_INTERNAL void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status)
 AF_INTERNAL void cq_handle(af_engine *e, af_dom *d, const struct fi_cq_data_entry *ents, ssize_t n);
 /* cq.c: send the owed immediates that found the target's queue full (lock held) */
 AF_INTERNAL int owed_retry(af_engine *e, af_dom *d);
+
+/* cma.c: copy len bytes into process pid at dst. 0: copied; 1: not ours to
+ * copy (libfabric's path instead); < 0: the errno the piece fails with. */
+AF_INTERNAL int cma_put(af_dom *d, int32_t pid, const void *src, uint64_t len, uint64_t dst);
+/* cq.c: queue wr's owed immediate; the domain's progress posts it (lock held). */
+AF_INTERNAL void owe_push(af_dom *d, af_wr *wr);
 
 /* afpeer.c */
 AF_INTERNAL void peer_watch(af_engine *e);

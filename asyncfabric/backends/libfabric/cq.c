@@ -59,16 +59,21 @@ void complete_wr(af_engine *e, af_dom *d, af_wr *wr, int32_t status) {
     if (wr->owe && !status) {
         int r = send_owed(e, d, wr);
         if (r == 1) { /* the target's queue is full: its immediate waits on the list */
-            wr->owe = 2;
-            wr->next_free = AF_NONE;
-            if (d->owe_tail == AF_NONE) d->owe_head = (uint32_t)(wr - d->wrs);
-            else d->wrs[d->owe_tail].next_free = (uint32_t)(wr - d->wrs);
-            d->owe_tail = (uint32_t)(wr - d->wrs);
+            owe_push(d, wr);
             return;
         }
         status = r;
     }
     finish_wr(e, d, wr, status);
+}
+
+void owe_push(af_dom *d, af_wr *wr) {
+    if (wr->owe == 1) wr->t_owe = now_ns(); /* its post_timeout runs from here (send_owed) */
+    wr->owe = 2;
+    wr->next_free = AF_NONE;
+    if (d->owe_tail == AF_NONE) d->owe_head = (uint32_t)(wr - d->wrs);
+    else d->wrs[d->owe_tail].next_free = (uint32_t)(wr - d->wrs);
+    d->owe_tail = (uint32_t)(wr - d->wrs);
 }
 
 int owed_retry(af_engine *e, af_dom *d) {

@@ -122,6 +122,8 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
         d->sender_copy = min ? (min > d->inject ? min : d->inject + 1) : 0;
         if (d->sender_copy) d->checked_plain = 0; /* trusted peers: plain RMA copies fast too */
     }
+    const char *dc = getenv("ASYNCFABRIC_SHM_DIRECT_COPY"); /* cma.c; "0": libfabric's copy */
+    d->direct_copy = d->sender_copy && !(dc && !strcmp(dc, "0"));
 
     if ((rc = fi_fabric(info->fabric_attr, &d->fabric, NULL))) goto fail_fabric;
     if ((rc = fi_domain(d->fabric, info, &d->domain, NULL))) goto fail_domain;
@@ -382,6 +384,7 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_l
                 p->qlock[d] = qlock_map(addrs[d], addr_len0, &qpid, &p->qmap[d]);
         }
         if (!rc && qpid > 0) p->qpidfd = (int)syscall(SYS_pidfd_open, qpid, 0);
+        p->qpid = rc ? 0 : qpid;
         if (rc)
             for (int d = 0; d < ndom; d++) qlock_unmap(p->qmap[d]);
         if (!rc) {

@@ -95,6 +95,8 @@ static int take_piece(af_engine *e, af_worker *w, uint32_t opi, af_piece *pc) {
     pc->dest = e->peers[op->peer].addr[dn];
     pc->qlock = e->peers[op->peer].qlock[dn];
     pc->qpidfd = e->peers[op->peer].qpidfd;
+    pc->pid = peer_cma_pid(&e->peers[op->peer]);
+    pc->direct = 0;
     if (op->kind != OP_READ && !pc->inject && owe_imm(e, d, mr, pc, pc->dest, wr))
         pc->imm = -1; /* a plain write now; its immediate follows its completion (cq.c) */
     pc->t0 = now_ns();
@@ -161,8 +163,13 @@ static void post(af_engine *e, af_worker *w) {
         else if (pc->imm >= 0)
             r = fi_writedata(d->ep, pc->src, pc->len, pc->desc, (uint64_t)pc->imm, pc->dest, pc->dst,
                              pc->key, pc->wr);
-        else if (pc->wr->owe) /* the sender copies; its immediate follows (cq.c) */
-            r = fi_write(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
+        else if (pc->wr->owe) { /* the sender copies; its immediate follows (cq.c) */
+            pthread_mutex_unlock(&d->lock); /* a copy of our own takes no lock (cma.c) */
+            r = cma_put(d, pc->pid, pc->src, pc->len, pc->dst);
+            pc->direct = r <= 0;
+            pthread_mutex_lock(&d->lock);
+            if (r == 1) r = fi_write(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
+        }
         else
             r = post_plain(d, 0, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         pthread_mutex_unlock(&d->lock);
@@ -199,7 +206,8 @@ static int commit(af_engine *e, af_worker *w) {
             int seen = 0;
             for (int j = 0; j < nrung; j++) seen |= rung[j] == pc->peer;
             if (!seen) rung[nrung++] = pc->peer;
-            if (pc->inject) complete_wr(e, d, pc->wr, 0); /* no completion will come */
+            e->st.direct_copies += (uint64_t)pc->direct;
+            if (pc->inject || pc->direct) complete_wr(e, d, pc->wr, 0); /* no completion will come */
             continue;
         }
         if (!op->status) op_stop(e, op, st);
