@@ -329,6 +329,7 @@ struct af_engine {
     uint64_t rot;
     uint32_t reap_skip; /* ops.c: injected writes since the last reap */
     int hooked;         /* hook.c: a hook caller holds every lock (hook_thr) */
+    atomic_int hook_held; /* the same, for the progress thread to read without the lock */
     pthread_t hook_thr;
     /* triggers.c: armed triggers and release words (NULL until the first arm);
      * rel_armed: release words armed, read by count_imm under the lock. */

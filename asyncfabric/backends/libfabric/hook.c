@@ -7,6 +7,7 @@
  * workers it holds every domain's lock too (engine, then domains: the order of
  * every path that holds both). */
 static void hook_lock(af_engine *e) {
+    atomic_store(&e->hook_held, 1); /* the progress thread sleeps meanwhile (progress.c) */
     enter_py(e);
     for (int d = 0; d < e->ndom; d++) dom_lock(e, &e->dom[d]);
     e->hook_thr = pthread_self(); /* the core's paths it calls must not lock them again */
@@ -17,6 +18,7 @@ static void hook_unlock(af_engine *e) {
     e->hooked = 0;
     for (int d = e->ndom - 1; d >= 0; d--) dom_unlock(e, &e->dom[d]);
     leave_py(e);
+    if (atomic_exchange(&e->hook_held, 0)) kick(e);
 }
 
 static int hook_check_peer(af_engine *e, uint32_t peer, int ndom) { return check_peer(e, peer, ndom); }

@@ -144,6 +144,23 @@ static void *progress_main(void *arg) {
             last = now_ns();
             continue;
         }
+        if (atomic_load_explicit(&e->hook_held, memory_order_relaxed)) {
+            /* The native hook's caller drives the endpoints itself, holding
+             * every lock, for as long as its loop runs (a benchmark's whole
+             * stream): standing aside every 20 us as below would wake this
+             * thread tens of thousands of times a second on the cores that
+             * loop needs. Sleep until it lets go (hook_unlock kicks us). */
+            drop_spin_slot(&slot);
+            struct pollfd pfd = {e->wake_fd, POLLIN, 0};
+            struct timespec ts = {(time_t)(e->pol.idle_block_ns / 1000000000ull),
+                                  (long)(e->pol.idle_block_ns % 1000000000ull)};
+            if (ppoll(&pfd, 1, &ts, NULL) > 0) {
+                uint64_t v;
+                if (read(e->wake_fd, &v, sizeof v) < 0) { /* already drained */ }
+            }
+            last = now_ns();
+            continue;
+        }
         if (pthread_mutex_trylock(&e->lock)) {
             /* The Python thread is inside a call: most often a post, which
              * can spin in the provider for a whole copy (shm waits on the
