@@ -412,3 +412,27 @@ async def test_int8_odd_block_and_pieces():
     bound = steps / 254 * (1 + 2**-7) * 1.001 + np.abs(exact) * 2**-8
     assert (err <= bound).all()
     assert err.max() > 0
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+async def test_overlapping_rounds_exact_into_out(provider, kw, ranks):
+    """Many rounds of several pieces each (the next round's pieces go out during this
+    round's gather), a short last round, into a separate output and in place."""
+    rng = np.random.default_rng(100 + ranks)
+    async with local_views(ranks, provider, **kw) as views:
+        ars = [AllReduce(v, round_elems=3000, piece_elems=256) for v in views]
+        for n in (3000 * 7 + 37, 3000 * 3, 2999):
+            xs = [rng.standard_normal(n).astype(np.float32) for _ in range(ranks)]
+            ref = _ref_sum(xs)
+            outs = [np.zeros(n, np.float32) for _ in range(ranks)]
+            await _all(
+                [
+                    lambda i=i, xs=xs, outs=outs: ars[i](xs[i].copy(), out=outs[i], timeout=TIMEOUT)
+                    for i in range(ranks)
+                ]
+            )
+            ins = [x.copy() for x in xs]
+            await _all([lambda i=i, ins=ins: ars[i](ins[i], timeout=TIMEOUT) for i in range(ranks)])
+            for i in range(ranks):
+                assert np.array_equal(outs[i], ref), f"rank {i}, {n} values, out="
+                assert np.array_equal(ins[i], ref), f"rank {i}, {n} values, in place"
