@@ -219,10 +219,17 @@ def _doomed_rank(url: str, group: str, provider: str, kw: dict, n: int) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("lock", ["free", "held"])
 @pytest.mark.parametrize("n", [100, 2_000_000])
-async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n):
+async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n, lock):
+    """lock="held": rank 2 dies holding its shm queue lock (another process takes it
+    first, as a rank killed inside libfabric would leave it): the survivors' next posts
+    to it must fail, not spin in libfabric (a CI run hung so; qlock.c)."""
     import multiprocessing as mp
 
+    if lock == "held" and provider != "shm":
+        pytest.skip("a queue lock in the region is shm's")
+    holder = None
     srv = await af.store.serve("127.0.0.1:0", secret=SECRET)
     child = mp.get_context("spawn").Process(
         target=_doomed_rank, args=(srv.url, "dead", provider, kw, n), daemon=True
@@ -244,6 +251,11 @@ async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n):
             )
             assert all(r is xs[i] for i, r in enumerate(res)), res
             assert (xs[0] == 3).all()
+            if lock == "held":
+                from test_qlock import _Holder
+
+                assert child.pid is not None
+                holder = _Holder(child.pid)
             child.kill()  # rank 2 dies between calls
             child.join()
             # No timeout: the view fails the call when rank 2's lease expires (ttl 2 s),
@@ -259,6 +271,8 @@ async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n):
                 await g.leave()
     finally:
         child.kill()
+        if holder is not None:
+            holder.kill()
         await srv.aclose()
 
 
