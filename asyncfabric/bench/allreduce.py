@@ -102,10 +102,17 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
                 for impl in args["impls"]:
                     if args["device"] != "cpu":
                         torch.cuda.synchronize()
+                    tracing = bool(args["trace"]) and rep == args["repeats"]
+                    sampler = _LinkSampler(args["iface"] or "lo") if tracing else None
+                    if tracing and impl.startswith("af"):
+                        ar.trace = []
                     dist.barrier()
                     c0, t0 = time.process_time(), time.perf_counter()
                     for _ in range(iters):
                         await one(impl)
+                    if sampler is not None:
+                        _dump_trace(args["trace"], rank, size, impl, t0, ar.trace, sampler.stop())
+                        ar.trace = None
                     if args["device"] != "cpu":
                         torch.cuda.synchronize()
                     dt = torch.tensor([time.perf_counter() - t0])
@@ -144,6 +151,54 @@ async def _rank_main(rank: int, args: dict[str, Any], q: Any) -> None:
         ar.close()
         await grp.leave()
     dist.destroy_process_group()
+
+
+class _LinkSampler:
+    """Bytes sent and received on ``iface`` (this process's network namespace), sampled
+    every ~100 µs from a thread, for ``--trace``: where the link idles."""
+
+    def __init__(self, iface: str) -> None:
+        self.iface = iface
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._fd = os.open("/proc/self/net/dev", os.O_RDONLY)
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _read(self) -> tuple[int, int]:
+        text = os.pread(self._fd, 1 << 16, 0).decode()
+        for line in text.splitlines():
+            name, _, rest = line.partition(":")
+            if name.strip() == self.iface:
+                f = rest.split()
+                return int(f[0]), int(f[8])
+        return 0, 0
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            rx, tx = self._read()
+            self.samples.append((time.perf_counter(), rx, tx))
+            time.sleep(0.0001)
+
+    def stop(self) -> list[tuple[float, int, int]]:
+        self._stop.set()
+        self._t.join()
+        os.close(self._fd)
+        return self.samples
+
+
+def _dump_trace(
+    where: str,
+    rank: int,
+    size: int,
+    impl: str,
+    t0: float,
+    events: list[tuple[float, str, int, int]] | None,
+    samples: list[tuple[float, int, int]],
+) -> None:
+    os.makedirs(where, exist_ok=True)
+    with open(os.path.join(where, f"{impl}_{size}_r{rank}.json"), "w") as f:
+        json.dump({"t0": t0, "events": events or [], "link": samples}, f)
 
 
 @contextlib.contextmanager
@@ -260,12 +315,18 @@ def main(argv: list[str] | None = None) -> int:
         help="where the tensors live: cpu, or cuda (every rank on cuda:0; run under CUDA MPS)",
     )
     p.add_argument("--piece", type=int, help="values per pipeline piece (default: built in)")
+    p.add_argument("--round", type=int, help="values per two-shot round (default: built in)")
     p.add_argument(
         "--link-rate",
         help="tcp only, needs root and tc: run every rank in its own network namespace, "
         "on a bridge, every port limited to this rate each way (e.g. 2.5gbit, 10gbit)",
     )
     p.add_argument("--json", help="write the rows to this JSON file")
+    p.add_argument(
+        "--trace",
+        help="write, for the last repeat, every rank's call events (af impls) and its "
+        "link's byte counters (sampled every ~100 µs) as JSON files into this folder",
+    )
     a = p.parse_args(argv)
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     bad = [i for i in impls if i not in IMPLS]
@@ -340,8 +401,13 @@ def _run(
             "iface": None if link is None else link.iface,
             "policy": a.policy,
             "device": "cuda:0" if a.device == "cuda" else a.device,
-            "ar_kw": {} if a.piece is None else {"piece_elems": a.piece},
+            "ar_kw": {
+                k: v
+                for k, v in (("piece_elems", a.piece), ("round_elems", a.round))
+                if v is not None
+            },
             "oneshot": ONESHOT_BYTES if a.oneshot is None else a.oneshot,
+            "trace": None if a.trace is None else os.path.abspath(a.trace),
         }
         ctx = mp.get_context("spawn")
         q = ctx.Queue()

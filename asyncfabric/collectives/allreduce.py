@@ -23,7 +23,9 @@ same result: a rank uses the same dequantized values for its own contribution
 Reuse of the scratch across calls without a handshake: a rank starts call k+1
 only after it got every peer's last write of call k, which each peer sent only
 after it had consumed what it received in call k (see docs/collectives.md,
-"why one set of buffers is enough"); the one-shot area and the header have two
+"why one set of buffers is enough"). Rounds of one call overlap under the same rule,
+piece by piece: round k+1's piece j goes to rank s once s's gather piece j of round k is
+in and copied out; the one-shot area and the header have two
 parities because there a peer may still be reading call k's data.
 """
 
@@ -50,6 +52,7 @@ from .layout import (
     MAX_RANKS,
     MAX_SLOT,
     RS,
+    Span,
     align8,
     chunks,
     imm,
@@ -140,9 +143,16 @@ class AllReduce:
         self._broken: str | None = None
         self._failure: BaseException | None = None
         self._writes: list[asyncio.Task[None]] = []
+        # the writes that last read each send slot: reduce-scatter (rank, piece), gather piece
+        self._rs_w: dict[tuple[int, int], list[asyncio.Task[None]]] = {}
+        self._ag_w: dict[int, list[asyncio.Task[None]]] = {}
         self._main: asyncio.Task[Any] | None = None
         self._deadline: float | None = None
         self._timeout: float | None = None
+        #: set to a list to record (perf_counter, event, round, piece) of every call
+        #: (diagnostics: ``asyncfabric bench allreduce --trace``)
+        self.trace: list[tuple[float, str, int, int]] | None = None
+        self._rnd = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -244,16 +254,22 @@ class AllReduce:
                 if not t.done():
                     t.cancel()
             self._writes = []
+            self._rs_w.clear()
+            self._ag_w.clear()
         return tensor if out is None else out
 
     # ------------------------------------------------------------------ plumbing
+
+    def _ev(self, what: str, j: int = -1) -> None:
+        if self.trace is not None:
+            self.trace.append((time.perf_counter(), what, self._rnd, j))
 
     def _left(self) -> float | None:
         if self._deadline is None:
             return None
         return max(0.0, self._deadline - time.monotonic())
 
-    def _post(self, soff: int, nbytes: int, dst: int, doff: int, value: int) -> None:
+    def _post(self, soff: int, nbytes: int, dst: int, doff: int, value: int) -> asyncio.Task[None]:
         assert self._send is not None
         w = self._eng.write(
             self._send[soff : soff + nbytes], self._rdesc[dst][doff : doff + nbytes], imm=value
@@ -261,6 +277,14 @@ class AllReduce:
         t = asyncio.ensure_future(w)
         t.add_done_callback(self._on_write)
         self._writes.append(t)
+        return t
+
+    @staticmethod
+    async def _free(ts: list[asyncio.Task[None]] | None) -> None:
+        """Wait until the writes that last read a send slot are done with it."""
+        for t in ts or ():
+            if not t.done():
+                await asyncio.shield(t)
 
     def _on_write(self, t: asyncio.Task[None]) -> None:
         if t.cancelled():
@@ -325,16 +349,23 @@ class AllReduce:
         parity = self._seq & 1
         hdr = self._header(x, quant, block)
         wire = wire_bytes(x.numel, ITEMSIZE[x.dtype], bool(quant), block)
+        self._rnd = 0
+        self._ev("call")
         if x.nbytes <= self.oneshot_bytes and x.numel <= ONESHOT_CAP and self._one_write(wire):
             await self._oneshot(x, y, quant, block, hdr, parity, wire)
         else:
             self._post_header(hdr, parity, len(hdr))
-            checked = False
-            for a in range(0, max(1, x.numel), self.round_elems):
-                m = min(self.round_elems, x.numel - a)
-                await self._round(x, y, a, m, quant, block, hdr, parity, checked)
-                checked = True
+            rounds = [
+                (a, min(self.round_elems, x.numel - a))
+                for a in range(0, max(1, x.numel), self.round_elems)
+            ]
+            early: set[tuple[int, int]] = set()
+            for i, (a, m) in enumerate(rounds):
+                nxt = rounds[i + 1] if i + 1 < len(rounds) else None
+                early = await self._round(x, y, a, m, nxt, quant, block, hdr, parity, early)
+                self._rnd += 1
         await self._drain_writes()
+        self._ev("end")
 
     def _one_write(self, wire: int) -> bool:
         """Whether header + one-shot data is one chunk at every rank (one immediate), so
@@ -378,39 +409,57 @@ class AllReduce:
         if y.dtype != F32:
             K.convert(acc, F32, y.ptr, y.dtype, n, False)
 
+    def _piece(self, block: int) -> int:
+        """Values per pipeline piece: ``self.piece`` rounded down to whole blocks."""
+        return max(block, self.piece // block * block)
+
+    def _cut(self, m: int, block: int) -> list[list[Span]]:
+        """A round of ``m`` values: every rank's chunk, as pipeline pieces."""
+        return [pieces(c, self._piece(block)) for c in chunks(m, self.P, block)]
+
+    def _send_rs(self, x: Flat, base: int, sp: Span, d: int, j: int, q: bool, block: int) -> None:
+        """Encode piece ``j`` of chunk ``d`` (round at ``base``) and write it to rank ``d``."""
+        isz = ITEMSIZE[x.dtype]
+        pw = 4 * self._piece(block)
+        soff = self.s_rs + d * self.slot_bytes + j * pw
+        self._encode(x.ptr + (base + sp.start) * isz, x.dtype, sp.numel, q, block, soff)
+        doff = self.r_rs + self.rank * self.slot_bytes + j * pw
+        wire = wire_bytes(sp.numel, isz, q, block)
+        self._rs_w[d, j] = [self._post(soff, wire, d, doff, imm(self.slot, RS, self.rank, j))]
+        self._ev("rs_post", j)
+
     async def _round(
         self,
         x: Flat,
         y: Flat,
         base: int,
         m: int,
+        nxt: tuple[int, int] | None,
         quant: int,
         block: int,
         hdr: bytes,
         parity: int,
-        checked: bool,
-    ) -> None:
+        early: set[tuple[int, int]],
+    ) -> set[tuple[int, int]]:
+        """One round; returns the (rank, piece) of the next round's reduce-scatter
+        pieces it already sent (each as soon as that slot was free at the peer)."""
         P, r, dt = self.P, self.rank, x.dtype
         isz = ITEMSIZE[dt]
         q = bool(quant)
-        piece = max(block, self.piece // block * block)
-        pw = 4 * piece
-        parts = chunks(m, P, block)
-        cut = [pieces(c, piece) for c in parts]
-        # 1. reduce-scatter sends: piece by piece, to every peer in turn
+        pw = 4 * self._piece(block)
+        cut = self._cut(m, block)
+        # 1. reduce-scatter sends: piece by piece, to every peer in turn (those the
+        #    previous round did not send already)
         for j in range(max(len(p) for p in cut)):
             for d in _after(r, P):
-                if j >= len(cut[d]):
+                if j >= len(cut[d]) or (d, j) in early:
                     continue
-                sp = cut[d][j]
-                soff = self.s_rs + d * self.slot_bytes + j * pw
-                self._encode(x.ptr + (base + sp.start) * isz, dt, sp.numel, q, block, soff)
-                doff = self.r_rs + r * self.slot_bytes + j * pw
-                wire = wire_bytes(sp.numel, isz, q, block)
-                self._post(soff, wire, d, doff, imm(self.slot, RS, r, j))
+                await self._free(self._rs_w.get((d, j)))
+                self._send_rs(x, base, cut[d][j], d, j, q, block)
             await asyncio.sleep(0)  # let the writes post while the next piece is encoded
-        if not checked:
+        if base == 0:
             await self._check_headers(hdr, parity)
+            self._ev("hdr")
         # 2. reduce my chunk piece by piece in rank order (one fused kernel: sum, encode
         #    for the gather, and my own chunk of the output); send each reduced piece on
         for j, sp in enumerate(cut[r]):
@@ -421,16 +470,32 @@ class AllReduce:
                     srcs.append(x.ptr + (base + sp.start) * isz)
                 else:
                     await self._wait(RS, s, j, wire)
+                    self._ev("rs_in", j)
                     srcs.append(self._rptr + self.r_rs + s * self.slot_bytes + j * pw)
             soff = self.s_ag + j * pw
+            await self._free(self._ag_w.get(j))
             ypiece = y.ptr + (base + sp.start) * isz
             K.reduce(srcs, r, dt, q, sp.numel, block, self._sptr + soff, ypiece)
-            for d in _after(r, P):
-                self._post(soff, wire, d, self.r_ag + r * self.slot_bytes + j * pw,
-                           imm(self.slot, AG, r, j))  # fmt: skip
+            self._ev("reduced", j)
+            self._ag_w[j] = [
+                self._post(
+                    soff,
+                    wire,
+                    d,
+                    self.r_ag + r * self.slot_bytes + j * pw,
+                    imm(self.slot, AG, r, j),
+                )  # fmt: skip
+                for d in _after(r, P)
+            ]
+            self._ev("ag_post", j)
             await asyncio.sleep(0)
-        # 3. the gathered chunks
-        # 4. the gathered chunks
+        # 3. the gathered chunks. Rank s sent its piece j after it had reduced (consumed)
+        #    my reduce-scatter piece j, and I copy it out here: so both of my slots j at
+        #    s are free, and the next round's piece j for s goes out now, behind the
+        #    gather still on the wire, instead of after the whole round (the link would
+        #    idle between rounds; docs/collectives.md, "Rounds overlap")
+        ncut = None if nxt is None else self._cut(nxt[1], block)
+        sent: set[tuple[int, int]] = set()
         for j in range(max(len(p) for p in cut)):
             for s in _after(r, P):
                 if j >= len(cut[s]):
@@ -438,9 +503,15 @@ class AllReduce:
                 sp = cut[s][j]
                 wire = wire_bytes(sp.numel, isz, q, block)
                 await self._wait(AG, s, j, wire)
+                self._ev("ag_in", j)
                 p = self._rptr + self.r_ag + s * self.slot_bytes + j * pw
                 self._decode(p, sp.numel, q, block, y.ptr + (base + sp.start) * isz, dt, False, dt)
-        await self._drain_writes()
+                if nxt is not None and ncut is not None and j < len(ncut[s]):
+                    await self._free(self._rs_w.get((s, j)))
+                    self._send_rs(x, nxt[0], ncut[s][j], s, j, q, block)
+                    sent.add((s, j))
+        self._ev("decoded")
+        return sent
 
     def _encode(self, src: int, dt: int, n: int, q: bool, block: int, soff: int) -> None:
         """``n`` values of ``dt`` at ``src`` into the send area at ``soff``, in wire form."""
