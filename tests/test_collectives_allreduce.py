@@ -252,10 +252,13 @@ async def test_dead_rank_fails_the_others_in_bounded_time(provider, kw, n, lock)
             assert all(r is xs[i] for i, r in enumerate(res)), res
             assert (xs[0] == 3).all()
             if lock == "held":
-                from test_qlock import _Holder
+                from asyncfabric.testing.shmlock import QueueLockHolder, UnknownLayout
 
                 assert child.pid is not None
-                holder = _Holder(child.pid)
+                try:
+                    holder = QueueLockHolder(child.pid)
+                except UnknownLayout:
+                    pytest.skip("the shm region is not libfabric 1.17's: the lock guard is off")
             child.kill()  # rank 2 dies between calls
             child.join()
             # No timeout: the view fails the call when rank 2's lease expires (ttl 2 s),

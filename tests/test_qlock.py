@@ -11,69 +11,22 @@ bound passed, or with the write done once a live holder lets go.
 
 from __future__ import annotations
 
-import glob
 import subprocess
-import sys
 import time
 
 import pytest
 
 from asyncfabric.testing.peer import PeerError, PeerProcess
+from asyncfabric.testing.shmlock import QueueLockHolder, UnknownLayout
 
 pytestmark = pytest.mark.anyio
 
-# Takes the spin lock of the shm region at argv[1] (libfabric 1.17's struct
-# smr_region: version byte 4 at offset 0, the lock at offset 24), says so, then holds
-# it until stdin closes or says "unlock".
-_HOLDER = r"""
-import ctypes, mmap, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-m = mmap.mmap(fd, 4096)
-if m[0] != 4:
-    print("layout", flush=True)
-    sys.exit(0)
-lock = ctypes.addressof(ctypes.c_char.from_buffer(m)) + 24
-libc = ctypes.CDLL(None)
-libc.pthread_spin_lock(ctypes.c_void_p(lock))
-print("locked", flush=True)
-if sys.stdin.readline().strip() == "unlock":
-    libc.pthread_spin_unlock(ctypes.c_void_p(lock))
-    print("unlocked", flush=True)
-    sys.stdin.readline()
-"""
 
-
-def _region_of(pid: int) -> str:
-    found = glob.glob(f"/dev/shm/af-*-{pid}-*")
-    assert len(found) == 1, f"expected one shm region of process {pid}, found {found}"
-    return found[0]
-
-
-class _Holder:
-    """A process that holds the queue lock of `pid`'s shm region."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _HOLDER, _region_of(pid)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        said = self.proc.stdout.readline().strip()
-        if said == "layout":
-            pytest.skip("the shm region is not libfabric 1.17's: the lock guard is off")
-        assert said == "locked", said
-
-    def unlock(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write("unlock\n")
-        self.proc.stdin.flush()
-        assert self.proc.stdout.readline().strip() == "unlocked"
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+def _holder(pid: int) -> QueueLockHolder:
+    try:
+        return QueueLockHolder(pid)
+    except UnknownLayout:
+        pytest.skip("the shm region is not libfabric 1.17's: the lock guard is off")
 
 
 def _kill_later(pid: int, after_s: float) -> subprocess.Popen[bytes]:
@@ -103,7 +56,7 @@ async def test_post_to_peer_killed_holding_its_lock_fails(op, size):
     """The peer dies holding its own queue lock while a post waits for it."""
     poster, target, src, _, desc = await _setup(peer_timeout=30)
     assert target.pid is not None
-    holder = _Holder(target.pid)
+    holder = _holder(target.pid)
     try:
         killer = _kill_later(target.pid, 0.5)
         t0 = time.monotonic()
@@ -126,7 +79,7 @@ async def test_post_to_live_peer_whose_lock_a_dead_process_holds_fails_in_bound(
     """A third process took the live peer's lock and died: the bound ends the post."""
     poster, target, src, _, desc = await _setup(peer_timeout=1.0)
     assert target.pid is not None
-    holder = _Holder(target.pid)
+    holder = _holder(target.pid)
     holder.kill()
     try:
         t0 = time.monotonic()
@@ -147,7 +100,7 @@ async def test_post_waits_for_a_live_holder_then_lands():
     """A live holder that lets go: the post goes through, and its data lands."""
     poster, target, src, rid, desc = await _setup(peer_timeout=30)
     assert target.pid is not None
-    holder = _Holder(target.pid)
+    holder = _holder(target.pid)
     try:
         import anyio
 
