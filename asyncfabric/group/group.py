@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 GROUP_REGION_BYTES = 64
 BYE_TTL_S = 30.0
+# A member that left on purpose sent its last writes first; the store can say it left
+# before this engine counted them. Operations under way get this long to finish (View._fail).
+LEFT_GRACE_S = 0.25
 _END = object()
 
 
@@ -277,7 +280,8 @@ class Group:
         self._publish_event(Left(name, reason, version))
         for v in list(self._views):
             if name in v.names:
-                v._fail(MemberLost(name, _lost_message(name, reason, self.group)))
+                lost = MemberLost(name, _lost_message(name, reason, self.group))
+                v._fail(lost, grace=LEFT_GRACE_S if reason == "left" else 0.0)
 
     def _publish_event(self, ev: Joined | Left) -> None:
         for q in self._subs:

@@ -46,6 +46,7 @@ class View:
         self._gathers = 0
         self._lost: BaseException | None = None
         self._lost_fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._grace = 0.0  # see _fail
 
     @property
     def engine(self) -> af.Engine:
@@ -66,9 +67,14 @@ class View:
             p = self._peers[rank] = self.engine.connect(self.members[rank].address)
         return p
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, grace: float = 0.0) -> None:
+        """The view is lost. ``grace``: a member that left on purpose sent what it owed
+        before it left (its last barrier immediate, say) but the store may say so before
+        this engine has counted it; an operation already under way gets that long to
+        finish before it fails (bounded: lease expiries and store loss get none)."""
         if self._lost is None:
             self._lost = exc
+            self._grace = grace
             self._lost_fut.set_exception(exc)
             self._lost_fut.exception()  # retrieved: no "never retrieved" warning
             self._group._views.discard(self)
@@ -83,6 +89,8 @@ class View:
             raise self._lost
         both: set[asyncio.Future[Any]] = {task, self._lost_fut}
         await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and self._grace:
+            await asyncio.wait({task}, timeout=self._grace)
         if task.done():
             return task.result()
         task.cancel()
