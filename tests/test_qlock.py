@@ -11,9 +11,13 @@ bound passed, or with the write done once a live holder lets go.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import anyio
 import pytest
 
 from asyncfabric.testing.peer import PeerError, PeerProcess
@@ -34,17 +38,24 @@ def _kill_later(pid: int, after_s: float) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["sh", "-c", f"sleep {after_s}; kill -9 {pid}"])
 
 
-async def _setup(peer_timeout: float):
-    poster = PeerProcess("shm", peer_timeout=peer_timeout)
-    target = PeerProcess("shm", peer_timeout=peer_timeout)
-    await poster.__aenter__()
-    await target.__aenter__()
-    src, _ = await poster.alloc(1 << 16, seed=1)
-    rid, desc = await target.alloc(1 << 16)
-    # a first write maps the target's region in the poster (before its lock is taken)
-    await poster.call("write", src, desc, 0, 0, 8, 1, timeout=30)
-    await target.wait(1, 1)
-    return poster, target, src, rid, desc
+@contextlib.asynccontextmanager
+async def _locked_pair(peer_timeout: float) -> AsyncIterator[tuple[Any, ...]]:
+    """A poster and a target process, a first write between them done (it maps the
+    target's region in the poster), then the target's queue lock taken by a holder."""
+    async with (
+        PeerProcess("shm", peer_timeout=peer_timeout) as poster,
+        PeerProcess("shm", peer_timeout=peer_timeout) as target,
+    ):
+        src, _ = await poster.alloc(1 << 16, seed=1)
+        rid, desc = await target.alloc(1 << 16)
+        await poster.call("write", src, desc, 0, 0, 8, 1, timeout=30)
+        await target.wait(1, 1)
+        assert target.pid is not None
+        holder = _holder(target.pid)
+        try:
+            yield poster, target, src, rid, desc, holder
+        finally:
+            holder.kill()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -54,10 +65,7 @@ async def _setup(peer_timeout: float):
 )
 async def test_post_to_peer_killed_holding_its_lock_fails(op, size):
     """The peer dies holding its own queue lock while a post waits for it."""
-    poster, target, src, _, desc = await _setup(peer_timeout=30)
-    assert target.pid is not None
-    holder = _holder(target.pid)
-    try:
+    async with _locked_pair(peer_timeout=30) as (poster, target, src, _, desc, _):
         killer = _kill_later(target.pid, 0.5)
         t0 = time.monotonic()
         args = (src, desc, 0, 0, size) + ((2,) if op == "write" else ())
@@ -68,20 +76,13 @@ async def test_post_to_peer_killed_holding_its_lock_fails(op, size):
         # the lock is still held: only the peer's exit could end the wait, far
         # inside the 30 s peer_timeout
         assert 0.4 < took < 10, took
-    finally:
-        holder.kill()
-        await poster.aclose()
-        await target.aclose()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_post_to_live_peer_whose_lock_a_dead_process_holds_fails_in_bound():
     """A third process took the live peer's lock and died: the bound ends the post."""
-    poster, target, src, _, desc = await _setup(peer_timeout=1.0)
-    assert target.pid is not None
-    holder = _holder(target.pid)
-    holder.kill()
-    try:
+    async with _locked_pair(peer_timeout=1.0) as (poster, target, src, _, desc, holder):
+        holder.kill()
         t0 = time.monotonic()
         with pytest.raises(PeerError, match="queue lock stayed held"):
             await poster.call("write", src, desc, 0, 0, 8, 2, timeout=20)
@@ -90,19 +91,12 @@ async def test_post_to_live_peer_whose_lock_a_dead_process_holds_fails_in_bound(
         # the target itself is alive and answers; its engine still closes
         await target.call("stats", timeout=10)
         await target.call("exit", timeout=15)
-    finally:
-        await poster.aclose()
-        await target.aclose()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_post_waits_for_a_live_holder_then_lands():
     """A live holder that lets go: the post goes through, and its data lands."""
-    poster, target, src, rid, desc = await _setup(peer_timeout=30)
-    assert target.pid is not None
-    holder = _holder(target.pid)
-    try:
-        import anyio
+    async with _locked_pair(peer_timeout=30) as (poster, target, src, rid, desc, holder):
 
         async def let_go() -> None:
             await anyio.sleep(0.3)
@@ -113,7 +107,3 @@ async def test_post_waits_for_a_live_holder_then_lands():
             await poster.call("write", src, desc, 0, 0, 4096, 3, timeout=20)
         await target.wait(3, 1, timeout=10)
         assert await target.digest(rid, 0, 4096) == await poster.digest(src, 0, 4096)
-    finally:
-        holder.kill()
-        await poster.aclose()
-        await target.aclose()

@@ -162,8 +162,8 @@ typedef struct af_dom {
     pthread_mutex_t lock;
     int owner;
     /* qlock.h: shm; the lock word of this endpoint's own region, which its
-     * CQ reads take (NULL: unguarded), and its mapping */
-    int qguard;
+     * CQ reads take (NULL: unguarded, and its peers' regions are not mapped
+     * either), and its mapping */
     const volatile int *own_qlock;
     void *own_qmap;
 } af_dom;
@@ -180,8 +180,8 @@ typedef struct af_piece {
     fi_addr_t dest;
     af_wr *wr;
     uint64_t t0;
-    const volatile int *qlock; /* the target region's lock word and the guard's pidfd (qlock.h) */
-    int qpidfd;
+    const volatile int *qlock; /* the target region's lock word and its owner's pidfd (qlock.h) */
+    int pidfd;
     int32_t pid; /* the target's process, for a copy of our own (cma.c) */
     int direct;  /* copied by cma_put: no completion comes; its immediate is owed */
     int32_t ret; /* the post's result; 1: not tried yet */
@@ -215,11 +215,10 @@ typedef struct af_peer {
     int dead; /* 0, or the errno its transfers fail with (ESRCH: its process exited) */
     uint32_t inflight;
     uint64_t t_progress;
-    /* qlock.h: each domain's region lock word (NULL: unguarded), its mapping,
-     * and a pidfd of the guard's own (the watch closes p->pidfd when it likes) */
+    /* qlock.h: each domain's region lock word (NULL: unguarded) and its
+     * mapping; the guard polls pidfd above, which stays open until close */
     const volatile int *qlock[AF_MAX_DOMS];
     void *qmap[AF_MAX_DOMS];
-    int qpidfd;
     int32_t qpid; /* the pid its region names (0: unknown), this process's own included */
 } af_peer;
 
@@ -610,7 +609,7 @@ static inline uint64_t qlock_bound(const af_engine *e) {
 /* Before a post to peer's domain dn: 0, or the errno to fail it with (qlock.h). */
 static inline int peer_qlock(af_engine *e, uint32_t peer, uint32_t dn) {
     const af_peer *p = &e->peers[peer];
-    return qlock_check(p->qlock[dn], p->qpidfd, qlock_bound(e));
+    return qlock_check(p->qlock[dn], p->pidfd, qlock_bound(e));
 }
 
 static inline int check_mr(af_engine *e, int mr) {

@@ -64,11 +64,9 @@ static void peer_gone(af_engine *e, uint32_t pi, int32_t status) {
     af_peer *p = &e->peers[pi];
     if (p->dead) return;
     p->dead = -status; /* the errno new posts to it fail with (check_peer) */
-    if (p->pidfd >= 0) {
-        if (e->watch_fd >= 0) epoll_ctl(e->watch_fd, EPOLL_CTL_DEL, p->pidfd, NULL);
-        close(p->pidfd);
-        p->pidfd = -1;
-    }
+    /* Out of the watch; the fd stays open until the engine closes: a worker
+     * may hold a copy of it for the lock guard (qlock.h, wpost.c). */
+    if (p->pidfd >= 0 && e->watch_fd >= 0) epoll_ctl(e->watch_fd, EPOLL_CTL_DEL, p->pidfd, NULL);
     fail_peer(e, pi, status);
 }
 
@@ -157,7 +155,6 @@ void peer_close_all(af_engine *e) {
     for (uint32_t i = 0; i < e->npeers; i++) {
         af_peer *p = &e->peers[i];
         if (p->pidfd >= 0) close(p->pidfd);
-        if (p->qpidfd >= 0) close(p->qpidfd);
         for (int d = 0; d < AF_MAX_DOMS; d++) qlock_unmap(p->qmap[d]);
     }
     if (e->watch_fd >= 0) close(e->watch_fd);

@@ -143,7 +143,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
                                        pc.key, wr);
                 else if (wr->owe) { /* the sender copies; its immediate follows (cq.c) */
                     ret = cma_put(d, peer_cma_pid(&e->peers[op->peer]), pc.src, pc.len, pc.dst);
-                    direct = ret <= 0;
+                    direct = ret == 0;
                     if (ret == 1) ret = fi_write(d->ep, pc.src, pc.len, desc, dest, pc.dst, pc.key, wr);
                 }
                 else

@@ -125,15 +125,19 @@ static void *progress_main(void *arg) {
     uint32_t idle_polls = 0;
     while (!atomic_load(&e->stop)) {
         uint64_t until = atomic_load_explicit(&e->py_until, memory_order_relaxed);
-        if (atomic_load(&e->spinners) || until > now_ns()) {
+        int hooked = atomic_load_explicit(&e->hook_held, memory_order_relaxed);
+        if (hooked || atomic_load(&e->spinners) || until > now_ns()) {
             /* The Python thread is polling the CQs itself (spinning in a wait,
              * or posting and reaping); two pollers on two cores would only
-             * fight. Stay out of its way, waking if it says it goes idle. */
+             * fight. Stay out of its way, waking if it says it goes idle. The
+             * same while C code outside the core holds the native hook (the
+             * raw benchmark loop, for a whole stream): sleep until
+             * hook_unlock kicks us, not a wake-up every 20 us. */
             drop_spin_slot(&slot);
             atomic_store(&e->sleeping, 2); /* standing aside: posts need not kick us */
             struct pollfd pfd = {e->wake_fd, POLLIN, 0};
             /* Sleep until Python's hold ends (afe_release kicks us earlier). */
-            uint64_t t = now_ns(), wait = until > t ? until - t : 20000;
+            uint64_t t = now_ns(), wait = hooked ? e->pol.idle_block_ns : until > t ? until - t : 20000;
             if (wait > e->pol.idle_block_ns) wait = e->pol.idle_block_ns;
             struct timespec ts = {(time_t)(wait / 1000000000ull), (long)(wait % 1000000000ull)};
             if (ppoll(&pfd, 1, &ts, NULL) > 0) {
@@ -141,23 +145,6 @@ static void *progress_main(void *arg) {
                 if (read(e->wake_fd, &v, sizeof v) < 0) { /* already drained */ }
             }
             atomic_store(&e->sleeping, 0);
-            last = now_ns();
-            continue;
-        }
-        if (atomic_load_explicit(&e->hook_held, memory_order_relaxed)) {
-            /* The native hook's caller drives the endpoints itself, holding
-             * every lock, for as long as its loop runs (a benchmark's whole
-             * stream): standing aside every 20 us as below would wake this
-             * thread tens of thousands of times a second on the cores that
-             * loop needs. Sleep until it lets go (hook_unlock kicks us). */
-            drop_spin_slot(&slot);
-            struct pollfd pfd = {e->wake_fd, POLLIN, 0};
-            struct timespec ts = {(time_t)(e->pol.idle_block_ns / 1000000000ull),
-                                  (long)(e->pol.idle_block_ns % 1000000000ull)};
-            if (ppoll(&pfd, 1, &ts, NULL) > 0) {
-                uint64_t v;
-                if (read(e->wake_fd, &v, sizeof v) < 0) { /* already drained */ }
-            }
             last = now_ns();
             continue;
         }

@@ -11,10 +11,10 @@
  * peer's region (read-only) and of its own regions, and reads the lock word
  * before a post or a CQ read. Free (the common case: one load), it calls
  * libfabric. Held, it does not: a post waits outside libfabric, yielding,
- * and fails with ESRCH once the peer's process has exited (a pidfd of the
- * guard's own) or ENOLCK once the lock stayed held for the bound (a live
- * peer whose lock a dead third process holds); a CQ read is skipped for this
- * pass. What is left is the instant between seeing the lock free and
+ * and fails with ESRCH once the peer's process has exited (the watch's
+ * pidfd, afpeer.c, open until the engine closes) or ENOLCK once the lock
+ * stayed held for the bound (a live peer whose lock a dead third process
+ * holds); a CQ read is skipped for this pass. What is left is the instant between seeing the lock free and
  * libfabric taking it.
  *
  * The region's layout is libfabric's, not a public API: the guard is on only

@@ -171,7 +171,6 @@ static int open_dom(af_engine *e, af_dom *d, struct fi_info *info, int is_ctrl, 
     if ((rc = fi_enable(d->ep))) goto fail_ep;
     if (q.own_name) { /* the region exists now: guard its lock (qlock.h) */
         int32_t self = (int32_t)getpid();
-        d->qguard = qlock_init();
         d->own_qlock = qlock_map(name, sizeof name, &self, &d->own_qmap);
     }
 
@@ -373,17 +372,15 @@ int afe_add_peer(af_engine *e, int ndom, const void *const *addrs, size_t addr_l
         p->dead = 0;
         p->inflight = 0;
         p->t_progress = 0;
-        p->qpidfd = -1;
         int32_t qpid = 0;
         for (int d = 0; d < ndom && !rc; d++) {
             dom_lock(e, &e->dom[d]);
             int n = fi_av_insert(e->dom[d].av, addrs[d], 1, &p->addr[d], 0, NULL);
             dom_unlock(e, &e->dom[d]);
             if (n != 1) rc = n < 0 ? n : -FI_EADDRNOTAVAIL;
-            else if (e->dom[d].qguard) /* its region's lock, looked at before each post (qlock.h) */
+            else if (e->dom[d].own_qlock) /* its region's lock, looked at before each post (qlock.h) */
                 p->qlock[d] = qlock_map(addrs[d], addr_len0, &qpid, &p->qmap[d]);
         }
-        if (!rc && qpid > 0) p->qpidfd = (int)syscall(SYS_pidfd_open, qpid, 0);
         p->qpid = rc ? 0 : qpid;
         if (rc)
             for (int d = 0; d < ndom; d++) qlock_unmap(p->qmap[d]);

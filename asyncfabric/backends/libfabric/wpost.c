@@ -94,7 +94,7 @@ static int take_piece(af_engine *e, af_worker *w, uint32_t opi, af_piece *pc) {
     pc->inject = op->kind != OP_READ && can_inject(e, d, mr, pc->len, pc->imm);
     pc->dest = e->peers[op->peer].addr[dn];
     pc->qlock = e->peers[op->peer].qlock[dn];
-    pc->qpidfd = e->peers[op->peer].qpidfd;
+    pc->pidfd = e->peers[op->peer].pidfd;
     pc->pid = peer_cma_pid(&e->peers[op->peer]);
     pc->direct = 0;
     if (op->kind != OP_READ && !pc->inject && owe_imm(e, d, mr, pc, pc->dest, wr))
@@ -148,7 +148,15 @@ static void post(af_engine *e, af_worker *w) {
             continue;
         }
         af_dom *d = &e->dom[pc->dn];
-        ssize_t r = qlock_check(pc->qlock, pc->qpidfd, qlock_bound(e)); /* qlock.h */
+        if (pc->wr->owe) { /* the sender copies: our own copy takes no lock (cma.c) */
+            int c = cma_put(d, pc->pid, pc->src, pc->len, pc->dst);
+            if (c != 1) { /* copied (its immediate is owed: commit), or failed */
+                pc->direct = c == 0;
+                pc->ret = c;
+                continue;
+            }
+        }
+        ssize_t r = qlock_check(pc->qlock, pc->pidfd, qlock_bound(e)); /* qlock.h */
         if (r) {
             pc->ret = (int32_t)r;
             continue;
@@ -163,13 +171,8 @@ static void post(af_engine *e, af_worker *w) {
         else if (pc->imm >= 0)
             r = fi_writedata(d->ep, pc->src, pc->len, pc->desc, (uint64_t)pc->imm, pc->dest, pc->dst,
                              pc->key, pc->wr);
-        else if (pc->wr->owe) { /* the sender copies; its immediate follows (cq.c) */
-            pthread_mutex_unlock(&d->lock); /* a copy of our own takes no lock (cma.c) */
-            r = cma_put(d, pc->pid, pc->src, pc->len, pc->dst);
-            pc->direct = r <= 0;
-            pthread_mutex_lock(&d->lock);
-            if (r == 1) r = fi_write(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
-        }
+        else if (pc->wr->owe) /* libfabric's copy (cma_put declined); its immediate follows (cq.c) */
+            r = fi_write(d->ep, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         else
             r = post_plain(d, 0, pc->src, pc->len, pc->desc, pc->dest, pc->dst, pc->key, pc->wr);
         pthread_mutex_unlock(&d->lock);
