@@ -35,6 +35,15 @@ from .wire import ABORT, ABORTED, ALLOC, DENY, GRANT, HELLO, NOTE, REFUSE, RESUL
 _nonce = itertools.count(1)
 
 
+def _peer_gone(exc: af.TransferError) -> bool:
+    """Whether ``exc`` says the target went away (every failed entry of a batch)."""
+    if isinstance(exc, af.BatchError):
+        return bool(exc.failures) and all(
+            isinstance(e, af.PeerUnreachable) for e in exc.failures.values()
+        )
+    return isinstance(exc, af.PeerUnreachable)
+
+
 @dataclass
 class DecodeLink:
     """A decode side this prefill side shook hands with."""
@@ -89,7 +98,7 @@ class PrefillRequest:
         else:
             b = self.batch(layers)
             self.posted += len(layers) * self.pages // self._side.layout.layers
-            t = self._side.spawn(self._side.engine.write_many(b))
+            t = self._side.spawn(self._write(b))
         self._posts.append(t)
         return t
 
@@ -106,7 +115,9 @@ class PrefillRequest:
         self._next_layer = layers.stop
 
     async def push(self) -> None:
-        """Write every layer not posted yet, then wait until all are written."""
+        """Write every layer not posted yet, then wait until all are written.
+        Raises :class:`RequestFailed` when the decode side died before the pages
+        landed (``result()`` then raises it too)."""
         layers = range(self._next_layer, self._side.layout.layers)
         if layers and self.hits < len(self.blocks):
             self._check_post(layers)
@@ -114,9 +125,22 @@ class PrefillRequest:
             self.posted += len(layers) * self.pages // self._side.layout.layers
             # awaited in this task, not a side task: the engine spins for its own
             # waiter only when nothing else is ready to run
-            await self._side.engine.write_many(b)
+            await self._write(b)
         self._next_layer = self._side.layout.layers
         await self.written()
+
+    async def _write(self, b: af.Batch) -> None:
+        try:
+            await self._side.engine.write_many(b)
+        except af.TransferError as exc:
+            if not _peer_gone(exc):
+                raise
+            # the decode side died between granting blocks and our writes: the request
+            # fails as one whose result was lost, so callers handle one exception
+            err = RequestFailed(self.id, f"the decode side died while its pages were written "
+                                         f"({exc})")  # fmt: skip
+            self._fail(err)
+            raise err from exc
 
     async def written(self) -> None:
         """Wait until every posted write finished (raises the first failure)."""

@@ -66,3 +66,39 @@ async def test_tokens_identical_to_generate(model_kw, layout_kw):
         proc.join(30)
         if proc.is_alive():
             proc.kill()
+
+
+async def test_push_to_a_decode_side_that_died_fails_the_request():
+    """The decode side granted blocks, then died before the pages were written: the
+    push raises RequestFailed (not a raw transport error), and so does result()."""
+    import os
+    import signal
+    import time
+
+    from asyncfabric.kv import RequestFailed
+
+    model = km.tiny_llama(0)
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=km.decode_process, args=(there, 0, 64, 4, {}, {}))
+    proc.start()
+    try:
+        addr = await asyncio.get_running_loop().run_in_executor(None, here.recv)
+        async with af.Engine("shm") as eng:
+            async with KVPrefill(eng, km.layout_for(model, 64, 4)) as pre:
+                link = await pre.connect(addr)
+                req = await pre.submit(link, "r0", 33)
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.join(10)
+                t0 = time.monotonic()
+                with pytest.raises(RequestFailed, match="decode side died") as info:
+                    await req.push()
+                assert time.monotonic() - t0 < 3.0
+                assert isinstance(info.value.__cause__, af.TransferError)
+                with pytest.raises(RequestFailed, match="decode side died"):
+                    await req.result(5)
+                assert pre.pool.in_use == 0  # the request's blocks went back
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)

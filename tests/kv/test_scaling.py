@@ -63,8 +63,8 @@ async def test_add_remove_and_kill_decode_members_while_serving():
                 async def one(i):
                     t0 = time.monotonic()
                     rr = await router.submit(f"q{i}", 40)
-                    await rr.request.push()
-                    try:
+                    try:  # the member may die between the grant and the push
+                        await rr.request.push()
                         out = await rr.result(30)
                         assert out == rr.member.encode()
                     except RequestFailed as exc:
