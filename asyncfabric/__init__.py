@@ -23,6 +23,7 @@ from ._errors import (
     Unsupported,
 )
 from ._flag import Flag
+from ._hostmem import host_zeros
 from .engine import (
     Batch,
     Descriptor,
@@ -142,6 +143,7 @@ __all__ = [
     "View",
     "ViewTimeout",
     "expected_imms",
+    "host_zeros",
     "join",
     "run",
     "store",

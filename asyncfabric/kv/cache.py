@@ -19,16 +19,19 @@ def _alloc(layout: KVLayout, device: str) -> list[Any]:
         import torch
     except ImportError:
         torch = None  # type: ignore[assignment]
+    # host pages come from af.host_zeros (huge pages: shm's copies pin 2 MiB at a time)
     if torch is not None:
         dt = getattr(torch, layout.dtype)
+        if torch.device(device).type == "cpu":
+            return [af.host_zeros(shape, dt) for _ in range(layout.n_tensors)]
         return [torch.zeros(shape, dtype=dt, device=device) for _ in range(layout.n_tensors)]
     if device != "cpu":
         raise ValueError(f"a KV cache on {device!r} needs torch; pip install torch")
     if layout.dtype in _NP:
-        return [np.zeros(shape, _NP[layout.dtype]) for _ in range(layout.n_tensors)]
+        return [af.host_zeros(shape, _NP[layout.dtype]) for _ in range(layout.n_tensors)]
     # dtypes numpy lacks (bfloat16, fp8) as raw bytes of the same size
     flat = (*shape[:-1], shape[-1] * layout.itemsize)
-    return [np.zeros(flat, np.uint8) for _ in range(layout.n_tensors)]
+    return [af.host_zeros(flat, np.uint8) for _ in range(layout.n_tensors)]
 
 
 class PagedCache:
