@@ -10,7 +10,7 @@ bash scripts/setup.sh
 .venv/bin/ruff format --check asyncfabric tests benchmarks scripts docs/conf.py
 # Types: strict on the public API (the engine, the transport contract, the top-level names).
 .venv/bin/mypy --strict asyncfabric/__init__.py asyncfabric/_errors.py asyncfabric/_buffers.py \
-  asyncfabric/_flag.py asyncfabric/cuda_memops.py \
+  asyncfabric/_flag.py asyncfabric/_hostmem.py asyncfabric/cuda_memops.py \
   asyncfabric/engine asyncfabric/transport asyncfabric/store asyncfabric/group \
   asyncfabric/testing/groups.py asyncfabric/kv asyncfabric/weights asyncfabric/moe \
   asyncfabric/collectives

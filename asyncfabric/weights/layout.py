@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+import asyncfabric as af
+
 from . import fp8
 from .errors import LayoutError
 
@@ -276,7 +278,11 @@ class Layout:
             raise LayoutError(f"no parameter {name!r} in this layout") from None
 
     def alloc(self, rank: int, device: Any = "cpu") -> torch.Tensor:
-        """A zeroed flat uint8 buffer for ``rank``'s shards."""
+        """A zeroed flat uint8 buffer for ``rank``'s shards (host memory on huge
+        pages: :func:`asyncfabric.host_zeros`)."""
+        if torch.device(device).type == "cpu":
+            buf: torch.Tensor = af.host_zeros(self.nbytes(rank), torch.uint8)
+            return buf
         return torch.zeros(self.nbytes(rank), dtype=torch.uint8, device=device)
 
     def views(self, buf: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
