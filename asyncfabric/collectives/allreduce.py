@@ -130,8 +130,8 @@ class AllReduce:
         self.s_rs = self.one_bytes
         self.s_ag = self.s_rs + P * self.slot_bytes
         ssize = self.s_ag + self.slot_bytes
-        self._rbuf = np.zeros(rsize, np.uint8)
-        self._sbuf = np.zeros(ssize, np.uint8)
+        self._rbuf: np.ndarray = af.host_zeros(rsize, np.uint8)  # huge pages for CMA
+        self._sbuf: np.ndarray = af.host_zeros(ssize, np.uint8)
         self._rptr = int(self._rbuf.ctypes.data)
         self._sptr = int(self._sbuf.ctypes.data)
         self._recv: af.Region | None = None

@@ -63,6 +63,14 @@ DEFAULT_COMBINE: Combine = "exact"
 _RED_BLOCK_BYTES = 2 << 20
 
 
+def _buffer(shape: tuple[int, int], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    """A registered buffer: host memory on huge pages (shm's copies pin 2 MiB at a time)."""
+    if dev.type == "cpu":
+        t: torch.Tensor = af.host_zeros(shape, dtype)
+        return t
+    return torch.empty(shape, dtype=dtype, device=dev)
+
+
 @dataclass
 class _Partials:
     """What a reduced combine needs from its dispatch, per source: the flat (token * topk
@@ -269,9 +277,8 @@ class ExpertParallel:
         ll = mode == "low_latency"
         # Low-latency: the arena holds one row per (source, token), row s * max_tokens + t;
         # a source writes its own tokens into its own slot there and sends them from it.
-        self._send = torch.empty(0 if ll else max_tokens * topk, wh, dtype=wdt, device=dev)
-        self._arena = torch.empty(W * max_tokens if ll else self.capacity, wh, dtype=wdt,
-                                  device=dev)  # fmt: skip
+        self._send = _buffer((0 if ll else max_tokens * topk, wh), wdt, dev)
+        self._arena = _buffer((W * max_tokens if ll else self.capacity, wh), wdt, dev)
         self._quant = (
             torch.empty(max_tokens, wh, dtype=wdt, device=dev) if quant and not ll else None
         )  # fmt: skip
@@ -287,10 +294,10 @@ class ExpertParallel:
         # Combine, exact: one row per (token, expert); reduced: one partial per (token, rank),
         # partials for source s at rows s * max_tokens.. of back-send, those from rank d at
         # rows d * max_tokens.. of back.
-        self._back_send = torch.empty(W * max_tokens if red else self.capacity, hidden,
-                                      dtype=pdt if red else dt, device=dev)  # fmt: skip
-        self._back = torch.empty(W * max_tokens if red else max_tokens * topk, hidden,
-                                 dtype=pdt if red else dt, device=dev)  # fmt: skip
+        self._back_send = _buffer((W * max_tokens if red else self.capacity, hidden),
+                                  pdt if red else dt, dev)  # fmt: skip
+        self._back = _buffer((W * max_tokens if red else max_tokens * topk, hidden),
+                             pdt if red else dt, dev)  # fmt: skip
         # fp32 scratch for the partials, a block of rows at a time (about 2 MiB each)
         blk = max(1, min(W * max_tokens, _RED_BLOCK_BYTES // (4 * hidden))) if red else 0
         self._red_tmp = torch.empty(blk, hidden, dtype=torch.float32, device=dev)
