@@ -21,6 +21,16 @@ pytestmark = pytest.mark.asyncio
 PROMPTS = [1, 3, 4, 5, 17, 33, 64]  # lengths, several not a multiple of the 4-token block
 
 
+def _decode(blocks: int, model_kw: dict, layout_kw: dict):
+    """A decode process (seed 0, 4-token blocks) and our end of its pipe."""
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=km.decode_process,
+                       args=(there, 0, blocks, 4, model_kw, layout_kw))  # fmt: skip
+    proc.start()
+    return proc, here
+
+
 @pytest.mark.parametrize(
     "model_kw,layout_kw",
     [
@@ -37,11 +47,7 @@ async def test_tokens_identical_to_generate(model_kw, layout_kw):
     prompts.append(prompts[-1][:40] + km.np_prompt(99, 9))  # prefix hit on the decode side
     want = [km.reference(model, p, new) for p in prompts]
 
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=km.decode_process,
-                       args=(there, 0, 256, 4, model_kw, layout_kw))  # fmt: skip
-    proc.start()
+    proc, here = _decode(256, model_kw, layout_kw)
     try:
         addr = await asyncio.get_running_loop().run_in_executor(None, here.recv)
         async with af.Engine("shm") as eng:
@@ -78,10 +84,7 @@ async def test_push_to_a_decode_side_that_died_fails_the_request():
     from asyncfabric.kv import RequestFailed
 
     model = km.tiny_llama(0)
-    ctx = mp.get_context("spawn")
-    here, there = ctx.Pipe()
-    proc = ctx.Process(target=km.decode_process, args=(there, 0, 64, 4, {}, {}))
-    proc.start()
+    proc, here = _decode(64, {}, {})
     try:
         addr = await asyncio.get_running_loop().run_in_executor(None, here.recv)
         async with af.Engine("shm") as eng:
