@@ -38,25 +38,23 @@ def host_bytes(nbytes: int) -> np.ndarray:
     return raw[skip : skip + nbytes]
 
 
-def host_zeros(shape: int | tuple[int, ...], dtype: Any) -> Any:
-    """A zeroed host array for transfers, on huge pages (see the module's docstring).
+def host_zeros(shape: int | tuple[int, ...], dtype: Any, device: Any = "cpu") -> Any:
+    """A zeroed array for transfers; host memory on huge pages (the module's docstring).
 
     ``dtype`` a torch dtype gives a torch tensor; anything numpy takes gives a numpy
-    array. Register it like any other buffer."""
+    array. ``device`` another than the CPU (torch dtypes only) gives ``torch.zeros``
+    there: GPU memory has no page size to pick. Register it like any other buffer."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    n = 1
-    for s in shape:
-        if s < 0:
-            raise ValueError(f"host_zeros: negative dimension in shape {shape}")
-        n *= s
-    mod = type(dtype).__module__
-    if mod == "torch":
+    if any(s < 0 for s in shape):
+        raise ValueError(f"host_zeros: negative dimension in shape {shape}")
+    n = int(np.prod(shape, dtype=np.int64))
+    if type(dtype).__module__ == "torch":
         import torch
 
-        item = torch.empty((), dtype=dtype).element_size()
-        buf = host_bytes(n * item)
-        if n == 0:
-            return torch.zeros(shape, dtype=dtype)
-        return torch.from_numpy(buf).view(dtype).view(shape)
+        if torch.device(device).type != "cpu" or n == 0:
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return torch.from_numpy(host_bytes(n * dtype.itemsize)).view(dtype).view(shape)
+    if str(device) != "cpu":
+        raise ValueError(f"host_zeros: a numpy dtype lives on the CPU, not {device!r}")
     dt = np.dtype(dtype)
     return host_bytes(n * dt.itemsize).view(dt).reshape(shape)

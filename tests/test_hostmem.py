@@ -56,3 +56,12 @@ def test_small_and_empty_and_bad_shapes():
     assert af.host_zeros((0, 4), torch.float16).shape == (0, 4)
     with pytest.raises(ValueError, match="negative dimension"):
         af.host_zeros((2, -1), np.float32)
+
+
+def test_other_devices_get_torch_zeros_and_numpy_refuses_them():
+    torch = pytest.importorskip("torch")
+    t = af.host_zeros((4, 8), torch.float16, "meta")  # any non-CPU device: torch.zeros there
+    assert t.device.type == "meta" and t.shape == (4, 8)
+    assert af.host_zeros((2, 2 << 20), torch.float32, torch.device("cpu")).data_ptr() % HUGE == 0
+    with pytest.raises(ValueError, match="numpy dtype lives on the CPU"):
+        af.host_zeros(4, np.float32, "cuda")

@@ -22,9 +22,7 @@ def _alloc(layout: KVLayout, device: str) -> list[Any]:
     # host pages come from af.host_zeros (huge pages: shm's copies pin 2 MiB at a time)
     if torch is not None:
         dt = getattr(torch, layout.dtype)
-        if torch.device(device).type == "cpu":
-            return [af.host_zeros(shape, dt) for _ in range(layout.n_tensors)]
-        return [torch.zeros(shape, dtype=dt, device=device) for _ in range(layout.n_tensors)]
+        return [af.host_zeros(shape, dt, device) for _ in range(layout.n_tensors)]
     if device != "cpu":
         raise ValueError(f"a KV cache on {device!r} needs torch; pip install torch")
     if layout.dtype in _NP:

@@ -65,10 +65,8 @@ _RED_BLOCK_BYTES = 2 << 20
 
 def _buffer(shape: tuple[int, int], dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
     """A registered buffer: host memory on huge pages (shm's copies pin 2 MiB at a time)."""
-    if dev.type == "cpu":
-        t: torch.Tensor = af.host_zeros(shape, dtype)
-        return t
-    return torch.empty(shape, dtype=dtype, device=dev)
+    t: torch.Tensor = af.host_zeros(shape, dtype, dev)
+    return t
 
 
 @dataclass

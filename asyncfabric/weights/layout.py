@@ -280,10 +280,8 @@ class Layout:
     def alloc(self, rank: int, device: Any = "cpu") -> torch.Tensor:
         """A zeroed flat uint8 buffer for ``rank``'s shards (host memory on huge
         pages: :func:`asyncfabric.host_zeros`)."""
-        if torch.device(device).type == "cpu":
-            buf: torch.Tensor = af.host_zeros(self.nbytes(rank), torch.uint8)
-            return buf
-        return torch.zeros(self.nbytes(rank), dtype=torch.uint8, device=device)
+        buf: torch.Tensor = af.host_zeros(self.nbytes(rank), torch.uint8, device)
+        return buf
 
     def views(self, buf: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
         """Typed views of each shard in ``buf`` (a buffer from :meth:`alloc`)."""

@@ -264,12 +264,8 @@ class Sender:
             return
         for r in self._stage_regions:
             r.close()
-        dev = self._buf.device
-        self._staging = [
-            af.host_zeros(nbytes, torch.uint8)  # huge pages: shm pins 2 MiB at a time
-            if dev.type == "cpu"
-            else torch.empty(nbytes, dtype=torch.uint8, device=dev)
-            for _ in range(n)
+        self._staging = [  # host ones on huge pages: shm pins 2 MiB at a time
+            af.host_zeros(nbytes, torch.uint8, self._buf.device) for _ in range(n)
         ]
         self._stage_regions = [self.engine.register(t) for t in self._staging]
 
