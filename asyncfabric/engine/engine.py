@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import os
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -525,6 +526,7 @@ class Engine:
                 self._drain()
                 return
             if r == FAILED:
+                self._after_call()  # what the call queued on the way (_post says why)
                 raise self._t.error(self._fp.status, "write")
         self._check_open()
         s = self._local(src)
@@ -537,13 +539,14 @@ class Engine:
         region = s.region
         token = self._next_token()
         if stream is None:
-            done = self._t.post_write(
-                token, route.remote, d.offset, region._reg, s.offset, n, imm_v
+            done = self._post(
+                self._t.post_write, token, route.remote, d.offset, region._reg, s.offset, n, imm_v
             )
         else:
-            done = self._t.post_write(
-                token, route.remote, d.offset, region._reg, s.offset, n, imm_v, stream
-            )
+            done = self._post(
+                self._t.post_write,
+                token, route.remote, d.offset, region._reg, s.offset, n, imm_v, stream,
+            )  # fmt: skip
         if done:  # finished inside the call (injected): no waiter, no event
             self._after_call()
         else:
@@ -563,13 +566,14 @@ class Engine:
             self._drain()
             return
         if r == FAILED:
+            self._after_call()
             raise self._t.error(self._fp.status, "write of an immediate")
         self._check_open()
         d = self._remote_slice(dst)
         imm_v = check_imm(imm)
         route = self._route(d.descriptor)
         token = self._next_token()
-        if self._t.post_write(token, route.remote, d.offset, None, 0, 0, imm_v):
+        if self._post(self._t.post_write, token, route.remote, d.offset, None, 0, 0, imm_v):
             self._after_call()
         else:
             await self._await_op(token, None, timeout)
@@ -644,7 +648,7 @@ class Engine:
         region = s.region
         token = self._next_token()
         op = PagedWrite(token, route.remote, region._reg, src_off, dst_off, page_size, imm_v)
-        if self._t.post_paged(op):
+        if self._post(self._t.post_paged, op):
             self._after_call()
         else:
             await self._await_op(token, region, timeout)
@@ -735,7 +739,9 @@ class Engine:
         route = self._route(d.descriptor, read=True)
         region = s.region
         token = self._next_token()
-        if self._t.post_read(token, route.remote, d.offset, region._reg, s.offset, s.nbytes):
+        if self._post(
+            self._t.post_read, token, route.remote, d.offset, region._reg, s.offset, s.nbytes
+        ):
             self._after_call()
         else:
             await self._await_op(token, region, timeout)
@@ -746,7 +752,7 @@ class Engine:
             token, c.srcs, c.dsts, c.src, c.dst, c.soff, c.doff, c.nbytes, c.imm,
             np.zeros(c.n, np.int32), c.cache, {},
         )  # fmt: skip
-        if self._t.post_batch(wb):
+        if self._post(self._t.post_batch, wb):
             self._after_call()
             self._batch_raise(wb)
             return
@@ -923,7 +929,7 @@ class Engine:
                 "use write() for bulk data or open the engines with a larger ctrl_max"
             )
         token = self._next_token()
-        if self._t.post_send(token, peer.id, data):
+        if self._post(self._t.post_send, token, peer.id, data):
             self._after_call()
         else:
             await self._await_op(token, None, timeout)
@@ -1004,6 +1010,20 @@ class Engine:
             self._drain()
         if not w.done():
             self._t.release()  # the loop is about to sleep: the progress thread takes over
+
+    def _post(self, post: Callable[..., bool], *args: Any) -> bool:
+        """Call the transport's ``post``: True when the transfer ended inside the call.
+
+        The contract lets a call from this thread queue events without ringing the
+        notify fd, because the engine checks ``pending_events`` after every call. A
+        call that raises is a call too: a peer found dead inside it (the transport
+        progresses on the way out) has the failures of other transfers queued, and
+        with nothing ringing their waiters would sleep until their timeouts."""
+        try:
+            return post(*args)
+        except BaseException:
+            self._after_call()
+            raise
 
     def _after_call(self) -> None:
         if self._t.pending_events():

@@ -12,7 +12,7 @@ outside tests can open it.
 Knobs for tests: ``complete`` (``"inline"``: writes finish inside the post;
 ``"event"``: their end comes as an OpDone from drain), ``hold()``/``release_held()``
 (keep completions back, to test in-flight states), ``fail_next(status)``,
-``fatal(error)``.
+``fatal(error)``, ``raise_next(error)``.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class LoopbackTransport(PythonTransport):
         self._held: list[Event] = []
         self._holding = False
         self._fail: list[int] = []
+        self._raise: list[Exception] = []
         self.posts = 0
         self.closed = False
         for a in self._addr:
@@ -74,16 +75,32 @@ class LoopbackTransport(PythonTransport):
         self._holding = True
 
     def release_held(self) -> None:
+        self._unhold(ring=True)
+
+    def _unhold(self, *, ring: bool) -> None:
         self._holding = False
         with self.lock:
             for ev in self._held:
                 self.events.push(ev)
             self._held.clear()
-            self.ring()
+            if ring:
+                self.ring()
 
     def fail_next(self, status: int) -> None:
         """The next post completes (as an event) with ``status``."""
         self._fail.append(status)
+
+    def raise_next(self, error: Exception) -> None:
+        """The next post raises ``error``, having queued the held completions without
+        a ring on the way: as a native transport whose in-call progress finds a peer
+        dead, which the contract allows for calls from the engine's thread."""
+        self._raise.append(error)
+
+    def _raise_now(self) -> None:
+        if not self._raise:
+            return
+        self._unhold(ring=False)
+        raise self._raise.pop(0)
 
     def fatal(self, error: Exception) -> None:
         """The transport breaks: a Fatal event with ``error``."""
@@ -176,6 +193,7 @@ class LoopbackTransport(PythonTransport):
         stream: Any = None,
     ) -> bool:
         self.posts += 1
+        self._raise_now()
         t = self._peers[dst.peer]
         if t is None or t.closed:
             return self._finish(token, PEER_RESET)
@@ -190,6 +208,7 @@ class LoopbackTransport(PythonTransport):
 
     def post_paged(self, op: PagedWrite) -> bool:
         self.posts += 1
+        self._raise_now()
         t = self._peers[op.dst.peer]
         if t is None or t.closed:
             return self._finish(op.token, PEER_RESET)
@@ -202,6 +221,7 @@ class LoopbackTransport(PythonTransport):
         return self._finish(op.token, status)
 
     def post_send(self, token: int, peer: int, data: bytes) -> bool:
+        self._raise_now()
         t = self._peers[peer]
         if t is None or t.closed:
             return self._finish(token, PEER_RESET)

@@ -21,7 +21,7 @@ Rules every transport keeps:
 * ``notify_fd`` becomes readable when ``drain`` has something to return, with one
   exception: events a call made from the engine's own thread queues (a post, a
   spin) need not ring it, because the engine checks ``pending_events`` after
-  every call. A wrapper that calls its inner transport from inside ``drain``
+  every call, one that raises included. A wrapper that calls its inner transport from inside ``drain``
   drains again while ``pending_events`` says so (backends/staged does).
 * A status is 0 or a negative errno; :func:`.status.status_error` turns it into
   the exception (``Transport.error`` defaults to it).

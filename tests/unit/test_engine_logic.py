@@ -223,3 +223,41 @@ async def test_triggers_unsupported_where_the_transport_has_none(lb):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("how", ["write", "paged", "send"])
+async def test_a_post_that_raises_leaves_no_event_behind(lb, how):
+    """A post that raises may have queued other transfers' ends on the way without a
+    ring (on shm: its progress found the peer dead and failed every transfer to it).
+    Their waiters must learn of it now, not at their timeouts (CI, 2026-12-07: three
+    reads of a killed peer hung 15 s because the read that saw the death raised)."""
+    a, b = await _pair()
+    try:
+        with a.register(np.zeros(8192, np.uint8)) as rd, b.register(np.ones(8192, np.uint8)) as rs:
+            desc = rd.descriptor()
+            b.transport.hold()
+            got: list[str] = []
+
+            async def first() -> None:
+                await b.write(rs[:64], desc[:64], imm=1)
+                got.append("done")
+
+            with anyio.fail_after(2):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(first)
+                    await anyio.sleep(0.02)
+                    assert not got
+                    cause = af.PeerUnreachable("the peer's process has exited (test)")
+                    b.transport.raise_next(cause)
+                    with pytest.raises(af.PeerUnreachable) as info:
+                        if how == "write":
+                            await b.write(rs[64:128], desc[64:128])
+                        elif how == "paged":
+                            await b.write_paged(rs, desc, [0], [1], page_size=4096)
+                        else:
+                            await b.send(a.address, b"x")
+                    assert info.value is cause
+            assert got == ["done"]
+    finally:
+        a.close()
+        b.close()
