@@ -1030,29 +1030,37 @@ class Engine:
             self._drain()
 
     def _drain(self) -> int:
-        """Handle the transport's ready events (event-loop thread; never re-entered)."""
+        """Handle the transport's ready events (event-loop thread; never re-entered).
+
+        A handler's own calls into the transport may queue events without a ring
+        (the contract allows it on this thread), and the re-entered ``_drain`` of
+        their ``_after_call`` returns at once: so look again before leaving."""
         if self._closed or self._draining:
             return 0
         self._draining = True
+        total = 0
         try:
-            evs = self._t.drain()
-            for ev in evs:
-                if isinstance(ev, OpDone):
-                    if ev.token & SUB_BIT:
-                        self._on_sub(ev)
-                    else:
-                        self._on_op(ev)
-                elif isinstance(ev, CounterReady):
-                    c = self._counters.get(ev.imm)
-                    if c is not None:
-                        c._serve()
-                elif isinstance(ev, Message):
-                    self._on_message(ev.data)
-                elif isinstance(ev, Fatal):
-                    self._on_fatal(ev.error)
-                if self._closed:
-                    break
-            return len(evs)
+            while True:
+                evs = self._t.drain()
+                for ev in evs:
+                    if isinstance(ev, OpDone):
+                        if ev.token & SUB_BIT:
+                            self._on_sub(ev)
+                        else:
+                            self._on_op(ev)
+                    elif isinstance(ev, CounterReady):
+                        c = self._counters.get(ev.imm)
+                        if c is not None:
+                            c._serve()
+                    elif isinstance(ev, Message):
+                        self._on_message(ev.data)
+                    elif isinstance(ev, Fatal):
+                        self._on_fatal(ev.error)
+                    if self._closed:
+                        return total + len(evs)
+                total += len(evs)
+                if not evs or not self._t.pending_events():
+                    return total
         finally:
             self._draining = False
 
