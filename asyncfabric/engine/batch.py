@@ -14,7 +14,7 @@ it was added (an array adds one index per element).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,21 +32,25 @@ _U64 = np.uint64
 
 
 class _Part:
-    """Entries added together: one source region (or None) and one destination."""
+    """Entries added together: one source region (or None) and one destination, or
+    (``add_table``) tuples of them with an index array per side."""
 
-    __slots__ = ("src", "dst", "soff", "doff", "nbytes", "imm")
+    __slots__ = ("src", "dst", "soff", "doff", "nbytes", "imm", "sidx", "didx")
 
     def __init__(
         self,
-        src: Region | None,
-        dst: Descriptor,
+        src: Region | None | tuple[Region, ...],
+        dst: Descriptor | tuple[Descriptor, ...],
         soff: np.ndarray,
         doff: np.ndarray,
         nbytes: np.ndarray,
         imm: np.ndarray,
+        sidx: np.ndarray | None = None,
+        didx: np.ndarray | None = None,
     ) -> None:
         self.src, self.dst = src, dst
         self.soff, self.doff, self.nbytes, self.imm = soff, doff, nbytes, imm
+        self.sidx, self.didx = sidx, didx
 
 
 class Compiled:
@@ -149,6 +153,49 @@ class Batch:
         self._parts.append(_Part(src, dst, so, do, nb, im))
         return self._grew(int(so.size))
 
+    def add_table(
+        self,
+        srcs: Sequence[Region],
+        dsts: Sequence[Descriptor],
+        src_index: Any,
+        dst_index: Any,
+        src_offsets: Any,
+        dst_offsets: Any,
+        nbytes: Any,
+        *,
+        imm: Any = None,
+    ) -> Batch:
+        """Writes ``k``: ``nbytes[k]`` bytes from ``srcs[src_index[k]]`` at
+        ``src_offsets[k]`` to ``dsts[dst_index[k]]`` at ``dst_offsets[k]``.
+
+        ``add_many`` over several regions and descriptors in one call, for layouts
+        that spread one transfer over many buffers (a KV cache with a tensor per
+        layer): the Python cost does not grow with the number of buffers either."""
+        first = self._n
+        srcs, dsts = tuple(srcs), tuple(dsts)
+        for k, r in enumerate(srcs):
+            if not isinstance(r, Region):
+                raise TypeError(f"batch entry {first}: add_table's srcs[{k}] is not a Region")
+            _live(r, first)
+        for k, d in enumerate(dsts):
+            if not isinstance(d, Descriptor):
+                raise TypeError(f"batch entry {first}: add_table's dsts[{k}] is not a Descriptor")
+        so = _offsets(src_offsets, "src_offsets", first)
+        do = _offsets(dst_offsets, "dst_offsets", first)
+        if so.shape != do.shape:
+            raise ValueError(
+                f"batch entry {first}: src_offsets has {so.size} entries, dst_offsets {do.size}"
+            )
+        si = _index(src_index, len(srcs), "src_index", so.shape, first)
+        di = _index(dst_index, len(dsts), "dst_index", so.shape, first)
+        nb = np.broadcast_to(_offsets(nbytes, "nbytes", first), so.shape).astype(_U64)
+        im = _imms(imm, so.shape, first)
+        _bounds(so, nb, _sizes(srcs, si), "source", first)
+        _bounds(do, nb, _sizes(dsts, di), "destination", first)
+        self._flush()
+        self._parts.append(_Part(srcs, dsts, so, do, nb, im, si, di))
+        return self._grew(int(so.size))
+
     def add_pages(
         self,
         src: Region,
@@ -248,38 +295,48 @@ class Batch:
         regions: list[Region] = []
         descs: list[Descriptor] = []
         cols: list[tuple[np.ndarray, ...]] = []
-        first = 0
-        for p in self._parts:
-            n = len(p.soff)
-            if p.src is None:
+
+        def src_slot(r: Any, at: int) -> int:
+            """The compiled source index of region ``r`` (None: an immediate-only write)."""
+            if r is None:
                 si = srcs.setdefault(0, len(regs))
                 if si == len(regs):
                     regs.append(None)
-            else:
-                si = srcs.get(id(p.src), -1)
-                if si < 0:
-                    if p.src._engine is not engine:
-                        raise RegionError(
-                            f"batch entry {first}: the source region is registered with "
-                            "another engine"
-                        )
-                    _live(p.src, first)
-                    si = srcs[id(p.src)] = len(regs)
-                    regs.append(p.src._reg)
-                    regions.append(p.src)
-            di = dsts.get(id(p.dst), -1)
+                return si
+            si = srcs.get(id(r), -1)
+            if si < 0:
+                if r._engine is not engine:
+                    raise RegionError(
+                        f"batch entry {at}: the source region is registered with another engine"
+                    )
+                _live(r, at)
+                si = srcs[id(r)] = len(regs)
+                regs.append(r._reg)
+                regions.append(r)
+            return si
+
+        def dst_slot(d: Any, at: int) -> int:
+            di = dsts.get(id(d), -1)
             if di < 0:
                 try:
-                    route = engine._route(p.dst)
+                    route = engine._route(d)
                 except Exception as exc:
-                    raise type(exc)(f"batch entry {first}: {exc}") from exc
-                di = dsts[id(p.dst)] = len(remotes)
+                    raise type(exc)(f"batch entry {at}: {exc}") from exc
+                di = dsts[id(d)] = len(remotes)
                 remotes.append(route.remote)
-                descs.append(p.dst)
-            cols.append(
-                (np.full(n, si, np.uint32), np.full(n, di, np.uint32), p.soff, p.doff,
-                 p.nbytes, p.imm)
-            )  # fmt: skip
+                descs.append(d)
+            return di
+
+        first = 0
+        for p in self._parts:
+            n = len(p.soff)
+            if p.sidx is None or p.didx is None:
+                scol = np.full(n, src_slot(p.src, first), np.uint32)
+                dcol = np.full(n, dst_slot(p.dst, first), np.uint32)
+            else:
+                scol = _slots(p.src, p.sidx, src_slot, first)
+                dcol = _slots(p.dst, p.didx, dst_slot, first)
+            cols.append((scol, dcol, p.soff, p.doff, p.nbytes, p.imm))
             first += n
         c.n = first
         c.srcs, c.dsts, c.regions = tuple(regs), tuple(remotes), tuple(regions)
@@ -365,12 +422,45 @@ def _imms(imm: Any, shape: tuple[int, ...], first: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _bounds(off: np.ndarray, nb: np.ndarray, size: int, what: str, first: int) -> None:
+def _bounds(off: np.ndarray, nb: np.ndarray, size: Any, what: str, first: int) -> None:
+    """Every entry inside its region (``size``: one size, or one per entry)."""
+    sz = size if isinstance(size, np.ndarray) else _U64(size)
     end = off + nb
-    bad = (end > _U64(size)) | (end < off)
+    bad = (end > sz) | (end < off)
     if bad.any():
         k = int(np.argmax(bad))
+        n = int(sz[k]) if isinstance(sz, np.ndarray) else size
         raise RegionError(
             f"batch entry {first + k}: {int(nb[k])} bytes at offset {int(off[k])} reach past "
-            f"the {size}-byte {what} region"
+            f"the {n}-byte {what} region"
         )
+
+
+def _index(v: Any, n: int, name: str, shape: tuple[int, ...], first: int) -> np.ndarray:
+    """An add_table index array: integers in ``0..n-1``, one per entry (or one for all)."""
+    a = np.asarray(v)
+    if a.ndim > 1:
+        raise ValueError(f"batch entry {first}: {name} must be one-dimensional, got {a.shape}")
+    if a.size and a.dtype.kind not in "iu":
+        raise TypeError(f"batch entry {first}: {name} must hold integers, got {a.dtype}")
+    a = np.broadcast_to(a.astype(np.int64), shape)
+    bad = (a < 0) | (a >= n)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(
+            f"batch entry {first + k}: {name} is {int(a.flat[k])}, but the table has {n} entries"
+        )
+    return np.ascontiguousarray(a)
+
+
+def _sizes(items: tuple[Any, ...], idx: np.ndarray) -> np.ndarray:
+    """Each entry's region size, by its index into ``items``."""
+    return np.array([x.nbytes for x in items], _U64)[idx]
+
+
+def _slots(items: Any, idx: np.ndarray, slot: Any, first: int) -> np.ndarray:
+    """Compiled indices for an add_table part: each table item used resolved once."""
+    table = np.zeros(len(items), np.uint32)
+    for k in np.unique(idx).tolist():
+        table[k] = slot(items[k], first + int(np.argmax(idx == k)))
+    return table[idx]

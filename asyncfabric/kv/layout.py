@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -114,21 +115,29 @@ class KVLayout:
         per = (2, self.blocks, t, h, d) if self.order == "kv_first" else (self.blocks, 2, t, h, d)
         return per if self.tensors == "per_layer" else (self.layers, *per)
 
-    def where(self, layer: int, kv: int, blocks: np.ndarray) -> tuple[int, np.ndarray]:
+    def where(self, layer: Any, kv: Any, blocks: np.ndarray) -> tuple[Any, np.ndarray]:
         """(tensor index, byte offsets in it) of the K (``kv=0``) or V (``kv=1``) halves
-        of ``blocks`` in ``layer``."""
+        of ``blocks`` in ``layer``. ``layer`` and ``kv`` may be arrays as long as
+        ``blocks`` (one entry each); the tensor index is then an array too."""
         b = np.asarray(blocks, np.uint64)
+        lay, k = np.asarray(layer, np.uint64), np.asarray(kv, np.uint64)
         hb, nb = np.uint64(self.half_bytes), np.uint64(self.blocks)
         if self.tensors == "per_layer_kv":
-            return 2 * layer + kv, b * hb
-        if self.order == "kv_first":
-            base, off = np.uint64(kv) * nb * hb, b * hb
+            t, off = 2 * lay + k, b * hb
         else:
-            base, off = np.uint64(kv) * hb, b * np.uint64(2) * hb
-        if self.tensors == "one":
-            base += np.uint64(layer) * nb * np.uint64(2) * hb
-            return 0, base + off
-        return layer, base + off
+            if self.order == "kv_first":
+                off = k * nb * hb + b * hb
+            else:
+                off = k * hb + b * np.uint64(2) * hb
+            if self.tensors == "one":
+                off = off + lay * nb * np.uint64(2) * hb
+                t = np.zeros_like(lay)
+            else:
+                t = lay
+        off = np.broadcast_to(off, np.broadcast_shapes(b.shape, lay.shape, k.shape))
+        if lay.ndim == 0 and k.ndim == 0:
+            return int(t), off
+        return np.broadcast_to(t, off.shape).astype(np.int64), off
 
     # ------------------------------------------------------------ handshake
 

@@ -10,8 +10,9 @@ know the count: each run delivers ``ceil(run_bytes / chunk_bytes)`` immediates
 (the engine's counting rule for one write), for every layer and half. With no
 two blocks adjacent that is one immediate per page.
 
-Entries are added with array calls (``Batch.add_many``), so the Python cost of a
-post does not grow with the number of blocks.
+Entries are added with one array call (``Batch.add_table``: every layer, half and
+run at once), so the Python cost of a post grows neither with the number of
+blocks nor with the number of layers.
 """
 
 from __future__ import annotations
@@ -79,13 +80,17 @@ def add_layers(
     """Add the writes of ``layers`` to ``batch``; return how many."""
     lay = src.layout
     starts, lens = runs(lay, dst, ppb, src_blocks, dst_blocks)
-    sb, db = np.asarray(src_blocks)[starts], np.asarray(dst_blocks)[starts]
-    nbytes = (lens * unit_bytes(lay, ppb)).astype(np.uint64)
-    n = 0
-    for layer in layers:
-        for kv in range(ppb_halves(ppb)):
-            ts, so = lay.where(layer, kv, sb)
-            td, do = dst.where(layer, kv, db)
-            batch.add_many(src.regions[ts], dst_descs[td], so, do, nbytes, imm=imm)
-            n += len(so)
-    return n
+    if not len(starts) or not len(layers):
+        return 0
+    # every (layer, half, run) at once, in that order: one call whatever the layer count
+    halves, nrun = ppb_halves(ppb), len(starts)
+    reps = len(layers) * halves
+    lay_col = np.repeat(np.asarray(layers, np.int64), halves * nrun)
+    kv_col = np.tile(np.repeat(np.arange(halves, dtype=np.int64), nrun), len(layers))
+    sb = np.tile(np.asarray(src_blocks)[starts], reps)
+    db = np.tile(np.asarray(dst_blocks)[starts], reps)
+    nbytes = np.tile((lens * unit_bytes(lay, ppb)).astype(np.uint64), reps)
+    ts, so = lay.where(lay_col, kv_col, sb)
+    td, do = dst.where(lay_col, kv_col, db)
+    batch.add_table(src.regions, dst_descs, ts, td, so, do, nbytes, imm=imm)
+    return len(so)

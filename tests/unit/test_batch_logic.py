@@ -137,3 +137,54 @@ async def test_read_is_refused_where_the_transport_has_none(lb):
     finally:
         a.close()
         b.close()
+
+
+async def test_add_table_is_add_many_over_several_buffers(lb):
+    """add_table compiles to exactly the entries of the add_many calls it stands for
+    (mixed order, repeated and unused table items), lands the same bytes, and refuses
+    bad entries naming the first one."""
+    a, b = await _pair()
+    try:
+        rng = np.random.default_rng(7)
+        srcs_np = [rng.integers(0, 256, 4096, dtype=np.uint8) for _ in range(3)]
+        dsts_np = [np.zeros(4096, np.uint8) for _ in range(2)]
+        rs = [b.register(x) for x in srcs_np]
+        rd = [a.register(x) for x in dsts_np]
+        descs = [af.Descriptor.from_bytes(bytes(r.descriptor())) for r in rd]
+        si = np.array([2, 0, 2, 1, 0])
+        di = np.array([1, 1, 0, 0, 1])
+        so = np.array([0, 64, 128, 1024, 4000])
+        do = np.array([0, 512, 64, 2048, 96])
+        nb = np.array([64, 32, 16, 100, 96])
+        imm = np.array([1, 2, 1, 3, 2])
+        table = af.Batch().add_table(rs, descs, si, di, so, do, nb, imm=imm)
+        ref = af.Batch()
+        for k in range(len(si)):
+            ref.add_many(rs[si[k]], descs[di[k]], so[k : k + 1], do[k : k + 1], nb[k : k + 1],
+                         imm=imm[k : k + 1])  # fmt: skip
+        ct, cr = table.compile(b), ref.compile(b)
+        for col in ("soff", "doff", "nbytes", "imm"):
+            assert (getattr(ct, col) == getattr(cr, col)).all(), col
+        # the same registration and remote for each entry (slot numbers may differ)
+        assert [ct.srcs[i] for i in ct.src] == [cr.srcs[i] for i in cr.src]
+        assert [ct.dsts[i].target for i in ct.dst] == [cr.dsts[i].target for i in cr.dst]
+        await b.write_many(table)
+        for k in range(len(si)):
+            got = dsts_np[di[k]][do[k] : do[k] + nb[k]]
+            assert (got == srcs_np[si[k]][so[k] : so[k] + nb[k]]).all()
+        for i, n in ((1, 2), (2, 2), (3, 1)):
+            await a.counter(i).wait(n, timeout=1)
+
+        with pytest.raises(ValueError, match="batch entry 3: src_index is 3"):
+            af.Batch().add_table(rs, descs, [0, 1, 2, 3], 0, [0] * 4, [0] * 4, 8)
+        with pytest.raises(ValueError, match="batch entry 1: dst_index is -1"):
+            af.Batch().add_table(rs, descs, 0, [0, -1], [0, 0], [0, 0], 8)
+        with pytest.raises(af.RegionError, match="batch entry 2: 64 bytes at offset 4090"):
+            af.Batch().add_table(rs, descs, 0, 0, [0, 0, 4090], [0, 0, 0], 64)
+        with pytest.raises(TypeError, match=r"srcs\[1\] is not a Region"):
+            af.Batch().add_table([rs[0], srcs_np[1]], descs, 0, 0, [0], [0], 8)
+    finally:
+        for r in (*rs, *rd):
+            r.close()
+        a.close()
+        b.close()
