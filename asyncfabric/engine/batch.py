@@ -455,7 +455,8 @@ def _index(v: Any, n: int, name: str, shape: tuple[int, ...], first: int) -> np.
 
 def _sizes(items: tuple[Any, ...], idx: np.ndarray) -> np.ndarray:
     """Each entry's region size, by its index into ``items``."""
-    return np.array([x.nbytes for x in items], _U64)[idx]
+    sizes: np.ndarray = np.array([x.nbytes for x in items], _U64)
+    return np.take(sizes, idx)
 
 
 def _slots(items: Any, idx: np.ndarray, slot: Any, first: int) -> np.ndarray:
@@ -463,4 +464,4 @@ def _slots(items: Any, idx: np.ndarray, slot: Any, first: int) -> np.ndarray:
     table = np.zeros(len(items), np.uint32)
     for k in np.unique(idx).tolist():
         table[k] = slot(items[k], first + int(np.argmax(idx == k)))
-    return table[idx]
+    return np.take(table, idx)
