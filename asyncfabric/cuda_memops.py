@@ -26,6 +26,7 @@ from typing import Any
 from ._errors import TransferError
 from ._flag import Flag, check_u32
 from .backends.staged import _cuda
+from .engine.trigger import Trigger
 
 MEMHOSTALLOC_PORTABLE = 0x01
 MEMHOSTALLOC_DEVICEMAP = 0x02
@@ -137,13 +138,29 @@ def _device_ptr(flag: Flag) -> int:
     return flag.device_ptr
 
 
-def stream_fire(flag: Flag, value: int, stream: Any = None) -> None:
+def stream_fire(flag: Flag | Trigger, value: int | None = None, stream: Any = None) -> None:
     """Enqueue ``cuStreamWriteValue32(flag, value)`` on ``stream`` (default: torch's
     current stream): once the stream reaches it, after the work queued before it and
     a memory fence, the word holds ``value`` and what is armed on it fires. Also
-    resets a word (``stream_fire(flag, 0)``). Captured into CUDA graphs."""
-    ptr, v = _device_ptr(flag), check_u32(value, "value")
-    s = _stream(stream)
+    resets a word (``stream_fire(flag, 0)``). Captured into CUDA graphs.
+
+    Given a :class:`~asyncfabric.Trigger` instead of a flag, fires that trigger: its
+    stream work first (on cuda_ipc, the copies of its GPU entries, so the data is in
+    the peer's GPU memory before the word is written), then its flag with its value
+    (``value`` defaults to the trigger's)."""
+    if isinstance(flag, Trigger):
+        trig = flag
+        flag, value = trig.flag, trig.value if value is None else value
+        ptr, v = _device_ptr(flag), check_u32(value, "value")
+        s = _stream(stream)
+        work = trig.stream_work
+        if work is not None:
+            work(s)
+    else:
+        if value is None:
+            raise TypeError("stream_fire(flag, value): a flag needs the value to write")
+        ptr, v = _device_ptr(flag), check_u32(value, "value")
+        s = _stream(stream)
     _cuda.check(
         _call("cuStreamWriteValue32")(s, ptr, v, WRITE_VALUE_DEFAULT),
         "cuStreamWriteValue32",

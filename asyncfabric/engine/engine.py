@@ -814,12 +814,14 @@ class Engine:
             raise TypeError(f"repeat must be a bool, got {type(repeat).__name__}")
         batch = ops if isinstance(ops, Batch) else Batch.of(ops, imm=imm)
         c = batch.compile(self)
+        gpu = self._t.gpu_triggers  # cuda_ipc: the firing stream copies GPU entries itself
         for i, reg in enumerate(c.srcs):
-            if reg is not None and (reg.device != "cpu" or reg.staged):
+            if reg is not None and (reg.staged or (reg.device != "cpu" and not gpu)):
                 raise RegionError(
                     f"a triggered write posts from host memory, but source {i} of the batch is "
-                    f"{reg.device} memory; register a host (pinned) buffer and copy into it on "
-                    "the stream before the trigger fires"
+                    f"{'staged ' if reg.staged else ''}{reg.device} memory; register a host "
+                    "(pinned) buffer and copy into it on the stream before the trigger fires "
+                    "(or, between GPUs of one host, open the engines on cuda_ipc)"
                 )
         token = self._next_token()
         wb = WriteBatch(
@@ -827,11 +829,12 @@ class Engine:
             np.zeros(c.n, np.int32), c.cache, {},
         )  # fmt: skip
         p = self.policy
-        self._t.trigger_arm(
+        work = self._t.trigger_arm(
             token, wb, flag.ptr, value, rs, repeat,
             _ns(p.trigger_spin_us), _ns(p.trigger_nap_us),
         )  # fmt: skip
         hold = _TrigHold(wb, c.regions, flag, repeat)
+        hold.stream_work = work
         self._ops[token] = (None, hold)
         for r in c.regions:
             r._inflight += 1

@@ -19,7 +19,7 @@ from .._errors import EngineClosed, ImmTimeout, TriggerDisarmed
 from .._flag import Flag
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Callable, Generator
 
     from ..transport.contract import WriteBatch
     from .counter import ImmCounter
@@ -33,7 +33,7 @@ class _TrigHold:
     armed (``final_due``: disarmed with a fire in flight, whose event is still due)."""
 
     __slots__ = ("wb", "regions", "flag", "repeat", "done", "error", "armed", "final_due",
-                 "waiters")  # fmt: skip
+                 "waiters", "stream_work")  # fmt: skip
 
     def __init__(
         self, wb: WriteBatch, regions: tuple[Region, ...], flag: Flag, repeat: bool
@@ -44,6 +44,7 @@ class _TrigHold:
         self.armed = True
         self.final_due = False
         self.waiters: list[tuple[int, Any]] = []
+        self.stream_work: Callable[[int], None] | None = None  # the transport's, if any
 
     @property
     def over(self) -> bool:
@@ -96,6 +97,13 @@ class Trigger:
         self._engine, self.token, self.value, self._h = engine, token, value, hold
         self.flag = hold.flag
         self.repeat = hold.repeat
+
+    @property
+    def stream_work(self) -> Callable[[int], None] | None:
+        """What a CUDA stream must queue before it writes the flag, or None: on
+        cuda_ipc, the copies of the batch's GPU entries (the watcher then posts their
+        immediates). ``cuda_memops.stream_fire(trigger)`` queues both."""
+        return self._h.stream_work
 
     @property
     def fires(self) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import array
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -207,6 +207,9 @@ class Transport(ABC):
     """Memory kinds :meth:`register` takes (``"cpu"``; wrappers add ``"cuda"``)."""
     cuda_native: ClassVar[bool] = False
     """The transport moves CUDA memory itself (cuda_ipc): nothing stages it."""
+    gpu_triggers: ClassVar[bool] = False
+    """:meth:`trigger_arm` takes GPU sources: the firing stream moves their data
+    (the work :meth:`trigger_arm` returns) and the watcher posts the rest."""
     hmem: bool = False
     """The transport was opened asking its provider for device-memory registration."""
 
@@ -348,14 +351,19 @@ class Transport(ABC):
         repeat: bool,
         spin_ns: int,
         nap_ns: int,
-    ) -> None:
+    ) -> Callable[[int], None] | None:
         """Arm ``batch`` to be posted, with no Python in between, when the 32-bit word
         at host address ``word`` reaches ``value`` (cyclic >=: ``(int32)(w - value) >=
         0``, as ``cuStreamWaitValue32``'s GEQ). ``reset`` >= 0 is stored into the word
         just before the post (-1: none). Each fire ends in one ``OpDone(token)``, as
         :meth:`post_batch`. ``repeat``: stays armed, one fire in flight at a time.
         ``spin_ns``/``nap_ns``: how the watcher polls (docs/gpu.md, "Triggers"). Raises,
-        arming nothing, for a batch it cannot post. The default has no triggers."""
+        arming nothing, for a batch it cannot post. The default has no triggers.
+
+        Returns None, or (a transport with :attr:`gpu_triggers`) the stream work of
+        the batch: called with a raw CUDA stream handle, it queues there the moves of
+        the GPU entries' data, which the stream then follows with the word's write;
+        the watcher posts what is left (cuda_ipc: the entries' immediates)."""
         from .._errors import Unsupported
 
         raise Unsupported(

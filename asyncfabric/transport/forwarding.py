@@ -12,7 +12,7 @@ wrapper costs what a call to the inner transport costs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .contract import (
@@ -151,8 +151,8 @@ class ForwardingTransport(Transport):
         repeat: bool,
         spin_ns: int,
         nap_ns: int,
-    ) -> None:
-        self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
+    ) -> Callable[[int], None] | None:
+        return self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
 
     def trigger_disarm(self, token: int) -> int:
         return self.inner.trigger_disarm(token)

@@ -16,7 +16,7 @@ from asyncfabric.backends.cuda_ipc import (
     drop_internal,
 )
 from asyncfabric.testing.loopback import LoopbackTransport
-from asyncfabric.transport import CounterReady, Fatal, Message, OpDone, Target
+from asyncfabric.transport import CounterReady, Fatal, Message, OpDone, PolicyNs, Target
 from asyncfabric.transport.status import IO_ERROR, PEER_STALLED
 
 
@@ -223,3 +223,98 @@ def test_reads_of_gpu_memory_are_refused(pair):
     host = a.remote(pb, 1, Target((0,), (0,), 64, 1 << 20, b"H"))
     with pytest.raises(Unsupported, match="no one-sided read of GPU memory"):
         a.post_read(1, host, 0, gpu_reg, 0, 64)
+
+
+@pytest.fixture
+def shm_pair():
+    from asyncfabric.backends.libfabric import LibfabricBackend, LibfabricTransport
+
+    if "shm" not in LibfabricBackend().providers():
+        pytest.skip("libfabric's shm provider is not here")
+
+    def shm():
+        return LibfabricTransport("shm", domains=1, node=None, ctrl_max=64, hmem=False)
+
+    a, b = CudaIpcTransport(shm()), CudaIpcTransport(shm())
+    pb = a.add_peer(b.addresses)
+    b.add_peer(a.addresses)
+    for t in (a, b):  # progress threads, as an engine starts them
+        t.start(PolicyNs(spin_ns=50_000, idle_block_ns=10**6, busy_block_ns=10**6))
+    yield a, b, pb
+    a.close()
+    b.close()
+
+
+def _until(cond, what: str, timeout: float = 5.0):
+    import time
+
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.001)
+
+
+def test_a_triggered_gpu_batch_copies_on_the_stream_and_fires_its_immediates(shm_pair):
+    """cuda_ipc splits a triggered GPU batch: the copies become stream work (here only
+    listed, no CUDA), and the word fires the entries' immediates into the peer's
+    doorbell, through the shm transport's own watcher; the peer counts them."""
+    from asyncfabric import Flag
+
+    a, b, pb = shm_pair
+    assert a.gpu_triggers
+    batch = _gpu_batch(a, pb, True, True)
+    flag = Flag()
+    work = a.trigger_arm(5, batch, flag.ptr, 1, -1, False, 10**6, 20_000)
+    assert work.copies == [
+        (0xBEEF0000, 0xDEAD0000, 32, 0),
+        (0xBEEF0000 + 32, 0xDEAD0000 + 32, 32, 0),
+    ]
+    import time
+
+    time.sleep(0.01)
+    assert b.counter_avail(3) == 0  # nothing before the word is written
+    flag.set(1)
+    _until(lambda: b.counter_avail(3) == 2, "the peer counts one immediate per entry")
+    evs: list = []
+    _until(lambda: evs.extend(a.drain()) or OpDone(5) in evs, "the fire ends as a batch")
+    assert batch.status.tolist() == [0, 0]
+
+
+def test_host_triggers_stay_the_shm_transports(shm_pair):
+    import numpy as np
+
+    from asyncfabric import Flag
+    from asyncfabric.transport import WriteBatch
+
+    a, b, pb = shm_pair
+    src_buf, land = np.arange(64, dtype=np.uint8), np.zeros(64, np.uint8)
+    src = a.register(src_buf.ctypes.data, 64, remote_write=False, remote_read=False, owner=src_buf)
+    reg = b.register(land.ctypes.data, 64, remote_write=True, remote_read=False, owner=land)
+    dst = a.remote(pb, 1, Target(reg.bases, reg.keys, 64, 1 << 20, reg.ext))
+    batch = WriteBatch(
+        6, (src,), (dst,), np.zeros(1, np.uint32), np.zeros(1, np.uint32),
+        np.zeros(1, np.uint64), np.zeros(1, np.uint64), np.array([64], np.uint64),
+        np.array([4], np.int64), np.zeros(1, np.int32), {}, {},
+    )  # fmt: skip
+    flag = Flag()
+    assert a.trigger_arm(6, batch, flag.ptr, 1, -1, False, 10**6, 20_000) is None
+    flag.set(1)
+    _until(lambda: b.counter_avail(4) == 1, "the host write's immediate is counted")
+    assert (land == src_buf).all()
+
+
+@pytest.mark.parametrize(
+    "gpu_src,gpu_dst,match",
+    [
+        (False, True, "batch entry 0: a triggered write into a GPU region on cuda_ipc"),
+        (True, False, "batch entry 0: cuda_ipc cannot write GPU memory into a peer's host"),
+    ],
+)
+def test_triggered_gpu_entries_that_cannot_be_copied_are_refused(shm_pair, gpu_src, gpu_dst, match):
+    from asyncfabric import Flag, RegionError
+
+    a, _, pb = shm_pair
+    flag = Flag()
+    with pytest.raises(RegionError, match=match):
+        a.trigger_arm(7, _gpu_batch(a, pb, gpu_src, gpu_dst), flag.ptr, 1, -1, False, 0, 0)
+    assert a.trigger_disarm(7) < 0  # nothing was armed

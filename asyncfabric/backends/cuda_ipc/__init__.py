@@ -37,7 +37,7 @@ import dataclasses
 import itertools
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, ClassVar
 
@@ -174,6 +174,23 @@ def _gpu_batch(batch: WriteBatch) -> bool:
     return True
 
 
+class _StreamCopies:
+    """A triggered GPU batch's stream work: its copies, queued on the firing stream
+    (``cuMemcpyAsync`` into the peer's mapped memory; captured into CUDA graphs)."""
+
+    __slots__ = ("copies",)
+
+    def __init__(self, copies: list[tuple[int, int, int, int]]) -> None:
+        self.copies = copies  # (dst ptr, src ptr, nbytes, device)
+
+    def __call__(self, stream: int) -> None:
+        from . import _driver
+
+        for dst, src, n, dev in self.copies:
+            _driver.use_device(dev)
+            _driver.copy_async(dst, src, n, stream)
+
+
 class _GpuRemote(Remote):
     """A peer's GPU region, mapped into this process (or our own)."""
 
@@ -188,6 +205,7 @@ class CudaIpcTransport(ForwardingTransport):
     """CUDA IPC copies for GPU regions; the inner shm transport for everything else."""
 
     cuda_native: ClassVar[bool] = True
+    gpu_triggers: ClassVar[bool] = True
     devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})
     cuda_path = "ipc"
 
@@ -385,17 +403,24 @@ class CudaIpcTransport(ForwardingTransport):
         on_gpu = src.device == "cuda"
         device = src.device_index if on_gpu else torch.cuda.current_device()
         _driver.use_device(device)
+        count = 0 if imm == NO_IMM else expected_imms(nbytes, chunk_bytes=dst.chunk)
+        if nbytes <= INLINE_SYNC_BYTES:
+            # Waited on inline: the copy goes on the producer's stream itself, which
+            # orders it after the producer's work with no event and no stream wait,
+            # and the sync waits for nothing the copy did not wait for already.
+            prod = producer_stream(device, stream) if on_gpu else self._stream(device)
+            handle = int(prod.cuda_stream)
+            _driver.copy_async(dst.ptr + roff, src.ptr + soff, nbytes, handle)  # type: ignore[attr-defined]
+            self._copies += 1
+            _driver.stream_sync(handle)
+            self._post_imms(dst.peer, imm, count)
+            return True
         cs = self._stream(device)
         if on_gpu:  # read the source after the work its producer has queued so far
             cs.wait_stream(producer_stream(device, stream))
         handle = int(cs.cuda_stream)
         _driver.copy_async(dst.ptr + roff, src.ptr + soff, nbytes, handle)  # type: ignore[attr-defined]
         self._copies += 1
-        count = 0 if imm == NO_IMM else expected_imms(nbytes, chunk_bytes=dst.chunk)
-        if nbytes <= INLINE_SYNC_BYTES:
-            _driver.stream_sync(handle)
-            self._post_imms(dst.peer, imm, count)
-            return True
         self._waiter.after_stream(
             handle, device, partial(self._landed, token, dst.peer, imm, count)
         )
@@ -420,6 +445,101 @@ class CudaIpcTransport(ForwardingTransport):
         if gpu:
             return post_batch_each(self, batch)
         return self.inner.post_batch(batch)
+
+    # ------------------------------------------------------------ triggers
+
+    def trigger_arm(
+        self,
+        token: int,
+        batch: WriteBatch,
+        word: int,
+        value: int,
+        reset: int,
+        repeat: bool,
+        spin_ns: int,
+        nap_ns: int,
+    ) -> Callable[[int], None] | None:
+        """Host entries are the shm transport's triggers as they are. A GPU entry is
+        split: its copy becomes stream work (the firing stream queues it before it
+        writes the word, so the data is in the peer's GPU memory first), and the
+        shm trigger posts only its immediates, into the peer's doorbell."""
+        gpu_dst = [d.__class__ is _GpuRemote for d in batch.dsts]
+        if not any(gpu_dst) and all(r is None or r.device != "cuda" for r in batch.srcs):
+            return self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
+        inner, copies = self._split_triggered(batch, gpu_dst)
+        # The native trigger keeps pointers into the shm batch's packed form: it lives
+        # as long as the engine keeps ``batch`` (and with it its cache).
+        batch.cache["cuda_ipc_trigger"] = inner
+        self.inner.trigger_arm(token, inner, word, value, reset, repeat, spin_ns, nap_ns)
+        return _StreamCopies(copies)
+
+    def _split_triggered(
+        self, batch: WriteBatch, gpu_dst: list[bool]
+    ) -> tuple[WriteBatch, list[tuple[int, int, int, int]]]:
+        """The shm batch of a triggered GPU batch (same entries, same status array: a
+        GPU entry becomes its immediates into the peer's doorbell) and its copies."""
+        n = len(batch.nbytes)
+        srcs: list[Registration | None] = []
+        dsts: list[Remote] = []
+        sidx: dict[int, int] = {}
+        didx: dict[tuple[str, int], int] = {}
+        src = np.zeros(n, np.uint32)
+        dst = np.zeros(n, np.uint32)
+        soff, doff, nb = batch.soff.copy(), batch.doff.copy(), batch.nbytes.copy()
+        copies: list[tuple[int, int, int, int]] = []
+        zeros = -1
+        for i in range(n):
+            d, r = int(batch.dst[i]), batch.srcs[int(batch.src[i])]
+            nbytes, imm = int(batch.nbytes[i]), int(batch.imm[i])
+            if not gpu_dst[d]:
+                if r is not None and r.device == "cuda":
+                    raise RegionError(
+                        f"batch entry {i}: cuda_ipc cannot write GPU memory into a peer's host "
+                        "memory; register a CUDA tensor on the receiving side"
+                    )
+                s = int(batch.src[i])
+                if s not in sidx:
+                    sidx[s] = len(srcs)
+                    srcs.append(r)
+                key = ("host", d)
+                if key not in didx:
+                    didx[key] = len(dsts)
+                    dsts.append(batch.dsts[d])
+                src[i], dst[i] = sidx[s], didx[key]
+                continue
+            g = batch.dsts[d]
+            if nbytes:
+                if r is None or r.device != "cuda":
+                    raise RegionError(
+                        f"batch entry {i}: a triggered write into a GPU region on cuda_ipc is "
+                        "copied by the firing stream and must come from GPU memory; register "
+                        "a CUDA tensor as its source"
+                    )
+                copies.append(
+                    (g.ptr + int(batch.doff[i]), r.ptr + int(batch.soff[i]), nbytes,  # type: ignore[attr-defined]
+                     r.device_index)
+                )  # fmt: skip
+            count = 0 if imm == NO_IMM else expected_imms(nbytes, chunk_bytes=g.chunk)
+            if count > DOOR_BYTES:
+                raise RegionError(
+                    f"batch entry {i} carries {count} immediates, more than a triggered GPU "
+                    f"entry can ({DOOR_BYTES}); register the target with larger chunks"
+                )
+            if zeros < 0:
+                zeros = len(srcs)
+                srcs.append(self._zeros_reg)
+            key = ("door", g.peer)
+            if key not in didx:
+                didx[key] = len(dsts)
+                dsts.append(self._doors[g.peer])
+            # one byte per immediate from the zeros into the doorbell (1-byte chunks);
+            # an entry without one writes a byte there, uncounted
+            src[i], dst[i], soff[i], doff[i], nb[i] = zeros, didx[key], 0, 0, max(count, 1)
+        inner = WriteBatch(
+            batch.token, tuple(srcs), tuple(dsts), src, dst, soff, doff, nb, batch.imm,
+            batch.status, {}, batch.errors,
+        )  # fmt: skip
+        return inner, copies
 
     def post_read(
         self, token: int, src: Remote, roff: int, dst: Registration, doff: int, nbytes: int
