@@ -31,12 +31,23 @@ def _digest(t: Any) -> str:
     return hashlib.sha256(t.reshape(-1).cpu().numpy().tobytes()).hexdigest()
 
 
-def _child(conn: Any, provider: str, device: str, nbytes: int) -> None:
+def _open(provider: str, lanes: int) -> af.Engine:
+    """An engine of ``lanes`` domains, each owned by its own progress thread (one
+    lane: the default engine)."""
+    if lanes == 1:
+        return af.Engine(provider, progress=af.ProgressPolicy.latency())
+    return af.Engine(
+        provider, domains=lanes, workers=lanes, local_only=True,
+        progress=af.ProgressPolicy.latency(),
+    )  # fmt: skip
+
+
+def _child(conn: Any, provider: str, device: str, nbytes: int, lanes: int = 1) -> None:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
 
     async def main() -> None:
-        async with af.Engine(provider, progress=af.ProgressPolicy.latency()) as eng:
+        async with _open(provider, lanes) as eng:
             buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
             region = eng.register(buf)
             small = eng.register(torch.zeros(64, dtype=torch.uint8, device=device))
@@ -69,17 +80,23 @@ def _child(conn: Any, provider: str, device: str, nbytes: int) -> None:
 
 
 async def _engine_run(
-    provider: str, peer_dev: str, src_dev: str, sizes: list[int], lat: bool, budget: int
+    provider: str,
+    peer_dev: str,
+    src_dev: str,
+    sizes: list[int],
+    lat: bool,
+    budget: int,
+    lanes: int = 1,
 ):
     """Bandwidth (and latency) of one provider between this process and a child."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"lanes": lanes}
     top = max(sizes)
     ctx = mp.get_context("spawn")
     pc, cc = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(cc, provider, peer_dev, top), daemon=True)
+    proc = ctx.Process(target=_child, args=(cc, provider, peer_dev, top, lanes), daemon=True)
     proc.start()
     try:
-        async with af.Engine(provider, progress=af.ProgressPolicy.latency()) as eng:
+        async with _open(provider, lanes) as eng:
             desc_b, small_b = await asyncio.to_thread(pc.recv)
             desc = af.Descriptor.from_bytes(desc_b)
             peer_small = af.Descriptor.from_bytes(small_b)
@@ -195,9 +212,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     # bytes per timed measurement: NVLink needs ~8 GiB for ~20 ms (a 2 GiB window is
     # ~6 ms, where the sink/ack hand-shake itself shows); host paths are 50x slower
     nv, host = 8 << 30, 2 << 30
-    res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", sizes, True, nv)
-    res["shm_host"] = await _engine_run("shm", "cpu", "cpu", sizes, False, host)
-    res["shm_staged_gpu"] = await _engine_run("shm", peer, "cuda:0", sizes, True, host)
+    if not args.no_ipc:
+        res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", sizes, True, nv)
+    for lanes in args.lanes:
+        # the host transport's own multi-lane bandwidth, then the staged path on it
+        sfx = "" if lanes == 1 else f"_lanes{lanes}"
+        res["shm_host" + sfx] = await _engine_run("shm", "cpu", "cpu", sizes, False, host, lanes)
+        res["shm_staged_gpu" + sfx] = await _engine_run(
+            "shm", peer, "cuda:0", sizes, lanes == 1, host, lanes
+        )
     return res
 
 
@@ -205,6 +228,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="MiB")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--lanes", type=int, nargs="+", default=[1],
+        help="host and staged runs over engines of N domains, N progress threads each",
+    )  # fmt: skip
+    ap.add_argument("--no-ipc", action="store_true", help="skip the cuda_ipc run")
     args = ap.parse_args()
     res = asyncio.run(amain(args))
     text = json.dumps(res, indent=1)

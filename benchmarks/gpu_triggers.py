@@ -34,6 +34,7 @@ import statistics
 import sys
 import time
 import traceback
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,15 @@ class Side:
         from asyncfabric import cuda_memops as cm
 
         self.af, self.torch, self.eng, self.cm = af, torch, eng, cm
-        self.send = torch.zeros(nbytes // 8, dtype=torch.int64).pin_memory()
-        self.recv = torch.zeros(nbytes // 8, dtype=torch.int64).pin_memory()
+        # cuda_ipc triggers GPU -> GPU writes (the firing stream copies, the watcher
+        # posts the immediates); elsewhere the buffers are pinned host memory
+        self.gpu = bool(eng.transport.gpu_triggers)
+        if self.gpu:
+            self.send = torch.zeros(nbytes // 8, dtype=torch.int64, device="cuda")
+            self.recv = torch.zeros(nbytes // 8, dtype=torch.int64, device="cuda")
+        else:
+            self.send = torch.zeros(nbytes // 8, dtype=torch.int64).pin_memory()
+            self.recv = torch.zeros(nbytes // 8, dtype=torch.int64).pin_memory()
         self.rsend = eng.register(self.send)
         self.rrecv = eng.register(self.recv)
         self.fire = cm.cuda_flag()
@@ -93,6 +101,10 @@ class Side:
         self.trig = self.eng.arm_write(self.rsend, d, self.fire, 1, imm=imm, reset=0, repeat=True)
         n = d.expected_imms(self.send.numel() * 8)
         self.rel = self.eng.counter(imm).release_word(n, self.ready, 1, repeat=True)
+
+    def fire_on_stream(self) -> None:
+        """Queue the trigger's fire on the current stream (with its copies, on cuda_ipc)."""
+        self.cm.stream_fire(self.trig)
 
     def disarm(self) -> None:
         if self.trig is not None:
@@ -156,7 +168,7 @@ def _child(conn: Any, provider: str, iters: int, rounds: int) -> None:
                             r.copy_(g.recv, non_blocking=True)
                             z = torch.remainder(r * 3, P)
                             g.send.copy_(z, non_blocking=True)
-                            cm.stream_fire(g.fire, 1)
+                            g.fire_on_stream()
                         conn.send(("ok", None))  # armed and captured: rank 0 may start
                         for _ in range(iters):
                             graph.replay()
@@ -174,10 +186,12 @@ def _child(conn: Any, provider: str, iters: int, rounds: int) -> None:
                             dev.copy_(t.recv, non_blocking=True)
                             dev.add_(1)
                             t.send.copy_(dev, non_blocking=True)
-                            cm.stream_fire(t.fire, 1)
+                            t.fire_on_stream()
                         await _sync(torch, t, "rank 1 triggered latency")
                         t.disarm()
                         conn.send(("ok", None))
+                    elif cmd == "raw_lat":
+                        await _raw_echo(torch, conn, rounds, *a)
                     elif cmd == "host_lat":
                         dst = af.Descriptor.from_bytes(ph)
                         dev = torch.zeros(1, dtype=torch.int64, device="cuda")
@@ -188,7 +202,8 @@ def _child(conn: Any, provider: str, iters: int, rounds: int) -> None:
                             dev.copy_(t.recv, non_blocking=True)
                             dev.add_(1)
                             t.send.copy_(dev, non_blocking=True)
-                            torch.cuda.current_stream().synchronize()
+                            if not t.gpu:  # cuda_ipc's write orders after the stream itself
+                                torch.cuda.current_stream().synchronize()
                             await eng.write(t.rsend, dst, imm=IMM_H)
                         conn.send(("ok", None))
                 except Exception as exc:
@@ -197,6 +212,66 @@ def _child(conn: Any, provider: str, iters: int, rounds: int) -> None:
                     conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
     asyncio.run(main())
+
+
+async def _raw_echo(torch: Any, conn: Any, rounds: int, peer: Any, shm_name: str) -> None:
+    """Rank 1 of the raw torch floor: no asyncfabric. Wait for rank 0's flag, copy what
+    landed back into rank 0's tensor (mapped by CUDA IPC), sync the stream, raise ours."""
+    import numpy as np
+
+    shm = shared_memory.SharedMemory(name=shm_name)
+    try:
+        flag = np.ndarray((2,), np.int64, shm.buf)
+        land = torch.zeros(1, dtype=torch.int64, device="cuda")
+        conn.send(("ok", land))  # rank 0 maps it
+        stream = torch.cuda.current_stream()
+        deadline = time.monotonic() + TIMEOUT
+        for i in range(1, rounds + 1):
+            while flag[0] < i:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"raw floor: rank 0's flag stayed at {flag[0]} < {i}")
+            peer.copy_(land, non_blocking=True)
+            stream.synchronize()
+            flag[1] = i
+        del flag
+        conn.send(("ok", None))
+    finally:
+        shm.close()
+
+
+async def _raw_floor(torch: Any, conn: Any, proc: Any, rounds: int, warmup: int) -> dict:
+    """Rank 0 of the raw torch floor: copy 8 B into rank 1's tensor (CUDA IPC through
+    torch.multiprocessing), sync the stream, raise a host flag in shared memory; rank 1
+    echoes the same way. One way = RTT / 2. Checked: the last value came back."""
+    import numpy as np
+
+    shm = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        flag = np.ndarray((2,), np.int64, shm.buf)
+        flag[:] = 0
+        land = torch.zeros(1, dtype=torch.int64, device="cuda")
+        vals = torch.arange(rounds + 1, dtype=torch.int64, device="cuda")
+        peer = await _ask(conn, proc, "raw_lat", land, shm.name)
+        stream = torch.cuda.current_stream()
+        rtts = []
+        for i in range(1, rounds + 1):
+            t0 = time.perf_counter()
+            peer.copy_(vals[i : i + 1], non_blocking=True)
+            stream.synchronize()
+            flag[0] = i
+            deadline = time.monotonic() + TIMEOUT
+            while flag[1] < i:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"raw floor: rank 1's flag stayed at {flag[1]} < {i}")
+            if i > warmup:
+                rtts.append((time.perf_counter() - t0) * 1e6)
+        await _ask_result(conn, proc, "raw_lat")
+        ok = int(land.item()) == rounds
+        del flag, peer
+        return {"verified": ok, **_stats(rtts)}
+    finally:
+        shm.close()
+        shm.unlink()
 
 
 # ---------------------------------------------------------------- rank 0
@@ -288,7 +363,7 @@ async def amain(a: argparse.Namespace) -> int:
                 with torch.cuda.graph(graph):
                     s = torch.remainder(x + 1, P)
                     g.send.copy_(s, non_blocking=True)
-                    cm.stream_fire(g.fire, 1)
+                    g.fire_on_stream()
                     cm.stream_wait(g.ready, 1)
                     cm.stream_fire(g.ready, 0)
                     r.copy_(g.recv, non_blocking=True)
@@ -333,7 +408,7 @@ async def amain(a: argparse.Namespace) -> int:
                 for s_ev, e_ev in evs:
                     s_ev.record()
                     t.send.copy_(dev, non_blocking=True)
-                    cm.stream_fire(t.fire, 1)
+                    t.fire_on_stream()
                     cm.stream_wait(t.ready, 1)
                     cm.stream_fire(t.ready, 0)
                     dev.copy_(t.recv, non_blocking=True)
@@ -353,6 +428,15 @@ async def amain(a: argparse.Namespace) -> int:
                 t.unstick()
                 await ph.abandon()
 
+            # 2c. the raw torch floor: CUDA IPC copy + stream sync + host flag, no asyncfabric
+            try:
+                row = await _raw_floor(torch, conn, proc, a.rounds, a.warmup)
+                emit(what="latency", path="raw_torch_floor", bytes=8, **row)
+                failures += not row["verified"]
+            except Exception as exc:
+                failures += 1
+                emit(what="latency", path="raw_torch_floor", error=f"{type(exc).__name__}: {exc}")
+
             # 2b. 8 B ping-pong, host sync + await write + await counter, both sides
             ph = _Phase(conn, proc, "host_lat")
             try:
@@ -364,12 +448,14 @@ async def amain(a: argparse.Namespace) -> int:
                 for i in range(a.rounds):
                     t0 = time.perf_counter()
                     t.send.copy_(dev, non_blocking=True)
-                    torch.cuda.current_stream().synchronize()
+                    if not t.gpu:
+                        torch.cuda.current_stream().synchronize()
                     await eng.write(t.rsend, dst, imm=IMM_H)
                     await c.wait(1, timeout=TIMEOUT)
                     dev.copy_(t.recv, non_blocking=True)
                     dev.add_(1)
-                    torch.cuda.current_stream().synchronize()
+                    if not t.gpu:
+                        torch.cuda.current_stream().synchronize()
                     if i >= a.warmup:
                         rtts.append((time.perf_counter() - t0) * 1e6)
                 await ph.finish()
