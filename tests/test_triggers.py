@@ -393,3 +393,70 @@ async def test_cuda_stream_fires_and_waits():
         await anyio.to_thread.run_sync(s.synchronize)
         assert rel.fired == 1
         assert torch.all(out == 3.0)
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs torch with a CUDA device")
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_cuda_ipc_graph_compute_trigger_wait_compute_1000_rounds():
+    """Issue 18's graph: one captured CUDA graph per side, replayed 1,000 times, each
+    round compute -> GPU-triggered GPU-to-GPU write (cuda_ipc: the stream copies, the
+    watcher posts the immediate) -> wait on the peer counter's release word ->
+    compute. The host only arms and launches; the data is a modular recurrence
+    checked against the same recurrence on the host."""
+    import dataclasses
+
+    import torch
+
+    from asyncfabric import cuda_memops as cm
+
+    p, n_el, rounds = 1_000_003, 256, 1000
+    pol = dataclasses.replace(af.ProgressPolicy.latency(), trigger_spin_us=float("inf"))
+    async with (
+        af.Engine("cuda_ipc", progress=pol) as a,
+        af.Engine("cuda_ipc", progress=pol) as b,
+    ):
+        z = {
+            k: torch.zeros(n_el, dtype=torch.int64, device="cuda") for k in ("sa", "la", "sb", "lb")
+        }
+        x = torch.arange(n_el, dtype=torch.int64, device="cuda") % p
+        ra, la = a.register(z["sa"]), a.register(z["la"])
+        rb, lb = b.register(z["sb"]), b.register(z["lb"])
+        fa, fb, ready_a, ready_b = (cm.cuda_flag() for _ in range(4))
+        ta = a.arm_write(ra, lb.descriptor(), fa, 1, imm=31, reset=0, repeat=True)
+        tb = b.arm_write(rb, la.descriptor(), fb, 1, imm=32, reset=0, repeat=True)
+        n = lb.descriptor().expected_imms(n_el * 8)
+        rel_b = b.counter(31).release_word(n, ready_b, 1, repeat=True)
+        rel_a = a.counter(32).release_word(n, ready_a, 1, repeat=True)
+        sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        ga, gb = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(ga, stream=sa):
+            z["sa"].copy_(torch.remainder(x + 1, p))  # compute
+            cm.stream_fire(ta)  # the copy into b's memory, then the word
+            cm.stream_wait(ready_a, 1)  # until b's answer was counted here
+            cm.stream_fire(ready_a, 0)
+            x.copy_(torch.remainder(z["la"] * 2, p))  # compute
+        with torch.cuda.graph(gb, stream=sb):
+            cm.stream_wait(ready_b, 1)
+            cm.stream_fire(ready_b, 0)
+            z["sb"].copy_(torch.remainder(z["lb"] * 3, p))
+            cm.stream_fire(tb)
+        for _ in range(rounds):
+            with torch.cuda.stream(sb):
+                gb.replay()
+            with torch.cuda.stream(sa):
+                ga.replay()
+        end = torch.cuda.Event()
+        end.record(sa)
+        try:
+            await _eventually(end.query, timeout=60)
+        finally:
+            if not end.query():  # let stuck streams go, so the process can end
+                for f in (ready_a, ready_b):
+                    f.set(1 << 30)
+        await _eventually(lambda: ta.fires == rounds and tb.fires == rounds)
+        want = np.arange(n_el, dtype=np.int64) % p
+        for _ in range(rounds):
+            want = (((want + 1) % p) * 3 % p) * 2 % p
+        assert (x.cpu().numpy() == want).all()
+        assert (rel_a.fired, rel_b.fired) == (rounds, rounds)
