@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import statistics
 import time
 from typing import Any
@@ -213,7 +214,19 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     # ~6 ms, where the sink/ack hand-shake itself shows); host paths are 50x slower
     nv, host = 8 << 30, 2 << 30
     if not args.no_ipc:
-        res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", sizes, True, nv)
+        ipc_sizes = [s * MiB for s in args.ipc_sizes] if args.ipc_sizes else sizes
+        res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", ipc_sizes, True, nv)
+        if args.ipc_ab:  # a large copy's end by a trigger on a word, not a copy notice
+            os.environ["ASYNCFABRIC_CUDA_IPC_TRIGGERS"] = "1"  # (the child inherits it)
+            try:
+                res["nvlink_cuda_ipc_copy_triggers"] = await _engine_run(
+                    "cuda_ipc", peer, "cuda:0", ipc_sizes, False, nv
+                )
+            finally:
+                del os.environ["ASYNCFABRIC_CUDA_IPC_TRIGGERS"]
+            res["nvlink_cuda_ipc_notices_again"] = await _engine_run(
+                "cuda_ipc", peer, "cuda:0", ipc_sizes, False, nv
+            )
     for lanes in args.lanes:
         # the host transport's own multi-lane bandwidth, then the staged path on it
         sfx = "" if lanes == 1 else f"_lanes{lanes}"
@@ -233,6 +246,11 @@ def main() -> None:
         help="host and staged runs over engines of N domains, N progress threads each",
     )  # fmt: skip
     ap.add_argument("--no-ipc", action="store_true", help="skip the cuda_ipc run")
+    ap.add_argument("--ipc-sizes", type=int, nargs="+", default=None, help="MiB, cuda_ipc runs")
+    ap.add_argument(
+        "--ipc-ab", action="store_true",
+        help="cuda_ipc again with large copies ended by triggers, then with notices again",
+    )  # fmt: skip
     args = ap.parse_args()
     res = asyncio.run(amain(args))
     text = json.dumps(res, indent=1)

@@ -318,3 +318,39 @@ def test_triggered_gpu_entries_that_cannot_be_copied_are_refused(shm_pair, gpu_s
     with pytest.raises(RegionError, match=match):
         a.trigger_arm(7, _gpu_batch(a, pb, gpu_src, gpu_dst), flag.ptr, 1, -1, False, 0, 0)
     assert a.trigger_disarm(7) < 0  # nothing was armed
+
+
+def test_a_large_copy_can_end_by_a_trigger_on_a_word_the_stream_writes(shm_pair, monkeypatch):
+    """copy_triggers: after a large copy, the copy stream writes a word (here: the test,
+    standing in for cuStreamWriteValue32) on which the write's immediates are armed;
+    the shm watcher posts them, the write ends as the trigger's OpDone, and the word
+    is lent again. With every word lent, the copy-notice path takes over (False)."""
+    import ctypes
+
+    import numpy as np
+
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
+
+    a, b, pb = shm_pair
+    buf = np.zeros(2 * _CopyWords.STRIDE, np.uint8)
+    base = buf.ctypes.data
+    a._words[0] = _CopyWords(base, base, 2)  # host memory standing in for mapped words
+    stores = []
+    monkeypatch.setattr(_driver, "write_value32", lambda s, p, v: stores.append((s, p, v)))
+    assert a._fire_after(77, 5, 0, pb, 9, 3)
+    assert a._fire_after(78, 5, 0, pb, 10, 1)
+    assert not a._fire_after(79, 5, 0, pb, 11, 1)  # both words lent
+    assert stores == [(5, base, 1), (5, base + _CopyWords.STRIDE, 1)]
+    import time
+
+    time.sleep(0.01)
+    assert b.counter_avail(9) == 0  # armed, not fired: the stream has not got there
+    ctypes.c_uint32.from_address(base).value = 1  # the first copy's stream arrives
+    _until(lambda: b.counter_avail(9) == 3, "the first write's immediates are counted")
+    evs: list = []
+    _until(lambda: evs.extend(a.drain()) or OpDone(77) in evs, "the write ends")
+    assert OpDone(78) not in evs and b.counter_avail(10) == 0
+    assert a._words[0].free == [0] and buf[:4].tolist() == [0, 0, 0, 0]  # lent again
+    ctypes.c_uint32.from_address(base + _CopyWords.STRIDE).value = 1
+    _until(lambda: evs.extend(a.drain()) or OpDone(78) in evs, "the second write ends")
+    assert b.counter_avail(10) == 1 and not a._fired

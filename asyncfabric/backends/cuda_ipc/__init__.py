@@ -33,6 +33,7 @@ copies host memory only (a GPU pointer there was a SIGSEGV, docs/weights.md "GPU
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import os
@@ -72,6 +73,7 @@ from ..staged.copies import CopyWaiter, producer_stream
 
 MAGIC = b"AFNV1"
 INLINE_SYNC_BYTES = 1 << 20
+COPY_SPIN_NS, COPY_NAP_NS = 1_000_000, 20_000  # how the watcher polls a large copy's word
 DOOR_BYTES = 1 << 16  # immediates posted per native call, at most
 INTERNAL_TOKENS = 1 << 62  # tokens of the imm posts this transport makes itself
 _ADDR = struct.Struct("<16sQQ")  # boot id, doorbell base, doorbell key; then the shm address
@@ -174,6 +176,34 @@ def _gpu_batch(batch: WriteBatch) -> bool:
     return True
 
 
+class _CopyWords:
+    """One GPU's words that large copies' completion triggers fire on: pinned host
+    memory mapped into the GPU, 64 bytes apart, each lent to one write in flight."""
+
+    __slots__ = ("host", "dev", "free")
+
+    STRIDE = 64
+
+    def __init__(self, host: int, dev: int, n: int) -> None:
+        self.host, self.dev = host, dev
+        self.free = list(range(n - 1, -1, -1))
+
+    @classmethod
+    def allocate(cls, n: int = 1024) -> _CopyWords:
+        from . import _driver
+
+        host, dev = _driver.host_words(n * cls.STRIDE)
+        return cls(host, dev, n)
+
+    def take(self) -> int:
+        """A free word's index (its word is 0), or -1 when every word is lent."""
+        return self.free.pop() if self.free else -1
+
+    def give(self, i: int) -> None:
+        ctypes.c_uint32.from_address(self.host + i * self.STRIDE).value = 0
+        self.free.append(i)
+
+
 class _StreamCopies:
     """A triggered GPU batch's stream work: its copies, queued on the firing stream
     (``cuMemcpyAsync`` into the peer's mapped memory; captured into CUDA graphs)."""
@@ -253,6 +283,12 @@ class CudaIpcTransport(ForwardingTransport):
         self._imm_errors = 0
         self._copies = 0
         self._closed = False
+        # A large copy's end: a host function (copy notice) by default; with
+        # copy_triggers, the copy stream writes a word the shm transport's trigger
+        # watcher watches, which then posts the write's immediates itself.
+        self.copy_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_TRIGGERS", "") == "1"
+        self._words: dict[int, _CopyWords] = {}
+        self._fired: dict[int, tuple[_CopyWords, int, WriteBatch]] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -421,10 +457,58 @@ class CudaIpcTransport(ForwardingTransport):
         handle = int(cs.cuda_stream)
         _driver.copy_async(dst.ptr + roff, src.ptr + soff, nbytes, handle)  # type: ignore[attr-defined]
         self._copies += 1
+        if self.copy_triggers and self._fire_after(token, handle, device, dst.peer, imm, count):
+            return False
         self._waiter.after_stream(
             handle, device, partial(self._landed, token, dst.peer, imm, count)
         )
         return False
+
+    def _door_batch(self, token: int, peer: int, imm: int, count: int) -> WriteBatch:
+        """The immediates of one write as a batch into the peer's doorbell (one byte
+        each, at most DOOR_BYTES an entry); none: one uncounted byte."""
+        sizes = [DOOR_BYTES] * (count // DOOR_BYTES) + [count % DOOR_BYTES] * bool(
+            count % DOOR_BYTES
+        )
+        n = len(sizes) or 1
+        z = np.zeros(n, np.uint64)
+        return WriteBatch(
+            token, (self._zeros_reg,), (self._doors[peer],), np.zeros(n, np.uint32),
+            np.zeros(n, np.uint32), z, z.copy(), np.array(sizes or [1], np.uint64),
+            np.full(n, imm if count else NO_IMM, np.int64), np.zeros(n, np.int32), {}, {},
+        )  # fmt: skip
+
+    def _fire_after(
+        self, token: int, stream: int, device: int, peer: int, imm: int, count: int
+    ) -> bool:
+        """End the write with a trigger instead of a copy notice: arm its immediates on a
+        word, then have the copy stream write the word after the copy. False (nothing
+        armed) when every word is lent: the caller takes the copy notice path."""
+        from . import _driver
+
+        words = self._words.get(device)
+        if words is None:
+            words = self._words[device] = _CopyWords.allocate()
+        i = words.take()
+        if i < 0:
+            return False
+        wb = self._door_batch(token, peer, imm, count)
+        try:
+            self.inner.trigger_arm(
+                token, wb, words.host + i * words.STRIDE, 1, -1, False, COPY_SPIN_NS, COPY_NAP_NS
+            )
+        except BaseException:
+            words.give(i)
+            raise
+        self._fired[token] = (words, i, wb)
+        try:
+            _driver.write_value32(stream, words.dev + i * words.STRIDE, 1)
+        except BaseException:
+            if self.inner.trigger_disarm(token) == 0:
+                del self._fired[token]
+                words.give(i)
+            raise
+        return True
 
     def _landed(self, token: int, peer: int, imm: int, count: int, err: Exception | None) -> None:
         if err is None:
@@ -570,6 +654,12 @@ class CudaIpcTransport(ForwardingTransport):
         if evs:
             evs, failed = drop_internal(evs)
             self._imm_errors += failed
+            if self._fired:  # writes ended by their triggers: their words are free again
+                for ev in evs:
+                    if ev.__class__ is OpDone and not ev.held:
+                        f = self._fired.pop(ev.token, None)
+                        if f is not None:
+                            f[0].give(f[1])
         if len(self._q):
             evs += self._q.take()
         return evs

@@ -14,11 +14,13 @@ from ..staged._cuda import (
     check,
     copy_async,
     event_create,
+    host_words,
     launch_host,
     notify_after,
     on_device,
     stream_sync,
     use_device,
+    write_value32,
 )
 from ..staged._cuda import lib as _base_lib
 
@@ -27,6 +29,7 @@ __all__ = [
     "check",
     "copy_async",
     "event_create",
+    "host_words",
     "ipc_close",
     "ipc_handle",
     "ipc_open",
@@ -36,6 +39,7 @@ __all__ = [
     "on_device",
     "stream_sync",
     "use_device",
+    "write_value32",
 ]
 
 IPC_LAZY_ENABLE_PEER_ACCESS = 1

@@ -103,6 +103,31 @@ def notify_after(copy_stream: int, event: int, notify_stream: int, fn: int, arg:
     check(d.cuLaunchHostFunc(notify_stream, fn, arg), "cuLaunchHostFunc")
 
 
+def write_value32(stream: int, dev_ptr: int, value: int) -> None:
+    """``cuStreamWriteValue32`` with the default flags (a memory fence first: the work
+    queued before it is visible before the word is)."""
+    d = lib()
+    fn = getattr(d, "cuStreamWriteValue32_v2", None) or d.cuStreamWriteValue32
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    check(fn(stream, dev_ptr, value, 0), "cuStreamWriteValue32")
+
+
+def host_words(nbytes: int) -> tuple[int, int]:
+    """Pinned host memory mapped into the current device (``cuMemHostAlloc`` with
+    PORTABLE | DEVICEMAP), zeroed: (host pointer, device pointer). Never freed."""
+    d = lib()
+    d.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+    d.cuMemHostGetDevicePointer_v2.argtypes = [
+        ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint,
+    ]  # fmt: skip
+    p = ctypes.c_void_p()
+    check(d.cuMemHostAlloc(ctypes.byref(p), nbytes, 0x01 | 0x02), "cuMemHostAlloc")
+    ctypes.memset(p, 0, nbytes)
+    dptr = ctypes.c_uint64()
+    check(d.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), p, 0), "cuMemHostGetDevicePointer")
+    return int(p.value or 0), int(dptr.value)
+
+
 def launch_host(stream: int, fn: int, arg: int) -> None:
     check(lib().cuLaunchHostFunc(stream, fn, arg), "cuLaunchHostFunc")
 
