@@ -137,7 +137,7 @@ async def _sync(torch: Any, side: Side, what: str) -> None:
 # ---------------------------------------------------------------- rank 1 (the child)
 
 
-def _child(conn: Any, provider: str, iters: int, rounds: int) -> None:
+def _child(conn: Any, provider: str, iters: int, rounds: int, minimal: bool = False) -> None:
     import torch
 
     import asyncfabric as af
@@ -183,9 +183,10 @@ def _child(conn: Any, provider: str, iters: int, rounds: int) -> None:
                         for _ in range(rounds):
                             cm.stream_wait(t.ready, 1)
                             cm.stream_fire(t.ready, 0)
-                            dev.copy_(t.recv, non_blocking=True)
-                            dev.add_(1)
-                            t.send.copy_(dev, non_blocking=True)
+                            if not minimal:
+                                dev.copy_(t.recv, non_blocking=True)
+                                dev.add_(1)
+                                t.send.copy_(dev, non_blocking=True)
                             t.fire_on_stream()
                         await _sync(torch, t, "rank 1 triggered latency")
                         t.disarm()
@@ -338,7 +339,9 @@ async def amain(a: argparse.Namespace) -> int:
     torch.cuda.set_device(0)
     ctx = mp.get_context("spawn")
     conn, cc = ctx.Pipe()
-    proc = ctx.Process(target=_child, args=(cc, a.provider, a.iters, a.rounds), daemon=True)
+    proc = ctx.Process(
+        target=_child, args=(cc, a.provider, a.iters, a.rounds, a.minimal), daemon=True
+    )
     proc.start()
     failures = 0
     try:
@@ -407,19 +410,25 @@ async def amain(a: argparse.Namespace) -> int:
                 ]
                 for s_ev, e_ev in evs:
                     s_ev.record()
-                    t.send.copy_(dev, non_blocking=True)
+                    if not a.minimal:
+                        t.send.copy_(dev, non_blocking=True)
                     t.fire_on_stream()
                     cm.stream_wait(t.ready, 1)
                     cm.stream_fire(t.ready, 0)
-                    dev.copy_(t.recv, non_blocking=True)
-                    dev.add_(1)
+                    if not a.minimal:
+                        dev.copy_(t.recv, non_blocking=True)
+                        dev.add_(1)
                     e_ev.record()
                 await _sync(torch, t, "rank 0 triggered latency")
                 await ph.finish()
+                if a.minimal:
+                    await t.trig.wait(n, timeout=TIMEOUT)
                 t.disarm()
-                ok = int(dev.item()) == 2 * n
+                # (minimal: no compute, so the data is not checked; the fires are)
+                ok = int(dev.item()) == 2 * n if not a.minimal else t.trig.fires == n
                 rtts = [s_ev.elapsed_time(e_ev) * 1e3 for s_ev, e_ev in evs[a.warmup :]]
-                emit(what="latency", path="gpu_triggered", bytes=8, verified=ok, **_stats(rtts))
+                path = "gpu_triggered_minimal" if a.minimal else "gpu_triggered"
+                emit(what="latency", path=path, bytes=8, verified=ok, **_stats(rtts))
                 failures += not ok
             except Exception as exc:
                 failures += 1
@@ -501,6 +510,10 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=1000, help="graph replays")
     p.add_argument("--rounds", type=int, default=2000, help="latency rounds per path")
     p.add_argument("--warmup", type=int, default=100)
+    p.add_argument(
+        "--minimal", action="store_true",
+        help="latency rounds without compute: fire, wait, reset (the trigger path alone)",
+    )  # fmt: skip
     a = p.parse_args()
     try:
         import torch

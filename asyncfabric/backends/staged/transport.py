@@ -61,10 +61,11 @@ from .copies import (
     producer_stream,
 )
 
-PIECE_BYTES = 4 << 20
+PIECE_BYTES = int(os.environ.get("ASYNCFABRIC_STAGED_PIECE_BYTES", 4 << 20))
 """Bytes per pipelined piece (rounded down to whole target chunks): long enough to
 amortize a post, short enough for the copy of one piece to overlap the write of
-the one before."""
+the one before. ``ASYNCFABRIC_STAGED_PIECE_BYTES`` sets it for a process (the GPU
+benchmarks sweep it)."""
 
 MSG_USER, MSG_LANDED = 0, 1
 _USER = bytes([MSG_USER])

@@ -1,0 +1,194 @@
+"""Where a GPU-triggered hop's time goes (issue 18): the stream signals alone, no fabric.
+
+Run on the GPU machine under CUDA MPS (``nvidia-cuda-mps-control -d``), next to
+``gpu_triggers.py`` in the same call. Each row is 8 B or a 32-bit word, 2,000 rounds:
+
+1. ``memop_host_rtt`` (one process): the host stores a pinned, GPU-mapped word; a
+   stream waiting on it (``cuStreamWaitValue32``) writes a second word
+   (``cuStreamWriteValue32``) that the host spins on. Host -> GPU -> host, as a
+   release word and a trigger see it.
+2. ``gpu_only_pingpong`` (two processes): each stream copies 8 B into the peer's
+   tensor (CUDA IPC, torch.multiprocessing) and writes the peer's word in the peer's
+   GPU memory; the peer's stream waits on that word. No host in the loop at all: the
+   floor of any stream-to-stream signal between two processes on one GPU.
+
+For 2, one way = RTT / 2, from CUDA events around each round on rank 0's stream.
+Prints JSON lines (``--out DIR`` also writes DIR/gpu_hops.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import statistics
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+_lines: list[str] = []
+TIMEOUT = 60.0
+
+
+def emit(**row: Any) -> None:
+    line = json.dumps(row)
+    _lines.append(line)
+    print(line, flush=True)
+
+
+def _stats(us: list[float], halve: bool) -> dict[str, float]:
+    s = sorted(us)
+    k = 2 if halve else 1
+    return {
+        ("one_way_p50_us" if halve else "rtt_p50_us"): round(statistics.median(s) / k, 2),
+        ("one_way_p99_us" if halve else "rtt_p99_us"): round(s[int(len(s) * 0.99) - 1] / k, 2),
+        "rounds": len(s),
+    }
+
+
+def _wait_value(stream: int, ptr: int, value: int) -> None:
+    from asyncfabric import cuda_memops as cm
+
+    cm._cuda.check(cm._call("cuStreamWaitValue32")(stream, ptr, value, 0), "cuStreamWaitValue32")
+
+
+def _write_value(stream: int, ptr: int, value: int) -> None:
+    from asyncfabric.backends.staged import _cuda
+
+    _cuda.write_value32(stream, ptr, value)
+
+
+def memop_host_rtt(rounds: int, warmup: int) -> dict[str, Any]:
+    import ctypes
+
+    import torch
+
+    from asyncfabric import cuda_memops as cm
+
+    f_in, f_out = cm.cuda_flag(), cm.cuda_flag()
+    s = torch.cuda.Stream()
+    h = int(s.cuda_stream)
+    word = ctypes.c_uint32.from_address(f_out.ptr)
+    rtts = []
+    for i in range(1, rounds + 1):
+        _wait_value(h, f_in.device_ptr, i)
+        _write_value(h, f_out.device_ptr, i)
+        time.sleep(0)  # the launch is queued; the GPU waits on f_in
+        t0 = time.perf_counter()
+        f_in.set(i)
+        deadline = t0 + TIMEOUT
+        while word.value < i:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"round {i}: the stream never wrote the word back")
+        if i > warmup:
+            rtts.append((time.perf_counter() - t0) * 1e6)
+    s.synchronize()
+    return _stats(rtts, halve=False)
+
+
+def _peer(conn: Any, rounds: int) -> None:
+    import torch
+    import torch.multiprocessing  # noqa: F401  (CUDA tensors over the pipe: IPC)
+
+    torch.cuda.set_device(0)
+    try:
+        word = torch.zeros(16, dtype=torch.int32, device="cuda")
+        land = torch.zeros(1, dtype=torch.int64, device="cuda")
+        conn.send((word, land))
+        peer_word, peer_land = conn.recv()
+        s = torch.cuda.current_stream()
+        h = int(s.cuda_stream)
+        for i in range(1, rounds + 1):
+            _wait_value(h, word.data_ptr(), i)
+            peer_land.copy_(land, non_blocking=True)
+            _write_value(h, peer_word.data_ptr(), i)
+        s.synchronize()
+        conn.send(("ok", None))
+        conn.recv()  # keep our tensors alive until rank 0 is done with them
+    except Exception as exc:
+        conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+
+
+def gpu_only_pingpong(rounds: int, warmup: int) -> dict[str, Any]:
+    import torch
+    import torch.multiprocessing  # noqa: F401
+
+    ctx = mp.get_context("spawn")
+    conn, cc = ctx.Pipe()
+    proc = ctx.Process(target=_peer, args=(cc, rounds), daemon=True)
+    proc.start()
+    try:
+        if not conn.poll(120):
+            raise RuntimeError("the peer did not start")
+        peer_word, peer_land = conn.recv()
+        word = torch.zeros(16, dtype=torch.int32, device="cuda")
+        land = torch.zeros(1, dtype=torch.int64, device="cuda")
+        conn.send((word, land))
+        vals = torch.arange(rounds + 1, dtype=torch.int64, device="cuda")
+        s = torch.cuda.current_stream()
+        h = int(s.cuda_stream)
+        evs = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(rounds)
+        ]
+        for i, (a, b) in enumerate(evs, 1):
+            a.record(s)
+            peer_land.copy_(vals[i : i + 1], non_blocking=True)
+            _write_value(h, peer_word.data_ptr(), i)
+            _wait_value(h, word.data_ptr(), i)
+            b.record(s)
+        end = torch.cuda.Event()
+        end.record(s)
+        t0 = time.monotonic()
+        while not end.query():
+            if time.monotonic() - t0 > TIMEOUT:
+                raise RuntimeError("the ping-pong did not finish (a lost word?)")
+            time.sleep(0.001)
+        if not conn.poll(TIMEOUT):
+            raise RuntimeError("the peer did not report")
+        status, val = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"the peer failed: {val}")
+        ok = int(land.item()) == rounds
+        rtts = [a.elapsed_time(b) * 1e3 for a, b in evs[warmup:]]
+        conn.send("bye")
+        return {"verified": ok, **_stats(rtts, halve=True)}
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out")
+    p.add_argument("--rounds", type=int, default=2000)
+    p.add_argument("--warmup", type=int, default=100)
+    a = p.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print(json.dumps({"skipped": "gpu_hops: torch is not installed"}))
+        return 0
+    if not torch.cuda.is_available():
+        print(json.dumps({"skipped": "gpu_hops: torch sees no CUDA device here"}))
+        return 0
+    torch.cuda.set_device(0)
+    emit(what="meta", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
+    rc = 0
+    for name, fn in (("memop_host_rtt", memop_host_rtt), ("gpu_only_pingpong", gpu_only_pingpong)):
+        try:
+            emit(what=name, **fn(a.rounds, a.warmup))
+        except Exception as exc:
+            rc = 1
+            emit(what=name, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_hops.jsonl").write_text("\n".join(_lines) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
