@@ -145,9 +145,10 @@ def stream_fire(flag: Flag | Trigger, value: int | None = None, stream: Any = No
     resets a word (``stream_fire(flag, 0)``). Captured into CUDA graphs.
 
     Given a :class:`~asyncfabric.Trigger` instead of a flag, fires that trigger: its
-    stream work first (on cuda_ipc, the copies of its GPU entries, so the data is in
-    the peer's GPU memory before the word is written), then its flag with its value
-    (``value`` defaults to the trigger's)."""
+    stream work first (on cuda_ipc, the copies of its GPU entries, then the write of
+    the private word its immediates are armed on, so the data is in the peer's GPU
+    memory before they are posted), then its flag with its value (``value`` defaults
+    to the trigger's). A cuda_ipc trigger with GPU entries fires only this way."""
     if isinstance(flag, Trigger):
         trig = flag
         flag, value = trig.flag, trig.value if value is None else value
@@ -155,7 +156,7 @@ def stream_fire(flag: Flag | Trigger, value: int | None = None, stream: Any = No
         s = _stream(stream)
         work = trig.stream_work
         if work is not None:
-            work(s)
+            work(s, v)  # the copies, then the fire of what is armed
     else:
         if value is None:
             raise TypeError("stream_fire(flag, value): a flag needs the value to write")

@@ -44,7 +44,7 @@ class _TrigHold:
         self.armed = True
         self.final_due = False
         self.waiters: list[tuple[int, Any]] = []
-        self.stream_work: Callable[[int], None] | None = None  # the transport's, if any
+        self.stream_work: Callable[[int, int], None] | None = None  # the transport's, if any
 
     @property
     def over(self) -> bool:
@@ -99,10 +99,11 @@ class Trigger:
         self.repeat = hold.repeat
 
     @property
-    def stream_work(self) -> Callable[[int], None] | None:
-        """What a CUDA stream must queue before it writes the flag, or None: on
-        cuda_ipc, the copies of the batch's GPU entries (the watcher then posts their
-        immediates). ``cuda_memops.stream_fire(trigger)`` queues both."""
+    def stream_work(self) -> Callable[[int, int], None] | None:
+        """What a CUDA stream must queue to fire it, or None: on cuda_ipc, the copies
+        of the batch's GPU entries and the write of the private word their
+        immediates are armed on (called with the stream handle and the value).
+        ``cuda_memops.stream_fire(trigger)`` queues it, then writes the flag."""
         return self._h.stream_work
 
     @property

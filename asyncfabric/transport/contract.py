@@ -351,7 +351,7 @@ class Transport(ABC):
         repeat: bool,
         spin_ns: int,
         nap_ns: int,
-    ) -> Callable[[int], None] | None:
+    ) -> Callable[[int, int], None] | None:
         """Arm ``batch`` to be posted, with no Python in between, when the 32-bit word
         at host address ``word`` reaches ``value`` (cyclic >=: ``(int32)(w - value) >=
         0``, as ``cuStreamWaitValue32``'s GEQ). ``reset`` >= 0 is stored into the word
@@ -361,9 +361,10 @@ class Transport(ABC):
         arming nothing, for a batch it cannot post. The default has no triggers.
 
         Returns None, or (a transport with :attr:`gpu_triggers`) the stream work of
-        the batch: called with a raw CUDA stream handle, it queues there the moves of
-        the GPU entries' data, which the stream then follows with the word's write;
-        the watcher posts what is left (cuda_ipc: the entries' immediates)."""
+        the batch: called with a raw CUDA stream handle and the value, it queues there
+        the moves of the GPU entries' data and then the fire itself (cuda_ipc: of a
+        private word, so that only the stream work fires what was armed); the watcher
+        posts what is left (cuda_ipc: the entries' immediates)."""
         from .._errors import Unsupported
 
         raise Unsupported(

@@ -151,7 +151,7 @@ class ForwardingTransport(Transport):
         repeat: bool,
         spin_ns: int,
         nap_ns: int,
-    ) -> Callable[[int], None] | None:
+    ) -> Callable[[int, int], None] | None:
         return self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
 
     def trigger_disarm(self, token: int) -> int:

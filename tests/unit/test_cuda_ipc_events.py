@@ -254,30 +254,72 @@ def _until(cond, what: str, timeout: float = 5.0):
         time.sleep(0.001)
 
 
-def test_a_triggered_gpu_batch_copies_on_the_stream_and_fires_its_immediates(shm_pair):
-    """cuda_ipc splits a triggered GPU batch: the copies become stream work (here only
-    listed, no CUDA), and the word fires the entries' immediates into the peer's
-    doorbell, through the shm transport's own watcher; the peer counts them."""
+def test_a_triggered_gpu_batch_copies_on_the_stream_and_fires_its_immediates(shm_pair, monkeypatch):
+    """cuda_ipc splits a triggered GPU batch: the copies become stream work, and the
+    immediates are armed on a private word that only the stream work writes, after the
+    copies. Here the stream work runs against host memory (no CUDA): the copies are
+    recorded, the word's store is made by the test. Writing the user's flag alone
+    posts nothing: no immediate without its data."""
+    import ctypes
+    import time
+
+    import numpy as np
+
     from asyncfabric import Flag
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
 
     a, b, pb = shm_pair
     assert a.gpu_triggers
+    buf = np.zeros(2 * _CopyWords.STRIDE, np.uint8)
+    base = buf.ctypes.data
+    a._words[0] = _CopyWords(base, base, 2)  # host memory standing in for mapped words
+    copies, stores = [], []
+    monkeypatch.setattr(_driver, "use_device", lambda dev: None)
+    monkeypatch.setattr(_driver, "copy_async", lambda *args: copies.append(args))
+    monkeypatch.setattr(
+        _driver,
+        "write_value32",
+        lambda s, p, v: (
+            stores.append((s, p, v)) or setattr(ctypes.c_uint32.from_address(p), "value", v)
+        ),
+    )
     batch = _gpu_batch(a, pb, True, True)
     flag = Flag()
     work = a.trigger_arm(5, batch, flag.ptr, 1, -1, False, 10**6, 20_000)
-    assert work.copies == [
-        (0xBEEF0000, 0xDEAD0000, 32, 0),
-        (0xBEEF0000 + 32, 0xDEAD0000 + 32, 32, 0),
+    flag.set(1)  # a store into the flag alone: nothing may be posted
+    time.sleep(0.02)
+    assert b.counter_avail(3) == 0
+    work(99, 1)  # what cuda_memops.stream_fire(trigger) queues on stream 99
+    assert copies == [
+        (0xBEEF0000, 0xDEAD0000, 32, 99),
+        (0xBEEF0000 + 32, 0xDEAD0000 + 32, 32, 99),
     ]
-    import time
-
-    time.sleep(0.01)
-    assert b.counter_avail(3) == 0  # nothing before the word is written
-    flag.set(1)
+    assert stores == [(99, base, 1)]  # after the copies: the private word
     _until(lambda: b.counter_avail(3) == 2, "the peer counts one immediate per entry")
     evs: list = []
     _until(lambda: evs.extend(a.drain()) or OpDone(5) in evs, "the fire ends as a batch")
     assert batch.status.tolist() == [0, 0]
+    assert a._words[0].free == [1, 0] and not a._trig_words  # one-shot: its word is back
+
+
+def test_gpu_triggers_give_their_word_back_on_disarm(shm_pair, monkeypatch):
+    import numpy as np
+
+    from asyncfabric import Flag, RegionError
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
+
+    a, _, pb = shm_pair
+    buf = np.zeros(_CopyWords.STRIDE, np.uint8)
+    a._words[0] = _CopyWords(buf.ctypes.data, buf.ctypes.data, 1)
+    monkeypatch.setattr(_driver, "use_device", lambda dev: None)
+    flag = Flag()
+    a.trigger_arm(5, _gpu_batch(a, pb, True, True), flag.ptr, 1, 0, True, 0, 0)
+    with pytest.raises(RegionError, match="every one of the 1024 trigger words of GPU 0"):
+        a.trigger_arm(6, _gpu_batch(a, pb, True, True), flag.ptr, 1, 0, True, 0, 0)
+    assert a.trigger_disarm(5) == 0
+    assert a._words[0].free == [0]
+    a.trigger_arm(6, _gpu_batch(a, pb, True, True), flag.ptr, 1, 0, True, 0, 0)
+    assert a.trigger_disarm(6) == 0
 
 
 def test_host_triggers_stay_the_shm_transports(shm_pair):

@@ -183,13 +183,14 @@ class _CopyWords:
     __slots__ = ("host", "dev", "free")
 
     STRIDE = 64
+    WORDS = 1024
 
     def __init__(self, host: int, dev: int, n: int) -> None:
         self.host, self.dev = host, dev
         self.free = list(range(n - 1, -1, -1))
 
     @classmethod
-    def allocate(cls, n: int = 1024) -> _CopyWords:
+    def allocate(cls, n: int = WORDS) -> _CopyWords:
         from . import _driver
 
         host, dev = _driver.host_words(n * cls.STRIDE)
@@ -206,19 +207,22 @@ class _CopyWords:
 
 class _StreamCopies:
     """A triggered GPU batch's stream work: its copies, queued on the firing stream
-    (``cuMemcpyAsync`` into the peer's mapped memory; captured into CUDA graphs)."""
+    (``cuMemcpyAsync`` into the peer's mapped memory), then the write of the private
+    word its immediates are armed on. Both are captured into CUDA graphs."""
 
-    __slots__ = ("copies",)
+    __slots__ = ("copies", "word")
 
-    def __init__(self, copies: list[tuple[int, int, int, int]]) -> None:
+    def __init__(self, copies: list[tuple[int, int, int, int]], word: int) -> None:
         self.copies = copies  # (dst ptr, src ptr, nbytes, device)
+        self.word = word  # the armed word, as the GPU addresses it
 
-    def __call__(self, stream: int) -> None:
+    def __call__(self, stream: int, value: int) -> None:
         from . import _driver
 
         for dst, src, n, dev in self.copies:
             _driver.use_device(dev)
             _driver.copy_async(dst, src, n, stream)
+        _driver.write_value32(stream, self.word, value)
 
 
 class _GpuRemote(Remote):
@@ -290,6 +294,7 @@ class CudaIpcTransport(ForwardingTransport):
         self._words: dict[int, _CopyWords] = {}
         self._fired: dict[int, tuple[_CopyWords, int, WriteBatch]] = {}
         self._door_cache: dict[tuple[int, int, int], WriteBatch] = {}
+        self._trig_words: dict[int, tuple[_CopyWords, int, bool]] = {}  # GPU triggers
 
     # ------------------------------------------------------------ plumbing
 
@@ -487,9 +492,7 @@ class CudaIpcTransport(ForwardingTransport):
         armed) when every word is lent: the caller takes the copy notice path."""
         from . import _driver
 
-        words = self._words.get(device)
-        if words is None:
-            words = self._words[device] = _CopyWords.allocate()
+        words = self._word_pool(device)
         i = words.take()
         if i < 0:
             return False
@@ -551,11 +554,12 @@ class CudaIpcTransport(ForwardingTransport):
         repeat: bool,
         spin_ns: int,
         nap_ns: int,
-    ) -> Callable[[int], None] | None:
+    ) -> Callable[[int, int], None] | None:
         """Host entries are the shm transport's triggers as they are. A GPU entry is
-        split: its copy becomes stream work (the firing stream queues it before it
-        writes the word, so the data is in the peer's GPU memory first), and the
-        shm trigger posts only its immediates, into the peer's doorbell."""
+        split: its copy becomes stream work (the firing stream queues it, then writes
+        the private word the shm trigger watches, so the data is in the peer's GPU
+        memory first), and that trigger posts only the immediates, into the peer's
+        doorbell."""
         gpu_dst = [d.__class__ is _GpuRemote for d in batch.dsts]
         if not any(gpu_dst) and all(r is None or r.device != "cuda" for r in batch.srcs):
             return self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
@@ -563,8 +567,47 @@ class CudaIpcTransport(ForwardingTransport):
         # The native trigger keeps pointers into the shm batch's packed form: it lives
         # as long as the engine keeps ``batch`` (and with it its cache).
         batch.cache["cuda_ipc_trigger"] = inner
-        self.inner.trigger_arm(token, inner, word, value, reset, repeat, spin_ns, nap_ns)
-        return _StreamCopies(copies)
+        # The immediates are armed on a private word that only the stream work writes,
+        # after the copies: a store into the user's flag alone (flag.set, a plain
+        # stream_fire) cannot post immediates for data that was never copied.
+        from . import _driver
+
+        if copies:
+            dev = copies[0][3]
+        else:
+            import torch
+
+            dev = torch.cuda.current_device()
+        _driver.use_device(dev)
+        words = self._word_pool(dev)
+        i = words.take()
+        if i < 0:
+            raise RegionError(
+                f"every one of the {_CopyWords.WORDS} trigger words of GPU {dev} is in "
+                "use by an armed GPU trigger or a copy in flight; disarm triggers no longer needed"
+            )
+        host = words.host + i * words.STRIDE
+        ctypes.c_uint32.from_address(host).value = ctypes.c_uint32.from_address(word).value
+        try:
+            self.inner.trigger_arm(token, inner, host, value, reset, repeat, spin_ns, nap_ns)
+        except BaseException:
+            words.give(i)
+            raise
+        self._trig_words[token] = (words, i, repeat)
+        return _StreamCopies(copies, words.dev + i * words.STRIDE)
+
+    def _word_pool(self, device: int) -> _CopyWords:
+        words = self._words.get(device)
+        if words is None:
+            words = self._words[device] = _CopyWords.allocate()
+        return words
+
+    def trigger_disarm(self, token: int) -> int:
+        rc = self.inner.trigger_disarm(token)
+        t = self._trig_words.pop(token, None)
+        if t is not None:  # no longer watched, whatever is still in flight
+            t[0].give(t[1])
+        return rc
 
     def _split_triggered(
         self, batch: WriteBatch, gpu_dst: list[bool]
@@ -663,15 +706,24 @@ class CudaIpcTransport(ForwardingTransport):
         if evs:
             evs, failed = drop_internal(evs)
             self._imm_errors += failed
-            if self._fired:  # writes ended by their triggers: their words are free again
-                for ev in evs:
-                    if ev.__class__ is OpDone and not ev.held:
-                        f = self._fired.pop(ev.token, None)
-                        if f is not None:
-                            f[0].give(f[1])
+            if self._fired or self._trig_words:
+                self._free_words(evs)
         if len(self._q):
             evs += self._q.take()
         return evs
+
+    def _free_words(self, evs: list[Event]) -> None:
+        """Writes ended by their triggers, and one-shot GPU triggers that fired, give
+        their words back."""
+        for ev in evs:
+            if ev.__class__ is OpDone and not ev.held:
+                f = self._fired.pop(ev.token, None)
+                if f is not None:
+                    f[0].give(f[1])
+                t = self._trig_words.get(ev.token)
+                if t is not None and not t[2]:
+                    del self._trig_words[ev.token]
+                    t[0].give(t[1])
 
     def spin(self, ns: int) -> bool:
         if len(self._q) or self._waiter.pending():
