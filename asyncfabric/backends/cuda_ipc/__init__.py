@@ -177,8 +177,10 @@ def _gpu_batch(batch: WriteBatch) -> bool:
 
 
 class _CopyWords:
-    """One GPU's words that large copies' completion triggers fire on: pinned host
-    memory mapped into the GPU, 64 bytes apart, each lent to one write in flight."""
+    """One GPU's words that triggers fire on (a large copy's end, a GPU trigger's
+    private word): pinned host memory mapped into the GPU, 64 bytes apart, each lent
+    to one write in flight or one armed trigger. 64 KiB per transport and GPU, kept
+    for the process's life (``host_words``)."""
 
     __slots__ = ("host", "dev", "free")
 

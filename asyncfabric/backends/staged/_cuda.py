@@ -114,7 +114,9 @@ def write_value32(stream: int, dev_ptr: int, value: int) -> None:
 
 def host_words(nbytes: int) -> tuple[int, int]:
     """Pinned host memory mapped into the current device (``cuMemHostAlloc`` with
-    PORTABLE | DEVICEMAP), zeroed: (host pointer, device pointer). Never freed."""
+    PORTABLE | DEVICEMAP), zeroed: (host pointer, device pointer). Never freed: a
+    stream may still write it after its engine closed (a trigger's word), and freeing
+    pinned memory can wait for the device, where a stream may wait for ever."""
     d = lib()
     d.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
     d.cuMemHostGetDevicePointer_v2.argtypes = [
