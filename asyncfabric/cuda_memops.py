@@ -20,7 +20,6 @@ Importing this module needs no GPU; the calls raise :class:`TransferError` witho
 
 from __future__ import annotations
 
-import ctypes
 from typing import Any
 
 from ._errors import TransferError
@@ -28,40 +27,8 @@ from ._flag import Flag, check_u32
 from .backends.staged import _cuda
 from .engine.trigger import Trigger
 
-MEMHOSTALLOC_PORTABLE = 0x01
-MEMHOSTALLOC_DEVICEMAP = 0x02
-WAIT_VALUE_GEQ = 0x0
-WAIT_VALUE_FLUSH = 1 << 30
-WRITE_VALUE_DEFAULT = 0x0  # a memory fence before the write: earlier work is visible first
-
-_calls: dict[str, Any] = {}
-
-
-def _call(name: str) -> Any:
-    """The driver entry point ``name`` (its ``_v2`` where the driver has one)."""
-    fn = _calls.get(name)
-    if fn is None:
-        d = _cuda.lib()
-        u64, u32, vp = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
-        for sym in (name + "_v2", name):
-            fn = getattr(d, sym, None)
-            if fn is not None:
-                break
-        if fn is None:
-            raise TransferError(
-                f"this CUDA driver has no {name}; stream memory operations need CUDA 11.7 or "
-                "newer (update the NVIDIA driver)"
-            )
-        if name in ("cuStreamWriteValue32", "cuStreamWaitValue32"):
-            fn.argtypes = [vp, u64, u32, ctypes.c_uint]
-        elif name == "cuMemHostAlloc":
-            fn.argtypes = [ctypes.POINTER(vp), ctypes.c_size_t, ctypes.c_uint]
-        elif name == "cuMemHostGetDevicePointer":
-            fn.argtypes = [ctypes.POINTER(u64), vp, ctypes.c_uint]
-        elif name == "cuMemFreeHost":
-            fn.argtypes = [vp]
-        _calls[name] = fn
-    return fn
+WAIT_VALUE_GEQ = _cuda.WAIT_VALUE_GEQ
+WAIT_VALUE_FLUSH = _cuda.WAIT_VALUE_FLUSH
 
 
 def _current_device() -> int:
@@ -87,7 +54,7 @@ class _PinnedWord:
 
     def __del__(self) -> None:
         try:
-            _call("cuMemFreeHost")(ctypes.c_void_p(self.ptr))
+            _cuda.free_host(self.ptr)
         except Exception:  # interpreter shutdown: the process frees it anyway
             pass
 
@@ -98,16 +65,9 @@ def cuda_flag(device: int | None = None) -> Flag:
     current device), zeroed. Arm triggers and release words on it like any flag."""
     dev = _current_device() if device is None else int(device)
     _cuda.use_device(dev)  # the primary context torch uses
-    p = ctypes.c_void_p()
-    flags = MEMHOSTALLOC_PORTABLE | MEMHOSTALLOC_DEVICEMAP
-    _cuda.check(_call("cuMemHostAlloc")(ctypes.byref(p), 64, flags), "cuMemHostAlloc")
-    owner = _PinnedWord(int(p.value or 0), dev)
-    ctypes.memset(owner.ptr, 0, 64)
-    dptr = ctypes.c_uint64()
-    _cuda.check(
-        _call("cuMemHostGetDevicePointer")(ctypes.byref(dptr), p, 0), "cuMemHostGetDevicePointer"
-    )
-    return Flag.from_address(owner.ptr, owner=owner, device_ptr=int(dptr.value))
+    host, dptr = _cuda.host_words(64)
+    owner = _PinnedWord(host, dev)
+    return Flag.from_address(owner.ptr, owner=owner, device_ptr=dptr)
 
 
 def _stream(stream: Any) -> int:
@@ -149,23 +109,16 @@ def stream_fire(flag: Flag | Trigger, value: int | None = None, stream: Any = No
     the private word its immediates are armed on, so the data is in the peer's GPU
     memory before they are posted), then its flag with its value (``value`` defaults
     to the trigger's). A cuda_ipc trigger with GPU entries fires only this way."""
-    if isinstance(flag, Trigger):
-        trig = flag
-        flag, value = trig.flag, trig.value if value is None else value
-        ptr, v = _device_ptr(flag), check_u32(value, "value")
-        s = _stream(stream)
-        work = trig.stream_work
-        if work is not None:
-            work(s, v)  # the copies, then the fire of what is armed
-    else:
-        if value is None:
+    trig, word = (flag, flag.flag) if isinstance(flag, Trigger) else (None, flag)
+    if value is None:
+        if trig is None:
             raise TypeError("stream_fire(flag, value): a flag needs the value to write")
-        ptr, v = _device_ptr(flag), check_u32(value, "value")
-        s = _stream(stream)
-    _cuda.check(
-        _call("cuStreamWriteValue32")(s, ptr, v, WRITE_VALUE_DEFAULT),
-        "cuStreamWriteValue32",
-    )
+        value = trig.value
+    ptr, v = _device_ptr(word), check_u32(value, "value")
+    s = _stream(stream)
+    if trig is not None and trig.stream_work is not None:
+        trig.stream_work(s, v)  # the copies, then the fire of what is armed
+    _cuda.write_value32(s, ptr, v)
 
 
 def stream_wait(flag: Flag, value: int, stream: Any = None, *, flush: bool = False) -> None:
@@ -175,5 +128,4 @@ def stream_wait(flag: Flag, value: int, stream: Any = None, *, flush: bool = Fal
     a NIC, GPUDirect; the device must support it). Captured into CUDA graphs."""
     ptr, v = _device_ptr(flag), check_u32(value, "value")
     s = _stream(stream)
-    flags = WAIT_VALUE_GEQ | (WAIT_VALUE_FLUSH if flush else 0)
-    _cuda.check(_call("cuStreamWaitValue32")(s, ptr, v, flags), "cuStreamWaitValue32")
+    _cuda.wait_value32(s, ptr, v, WAIT_VALUE_GEQ | (WAIT_VALUE_FLUSH if flush else 0))

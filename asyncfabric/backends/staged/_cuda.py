@@ -103,31 +103,72 @@ def notify_after(copy_stream: int, event: int, notify_stream: int, fn: int, arg:
     check(d.cuLaunchHostFunc(notify_stream, fn, arg), "cuLaunchHostFunc")
 
 
+MEMHOSTALLOC_PORTABLE = 0x01
+MEMHOSTALLOC_DEVICEMAP = 0x02
+WAIT_VALUE_GEQ = 0x0
+WAIT_VALUE_FLUSH = 1 << 30
+WRITE_VALUE_DEFAULT = 0x0  # a memory fence before the write: earlier work is visible first
+
+_entries: dict[str, Any] = {}
+
+
+def entry(name: str) -> Any:
+    """The driver entry point ``name`` (its ``_v2`` where the driver has one), with
+    its argument types, looked up once."""
+    fn = _entries.get(name)
+    if fn is None:
+        d = lib()
+        u64, u32, vp = ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p
+        for sym in (name + "_v2", name):
+            fn = getattr(d, sym, None)
+            if fn is not None:
+                break
+        if fn is None:
+            raise TransferError(
+                f"this CUDA driver has no {name}; stream memory operations need CUDA 11.7 or "
+                "newer (update the NVIDIA driver)"
+            )
+        if name in ("cuStreamWriteValue32", "cuStreamWaitValue32"):
+            fn.argtypes = [vp, u64, u32, ctypes.c_uint]
+        elif name == "cuMemHostAlloc":
+            fn.argtypes = [ctypes.POINTER(vp), ctypes.c_size_t, ctypes.c_uint]
+        elif name == "cuMemHostGetDevicePointer":
+            fn.argtypes = [ctypes.POINTER(u64), vp, ctypes.c_uint]
+        elif name == "cuMemFreeHost":
+            fn.argtypes = [vp]
+        _entries[name] = fn
+    return fn
+
+
 def write_value32(stream: int, dev_ptr: int, value: int) -> None:
     """``cuStreamWriteValue32`` with the default flags (a memory fence first: the work
     queued before it is visible before the word is)."""
-    d = lib()
-    fn = getattr(d, "cuStreamWriteValue32_v2", None) or d.cuStreamWriteValue32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
-    check(fn(stream, dev_ptr, value, 0), "cuStreamWriteValue32")
+    check(
+        entry("cuStreamWriteValue32")(stream, dev_ptr, value, WRITE_VALUE_DEFAULT),
+        "cuStreamWriteValue32",
+    )
+
+
+def wait_value32(stream: int, dev_ptr: int, value: int, flags: int = WAIT_VALUE_GEQ) -> None:
+    """``cuStreamWaitValue32``: the stream waits until the word reaches ``value``."""
+    check(entry("cuStreamWaitValue32")(stream, dev_ptr, value, flags), "cuStreamWaitValue32")
 
 
 def host_words(nbytes: int) -> tuple[int, int]:
     """Pinned host memory mapped into the current device (``cuMemHostAlloc`` with
-    PORTABLE | DEVICEMAP), zeroed: (host pointer, device pointer). Never freed: a
-    stream may still write it after its engine closed (a trigger's word), and freeing
-    pinned memory can wait for the device, where a stream may wait for ever."""
-    d = lib()
-    d.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
-    d.cuMemHostGetDevicePointer_v2.argtypes = [
-        ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint,
-    ]  # fmt: skip
+    PORTABLE | DEVICEMAP), zeroed: (host pointer, device pointer). Free it with
+    :func:`free_host`, once no stream can touch it any more."""
     p = ctypes.c_void_p()
-    check(d.cuMemHostAlloc(ctypes.byref(p), nbytes, 0x01 | 0x02), "cuMemHostAlloc")
+    flags = MEMHOSTALLOC_PORTABLE | MEMHOSTALLOC_DEVICEMAP
+    check(entry("cuMemHostAlloc")(ctypes.byref(p), nbytes, flags), "cuMemHostAlloc")
     ctypes.memset(p, 0, nbytes)
     dptr = ctypes.c_uint64()
-    check(d.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), p, 0), "cuMemHostGetDevicePointer")
+    check(entry("cuMemHostGetDevicePointer")(ctypes.byref(dptr), p, 0), "cuMemHostGetDevicePointer")
     return int(p.value or 0), int(dptr.value)
+
+
+def free_host(host: int) -> None:
+    entry("cuMemFreeHost")(ctypes.c_void_p(host))
 
 
 def launch_host(stream: int, fn: int, arg: int) -> None:
