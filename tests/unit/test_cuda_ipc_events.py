@@ -299,7 +299,7 @@ def test_a_triggered_gpu_batch_copies_on_the_stream_and_fires_its_immediates(shm
     evs: list = []
     _until(lambda: evs.extend(a.drain()) or OpDone(5) in evs, "the fire ends as a batch")
     assert batch.status.tolist() == [0, 0]
-    assert a._words[0].free == [1, 0] and not a._trig_words  # one-shot: its word is back
+    assert a._words[0].free == [1, 0] and not a._lent  # one-shot: its word is back
 
 
 def test_gpu_triggers_give_their_word_back_on_disarm(shm_pair, monkeypatch):
@@ -395,6 +395,6 @@ def test_a_large_copy_can_end_by_a_trigger_on_a_word_the_stream_writes(shm_pair,
     assert a._words[0].free == [0] and buf[:4].tolist() == [0, 0, 0, 0]  # lent again
     ctypes.c_uint32.from_address(base + _CopyWords.STRIDE).value = 1
     _until(lambda: evs.extend(a.drain()) or OpDone(78) in evs, "the second write ends")
-    assert not a._fired
+    assert not a._lent
     # (the sender's completion and the peer's count are not ordered: wait for it)
     _until(lambda: b.counter_avail(10) == 1, "the second write's immediate is counted")

@@ -221,8 +221,11 @@ class _StreamCopies:
     def __call__(self, stream: int, value: int) -> None:
         from . import _driver
 
+        current = -1
         for dst, src, n, dev in self.copies:
-            _driver.use_device(dev)
+            if dev != current:
+                _driver.use_device(dev)
+                current = dev
             _driver.copy_async(dst, src, n, stream)
         _driver.write_value32(stream, self.word, value)
 
@@ -294,9 +297,10 @@ class CudaIpcTransport(ForwardingTransport):
         # watcher watches, which then posts the write's immediates itself.
         self.copy_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_TRIGGERS", "") == "1"
         self._words: dict[int, _CopyWords] = {}
-        self._fired: dict[int, tuple[_CopyWords, int, WriteBatch]] = {}
+        # token -> the word lent to a trigger of ours (a large copy's end, a GPU
+        # trigger), whether it repeats (kept until disarmed), and what must stay alive
+        self._lent: dict[int, tuple[_CopyWords, int, bool, Any]] = {}
         self._door_cache: dict[tuple[int, int, int], WriteBatch] = {}
-        self._trig_words: dict[int, tuple[_CopyWords, int, bool]] = {}  # GPU triggers
 
     # ------------------------------------------------------------ plumbing
 
@@ -472,7 +476,7 @@ class CudaIpcTransport(ForwardingTransport):
         )
         return False
 
-    def _door_batch(self, token: int, peer: int, imm: int, count: int) -> WriteBatch:
+    def _door_batch(self, peer: int, imm: int, count: int) -> WriteBatch:
         """The immediates of one write as a batch into the peer's doorbell (one byte
         each, at most DOOR_BYTES an entry); none: one uncounted byte."""
         sizes = [DOOR_BYTES] * (count // DOOR_BYTES) + [count % DOOR_BYTES] * bool(
@@ -481,7 +485,7 @@ class CudaIpcTransport(ForwardingTransport):
         n = len(sizes) or 1
         z = np.zeros(n, np.uint64)
         return WriteBatch(
-            token, (self._zeros_reg,), (self._doors[peer],), np.zeros(n, np.uint32),
+            0, (self._zeros_reg,), (self._doors[peer],), np.zeros(n, np.uint32),
             np.zeros(n, np.uint32), z, z.copy(), np.array(sizes or [1], np.uint64),
             np.full(n, imm if count else NO_IMM, np.int64), np.zeros(n, np.int32), {}, {},
         )  # fmt: skip
@@ -504,8 +508,8 @@ class CudaIpcTransport(ForwardingTransport):
         door = self._door_cache.get(key)
         if door is None:
             if len(self._door_cache) >= 4096:
-                self._door_cache.clear()  # (the writes in flight keep theirs in _fired)
-            door = self._door_cache[key] = self._door_batch(0, peer, imm, count)
+                self._door_cache.clear()  # (the writes in flight keep theirs in _lent)
+            door = self._door_cache[key] = self._door_batch(peer, imm, count)
         wb = dataclasses.replace(door, status=np.zeros(len(door.status), np.int32))
         try:
             self.inner.trigger_arm(
@@ -514,13 +518,11 @@ class CudaIpcTransport(ForwardingTransport):
         except BaseException:
             words.give(i)
             raise
-        self._fired[token] = (words, i, wb)
+        self._lent[token] = (words, i, False, wb)
         try:
             _driver.write_value32(stream, words.dev + i * words.STRIDE, 1)
         except BaseException:
-            if self.inner.trigger_disarm(token) == 0:
-                del self._fired[token]
-                words.give(i)
+            self.trigger_disarm(token)  # (gives the word back)
             raise
         return True
 
@@ -562,10 +564,9 @@ class CudaIpcTransport(ForwardingTransport):
         the private word the shm trigger watches, so the data is in the peer's GPU
         memory first), and that trigger posts only the immediates, into the peer's
         doorbell."""
-        gpu_dst = [d.__class__ is _GpuRemote for d in batch.dsts]
-        if not any(gpu_dst) and all(r is None or r.device != "cuda" for r in batch.srcs):
+        if not _gpu_batch(batch):  # (raises for a GPU source into a host region)
             return self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
-        inner, copies = self._split_triggered(batch, gpu_dst)
+        inner, copies = self._split_triggered(batch)
         # The native trigger keeps pointers into the shm batch's packed form: it lives
         # as long as the engine keeps ``batch`` (and with it its cache).
         batch.cache["cuda_ipc_trigger"] = inner
@@ -595,7 +596,7 @@ class CudaIpcTransport(ForwardingTransport):
         except BaseException:
             words.give(i)
             raise
-        self._trig_words[token] = (words, i, repeat)
+        self._lent[token] = (words, i, repeat, None)
         return _StreamCopies(copies, words.dev + i * words.STRIDE)
 
     def _word_pool(self, device: int) -> _CopyWords:
@@ -606,13 +607,13 @@ class CudaIpcTransport(ForwardingTransport):
 
     def trigger_disarm(self, token: int) -> int:
         rc = self.inner.trigger_disarm(token)
-        t = self._trig_words.pop(token, None)
+        t = self._lent.pop(token, None)
         if t is not None:  # no longer watched, whatever is still in flight
             t[0].give(t[1])
         return rc
 
     def _split_triggered(
-        self, batch: WriteBatch, gpu_dst: list[bool]
+        self, batch: WriteBatch
     ) -> tuple[WriteBatch, list[tuple[int, int, int, int]]]:
         """The shm batch of a triggered GPU batch (same entries, same status array: a
         GPU entry becomes its immediates into the peer's doorbell) and its copies."""
@@ -625,16 +626,12 @@ class CudaIpcTransport(ForwardingTransport):
         dst = np.zeros(n, np.uint32)
         soff, doff, nb = batch.soff.copy(), batch.doff.copy(), batch.nbytes.copy()
         copies: list[tuple[int, int, int, int]] = []
+        gpu_dst = [d.__class__ is _GpuRemote for d in batch.dsts]
         zeros = -1
         for i in range(n):
             d, r = int(batch.dst[i]), batch.srcs[int(batch.src[i])]
             nbytes, imm = int(batch.nbytes[i]), int(batch.imm[i])
-            if not gpu_dst[d]:
-                if r is not None and r.device == "cuda":
-                    raise RegionError(
-                        f"batch entry {i}: cuda_ipc cannot write GPU memory into a peer's host "
-                        "memory; register a CUDA tensor on the receiving side"
-                    )
+            if not gpu_dst[d]:  # (a GPU source here was refused by _gpu_batch)
                 s = int(batch.src[i])
                 if s not in sidx:
                     sidx[s] = len(srcs)
@@ -708,23 +705,21 @@ class CudaIpcTransport(ForwardingTransport):
         if evs:
             evs, failed = drop_internal(evs)
             self._imm_errors += failed
-            if self._fired or self._trig_words:
+            if self._lent:
                 self._free_words(evs)
         if len(self._q):
             evs += self._q.take()
         return evs
 
     def _free_words(self, evs: list[Event]) -> None:
-        """Writes ended by their triggers, and one-shot GPU triggers that fired, give
-        their words back."""
+        """One-shot triggers of ours that ended (a large copy's, a GPU trigger's) give
+        their words back; repeating ones keep theirs until disarmed."""
+        lent = self._lent
         for ev in evs:
             if ev.__class__ is OpDone and not ev.held:
-                f = self._fired.pop(ev.token, None)
-                if f is not None:
-                    f[0].give(f[1])
-                t = self._trig_words.get(ev.token)
+                t = lent.get(ev.token)
                 if t is not None and not t[2]:
-                    del self._trig_words[ev.token]
+                    del lent[ev.token]
                     t[0].give(t[1])
 
     def spin(self, ns: int) -> bool:
