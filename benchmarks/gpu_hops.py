@@ -19,38 +19,20 @@ Prints JSON lines (``--out DIR`` also writes DIR/gpu_hops.jsonl).
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
-import statistics
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
-_lines: list[str] = []
+from gpu_triggers import _stats, cuda_here, emit, save  # (this folder: run as a script)
+
 TIMEOUT = 60.0
 
 
-def emit(**row: Any) -> None:
-    line = json.dumps(row)
-    _lines.append(line)
-    print(line, flush=True)
-
-
-def _stats(us: list[float], halve: bool) -> dict[str, float]:
-    s = sorted(us)
-    k = 2 if halve else 1
-    return {
-        ("one_way_p50_us" if halve else "rtt_p50_us"): round(statistics.median(s) / k, 2),
-        ("one_way_p99_us" if halve else "rtt_p99_us"): round(s[int(len(s) * 0.99) - 1] / k, 2),
-        "rounds": len(s),
-    }
-
-
 def _wait_value(stream: int, ptr: int, value: int) -> None:
-    from asyncfabric import cuda_memops as cm
+    from asyncfabric.backends.staged import _cuda
 
-    cm._cuda.check(cm._call("cuStreamWaitValue32")(stream, ptr, value, 0), "cuStreamWaitValue32")
+    _cuda.wait_value32(stream, ptr, value)
 
 
 def _write_value(stream: int, ptr: int, value: int) -> None:
@@ -84,7 +66,7 @@ def memop_host_rtt(rounds: int, warmup: int) -> dict[str, Any]:
         if i > warmup:
             rtts.append((time.perf_counter() - t0) * 1e6)
     s.synchronize()
-    return _stats(rtts, halve=False)
+    return _stats(rtts)  # (its rtt_p50_us: host -> GPU -> host)
 
 
 def _peer(conn: Any, rounds: int) -> None:
@@ -153,7 +135,7 @@ def gpu_only_pingpong(rounds: int, warmup: int) -> dict[str, Any]:
         ok = int(land.item()) == rounds
         rtts = [a.elapsed_time(b) * 1e3 for a, b in evs[warmup:]]
         conn.send("bye")
-        return {"verified": ok, **_stats(rtts, halve=True)}
+        return {"verified": ok, **_stats(rtts)}
     finally:
         proc.join(10)
         if proc.is_alive():
@@ -166,13 +148,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2000)
     p.add_argument("--warmup", type=int, default=100)
     a = p.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print(json.dumps({"skipped": "gpu_hops: torch is not installed"}))
-        return 0
-    if not torch.cuda.is_available():
-        print(json.dumps({"skipped": "gpu_hops: torch sees no CUDA device here"}))
+    torch = cuda_here("gpu_hops")
+    if torch is None:
         return 0
     torch.cuda.set_device(0)
     emit(what="meta", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
@@ -183,10 +160,7 @@ def main() -> int:
         except Exception as exc:
             rc = 1
             emit(what=name, error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_hops.jsonl").write_text("\n".join(_lines) + "\n")
+    save(a.out, "gpu_hops.jsonl")
     return rc
 
 

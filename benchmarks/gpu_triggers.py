@@ -498,6 +498,26 @@ async def _ask_result(conn: Any, proc: Any, what: str, timeout: float = 300) -> 
     return val
 
 
+def save(out: str | None, name: str) -> None:
+    """The rows emitted so far into ``out/name`` (no ``out``: nothing)."""
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / name).write_text("\n".join(_lines) + "\n")
+
+
+def cuda_here(script: str) -> Any:
+    """torch, or None after printing why this script skips (no torch, no CUDA device)."""
+    try:
+        import torch
+    except ImportError:
+        print(json.dumps({"skipped": f"{script}: torch is not installed"}))
+        return None
+    if not torch.cuda.is_available():
+        print(json.dumps({"skipped": f"{script}: torch sees no CUDA device here"}))
+        return None
+    return torch
+
+
 def _mps_running() -> bool:
     pipe = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
     return os.path.exists(os.path.join(pipe, "control"))
@@ -515,13 +535,8 @@ def main() -> int:
         help="latency rounds without compute: fire, wait, reset (the trigger path alone)",
     )  # fmt: skip
     a = p.parse_args()
-    try:
-        import torch
-    except ImportError:
-        print(json.dumps({"skipped": "gpu_triggers: torch is not installed"}))
-        return 0
-    if not torch.cuda.is_available():
-        print(json.dumps({"skipped": "gpu_triggers: torch sees no CUDA device here"}))
+    torch = cuda_here("gpu_triggers")
+    if torch is None:
         return 0
     import asyncfabric as af
 
@@ -540,10 +555,7 @@ def main() -> int:
     except Exception as exc:
         emit(what="error", error=f"{type(exc).__name__}: {exc}", trace=traceback.format_exc())
         rc = 1
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_triggers.jsonl").write_text("\n".join(_lines) + "\n")
+    save(a.out, "gpu_triggers.jsonl")
     return rc
 
 
