@@ -22,7 +22,7 @@ from ._errors import (
     TriggerDisarmed,
     Unsupported,
 )
-from ._flag import Flag
+from ._flag import DeviceWord, Flag
 from ._hostmem import host_zeros
 from .engine import (
     Batch,
@@ -108,6 +108,7 @@ __all__ = [
     "Descriptor",
     "DescriptorError",
     "DescriptorRevoked",
+    "DeviceWord",
     "DuplicateMember",
     "Engine",
     "EngineAddress",

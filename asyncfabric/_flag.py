@@ -101,3 +101,27 @@ class Flag:
     def __repr__(self) -> str:
         dev = f" device_ptr={self.device_ptr:#x}" if self.device_ptr else ""
         return f"<Flag at {self.ptr:#x} value={self.value}{dev}>"
+
+
+class DeviceWord:
+    """A 32-bit word in GPU memory as a CUDA stream addresses it: no host view.
+
+    What ``Engine.peer_word`` returns (a word of a peer's GPU region, mapped into this
+    process on cuda_ipc) and what :func:`asyncfabric.cuda_memops.stream_fire` /
+    ``stream_wait`` take besides flags and one-element CUDA tensors. A stream writes
+    the word with a fence first, so a peer's stream waiting on it sees the data
+    copied before. ``keep`` holds what keeps the mapping alive (the descriptor).
+    """
+
+    __slots__ = ("device_ptr", "_keep")
+
+    def __init__(self, device_ptr: int, *, keep: Any = None) -> None:
+        if isinstance(device_ptr, bool) or not isinstance(device_ptr, int) or device_ptr <= 0:
+            raise TypeError(f"device_ptr must be a positive int, got {device_ptr!r}")
+        if device_ptr % 4:
+            raise RegionError(f"the device word at {device_ptr:#x} is not 4-byte aligned")
+        self.device_ptr = device_ptr
+        self._keep = keep
+
+    def __repr__(self) -> str:
+        return f"<DeviceWord device_ptr={self.device_ptr:#x}>"

@@ -11,7 +11,11 @@ waits on counters' release words, with no host in the loop (docs/gpu.md, "Trigge
   stalls until the word reaches ``value``, which a release word stores once a counter
   has counted its arrivals (``ImmCounter.release_word``).
 
-Both are stream memory operations, so they are captured into CUDA graphs like any
+* Signal words: on cuda_ipc a stream can also store into a word of a *peer's* GPU
+  memory (``Engine.peer_word`` maps it) while the peer's stream waits on it in its
+  own memory (``stream_wait`` on a CUDA tensor): GPU to GPU with no host at all.
+
+All are stream memory operations, so they are captured into CUDA graphs like any
 other stream work. The calls go through ctypes on ``libcuda.so.1`` (the driver, present
 wherever a GPU is); nothing is built. torch owns the CUDA runtime: streams are torch
 streams (default: the current stream), contexts are the devices' primary contexts.
@@ -23,7 +27,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import TransferError
-from ._flag import Flag, check_u32
+from ._flag import DeviceWord, Flag, check_u32
 from .backends.staged import _cuda
 from .engine.trigger import Trigger
 
@@ -87,18 +91,39 @@ def _stream(stream: Any) -> int:
     return int(handle)
 
 
-def _device_ptr(flag: Flag) -> int:
-    if not isinstance(flag, Flag):
-        raise TypeError(f"flag must be an asyncfabric Flag, got {type(flag).__name__}")
-    if not flag.device_ptr:
-        raise TransferError(
-            "this flag is plain host memory, which a CUDA stream cannot address; make it with "
-            "asyncfabric.cuda_memops.cuda_flag()"
-        )
-    return flag.device_ptr
+Word = Flag | DeviceWord | Any
+"""What the stream calls write and wait on: a :class:`Flag` made by :func:`cuda_flag`, a
+:class:`DeviceWord` (``Engine.peer_word``), or a CUDA tensor whose first 4 bytes are the
+word (an int32/uint32 element of GPU memory: a signal word of one's own)."""
 
 
-def stream_fire(flag: Flag | Trigger, value: int | None = None, stream: Any = None) -> None:
+def _device_ptr(flag: Word) -> int:
+    if isinstance(flag, (Flag, DeviceWord)):
+        if not flag.device_ptr:
+            raise TransferError(
+                "this flag is plain host memory, which a CUDA stream cannot address; make it "
+                "with asyncfabric.cuda_memops.cuda_flag()"
+            )
+        return flag.device_ptr
+    device = getattr(flag, "device", None)
+    if getattr(device, "type", None) == "cuda" and hasattr(flag, "data_ptr"):
+        if flag.element_size() * flag.numel() < 4:
+            raise ValueError(
+                f"a tensor used as a word needs 4 bytes, this one has "
+                f"{flag.element_size() * flag.numel()}"
+            )
+        ptr = int(flag.data_ptr())
+        if ptr % 4:
+            raise ValueError(f"the tensor's word at {ptr:#x} is not 4-byte aligned")
+        return ptr
+    raise TypeError(
+        "expected an asyncfabric Flag (cuda_memops.cuda_flag()), a DeviceWord "
+        f"(Engine.peer_word) or a CUDA tensor of at least 4 bytes, got {type(flag).__name__}"
+        + (" in host memory" if device is not None else "")
+    )
+
+
+def stream_fire(flag: Word | Trigger, value: int | None = None, stream: Any = None) -> None:
     """Enqueue ``cuStreamWriteValue32(flag, value)`` on ``stream`` (default: torch's
     current stream): once the stream reaches it, after the work queued before it and
     a memory fence, the word holds ``value`` and what is armed on it fires. Also
@@ -121,10 +146,11 @@ def stream_fire(flag: Flag | Trigger, value: int | None = None, stream: Any = No
     _cuda.write_value32(s, ptr, v)
 
 
-def stream_wait(flag: Flag, value: int, stream: Any = None, *, flush: bool = False) -> None:
+def stream_wait(flag: Word, value: int, stream: Any = None, *, flush: bool = False) -> None:
     """Enqueue ``cuStreamWaitValue32(flag, value, GEQ)`` on ``stream`` (default: torch's
     current stream): work queued after it starts once the word reaches ``value``
-    (cyclic >=). ``flush``: also flush remote writes (data written into GPU memory by
+    (cyclic >=). ``flag``: a flag, or a word of GPU memory (a CUDA tensor: a signal
+    word that peers' streams write). ``flush``: also flush remote writes (data written into GPU memory by
     a NIC, GPUDirect; the device must support it). Captured into CUDA graphs."""
     ptr, v = _device_ptr(flag), check_u32(value, "value")
     s = _stream(stream)

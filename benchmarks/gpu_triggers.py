@@ -92,6 +92,17 @@ class Side:
         self.ready = cm.cuda_flag()
         self.trig: Any = None
         self.rel: Any = None
+        # cuda_ipc: a signal word in our GPU memory that the peer's stream stores into
+        # (Engine.peer_word) and ours waits on, with no host on either side
+        self.sig = torch.zeros(16, dtype=torch.int32, device="cuda") if self.gpu else None
+        self.rsig = eng.register(self.sig) if self.gpu else None
+        self.peer_sig: Any = None
+
+    def sig_desc(self) -> bytes:
+        return bytes(self.rsig.descriptor()) if self.rsig is not None else b""
+
+    def signal_to(self, peer_sig_desc: bytes) -> None:
+        self.peer_sig = self.eng.peer_word(self.af.Descriptor.from_bytes(peer_sig_desc))
 
     def desc(self) -> bytes:
         return bytes(self.rrecv.descriptor())
@@ -116,6 +127,8 @@ class Side:
         """Let a stream stuck on ``ready`` go (after a failure), so the process can end."""
         for _ in range(2000):
             self.ready.set(1)
+            if self.sig is not None:
+                self.sig.fill_(1 << 30)  # (a stream stuck on the signal word)
             time.sleep(0.0005)
 
 
@@ -150,8 +163,8 @@ def _child(conn: Any, provider: str, iters: int, rounds: int, minimal: bool = Fa
             loop = asyncio.get_running_loop()
             g = Side(af, torch, eng, L * 8)
             t = Side(af, torch, eng, 8)
-            conn.send((g.desc(), t.desc(), bytes(t.rrecv.descriptor()), eng.address))
-            pg, pt, ph, _ = await loop.run_in_executor(None, conn.recv)
+            conn.send((g.desc(), t.desc(), bytes(t.rrecv.descriptor()), t.sig_desc()))
+            pg, pt, ph, psig = await loop.run_in_executor(None, conn.recv)
             while True:
                 cmd, *a = await loop.run_in_executor(None, conn.recv)
                 try:
@@ -191,6 +204,25 @@ def _child(conn: Any, provider: str, iters: int, rounds: int, minimal: bool = Fa
                         await _sync(torch, t, "rank 1 triggered latency")
                         t.disarm()
                         conn.send(("ok", None))
+                    elif cmd == "sig_lat":
+                        # the echo of rank 0's signal rounds: wait on our signal word,
+                        # reset it, (compute), fire our trigger, store into rank 0's word
+                        t.arm(pt, IMM_T)
+                        t.signal_to(psig)
+                        dev = torch.zeros(1, dtype=torch.int64, device="cuda")
+                        conn.send(("ok", None))
+                        for _ in range(rounds):
+                            cm.stream_wait(t.sig, 1)
+                            cm.stream_fire(t.sig, 0)
+                            if not minimal:
+                                dev.copy_(t.recv, non_blocking=True)
+                                dev.add_(1)
+                                t.send.copy_(dev, non_blocking=True)
+                            t.fire_on_stream()
+                            cm.stream_fire(t.peer_sig, 1)
+                        await _sync(torch, t, "rank 1 signal latency")
+                        t.disarm()
+                        conn.send(("ok", None))
                     elif cmd == "raw_lat":
                         await _raw_echo(torch, conn, rounds, *a)
                     elif cmd == "host_lat":
@@ -200,9 +232,10 @@ def _child(conn: Any, provider: str, iters: int, rounds: int, minimal: bool = Fa
                         conn.send(("ok", None))
                         for _ in range(rounds):
                             await c.wait(1, timeout=TIMEOUT)
-                            dev.copy_(t.recv, non_blocking=True)
-                            dev.add_(1)
-                            t.send.copy_(dev, non_blocking=True)
+                            if not minimal:
+                                dev.copy_(t.recv, non_blocking=True)
+                                dev.add_(1)
+                                t.send.copy_(dev, non_blocking=True)
                             if not t.gpu:  # cuda_ipc's write orders after the stream itself
                                 torch.cuda.current_stream().synchronize()
                             await eng.write(t.rsend, dst, imm=IMM_H)
@@ -351,8 +384,8 @@ async def amain(a: argparse.Namespace) -> int:
             t = Side(af, torch, eng, 8)
             if not await loop.run_in_executor(None, conn.poll, 120):
                 raise RuntimeError("rank 1 did not start within 120 s (see its error above)")
-            cg, ct, ch, _ = conn.recv()
-            conn.send((g.desc(), t.desc(), bytes(t.rrecv.descriptor()), eng.address))
+            cg, ct, ch, csig = conn.recv()
+            conn.send((g.desc(), t.desc(), bytes(t.rrecv.descriptor()), t.sig_desc()))
 
             # 1. the captured graph, replayed
             ph = _Phase(conn, proc, "graph")
@@ -437,6 +470,48 @@ async def amain(a: argparse.Namespace) -> int:
                 t.unstick()
                 await ph.abandon()
 
+            # 2s. 8 B ping-pong, GPU-triggered both ways, released by signal words in GPU
+            # memory (cuda_ipc: Engine.peer_word), no host on the path
+            if t.gpu:
+                ph = _Phase(conn, proc, "sig_lat")
+                try:
+                    await ph.start()
+                    t.arm(ct, IMM_T)
+                    t.signal_to(csig)
+                    dev = torch.zeros(1, dtype=torch.int64, device="cuda")
+                    n = a.rounds
+                    evs = [
+                        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        for _ in range(n)
+                    ]
+                    for s_ev, e_ev in evs:
+                        s_ev.record()
+                        if not a.minimal:
+                            t.send.copy_(dev, non_blocking=True)
+                        t.fire_on_stream()
+                        cm.stream_fire(t.peer_sig, 1)
+                        cm.stream_wait(t.sig, 1)
+                        cm.stream_fire(t.sig, 0)
+                        if not a.minimal:
+                            dev.copy_(t.recv, non_blocking=True)
+                            dev.add_(1)
+                        e_ev.record()
+                    await _sync(torch, t, "rank 0 signal latency")
+                    await ph.finish()
+                    await t.trig.wait(n, timeout=TIMEOUT)  # the immediates all went too
+                    t.disarm()
+                    ok = int(dev.item()) == 2 * n if not a.minimal else t.trig.fires == n
+                    rtts = [s_ev.elapsed_time(e_ev) * 1e3 for s_ev, e_ev in evs[a.warmup :]]
+                    path = "gpu_signal_minimal" if a.minimal else "gpu_signal"
+                    emit(what="latency", path=path, bytes=8, verified=ok, **_stats(rtts))
+                    failures += not ok
+                except Exception as exc:
+                    failures += 1
+                    emit(what="latency", path="gpu_signal", error=f"{type(exc).__name__}: {exc}")
+                    t.disarm()
+                    t.unstick()
+                    await ph.abandon()
+
             # 2c. the raw torch floor: CUDA IPC copy + stream sync + host flag, no asyncfabric
             try:
                 row = await _raw_floor(torch, conn, proc, a.rounds, a.warmup)
@@ -456,20 +531,24 @@ async def amain(a: argparse.Namespace) -> int:
                 rtts = []
                 for i in range(a.rounds):
                     t0 = time.perf_counter()
-                    t.send.copy_(dev, non_blocking=True)
+                    if not a.minimal:
+                        t.send.copy_(dev, non_blocking=True)
                     if not t.gpu:
                         torch.cuda.current_stream().synchronize()
                     await eng.write(t.rsend, dst, imm=IMM_H)
                     await c.wait(1, timeout=TIMEOUT)
-                    dev.copy_(t.recv, non_blocking=True)
-                    dev.add_(1)
+                    if not a.minimal:
+                        dev.copy_(t.recv, non_blocking=True)
+                        dev.add_(1)
                     if not t.gpu:
                         torch.cuda.current_stream().synchronize()
                     if i >= a.warmup:
                         rtts.append((time.perf_counter() - t0) * 1e6)
                 await ph.finish()
-                ok = int(dev.item()) == 2 * a.rounds
-                emit(what="latency", path="host_sync_await", bytes=8, verified=ok, **_stats(rtts))
+                # (minimal: no compute, as the raw floor has none; the counts are checked)
+                ok = int(dev.item()) == 2 * a.rounds if not a.minimal else True
+                path = "host_sync_await_minimal" if a.minimal else "host_sync_await"
+                emit(what="latency", path=path, bytes=8, verified=ok, **_stats(rtts))
                 failures += not ok
             except Exception as exc:
                 failures += 1

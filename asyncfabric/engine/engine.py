@@ -31,7 +31,7 @@ from .._errors import (
     RegionError,
     TransferError,
 )
-from .._flag import Flag, check_u32
+from .._flag import DeviceWord, Flag, check_u32
 from ..transport import registry
 from ..transport.batching import SUB_BIT, split_sub
 from ..transport.contract import PagedWrite, Remote, Target, Transport, WriteBatch
@@ -862,6 +862,26 @@ class Engine:
     ) -> Release:
         """``self.counter(imm).release_word(n, flag, value, repeat=repeat)``."""
         return self.counter(imm).release_word(n, flag, value, repeat=repeat)
+
+    def peer_word(self, dst: Descriptor | RemoteSlice) -> DeviceWord:
+        """The first 32-bit word of ``dst`` (a peer's GPU region, or a slice of it) as
+        a CUDA stream of this process addresses it: a *signal word*. After
+        ``cuda_memops.stream_fire(trigger)``, ``stream_fire(word, v)`` on the same
+        stream stores ``v`` there behind a memory fence, so the peer's stream, waiting
+        on its own tensor with ``cuda_memops.stream_wait``, starts with the data in
+        place and no host on either side. cuda_ipc only (the peer's memory is mapped
+        here); other transports raise ``Unsupported``. docs/gpu.md, "Signal words"."""
+        self._check_open()
+        rs = self._remote_slice(dst)
+        if rs.offset % 4:
+            raise RegionError(
+                f"a signal word must be 4-byte aligned; the slice starts at byte {rs.offset}"
+            )
+        if rs.nbytes < 4:
+            raise RegionError(f"a signal word needs 4 bytes; the slice has {rs.nbytes}")
+        r = self._route(rs.descriptor)
+        ptr = self._t.device_pointer(r.remote, rs.offset)
+        return DeviceWord(ptr, keep=rs.descriptor)
 
     def _disarm(self, token: int, h: _TrigHold) -> bool:
         if not h.armed or self._closed:

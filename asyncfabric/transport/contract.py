@@ -372,6 +372,18 @@ class Transport(ABC):
             "provider (shm, tcp, verbs, efa) or cuda_ipc's host regions"
         )
 
+    def device_pointer(self, remote: Remote, offset: int) -> int:
+        """The address, in this process's GPU address space, of byte ``offset`` of the
+        peer's region ``remote``: a stream of ours can write it (a signal word a peer's
+        stream waits on). Only where a peer's GPU memory is mapped here (cuda_ipc); the
+        default refuses."""
+        from .._errors import Unsupported
+
+        raise Unsupported(
+            f"{self.backend}:{self.provider} cannot address a peer's memory from a CUDA "
+            "stream; peer words need cuda_ipc (GPUs of one host) and a GPU region on the peer"
+        )
+
     def trigger_disarm(self, token: int) -> int:
         """Disarm trigger ``token``: 0 when nothing of it is in flight (no event
         follows), 1 when a fire is in flight (its ``OpDone`` follows), negative when it

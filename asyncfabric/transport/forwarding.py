@@ -157,6 +157,9 @@ class ForwardingTransport(Transport):
     def trigger_disarm(self, token: int) -> int:
         return self.inner.trigger_disarm(token)
 
+    def device_pointer(self, remote: Remote, offset: int) -> int:
+        return self.inner.device_pointer(remote, offset)
+
     def release_arm(self, imm: int, n: int, word: int, value: int, repeat: bool) -> int:
         return self.inner.release_arm(imm, n, word, value, repeat)
 

@@ -398,3 +398,21 @@ def test_a_large_copy_can_end_by_a_trigger_on_a_word_the_stream_writes(shm_pair,
     assert not a._lent
     # (the sender's completion and the peer's count are not ordered: wait for it)
     _until(lambda: b.counter_avail(10) == 1, "the second write's immediate is counted")
+
+
+def test_device_pointer_addresses_a_peers_gpu_word_and_refuses_host_regions(pair):
+    """Engine.peer_word's transport half: a peer's GPU region as mapped here, plus the
+    offset; a host region or a word past the region's end is refused by name."""
+    from asyncfabric._errors import RegionError, Unsupported
+    from asyncfabric.backends.cuda_ipc import _GpuRemote
+
+    a, b, pb = pair
+    g = _GpuRemote(pb, 1, Target((0xBEEF0000,), (7,), 64, 1 << 20, b"C"), 0xBEEF0000, 64)
+    assert a.device_pointer(g, 0) == 0xBEEF0000
+    assert a.device_pointer(g, 60) == 0xBEEF003C
+    with pytest.raises(RegionError, match="no 4-byte word"):
+        a.device_pointer(g, 61)
+    host = b.inner.register(0, 64, remote_write=True, remote_read=False)
+    remote = a.remote(pb, 1, Target(host.bases, host.keys, 64, 1 << 20, b"H"))
+    with pytest.raises(Unsupported, match="host region"):
+        a.device_pointer(remote, 0)

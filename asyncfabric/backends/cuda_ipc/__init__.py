@@ -599,6 +599,19 @@ class CudaIpcTransport(ForwardingTransport):
         self._lent[token] = (words, i, repeat, None)
         return _StreamCopies(copies, words.dev + i * words.STRIDE)
 
+    def device_pointer(self, remote: Remote, offset: int) -> int:
+        if remote.__class__ is not _GpuRemote:
+            raise Unsupported(
+                "the descriptor is of a peer's host region; a stream writes peer words only "
+                "in GPU memory: register a CUDA tensor on the peer for its signal words"
+            )
+        if not 0 <= offset <= remote.nbytes - 4:  # type: ignore[attr-defined]
+            raise RegionError(
+                f"offset {offset} leaves no 4-byte word inside the peer's region of "
+                f"{remote.nbytes} bytes"  # type: ignore[attr-defined]
+            )
+        return int(remote.ptr) + offset  # type: ignore[attr-defined]
+
     def _word_pool(self, device: int) -> _CopyWords:
         words = self._words.get(device)
         if words is None:
