@@ -416,3 +416,49 @@ def test_device_pointer_addresses_a_peers_gpu_word_and_refuses_host_regions(pair
     remote = a.remote(pb, 1, Target(host.bases, host.keys, 64, 1 << 20, b"H"))
     with pytest.raises(Unsupported, match="host region"):
         a.device_pointer(remote, 0)
+
+
+def test_a_repeating_gpu_trigger_never_merges_two_fires(shm_pair, monkeypatch):
+    """A stream that fires a repeating GPU trigger again before the watcher took the
+    previous fire (signal words let the stream run ahead of the host) must not merge
+    the two: the stream work waits until the private word is back at the reset value
+    before it stores again, so every fire posts its immediates. The wait is played
+    here by polling the word, as the GPU would."""
+    import ctypes
+    import time
+
+    import numpy as np
+
+    from asyncfabric import Flag
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
+
+    a, b, pb = shm_pair
+    buf = np.zeros(2 * _CopyWords.STRIDE, np.uint8)
+    base = buf.ctypes.data
+    a._words[0] = _CopyWords(base, base, 2)
+    waits = []
+
+    def wait_value32(stream, ptr, value, flags):
+        waits.append((stream, ptr, value, flags))
+        t0 = time.monotonic()
+        while ctypes.c_uint32.from_address(ptr).value != value:  # EQ, as the stream waits
+            assert time.monotonic() - t0 < 5, "the watcher never reset the word"
+
+    monkeypatch.setattr(_driver, "use_device", lambda dev: None)
+    monkeypatch.setattr(_driver, "copy_async", lambda *args: None)
+    monkeypatch.setattr(_driver, "wait_value32", wait_value32)
+    monkeypatch.setattr(
+        _driver,
+        "write_value32",
+        lambda s, p, v: setattr(ctypes.c_uint32.from_address(p), "value", v),
+    )
+    batch = _gpu_batch(a, pb, True, True)  # kept: the native trigger points into it
+    work = a.trigger_arm(5, batch, Flag().ptr, 1, 0, True, 10**6, 20_000)
+    fires = 5
+    for _ in range(fires):  # back to back: the stream does not wait for the host
+        work(99, 1)
+    assert waits == [(99, base, 0, _driver.WAIT_VALUE_EQ)] * fires
+    _until(lambda: b.counter_avail(3) == 2 * fires, "every fire's two immediates are counted")
+    evs: list = []
+    _until(lambda: evs.extend(a.drain()) or evs.count(OpDone(5)) == fires, "each fire ends once")
+    assert a.trigger_disarm(5) == 0  # nothing in flight: the word (our buf) is free again

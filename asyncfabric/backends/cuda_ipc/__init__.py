@@ -210,13 +210,22 @@ class _CopyWords:
 class _StreamCopies:
     """A triggered GPU batch's stream work: its copies, queued on the firing stream
     (``cuMemcpyAsync`` into the peer's mapped memory), then the write of the private
-    word its immediates are armed on. Both are captured into CUDA graphs."""
+    word its immediates are armed on. All captured into CUDA graphs.
 
-    __slots__ = ("copies", "word")
+    ``gate``: a repeating trigger's reset value. The stream first waits until the
+    word holds it again, i.e. until the watcher took the previous fire. A stream that
+    runs ahead of the host (signal words let it) would otherwise store the value
+    again before the watcher saw it go back, and two fires would post once: the
+    peer's counter would miss immediates, silently."""
 
-    def __init__(self, copies: list[tuple[int, int, int, int]], word: int) -> None:
+    __slots__ = ("copies", "word", "gate")
+
+    def __init__(
+        self, copies: list[tuple[int, int, int, int]], word: int, gate: int | None = None
+    ) -> None:
         self.copies = copies  # (dst ptr, src ptr, nbytes, device)
         self.word = word  # the armed word, as the GPU addresses it
+        self.gate = gate
 
     def __call__(self, stream: int, value: int) -> None:
         from . import _driver
@@ -227,6 +236,8 @@ class _StreamCopies:
                 _driver.use_device(dev)
                 current = dev
             _driver.copy_async(dst, src, n, stream)
+        if self.gate is not None:
+            _driver.wait_value32(stream, self.word, self.gate, _driver.WAIT_VALUE_EQ)
         _driver.write_value32(stream, self.word, value)
 
 
@@ -597,7 +608,8 @@ class CudaIpcTransport(ForwardingTransport):
             words.give(i)
             raise
         self._lent[token] = (words, i, repeat, None)
-        return _StreamCopies(copies, words.dev + i * words.STRIDE)
+        gate = reset if repeat and reset >= 0 else None
+        return _StreamCopies(copies, words.dev + i * words.STRIDE, gate)
 
     def device_pointer(self, remote: Remote, offset: int) -> int:
         if remote.__class__ is not _GpuRemote:

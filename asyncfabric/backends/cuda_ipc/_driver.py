@@ -11,6 +11,7 @@ import ctypes
 from typing import Any
 
 from ..staged._cuda import (
+    WAIT_VALUE_EQ,
     check,
     copy_async,
     event_create,
@@ -20,11 +21,13 @@ from ..staged._cuda import (
     on_device,
     stream_sync,
     use_device,
+    wait_value32,
     write_value32,
 )
 from ..staged._cuda import lib as _base_lib
 
 __all__ = [
+    "WAIT_VALUE_EQ",
     "allocation_of",
     "check",
     "copy_async",
@@ -39,6 +42,7 @@ __all__ = [
     "on_device",
     "stream_sync",
     "use_device",
+    "wait_value32",
     "write_value32",
 ]
 

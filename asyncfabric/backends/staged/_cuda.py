@@ -106,6 +106,7 @@ def notify_after(copy_stream: int, event: int, notify_stream: int, fn: int, arg:
 MEMHOSTALLOC_PORTABLE = 0x01
 MEMHOSTALLOC_DEVICEMAP = 0x02
 WAIT_VALUE_GEQ = 0x0
+WAIT_VALUE_EQ = 0x1
 WAIT_VALUE_FLUSH = 1 << 30
 WRITE_VALUE_DEFAULT = 0x0  # a memory fence before the write: earlier work is visible first
 
