@@ -12,7 +12,12 @@ Run on the GPU machine under CUDA MPS (``nvidia-cuda-mps-control -d``), next to
    GPU memory; the peer's stream waits on that word. No host in the loop at all: the
    floor of any stream-to-stream signal between two processes on one GPU.
 
-For 2, one way = RTT / 2, from CUDA events around each round on rank 0's stream.
+3. ``gpu_only_signal``: 2 without the copy (the word stores and waits alone).
+4. ``copy_sync_torch`` / ``copy_sync_driver`` (one process): an 8 B device-to-device
+   copy and a stream sync, through torch (as the raw floor's sender) and through
+   the driver calls cuda_ipc's small writes make: the sender's cost, alone.
+
+For 2 and 3, one way = RTT / 2, from CUDA events around each round on rank 0's stream.
 Prints JSON lines (``--out DIR`` also writes DIR/gpu_hops.jsonl).
 """
 
@@ -69,7 +74,7 @@ def memop_host_rtt(rounds: int, warmup: int) -> dict[str, Any]:
     return _stats(rtts)  # (its rtt_p50_us: host -> GPU -> host)
 
 
-def _peer(conn: Any, rounds: int) -> None:
+def _peer(conn: Any, rounds: int, copy: bool = True) -> None:
     import torch
     import torch.multiprocessing  # noqa: F401  (CUDA tensors over the pipe: IPC)
 
@@ -83,7 +88,8 @@ def _peer(conn: Any, rounds: int) -> None:
         h = int(s.cuda_stream)
         for i in range(1, rounds + 1):
             _wait_value(h, word.data_ptr(), i)
-            peer_land.copy_(land, non_blocking=True)
+            if copy:
+                peer_land.copy_(land, non_blocking=True)
             _write_value(h, peer_word.data_ptr(), i)
         s.synchronize()
         conn.send(("ok", None))
@@ -92,13 +98,13 @@ def _peer(conn: Any, rounds: int) -> None:
         conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
-def gpu_only_pingpong(rounds: int, warmup: int) -> dict[str, Any]:
+def gpu_only_pingpong(rounds: int, warmup: int, copy: bool = True) -> dict[str, Any]:
     import torch
     import torch.multiprocessing  # noqa: F401
 
     ctx = mp.get_context("spawn")
     conn, cc = ctx.Pipe()
-    proc = ctx.Process(target=_peer, args=(cc, rounds), daemon=True)
+    proc = ctx.Process(target=_peer, args=(cc, rounds, copy), daemon=True)
     proc.start()
     try:
         if not conn.poll(120):
@@ -116,7 +122,8 @@ def gpu_only_pingpong(rounds: int, warmup: int) -> dict[str, Any]:
         ]
         for i, (a, b) in enumerate(evs, 1):
             a.record(s)
-            peer_land.copy_(vals[i : i + 1], non_blocking=True)
+            if copy:
+                peer_land.copy_(vals[i : i + 1], non_blocking=True)
             _write_value(h, peer_word.data_ptr(), i)
             _wait_value(h, word.data_ptr(), i)
             b.record(s)
@@ -132,7 +139,7 @@ def gpu_only_pingpong(rounds: int, warmup: int) -> dict[str, Any]:
         status, val = conn.recv()
         if status != "ok":
             raise RuntimeError(f"the peer failed: {val}")
-        ok = int(land.item()) == rounds
+        ok = int(land.item()) == rounds if copy else True
         rtts = [a.elapsed_time(b) * 1e3 for a, b in evs[warmup:]]
         conn.send("bye")
         return {"verified": ok, **_stats(rtts)}
@@ -140,6 +147,45 @@ def gpu_only_pingpong(rounds: int, warmup: int) -> dict[str, Any]:
         proc.join(10)
         if proc.is_alive():
             proc.kill()
+
+
+def gpu_only_signal(rounds: int, warmup: int) -> dict[str, Any]:
+    """The ping-pong above without the copy: the peers' word stores and waits alone."""
+    return gpu_only_pingpong(rounds, warmup, copy=False)
+
+
+def _copy_sync(rounds: int, warmup: int, driver: bool) -> dict[str, Any]:
+    import torch
+
+    from asyncfabric.backends.staged import _cuda
+
+    src = torch.arange(8, dtype=torch.uint8, device="cuda")
+    dst = torch.zeros(8, dtype=torch.uint8, device="cuda")
+    s = torch.cuda.current_stream()
+    h = int(s.cuda_stream)
+    us = []
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        if driver:
+            _cuda.copy_async(dst.data_ptr(), src.data_ptr(), 8, h)
+            _cuda.stream_sync(h)
+        else:
+            dst.copy_(src, non_blocking=True)
+            s.synchronize()
+        if i >= warmup:
+            us.append((time.perf_counter() - t0) * 1e6)
+    st = _stats(us)  # (its rtt_* are the times themselves: nothing is halved here)
+    return {"p50_us": st["rtt_p50_us"], "p99_us": round(2 * st["one_way_p99_us"], 2)}
+
+
+def copy_sync_torch(rounds: int, warmup: int) -> dict[str, Any]:
+    """8 B device-to-device copy + stream sync, through torch (the raw floor's sender)."""
+    return _copy_sync(rounds, warmup, driver=False)
+
+
+def copy_sync_driver(rounds: int, warmup: int) -> dict[str, Any]:
+    """The same through the driver calls cuda_ipc's small writes make (ctypes)."""
+    return _copy_sync(rounds, warmup, driver=True)
 
 
 def main() -> int:
@@ -154,7 +200,14 @@ def main() -> int:
     torch.cuda.set_device(0)
     emit(what="meta", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     rc = 0
-    for name, fn in (("memop_host_rtt", memop_host_rtt), ("gpu_only_pingpong", gpu_only_pingpong)):
+    rows = (
+        ("memop_host_rtt", memop_host_rtt),
+        ("gpu_only_pingpong", gpu_only_pingpong),
+        ("gpu_only_signal", gpu_only_signal),
+        ("copy_sync_torch", copy_sync_torch),
+        ("copy_sync_driver", copy_sync_driver),
+    )
+    for name, fn in rows:
         try:
             emit(what=name, **fn(a.rounds, a.warmup))
         except Exception as exc:
