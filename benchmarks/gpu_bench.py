@@ -216,15 +216,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_ipc:
         ipc_sizes = [s * MiB for s in args.ipc_sizes] if args.ipc_sizes else sizes
         res["nvlink_cuda_ipc"] = await _engine_run("cuda_ipc", peer, "cuda:0", ipc_sizes, True, nv)
-        if args.ipc_ab:  # a large copy's end by a trigger on a word, not a copy notice
-            os.environ["ASYNCFABRIC_CUDA_IPC_TRIGGERS"] = "1"  # (the child inherits it)
+        if args.ipc_ab:  # a large copy's end by a copy notice (host function), not a trigger
+            os.environ["ASYNCFABRIC_CUDA_IPC_TRIGGERS"] = "0"  # (the child inherits it)
             try:
-                res["nvlink_cuda_ipc_copy_triggers"] = await _engine_run(
+                res["nvlink_cuda_ipc_copy_notices"] = await _engine_run(
                     "cuda_ipc", peer, "cuda:0", ipc_sizes, False, nv
                 )
             finally:
                 del os.environ["ASYNCFABRIC_CUDA_IPC_TRIGGERS"]
-            res["nvlink_cuda_ipc_notices_again"] = await _engine_run(
+            res["nvlink_cuda_ipc_triggers_again"] = await _engine_run(
                 "cuda_ipc", peer, "cuda:0", ipc_sizes, False, nv
             )
     for lanes in args.lanes:

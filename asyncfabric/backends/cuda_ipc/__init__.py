@@ -306,7 +306,7 @@ class CudaIpcTransport(ForwardingTransport):
         # A large copy's end: a host function (copy notice) by default; with
         # copy_triggers, the copy stream writes a word the shm transport's trigger
         # watcher watches, which then posts the write's immediates itself.
-        self.copy_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_TRIGGERS", "") == "1"
+        self.copy_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_TRIGGERS", "1") != "0"
         self._words: dict[int, _CopyWords] = {}
         # token -> the word lent to a trigger of ours (a large copy's end, a GPU
         # trigger), whether it repeats (kept until disarmed), and what must stay alive
