@@ -91,7 +91,7 @@ def _stream(stream: Any) -> int:
     return int(handle)
 
 
-Word = Flag | DeviceWord | Any
+Word = Any  # (a Flag, a DeviceWord or a CUDA tensor; checked by _device_ptr)
 """What the stream calls write and wait on: a :class:`Flag` made by :func:`cuda_flag`, a
 :class:`DeviceWord` (``Engine.peer_word``), or a CUDA tensor whose first 4 bytes are the
 word (an int32/uint32 element of GPU memory: a signal word of one's own)."""

@@ -303,9 +303,9 @@ class CudaIpcTransport(ForwardingTransport):
         self._imm_errors = 0
         self._copies = 0
         self._closed = False
-        # A large copy's end: a host function (copy notice) by default; with
-        # copy_triggers, the copy stream writes a word the shm transport's trigger
-        # watcher watches, which then posts the write's immediates itself.
+        # A large copy's end: the copy stream writes a word the shm transport's
+        # trigger watcher watches, which then posts the write's immediates itself;
+        # without copy_triggers (or a free word), a host function (copy notice).
         self.copy_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_TRIGGERS", "1") != "0"
         self._words: dict[int, _CopyWords] = {}
         # token -> the word lent to a trigger of ours (a large copy's end, a GPU
