@@ -462,3 +462,42 @@ def test_a_repeating_gpu_trigger_never_merges_two_fires(shm_pair, monkeypatch):
     evs: list = []
     _until(lambda: evs.extend(a.drain()) or evs.count(OpDone(5)) == fires, "each fire ends once")
     assert a.trigger_disarm(5) == 0  # nothing in flight: the word (our buf) is free again
+
+
+def test_a_gpu_trigger_armed_on_a_fired_flag_waits_for_its_stream(shm_pair, monkeypatch):
+    """A flag that already holds the value (a previous phase's fires leave it there)
+    must not fire a GPU trigger at arm time: that would post the immediates of copies
+    the stream never made. The private word starts unfired; a reset that has already
+    reached the value is refused by name."""
+    import ctypes
+    import time
+
+    import numpy as np
+
+    from asyncfabric import Flag
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
+
+    a, b, pb = shm_pair
+    buf = np.zeros(2 * _CopyWords.STRIDE, np.uint8)
+    base = buf.ctypes.data
+    a._words[0] = _CopyWords(base, base, 2)
+    monkeypatch.setattr(_driver, "use_device", lambda dev: None)
+    monkeypatch.setattr(_driver, "copy_async", lambda *args: None)
+    monkeypatch.setattr(
+        _driver,
+        "write_value32",
+        lambda s, p, v: setattr(ctypes.c_uint32.from_address(p), "value", v),
+    )
+    flag = Flag()
+    flag.set(1)  # fired long ago
+    batch = _gpu_batch(a, pb, True, True)  # kept: the native trigger points into it
+    with pytest.raises(ValueError, match="reset 1 has already reached value 1"):
+        a.trigger_arm(4, batch, flag.ptr, 1, 1, True, 10**6, 20_000)
+    assert a._words[0].free == [1, 0]  # the refused arm took no word
+    work = a.trigger_arm(5, batch, flag.ptr, 1, -1, False, 10**6, 20_000)
+    time.sleep(0.02)
+    assert b.counter_avail(3) == 0  # (the old code copied the flag's 1 and fired here)
+    work(99, 1)
+    _until(lambda: b.counter_avail(3) == 2, "the stream's fire posts the immediates")
+    evs: list = []
+    _until(lambda: evs.extend(a.drain()) or OpDone(5) in evs, "the fire ends")

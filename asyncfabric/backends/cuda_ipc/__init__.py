@@ -577,6 +577,16 @@ class CudaIpcTransport(ForwardingTransport):
         doorbell."""
         if not _gpu_batch(batch):  # (raises for a GPU source into a host region)
             return self.inner.trigger_arm(token, batch, word, value, reset, repeat, spin_ns, nap_ns)
+        # The private word starts unfired, whatever the user's flag holds: only the
+        # stream work may fire it (after its copies), and a repeating trigger's gate
+        # waits for the reset value before the first store as before every other.
+        gate = reset if repeat and reset >= 0 else None
+        if gate is not None and (gate - value) & 0xFFFFFFFF < 1 << 31:
+            raise ValueError(
+                f"reset {reset} has already reached value {value} (cyclic >=): the trigger "
+                "would fire again at once; reset to a value below it (0 for value 1)"
+            )
+        start = gate if gate is not None else (value - 1) & 0xFFFFFFFF
         inner, copies = self._split_triggered(batch)
         # The native trigger keeps pointers into the shm batch's packed form: it lives
         # as long as the engine keeps ``batch`` (and with it its cache).
@@ -601,14 +611,13 @@ class CudaIpcTransport(ForwardingTransport):
                 "use by an armed GPU trigger or a copy in flight; disarm triggers no longer needed"
             )
         host = words.host + i * words.STRIDE
-        ctypes.c_uint32.from_address(host).value = ctypes.c_uint32.from_address(word).value
+        ctypes.c_uint32.from_address(host).value = start
         try:
             self.inner.trigger_arm(token, inner, host, value, reset, repeat, spin_ns, nap_ns)
         except BaseException:
             words.give(i)
             raise
         self._lent[token] = (words, i, repeat, None)
-        gate = reset if repeat and reset >= 0 else None
         return _StreamCopies(copies, words.dev + i * words.STRIDE, gate)
 
     def device_pointer(self, remote: Remote, offset: int) -> int:
