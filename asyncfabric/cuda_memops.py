@@ -123,9 +123,7 @@ def _device_ptr(flag: Word) -> int:
     )
 
 
-def stream_fire(
-    flag: Word | Trigger, value: int | None = None, stream: Any = None, *, fence: bool = True
-) -> None:
+def stream_fire(flag: Word | Trigger, value: int | None = None, stream: Any = None) -> None:
     """Enqueue ``cuStreamWriteValue32(flag, value)`` on ``stream`` (default: torch's
     current stream): once the stream reaches it, after the work queued before it and
     a memory fence, the word holds ``value`` and what is armed on it fires. Also
@@ -133,18 +131,12 @@ def stream_fire(
     also be a :class:`DeviceWord` (a peer's signal word, ``Engine.peer_word``) or a
     CUDA tensor (a word of GPU memory): the store is the same.
 
-    ``fence=False``: no memory fence before the store (``NO_MEMORY_BARRIER``), for a
-    store that orders nothing, e.g. resetting a word the stream just waited on.
-    Never for a store that tells someone that data is ready.
-
     Given a :class:`~asyncfabric.Trigger` instead of a flag, fires that trigger: its
     stream work first (on cuda_ipc, the copies of its GPU entries, then the write of
     the private word its immediates are armed on, so the data is in the peer's GPU
     memory before they are posted), then its flag with its value (``value`` defaults
     to the trigger's). A cuda_ipc trigger with GPU entries fires only this way."""
     trig, word = (flag, flag.flag) if isinstance(flag, Trigger) else (None, flag)
-    if trig is not None and not fence:
-        raise ValueError("a trigger's fire orders its data: fence=False is for words only")
     if value is None:
         if trig is None:
             raise TypeError("stream_fire(flag, value): a flag needs the value to write")
@@ -153,7 +145,7 @@ def stream_fire(
     s = _stream(stream)
     if trig is not None and trig.stream_work is not None:
         trig.stream_work(s, v)  # the copies, then the fire of what is armed
-    _cuda.write_value32(s, ptr, v, fence)
+    _cuda.write_value32(s, ptr, v)
 
 
 def stream_wait(flag: Word, value: int, stream: Any = None, *, flush: bool = False) -> None:

@@ -204,17 +204,16 @@ def _child(conn: Any, provider: str, iters: int, rounds: int, minimal: bool = Fa
                         await _sync(torch, t, "rank 1 triggered latency")
                         t.disarm()
                         conn.send(("ok", None))
-                    elif cmd in ("sig_lat", "sig_lat_nf"):
+                    elif cmd == "sig_lat":
                         # the echo of rank 0's signal rounds: wait on our signal word,
                         # reset it, (compute), fire our trigger, store into rank 0's word
                         t.arm(pt, IMM_T)
                         t.signal_to(psig)
                         dev = torch.zeros(1, dtype=torch.int64, device="cuda")
                         conn.send(("ok", None))
-                        fence = cmd == "sig_lat"  # _nf: resets without a fence
                         for _ in range(rounds):
                             cm.stream_wait(t.sig, 1)
-                            cm.stream_fire(t.sig, 0, fence=fence)
+                            cm.stream_fire(t.sig, 0)
                             if not minimal:
                                 dev.copy_(t.recv, non_blocking=True)
                                 dev.add_(1)
@@ -473,9 +472,8 @@ async def amain(a: argparse.Namespace) -> int:
 
             # 2s. 8 B ping-pong, GPU-triggered both ways, released by signal words in GPU
             # memory (cuda_ipc: Engine.peer_word), no host on the path
-            for cmd in ("sig_lat", "sig_lat_nf") if t.gpu else ():
-                ph = _Phase(conn, proc, cmd)
-                fence = cmd == "sig_lat"  # _nf: the resets go without a memory fence
+            if t.gpu:
+                ph = _Phase(conn, proc, "sig_lat")
                 try:
                     await ph.start()
                     t.arm(ct, IMM_T)
@@ -493,7 +491,7 @@ async def amain(a: argparse.Namespace) -> int:
                         t.fire_on_stream()
                         cm.stream_fire(t.peer_sig, 1)
                         cm.stream_wait(t.sig, 1)
-                        cm.stream_fire(t.sig, 0, fence=fence)
+                        cm.stream_fire(t.sig, 0)
                         if not a.minimal:
                             dev.copy_(t.recv, non_blocking=True)
                             dev.add_(1)
@@ -504,8 +502,7 @@ async def amain(a: argparse.Namespace) -> int:
                     t.disarm()
                     ok = int(dev.item()) == 2 * n if not a.minimal else t.trig.fires == n
                     rtts = [s_ev.elapsed_time(e_ev) * 1e3 for s_ev, e_ev in evs[a.warmup :]]
-                    path = "gpu_signal" + ("_nofence_resets" if not fence else "")
-                    path += "_minimal" if a.minimal else ""
+                    path = "gpu_signal_minimal" if a.minimal else "gpu_signal"
                     emit(what="latency", path=path, bytes=8, verified=ok, **_stats(rtts))
                     failures += not ok
                 except Exception as exc:

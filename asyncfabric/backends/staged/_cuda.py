@@ -109,7 +109,6 @@ WAIT_VALUE_GEQ = 0x0
 WAIT_VALUE_EQ = 0x1
 WAIT_VALUE_FLUSH = 1 << 30
 WRITE_VALUE_DEFAULT = 0x0  # a memory fence before the write: earlier work is visible first
-WRITE_VALUE_NO_MEMORY_BARRIER = 0x1  # no fence: for a store that orders nothing (a reset)
 
 _entries: dict[str, Any] = {}
 
@@ -142,12 +141,14 @@ def entry(name: str) -> Any:
     return fn
 
 
-def write_value32(stream: int, dev_ptr: int, value: int, fence: bool = True) -> None:
-    """``cuStreamWriteValue32``: with ``fence`` (the default flags) a memory fence
-    first, so the work queued before it is visible before the word is; without, a
-    bare store (``NO_MEMORY_BARRIER``), for a word whose store orders nothing."""
-    flags = WRITE_VALUE_DEFAULT if fence else WRITE_VALUE_NO_MEMORY_BARRIER
-    check(entry("cuStreamWriteValue32")(stream, dev_ptr, value, flags), "cuStreamWriteValue32")
+def write_value32(stream: int, dev_ptr: int, value: int) -> None:
+    """``cuStreamWriteValue32`` with the default flags (a memory fence first: the work
+    queued before it is visible before the word is). The _v2 entry point refuses
+    ``NO_MEMORY_BARRIER`` (an H100 run said "invalid argument"), so every store fences."""
+    check(
+        entry("cuStreamWriteValue32")(stream, dev_ptr, value, WRITE_VALUE_DEFAULT),
+        "cuStreamWriteValue32",
+    )
 
 
 def wait_value32(stream: int, dev_ptr: int, value: int, flags: int = WAIT_VALUE_GEQ) -> None:
