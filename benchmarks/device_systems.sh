@@ -35,20 +35,20 @@ mkdir -p "$res" /opt/lf
   for s in "$@"; do
     echo "== $s $(date -u +%T)"
     case "$s" in
-      bench\ *) timeout "${T_BENCH:-120}" python3 -m asyncfabric $s ;;
-      python3\ *|env\ *) timeout "${T_BENCH:-120}" $s ;;
-      kv) timeout "${T_KV:-150}" python3 benchmarks/gpu_kv.py --out "$res/kv" --reps 3 ;;
-      weights) timeout "${T_WEIGHTS:-170}" python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
-      allreduce) timeout "${T_ALLREDUCE:-120}" python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
+      bench\ *) timeout -k 10 "${T_BENCH:-120}" python3 -m asyncfabric $s ;;
+      python3\ *|env\ *) timeout -k 10 "${T_BENCH:-120}" $s ;;
+      kv) timeout -k 10 "${T_KV:-150}" python3 benchmarks/gpu_kv.py --out "$res/kv" --reps 3 ;;
+      weights) timeout -k 10 "${T_WEIGHTS:-170}" python3 benchmarks/gpu_weights.py --out "$res/weights" --sizes 0.5,2 ;;
+      allreduce) timeout -k 10 "${T_ALLREDUCE:-120}" python3 benchmarks/gpu_allreduce.py --out "$res/allreduce" --ranks 2,4 \
         --sizes 64K,1M,16M,256M ;;
-      moe) timeout "${T_MOE:-120}" python3 benchmarks/gpu_moe.py --out "$res/moe" --fp8 ;;
-      triggers) timeout "${T_TRIGGERS:-240}" python3 benchmarks/gpu_triggers.py --out "$res/triggers" ;;
+      moe) timeout -k 10 "${T_MOE:-120}" python3 benchmarks/gpu_moe.py --out "$res/moe" --fp8 ;;
+      triggers) timeout -k 10 "${T_TRIGGERS:-240}" python3 benchmarks/gpu_triggers.py --out "$res/triggers" ;;
       *) echo "unknown: $s" ;;
     esac
     echo "== $s rc=$? $(date -u +%T)"
   done
   echo quit | nvidia-cuda-mps-control
   date -u
-} 2>&1 | tee "$res/systems.log"
-cp "$res/systems.log" "$OUT/systems.log"
+} 2>&1 | tee "$res/systems.log" "$OUT/systems.log"  # (in $OUT as it goes: a call killed
+# at its limit still brings the log back)
 tar czf "$OUT/systems.tgz" -C "$res" .
