@@ -132,6 +132,34 @@ class Side:
             time.sleep(0.0005)
 
 
+def _rank0_rounds(torch: Any, t: Side, n: int, minimal: bool, signal: bool) -> tuple[list, Any]:
+    """Queue rank 0's ``n`` timed ping-pong rounds on the current stream: (compute),
+    fire the trigger, then wait on the release word (``signal``: store into the
+    peer's signal word and wait on ours), reset it, (compute). Returns the rounds'
+    start/end events and the device value the compute carries."""
+    cm = t.cm
+    dev = torch.zeros(1, dtype=torch.int64, device="cuda")
+    evs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(n)
+    ]
+    word = t.sig if signal else t.ready
+    for s_ev, e_ev in evs:
+        s_ev.record()
+        if not minimal:
+            t.send.copy_(dev, non_blocking=True)
+        t.fire_on_stream()
+        if signal:
+            cm.stream_fire(t.peer_sig, 1)
+        cm.stream_wait(word, 1)
+        cm.stream_fire(word, 0)
+        if not minimal:
+            dev.copy_(t.recv, non_blocking=True)
+            dev.add_(1)
+        e_ev.record()
+    return evs, dev
+
+
 async def _sync(torch: Any, side: Side, what: str) -> None:
     loop = asyncio.get_running_loop()
     fut = loop.run_in_executor(None, torch.cuda.synchronize)
@@ -435,23 +463,8 @@ async def amain(a: argparse.Namespace) -> int:
             try:
                 await ph.start()
                 t.arm(ct, IMM_T)
-                dev = torch.zeros(1, dtype=torch.int64, device="cuda")
                 n = a.rounds
-                evs = [
-                    (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                    for _ in range(n)
-                ]
-                for s_ev, e_ev in evs:
-                    s_ev.record()
-                    if not a.minimal:
-                        t.send.copy_(dev, non_blocking=True)
-                    t.fire_on_stream()
-                    cm.stream_wait(t.ready, 1)
-                    cm.stream_fire(t.ready, 0)
-                    if not a.minimal:
-                        dev.copy_(t.recv, non_blocking=True)
-                        dev.add_(1)
-                    e_ev.record()
+                evs, dev = _rank0_rounds(torch, t, n, a.minimal, signal=False)
                 await _sync(torch, t, "rank 0 triggered latency")
                 await ph.finish()
                 if a.minimal:
@@ -478,24 +491,8 @@ async def amain(a: argparse.Namespace) -> int:
                     await ph.start()
                     t.arm(ct, IMM_T)
                     t.signal_to(csig)
-                    dev = torch.zeros(1, dtype=torch.int64, device="cuda")
                     n = a.rounds
-                    evs = [
-                        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                        for _ in range(n)
-                    ]
-                    for s_ev, e_ev in evs:
-                        s_ev.record()
-                        if not a.minimal:
-                            t.send.copy_(dev, non_blocking=True)
-                        t.fire_on_stream()
-                        cm.stream_fire(t.peer_sig, 1)
-                        cm.stream_wait(t.sig, 1)
-                        cm.stream_fire(t.sig, 0)
-                        if not a.minimal:
-                            dev.copy_(t.recv, non_blocking=True)
-                            dev.add_(1)
-                        e_ev.record()
+                    evs, dev = _rank0_rounds(torch, t, n, a.minimal, signal=True)
                     await _sync(torch, t, "rank 0 signal latency")
                     await ph.finish()
                     await t.trig.wait(n, timeout=TIMEOUT)  # the immediates all went too

@@ -403,6 +403,34 @@ async def test_cuda_stream_fires_and_waits():
         assert torch.all(out == 3.0)
 
 
+async def _replay_pair(ga, gb, sa, sb, rounds: int, unstick) -> None:
+    """Replay b's graph then a's, ``rounds`` times, and wait for a's stream to end;
+    ``unstick()`` lets streams stuck on a word go (so the process can end) before the
+    timeout is raised."""
+    import torch
+
+    for _ in range(rounds):
+        with torch.cuda.stream(sb):
+            gb.replay()
+        with torch.cuda.stream(sa):
+            ga.replay()
+    end = torch.cuda.Event()
+    end.record(sa)
+    try:
+        await _eventually(end.query, timeout=60)
+    finally:
+        if not end.query():
+            unstick()
+
+
+def _recurrence(n_el: int, p: int, rounds: int) -> np.ndarray:
+    """The graphs' data after ``rounds``: x -> (x + 1) * 3 * 2, mod p, on the host."""
+    want = np.arange(n_el, dtype=np.int64) % p
+    for _ in range(rounds):
+        want = (((want + 1) % p) * 3 % p) * 2 % p
+    return want
+
+
 @pytest.mark.skipif(not _cuda(), reason="needs torch with a CUDA device")
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_cuda_ipc_graph_compute_trigger_wait_compute_1000_rounds():
@@ -449,24 +477,11 @@ async def test_cuda_ipc_graph_compute_trigger_wait_compute_1000_rounds():
             cm.stream_fire(ready_b, 0)
             z["sb"].copy_(torch.remainder(z["lb"] * 3, p))
             cm.stream_fire(tb)
-        for _ in range(rounds):
-            with torch.cuda.stream(sb):
-                gb.replay()
-            with torch.cuda.stream(sa):
-                ga.replay()
-        end = torch.cuda.Event()
-        end.record(sa)
-        try:
-            await _eventually(end.query, timeout=60)
-        finally:
-            if not end.query():  # let stuck streams go, so the process can end
-                for f in (ready_a, ready_b):
-                    f.set(1 << 30)
+        await _replay_pair(
+            ga, gb, sa, sb, rounds, lambda: [f.set(1 << 30) for f in (ready_a, ready_b)]
+        )
         await _eventually(lambda: ta.fires == rounds and tb.fires == rounds)
-        want = np.arange(n_el, dtype=np.int64) % p
-        for _ in range(rounds):
-            want = (((want + 1) % p) * 3 % p) * 2 % p
-        assert (x.cpu().numpy() == want).all()
+        assert (x.cpu().numpy() == _recurrence(n_el, p, rounds)).all()
         assert (rel_a.fired, rel_b.fired) == (rounds, rounds)
 
 
@@ -516,23 +531,8 @@ async def test_cuda_ipc_signal_words_graph_1000_rounds():
             z["sb"].copy_(torch.remainder(z["lb"] * 3, p))
             cm.stream_fire(tb)
             cm.stream_fire(to_a, 1)
-        for _ in range(rounds):
-            with torch.cuda.stream(sb):
-                gb.replay()
-            with torch.cuda.stream(sa):
-                ga.replay()
-        end = torch.cuda.Event()
-        end.record(sa)
-        try:
-            await _eventually(end.query, timeout=60)
-        finally:
-            if not end.query():  # let stuck streams go, so the process can end
-                for w in sig.values():
-                    w.fill_(1 << 30)
-        want = np.arange(n_el, dtype=np.int64) % p
-        for _ in range(rounds):
-            want = (((want + 1) % p) * 3 % p) * 2 % p
-        assert (x.cpu().numpy() == want).all()
+        await _replay_pair(ga, gb, sa, sb, rounds, lambda: [w.fill_(1 << 30) for w in sig.values()])
+        assert (x.cpu().numpy() == _recurrence(n_el, p, rounds)).all()
         n = lb.descriptor().expected_imms(n_el * 8)
         await _eventually(lambda: ta.fires == rounds and tb.fires == rounds)
         await _eventually(
