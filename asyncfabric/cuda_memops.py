@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._buffers import buffer_info
 from ._errors import TransferError
 from ._flag import DeviceWord, Flag, check_u32
 from .backends.staged import _cuda
@@ -105,22 +106,22 @@ def _device_ptr(flag: Word) -> int:
                 "with asyncfabric.cuda_memops.cuda_flag()"
             )
         return flag.device_ptr
-    device = getattr(flag, "device", None)
-    if getattr(device, "type", None) == "cuda" and hasattr(flag, "data_ptr"):
-        if flag.element_size() * flag.numel() < 4:
-            raise ValueError(
-                f"a tensor used as a word needs 4 bytes, this one has "
-                f"{flag.element_size() * flag.numel()}"
-            )
-        ptr = int(flag.data_ptr())
-        if ptr % 4:
-            raise ValueError(f"the tensor's word at {ptr:#x} is not 4-byte aligned")
-        return ptr
-    raise TypeError(
-        "expected an asyncfabric Flag (cuda_memops.cuda_flag()), a DeviceWord "
-        f"(Engine.peer_word) or a CUDA tensor of at least 4 bytes, got {type(flag).__name__}"
-        + (" in host memory" if device is not None else "")
-    )
+    try:
+        info = buffer_info(flag)  # a tensor: its device, pointer and size, as register sees them
+    except TypeError:  # (a non-contiguous or empty tensor raises its own RegionError)
+        info = None
+    if info is None or info.device != "cuda":
+        raise TypeError(
+            "expected an asyncfabric Flag (cuda_memops.cuda_flag()), a DeviceWord "
+            f"(Engine.peer_word) or a CUDA tensor of at least 4 bytes, got {type(flag).__name__}"
+            + (" in host memory" if info is not None else "")
+        )
+    if info.nbytes < 4 or info.ptr % 4:
+        raise ValueError(
+            f"a tensor used as a word needs 4 aligned bytes; this one has {info.nbytes} at "
+            f"{info.ptr:#x}"
+        )
+    return info.ptr
 
 
 def stream_fire(flag: Word | Trigger, value: int | None = None, stream: Any = None) -> None:
@@ -152,8 +153,9 @@ def stream_wait(flag: Word, value: int, stream: Any = None, *, flush: bool = Fal
     """Enqueue ``cuStreamWaitValue32(flag, value, GEQ)`` on ``stream`` (default: torch's
     current stream): work queued after it starts once the word reaches ``value``
     (cyclic >=). ``flag``: a flag, or a word of GPU memory (a CUDA tensor: a signal
-    word that peers' streams write). ``flush``: also flush remote writes (data written into GPU memory by
-    a NIC, GPUDirect; the device must support it). Captured into CUDA graphs."""
+    word that peers' streams write). ``flush``: also flush remote writes (data written
+    into GPU memory by a NIC, GPUDirect; the device must support it). Captured into
+    CUDA graphs."""
     ptr, v = _device_ptr(flag), check_u32(value, "value")
     s = _stream(stream)
     _cuda.wait_value32(s, ptr, v, WAIT_VALUE_GEQ | (WAIT_VALUE_FLUSH if flush else 0))
