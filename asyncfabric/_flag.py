@@ -28,6 +28,21 @@ def check_u32(v: Any, what: str) -> int:
     return int(v)
 
 
+def reached(word: int, value: int) -> bool:
+    """Whether a word holding ``word`` has reached ``value``: the cyclic >= that the
+    watcher and ``cuStreamWaitValue32`` (GEQ) apply, ``(int32)(word - value) >= 0``."""
+    return (word - value) & U32_MAX < 1 << 31
+
+
+def check_reset(value: int, reset: int, repeat: bool) -> None:
+    """A repeating trigger's reset must leave its word unfired, or it fires again at once."""
+    if repeat and reset >= 0 and reached(reset, value):
+        raise ValueError(
+            f"reset {reset} has already reached value {value} (cyclic >=): the trigger would "
+            "fire again at once; reset to a value below it (0 for value 1)"
+        )
+
+
 class Flag:
     """A 32-bit word in host memory: what a trigger watches, what a release word sets.
 

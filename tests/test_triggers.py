@@ -323,6 +323,8 @@ async def test_bad_input_is_refused_clearly(provider, kw):
             eng.arm_write(src, d, f, True)
         with pytest.raises(ValueError, match="reset"):
             eng.arm_write(src, d, f, 1, reset=1 << 40)
+        with pytest.raises(ValueError, match="reset 1 has already reached value 1"):
+            eng.arm_write(src, d, f, 1, reset=1, repeat=True)  # would refire forever
         with pytest.raises(ValueError, match="empty"):
             eng.arm(af.Batch(), f, 1)
         with pytest.raises(ValueError, match="bytes"):

@@ -31,7 +31,7 @@ from .._errors import (
     RegionError,
     TransferError,
 )
-from .._flag import DeviceWord, Flag, check_u32
+from .._flag import DeviceWord, Flag, check_reset, check_u32
 from ..transport import registry
 from ..transport.batching import SUB_BIT, split_sub
 from ..transport.contract import PagedWrite, Remote, Target, Transport, WriteBatch
@@ -812,6 +812,7 @@ class Engine:
         rs = -1 if reset is None else check_u32(reset, "reset")
         if not isinstance(repeat, bool):
             raise TypeError(f"repeat must be a bool, got {type(repeat).__name__}")
+        check_reset(value, rs, repeat)
         batch = ops if isinstance(ops, Batch) else Batch.of(ops, imm=imm)
         c = batch.compile(self)
         gpu = self._t.gpu_triggers  # cuda_ipc: the firing stream copies GPU entries itself

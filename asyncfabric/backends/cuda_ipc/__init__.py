@@ -51,6 +51,7 @@ from ..._errors import (
     RegionError,
     Unsupported,
 )
+from ..._flag import U32_MAX, check_reset
 from ...transport import (
     EVENTS_READY,
     NO_IMM,
@@ -580,13 +581,9 @@ class CudaIpcTransport(ForwardingTransport):
         # The private word starts unfired, whatever the user's flag holds: only the
         # stream work may fire it (after its copies), and a repeating trigger's gate
         # waits for the reset value before the first store as before every other.
+        check_reset(value, reset, repeat)  # (the gate below would never open otherwise)
         gate = reset if repeat and reset >= 0 else None
-        if gate is not None and (gate - value) & 0xFFFFFFFF < 1 << 31:
-            raise ValueError(
-                f"reset {reset} has already reached value {value} (cyclic >=): the trigger "
-                "would fire again at once; reset to a value below it (0 for value 1)"
-            )
-        start = gate if gate is not None else (value - 1) & 0xFFFFFFFF
+        start = gate if gate is not None else (value - 1) & U32_MAX
         inner, copies = self._split_triggered(batch)
         # The native trigger keeps pointers into the shm batch's packed form: it lives
         # as long as the engine keeps ``batch`` (and with it its cache).
