@@ -75,15 +75,17 @@ async def test_write_sizes_verified(provider, src_kind, dst_kind):
                 assert await peer.digest(rid, roff, n) == sha256(host, off, n), (provider, n)
 
 
-@pytest.mark.parametrize("provider", ["shm", "cuda_ipc"])
-async def test_write_after_producer_stream(provider):
-    """A tensor filled by a kernel on a side stream is written only after that kernel."""
+@pytest.mark.parametrize(
+    "provider,n", [("shm", 32 << 20), ("cuda_ipc", 32 << 20), ("cuda_ipc", 4096)]
+)
+async def test_write_after_producer_stream(provider, n):
+    """A tensor filled by a kernel on a side stream is written only after that kernel
+    (on cuda_ipc at 4 KiB, by the copy kernel queued on that stream)."""
     torch.cuda.set_device(0)
     async with (
         PeerProcess(provider, _cuda_device=_peer_dev()) as peer,
         af.Engine(provider) as eng,
     ):
-        n = 32 << 20
         rid, desc_b = await peer.alloc_tensor(n, None, f"cuda:{_peer_dev()}", False)
         desc = af.Descriptor.from_bytes(desc_b)
         src = torch.zeros(n, dtype=torch.uint8, device="cuda:0")
@@ -96,6 +98,36 @@ async def test_write_after_producer_stream(provider):
             await peer.wait(7, desc.expected_imms(), timeout=60)
             side.synchronize()
             assert await peer.digest(rid, 0, n) == sha256(src.cpu().numpy())
+
+
+@pytest.mark.parametrize("small_triggers", [False, True], ids=["sync", "trigger"])
+async def test_cuda_ipc_small_writes_by_the_copy_kernel(small_triggers):
+    """Writes up to the kernel's size, at odd sizes and alignments, are copied by the
+    copy kernel (counted in stats), ended by a stream sync or by a trigger on the
+    word the kernel stores; the bytes and the counts are checked."""
+    torch.cuda.set_device(0)
+    async with (
+        PeerProcess("cuda_ipc", _cuda_device=_peer_dev()) as peer,
+        af.Engine("cuda_ipc") as eng,
+    ):
+        t = eng.transport
+        t.small_triggers = small_triggers
+        top = 1 << 17
+        rid, desc_b = await peer.alloc_tensor(top, None, f"cuda:{_peer_dev()}", False)
+        desc = af.Descriptor.from_bytes(desc_b)
+        src = torch.randint(0, 256, (top,), dtype=torch.uint8, device="cuda:0")
+        host = src.cpu().numpy()
+        before = t.stats()["cuda_kernel_copies"]
+        sizes = [1, 3, 8, 13, 16, 100, 4096, 4099, t.kernel_bytes]
+        with eng.register(src) as region:
+            for i, n in enumerate(sizes * 3):
+                off = random.randrange(0, top - n + 1)
+                roff = random.randrange(0, top - n + 1)
+                await eng.write(region[off : off + n], desc[roff : roff + n], imm=600 + i)
+                await peer.wait(600 + i, desc.expected_imms(n), timeout=60)
+                assert await peer.digest(rid, roff, n) == sha256(host, off, n), (n, off, roff)
+        assert t.kernel_error == ""
+        assert t.stats()["cuda_kernel_copies"] - before == 3 * len(sizes)
 
 
 async def test_cuda_ipc_imm_only_and_counter_rule():

@@ -7,6 +7,8 @@ and the old transport forwarded neither ``watch_peer`` nor ``release``.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 
 from asyncfabric.backends.cuda_ipc import (
@@ -379,9 +381,10 @@ def test_a_large_copy_can_end_by_a_trigger_on_a_word_the_stream_writes(shm_pair,
     a._words[0] = _CopyWords(base, base, 2)  # host memory standing in for mapped words
     stores = []
     monkeypatch.setattr(_driver, "write_value32", lambda s, p, v: stores.append((s, p, v)))
-    assert a._fire_after(77, 5, 0, pb, 9, 3)
-    assert a._fire_after(78, 5, 0, pb, 10, 1)
-    assert not a._fire_after(79, 5, 0, pb, 11, 1)  # both words lent
+    store = partial(_driver.write_value32, 5)  # (as post_write passes it: the copy stream's)
+    assert a._fire_after(77, 0, pb, 9, 3, store)
+    assert a._fire_after(78, 0, pb, 10, 1, store)
+    assert not a._fire_after(79, 0, pb, 11, 1, store)  # both words lent
     assert stores == [(5, base, 1), (5, base + _CopyWords.STRIDE, 1)]
     import time
 
@@ -501,3 +504,122 @@ def test_a_gpu_trigger_armed_on_a_fired_flag_waits_for_its_stream(shm_pair, monk
     _until(lambda: b.counter_avail(3) == 2, "the stream's fire posts the immediates")
     evs: list = []
     _until(lambda: evs.extend(a.drain()) or OpDone(5) in evs, "the fire ends")
+
+
+class _FakeKernel:
+    """The copy kernel's launches, recorded; a launch with a word stores it (as the
+    kernel does after its copy), into host memory standing in for a mapped word."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[int, ...]] = []
+
+    def launch(self, stream: int, dst: int, src: int, n: int, word: int = 0, value: int = 0):
+        import ctypes
+
+        self.launches.append((stream, dst, src, n, word, value))
+        if word:
+            ctypes.c_uint32.from_address(word).value = value
+
+
+def test_a_triggered_gpu_batch_of_small_copies_stores_its_word_from_the_kernel(
+    shm_pair, monkeypatch
+):
+    """Small copies of a triggered GPU batch go through the copy kernel, and the last
+    launch stores the private word itself (one launch, no separate stream write); a
+    repeating trigger's gate wait comes before any copy of the fire."""
+    import numpy as np
+
+    from asyncfabric import Flag
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
+
+    a, b, pb = shm_pair
+    buf = np.zeros(_CopyWords.STRIDE, np.uint8)
+    base = buf.ctypes.data
+    a._words[0] = _CopyWords(base, base, 1)
+    k = a._kernels[0] = _FakeKernel()
+    calls: list = []
+    monkeypatch.setattr(_driver, "use_device", lambda dev: None)
+    monkeypatch.setattr(_driver, "copy_async", lambda *args: calls.append(("copy", *args)))
+    monkeypatch.setattr(_driver, "write_value32", lambda *args: calls.append(("store", *args)))
+    monkeypatch.setattr(_driver, "wait_value32", lambda *args: calls.append(("wait", *args)))
+    batch = _gpu_batch(a, pb, True, True)
+    flag = Flag()
+    work = a.trigger_arm(5, batch, flag.ptr, 1, 0, True, 10**6, 20_000)
+    work(99, 1)
+    assert calls == [("wait", 99, base, 0, _driver.WAIT_VALUE_EQ)]  # the gate, first
+    assert k.launches == [
+        (99, 0xBEEF0000, 0xDEAD0000, 32, 0, 0),
+        (99, 0xBEEF0000 + 32, 0xDEAD0000 + 32, 32, base, 1),  # copies, then the word
+    ]
+    _until(lambda: b.counter_avail(3) == 2, "the peer counts one immediate per entry")
+    assert a.trigger_disarm(5) == 0
+    # one launch per copy past the kernel's size: the copy engine and a stream write
+    a.kernel_bytes = 16
+    calls.clear()
+    work = a.trigger_arm(6, batch, flag.ptr, 1, -1, False, 10**6, 20_000)
+    work(99, 1)
+    assert [c[0] for c in calls] == ["copy", "copy", "store"]
+    assert a.trigger_disarm(6) == 0
+
+
+@pytest.mark.parametrize("small_triggers", [False, True])
+def test_a_small_gpu_write_is_copied_by_the_kernel(shm_pair, monkeypatch, small_triggers):
+    """A GPU-to-GPU write the kernel copies ends one of two ways: by a stream sync and
+    its immediates posted inline (done in the call), or by a trigger on the word the
+    kernel stores after the copy (the watcher posts the immediates, the write ends as
+    the trigger's OpDone, and the word is lent again)."""
+    import types
+
+    import numpy as np
+
+    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver, _GpuRemote
+    from asyncfabric.transport import Registration
+
+    a, b, pb = shm_pair
+    buf = np.zeros(_CopyWords.STRIDE, np.uint8)
+    base = buf.ctypes.data
+    a._words[0] = _CopyWords(base, base, 1)
+    k = a._kernels[0] = _FakeKernel()
+    a.small_triggers = small_triggers
+    syncs: list = []
+    monkeypatch.setattr(_driver, "use_device", lambda dev: None)
+    monkeypatch.setattr(_driver, "stream_sync", syncs.append)
+    src = Registration(7, (7,), (0xDEAD0000,), 0xDEAD0000, 64, "cuda", 0, b"C")
+    dst = _GpuRemote(pb, 1, Target((0xBEEF0000,), (7,), 64, 1 << 20, b"C"), 0xBEEF0000, 64)
+    stream = types.SimpleNamespace(cuda_stream=99)
+    done = a.post_write(41, dst, 8, src, 16, 8, 4, stream)
+    _until(lambda: b.counter_avail(4) == 1, "the peer counts the write's immediate")
+    if not small_triggers:
+        assert done and syncs == [99]
+        assert k.launches == [(99, 0xBEEF0000 + 8, 0xDEAD0000 + 16, 8, 0, 0)]
+        return
+    assert not done and not syncs
+    assert k.launches == [(99, 0xBEEF0000 + 8, 0xDEAD0000 + 16, 8, base, 1)]
+    evs: list = []
+    _until(lambda: evs.extend(a.drain()) or OpDone(41) in evs, "the write ends")
+    assert a._words[0].free == [0] and not a._lent
+
+
+def test_the_copy_kernels_ptx_is_generated_from_its_source():
+    """_copy_ptx.py is scripts/build_ptx.py's output for copy_kernel.cu: the digest of
+    the source it was made from matches the file, and where NVRTC is installed
+    (nvidia-cuda-nvrtc-cu12), generating it again gives the same module."""
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    from asyncfabric.backends.cuda_ipc import _copy_ptx
+
+    root = Path(__file__).resolve().parents[2]
+    src = (root / "asyncfabric/backends/cuda_ipc/copy_kernel.cu").read_text()
+    assert hashlib.sha256(src.encode()).hexdigest() == _copy_ptx.SOURCE_SHA256, (
+        "copy_kernel.cu changed: run scripts/build_ptx.py"
+    )
+    assert ".entry af_copy(" in _copy_ptx.PTX and _copy_ptx.PTX.count(".param .") == 5
+    if importlib.util.find_spec("nvidia.cuda_nvrtc") is None:
+        return
+    spec = importlib.util.spec_from_file_location("build_ptx", root / "scripts/build_ptx.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.render(src) == (root / "asyncfabric/backends/cuda_ipc/_copy_ptx.py").read_text()

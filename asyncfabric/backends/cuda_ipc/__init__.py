@@ -49,6 +49,7 @@ from ..._errors import (
     DescriptorError,
     PeerUnreachable,
     RegionError,
+    TransferError,
     Unsupported,
 )
 from ..._flag import U32_MAX, check_reset
@@ -71,9 +72,11 @@ from ...transport.batching import SUB_BIT, post_batch_each
 from ...transport.events import Event
 from ...transport.status import IO_ERROR
 from ..staged.copies import CopyWaiter, producer_stream
+from ._kernel import CopyKernel
 
 MAGIC = b"AFNV1"
 INLINE_SYNC_BYTES = 1 << 20
+KERNEL_BYTES = 1 << 16  # GPU-to-GPU copies up to this size go through the copy kernel
 COPY_SPIN_NS, COPY_NAP_NS = 1_000_000, 20_000  # how the watcher polls a large copy's word
 DOOR_BYTES = 1 << 16  # immediates posted per native call, at most
 INTERNAL_TOKENS = 1 << 62  # tokens of the imm posts this transport makes itself
@@ -156,6 +159,23 @@ class CudaIpcBackend(Backend):
             raise
 
 
+def _stream_handle(device: int, stream: Any) -> int:
+    """The handle of the stream a CUDA source is read after (the caller's, else the
+    device's current stream), without building a torch Stream object where torch
+    can say it directly."""
+    if stream is None:
+        raw = _raw_current_stream()
+        if raw is not None:
+            return int(raw(device))
+    return int(producer_stream(device, stream).cuda_stream)
+
+
+def _raw_current_stream() -> Callable[[int], int] | None:
+    import torch
+
+    return getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _gpu_batch(batch: WriteBatch) -> bool:
     """Whether ``batch`` has a GPU side; raises, before anything is posted, naming the
     first entry that writes GPU memory into a host region (which post_write refuses)."""
@@ -219,27 +239,44 @@ class _StreamCopies:
     again before the watcher saw it go back, and two fires would post once: the
     peer's counter would miss immediates, silently."""
 
-    __slots__ = ("copies", "word", "gate")
+    __slots__ = ("copies", "word", "gate", "kernels")
 
     def __init__(
-        self, copies: list[tuple[int, int, int, int]], word: int, gate: int | None = None
+        self,
+        copies: list[tuple[int, int, int, int]],
+        word: int,
+        gate: int | None = None,
+        kernels: dict[int, CopyKernel] | None = None,
     ) -> None:
         self.copies = copies  # (dst ptr, src ptr, nbytes, device)
         self.word = word  # the armed word, as the GPU addresses it
         self.gate = gate
+        # index of a copy -> the copy kernel that makes it (small copies); the last
+        # copy's kernel also stores the word when it runs on the word's device
+        self.kernels = kernels or {}
 
     def __call__(self, stream: int, value: int) -> None:
         from . import _driver
 
-        current = -1
-        for dst, src, n, dev in self.copies:
+        # The gate comes first: nothing of this fire reaches the peer's memory before
+        # the watcher took the previous one.
+        if self.gate is not None:
+            _driver.wait_value32(stream, self.word, self.gate, _driver.WAIT_VALUE_EQ)
+        current, last, stored = -1, len(self.copies) - 1, False
+        for j, (dst, src, n, dev) in enumerate(self.copies):
             if dev != current:
                 _driver.use_device(dev)
                 current = dev
-            _driver.copy_async(dst, src, n, stream)
-        if self.gate is not None:
-            _driver.wait_value32(stream, self.word, self.gate, _driver.WAIT_VALUE_EQ)
-        _driver.write_value32(stream, self.word, value)
+            k = self.kernels.get(j)
+            if k is None:
+                _driver.copy_async(dst, src, n, stream)
+            elif j == last and dev == self.copies[0][3]:
+                k.launch(stream, dst, src, n, self.word, value)
+                stored = True
+            else:
+                k.launch(stream, dst, src, n)
+        if not stored:
+            _driver.write_value32(stream, self.word, value)
 
 
 class _GpuRemote(Remote):
@@ -313,6 +350,18 @@ class CudaIpcTransport(ForwardingTransport):
         # trigger), whether it repeats (kept until disarmed), and what must stay alive
         self._lent: dict[int, tuple[_CopyWords, int, bool, Any]] = {}
         self._door_cache: dict[tuple[int, int, int], WriteBatch] = {}
+        # Small GPU-to-GPU copies by the copy kernel (_kernel.py) instead of the copy
+        # engine: ASYNCFABRIC_CUDA_IPC_KERNEL_BYTES sets the largest (0: never).
+        self.kernel_bytes = int(os.environ.get("ASYNCFABRIC_CUDA_IPC_KERNEL_BYTES", KERNEL_BYTES))
+        self._kernels: dict[int, CopyKernel | None] = {}
+        self.kernel_error = ""  # why the kernel could not load, if it could not
+        # How a small write (one the kernel copies) ends: by a trigger on the word the
+        # kernel stores (ASYNCFABRIC_CUDA_IPC_SMALL=trigger), or by a stream sync and
+        # the immediates posted inline (=sync). Larger copies up to sync_bytes
+        # (ASYNCFABRIC_CUDA_IPC_SYNC_BYTES) are waited on inline.
+        self.small_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_SMALL", "sync") == "trigger"
+        self.sync_bytes = int(os.environ.get("ASYNCFABRIC_CUDA_IPC_SYNC_BYTES", INLINE_SYNC_BYTES))
+        self._kernel_copies = 0
 
     # ------------------------------------------------------------ plumbing
 
@@ -464,13 +513,31 @@ class CudaIpcTransport(ForwardingTransport):
         device = src.device_index if on_gpu else torch.cuda.current_device()
         _driver.use_device(device)
         count = 0 if imm == NO_IMM else expected_imms(nbytes, chunk_bytes=dst.chunk)
-        if nbytes <= INLINE_SYNC_BYTES:
+        dptr, sptr = dst.ptr + roff, src.ptr + soff  # type: ignore[attr-defined]
+        k = self._kernel(device) if on_gpu and nbytes <= self.kernel_bytes else None
+        if k is not None and self.small_triggers:
+            # A small write ended by a trigger: the kernel, queued on the producer's
+            # stream (ordered after its work, no event), copies and then stores the
+            # word on which the watcher posts the immediates: no host sync, no Python
+            # after this call. Every word lent: the inline path below.
+            handle = _stream_handle(device, stream)
+            store = partial(k.launch, handle, dptr, sptr, nbytes)
+            if self._fire_after(token, device, dst.peer, imm, count, store):
+                self._kernel_copies += 1
+                self._copies += 1
+                return False
+        if nbytes <= self.sync_bytes:
             # Waited on inline: the copy goes on the producer's stream itself, which
             # orders it after the producer's work with no event and no stream wait,
             # and the sync waits for nothing the copy did not wait for already.
-            prod = producer_stream(device, stream) if on_gpu else self._stream(device)
-            handle = int(prod.cuda_stream)
-            _driver.copy_async(dst.ptr + roff, src.ptr + soff, nbytes, handle)  # type: ignore[attr-defined]
+            handle = (
+                _stream_handle(device, stream) if on_gpu else int(self._stream(device).cuda_stream)
+            )
+            if k is not None:
+                k.launch(handle, dptr, sptr, nbytes)
+                self._kernel_copies += 1
+            else:
+                _driver.copy_async(dptr, sptr, nbytes, handle)
             self._copies += 1
             _driver.stream_sync(handle)
             self._post_imms(dst.peer, imm, count)
@@ -479,14 +546,30 @@ class CudaIpcTransport(ForwardingTransport):
         if on_gpu:  # read the source after the work its producer has queued so far
             cs.wait_stream(producer_stream(device, stream))
         handle = int(cs.cuda_stream)
-        _driver.copy_async(dst.ptr + roff, src.ptr + soff, nbytes, handle)  # type: ignore[attr-defined]
+        _driver.copy_async(dptr, sptr, nbytes, handle)
         self._copies += 1
-        if self.copy_triggers and self._fire_after(token, handle, device, dst.peer, imm, count):
+        if self.copy_triggers and self._fire_after(
+            token, device, dst.peer, imm, count, partial(_driver.write_value32, handle)
+        ):
             return False
         self._waiter.after_stream(
             handle, device, partial(self._landed, token, dst.peer, imm, count)
         )
         return False
+
+    def _kernel(self, device: int) -> CopyKernel | None:
+        """The copy kernel on ``device``; None where it cannot load (the copy engine
+        copies then; ``kernel_error`` says why)."""
+        k = self._kernels.get(device, False)
+        if k is False:
+            from . import _kernel
+
+            try:
+                k = _kernel.kernel(device)
+            except TransferError as exc:
+                k, self.kernel_error = None, str(exc)
+            self._kernels[device] = k
+        return k  # type: ignore[return-value]
 
     def _door_batch(self, peer: int, imm: int, count: int) -> WriteBatch:
         """The immediates of one write as a batch into the peer's doorbell (one byte
@@ -503,13 +586,18 @@ class CudaIpcTransport(ForwardingTransport):
         )  # fmt: skip
 
     def _fire_after(
-        self, token: int, stream: int, device: int, peer: int, imm: int, count: int
+        self,
+        token: int,
+        device: int,
+        peer: int,
+        imm: int,
+        count: int,
+        store: Callable[[int, int], None],
     ) -> bool:
         """End the write with a trigger instead of a copy notice: arm its immediates on a
-        word, then have the copy stream write the word after the copy. False (nothing
-        armed) when every word is lent: the caller takes the copy notice path."""
-        from . import _driver
-
+        word, then ``store(word, 1)`` queues the word's store after the copy (a stream
+        write, or the copy kernel's own). False (nothing armed) when every word is
+        lent: the caller ends the write another way."""
         words = self._word_pool(device)
         i = words.take()
         if i < 0:
@@ -522,7 +610,10 @@ class CudaIpcTransport(ForwardingTransport):
             if len(self._door_cache) >= 4096:
                 self._door_cache.clear()  # (the writes in flight keep theirs in _lent)
             door = self._door_cache[key] = self._door_batch(peer, imm, count)
-        wb = dataclasses.replace(door, status=np.zeros(len(door.status), np.int32))
+        wb = WriteBatch(
+            door.token, door.srcs, door.dsts, door.src, door.dst, door.soff, door.doff,
+            door.nbytes, door.imm, np.zeros(len(door.status), np.int32), door.cache, {},
+        )  # fmt: skip
         try:
             self.inner.trigger_arm(
                 token, wb, words.host + i * words.STRIDE, 1, -1, False, COPY_SPIN_NS, COPY_NAP_NS
@@ -532,7 +623,7 @@ class CudaIpcTransport(ForwardingTransport):
             raise
         self._lent[token] = (words, i, False, wb)
         try:
-            _driver.write_value32(stream, words.dev + i * words.STRIDE, 1)
+            store(words.dev + i * words.STRIDE, 1)
         except BaseException:
             self.trigger_disarm(token)  # (gives the word back)
             raise
@@ -615,7 +706,13 @@ class CudaIpcTransport(ForwardingTransport):
             words.give(i)
             raise
         self._lent[token] = (words, i, repeat, None)
-        return _StreamCopies(copies, words.dev + i * words.STRIDE, gate)
+        kernels = {}
+        if self.kernel_bytes:
+            for j, (_, _, n, d) in enumerate(copies):
+                k = self._kernel(d) if n <= self.kernel_bytes else None
+                if k is not None:
+                    kernels[j] = k
+        return _StreamCopies(copies, words.dev + i * words.STRIDE, gate, kernels)
 
     def device_pointer(self, remote: Remote, offset: int) -> int:
         if remote.__class__ is not _GpuRemote:
@@ -770,6 +867,7 @@ class CudaIpcTransport(ForwardingTransport):
     def stats(self) -> dict[str, int]:
         st = self.inner.stats()
         st["cuda_copies"] = self._copies
+        st["cuda_kernel_copies"] = self._kernel_copies
         st["imm_post_errors"] = self._imm_errors
         return st
 
