@@ -12,10 +12,15 @@ Run on the GPU machine under CUDA MPS (``nvidia-cuda-mps-control -d``), next to
    GPU memory; the peer's stream waits on that word. No host in the loop at all: the
    floor of any stream-to-stream signal between two processes on one GPU.
 
-3. ``gpu_only_signal``: 2 without the copy (the word stores and waits alone).
-4. ``copy_sync_torch`` / ``copy_sync_driver`` (one process): an 8 B device-to-device
-   copy and a stream sync, through torch (as the raw floor's sender) and through
-   the driver calls cuda_ipc's small writes make: the sender's cost, alone.
+3. ``gpu_only_signal``: 2 without the copy (the word stores and waits alone);
+   ``gpu_only_kernel``: 2 with cuda_ipc's copy kernel, which copies and then stores
+   the peer's word in one launch, in place of a copy-engine copy and a store.
+4. ``copy_sync_torch`` / ``copy_sync_driver`` / ``copy_sync_kernel`` (one process):
+   an 8 B device-to-device copy and a stream sync, through torch (as the raw
+   floor's sender), through the copy-engine driver calls cuda_ipc made before, and
+   through its copy kernel: the sender's cost, alone. ``copy_word_kernel``: the
+   kernel stores a pinned, GPU-mapped word after the copy, which the host spins on
+   in place of the stream sync.
 
 For 2 and 3, one way = RTT / 2, from CUDA events around each round on rank 0's stream.
 Prints JSON lines (``--out DIR`` also writes DIR/gpu_hops.jsonl).
@@ -74,7 +79,13 @@ def memop_host_rtt(rounds: int, warmup: int) -> dict[str, Any]:
     return _stats(rtts)  # (its rtt_p50_us: host -> GPU -> host)
 
 
-def _peer(conn: Any, rounds: int, copy: bool = True) -> None:
+def _copy_kernel() -> Any:
+    from asyncfabric.backends.cuda_ipc import _kernel
+
+    return _kernel.kernel(0)
+
+
+def _peer(conn: Any, rounds: int, copy: str = "torch") -> None:
     import torch
     import torch.multiprocessing  # noqa: F401  (CUDA tensors over the pipe: IPC)
 
@@ -86,8 +97,12 @@ def _peer(conn: Any, rounds: int, copy: bool = True) -> None:
         peer_word, peer_land = conn.recv()
         s = torch.cuda.current_stream()
         h = int(s.cuda_stream)
+        k = _copy_kernel() if copy == "kernel" else None
         for i in range(1, rounds + 1):
             _wait_value(h, word.data_ptr(), i)
+            if k is not None:
+                k.launch(h, peer_land.data_ptr(), land.data_ptr(), 8, peer_word.data_ptr(), i)
+                continue
             if copy:
                 peer_land.copy_(land, non_blocking=True)
             _write_value(h, peer_word.data_ptr(), i)
@@ -98,7 +113,7 @@ def _peer(conn: Any, rounds: int, copy: bool = True) -> None:
         conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
 
-def gpu_only_pingpong(rounds: int, warmup: int, copy: bool = True) -> dict[str, Any]:
+def gpu_only_pingpong(rounds: int, warmup: int, copy: str = "torch") -> dict[str, Any]:
     import torch
     import torch.multiprocessing  # noqa: F401
 
@@ -116,15 +131,20 @@ def gpu_only_pingpong(rounds: int, warmup: int, copy: bool = True) -> dict[str, 
         vals = torch.arange(rounds + 1, dtype=torch.int64, device="cuda")
         s = torch.cuda.current_stream()
         h = int(s.cuda_stream)
+        k = _copy_kernel() if copy == "kernel" else None
         evs = [
             (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             for _ in range(rounds)
         ]
         for i, (a, b) in enumerate(evs, 1):
             a.record(s)
-            if copy:
-                peer_land.copy_(vals[i : i + 1], non_blocking=True)
-            _write_value(h, peer_word.data_ptr(), i)
+            if k is not None:
+                src = vals[i : i + 1].data_ptr()
+                k.launch(h, peer_land.data_ptr(), src, 8, peer_word.data_ptr(), i)
+            else:
+                if copy:
+                    peer_land.copy_(vals[i : i + 1], non_blocking=True)
+                _write_value(h, peer_word.data_ptr(), i)
             _wait_value(h, word.data_ptr(), i)
             b.record(s)
         end = torch.cuda.Event()
@@ -151,10 +171,17 @@ def gpu_only_pingpong(rounds: int, warmup: int, copy: bool = True) -> dict[str, 
 
 def gpu_only_signal(rounds: int, warmup: int) -> dict[str, Any]:
     """The ping-pong above without the copy: the peers' word stores and waits alone."""
-    return gpu_only_pingpong(rounds, warmup, copy=False)
+    return gpu_only_pingpong(rounds, warmup, copy="")
 
 
-def _copy_sync(rounds: int, warmup: int, driver: bool) -> dict[str, Any]:
+def gpu_only_kernel(rounds: int, warmup: int) -> dict[str, Any]:
+    """The ping-pong with the copy kernel: copy, fence and the peer's word, one launch."""
+    return gpu_only_pingpong(rounds, warmup, copy="kernel")
+
+
+def _copy_sync(rounds: int, warmup: int, how: str) -> dict[str, Any]:
+    import ctypes
+
     import torch
 
     from asyncfabric.backends.staged import _cuda
@@ -163,29 +190,57 @@ def _copy_sync(rounds: int, warmup: int, driver: bool) -> dict[str, Any]:
     dst = torch.zeros(8, dtype=torch.uint8, device="cuda")
     s = torch.cuda.current_stream()
     h = int(s.cuda_stream)
+    k = _copy_kernel() if how.startswith("kernel") else None
+    host, dev = _cuda.host_words(64)
+    word = ctypes.c_uint32.from_address(host)
     us = []
-    for i in range(rounds):
+    for i in range(1, rounds + 1):
         t0 = time.perf_counter()
-        if driver:
+        if how == "driver":
             _cuda.copy_async(dst.data_ptr(), src.data_ptr(), 8, h)
             _cuda.stream_sync(h)
+        elif how == "kernel":
+            k.launch(h, dst.data_ptr(), src.data_ptr(), 8)
+            _cuda.stream_sync(h)
+        elif how == "kernel_word":
+            k.launch(h, dst.data_ptr(), src.data_ptr(), 8, dev, i)
+            deadline = t0 + TIMEOUT
+            while word.value != i:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"round {i}: the kernel never stored the word")
         else:
             dst.copy_(src, non_blocking=True)
             s.synchronize()
-        if i >= warmup:
+        if i > warmup:
             us.append((time.perf_counter() - t0) * 1e6)
+    s.synchronize()
+    ok = bool(torch.equal(dst, src))
     st = _stats(us)  # (its rtt_* are the times themselves: nothing is halved here)
-    return {"p50_us": st["rtt_p50_us"], "p99_us": round(2 * st["one_way_p99_us"], 2)}
+    return {
+        "verified": ok,
+        "p50_us": st["rtt_p50_us"],
+        "p99_us": round(2 * st["one_way_p99_us"], 2),
+    }
 
 
 def copy_sync_torch(rounds: int, warmup: int) -> dict[str, Any]:
     """8 B device-to-device copy + stream sync, through torch (the raw floor's sender)."""
-    return _copy_sync(rounds, warmup, driver=False)
+    return _copy_sync(rounds, warmup, "torch")
 
 
 def copy_sync_driver(rounds: int, warmup: int) -> dict[str, Any]:
-    """The same through the driver calls cuda_ipc's small writes make (ctypes)."""
-    return _copy_sync(rounds, warmup, driver=True)
+    """The same through copy-engine driver calls (ctypes), as cuda_ipc made them before."""
+    return _copy_sync(rounds, warmup, "driver")
+
+
+def copy_sync_kernel(rounds: int, warmup: int) -> dict[str, Any]:
+    """The same through cuda_ipc's copy kernel, then the stream sync."""
+    return _copy_sync(rounds, warmup, "kernel")
+
+
+def copy_word_kernel(rounds: int, warmup: int) -> dict[str, Any]:
+    """The copy kernel storing a mapped word after the copy; the host spins on it."""
+    return _copy_sync(rounds, warmup, "kernel_word")
 
 
 def main() -> int:
@@ -204,8 +259,11 @@ def main() -> int:
         ("memop_host_rtt", memop_host_rtt),
         ("gpu_only_pingpong", gpu_only_pingpong),
         ("gpu_only_signal", gpu_only_signal),
+        ("gpu_only_kernel", gpu_only_kernel),
         ("copy_sync_torch", copy_sync_torch),
         ("copy_sync_driver", copy_sync_driver),
+        ("copy_sync_kernel", copy_sync_kernel),
+        ("copy_word_kernel", copy_word_kernel),
     )
     for name, fn in rows:
         try:

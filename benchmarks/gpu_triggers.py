@@ -620,6 +620,7 @@ def main() -> int:
         what="meta", gpu=torch.cuda.get_device_name(0), torch=torch.__version__,
         cuda=torch.version.cuda, mps=_mps_running(), provider=a.provider, iters=a.iters,
         rounds=a.rounds, asyncfabric=af.__version__, argv=sys.argv,
+        env={k: v for k, v in os.environ.items() if k.startswith("ASYNCFABRIC_")},
     )  # fmt: skip
     if not _mps_running():
         emit(
