@@ -13,6 +13,7 @@ import pytest
 
 from asyncfabric.backends.cuda_ipc import (
     INTERNAL_TOKENS,
+    KERNEL_BYTES,
     CudaIpcBackend,
     CudaIpcTransport,
     drop_internal,
@@ -242,6 +243,9 @@ def shm_pair():
     b.add_peer(a.addresses)
     for t in (a, b):  # progress threads, as an engine starts them
         t.start(PolicyNs(spin_ns=50_000, idle_block_ns=10**6, busy_block_ns=10**6))
+        # The copy kernel would be launched for real where there is a GPU (on the
+        # fabricated pointers here): a test that wants it puts a fake in _kernels.
+        t.kernel_bytes = 0
     yield a, b, pb
     a.close()
     b.close()
@@ -537,6 +541,7 @@ def test_a_triggered_gpu_batch_of_small_copies_stores_its_word_from_the_kernel(
     base = buf.ctypes.data
     a._words[0] = _CopyWords(base, base, 1)
     k = a._kernels[0] = _FakeKernel()
+    a.kernel_bytes = KERNEL_BYTES
     calls: list = []
     monkeypatch.setattr(_driver, "use_device", lambda dev: None)
     monkeypatch.setattr(_driver, "copy_async", lambda *args: calls.append(("copy", *args)))
@@ -580,6 +585,7 @@ def test_a_small_gpu_write_is_copied_by_the_kernel(shm_pair, monkeypatch, small_
     base = buf.ctypes.data
     a._words[0] = _CopyWords(base, base, 1)
     k = a._kernels[0] = _FakeKernel()
+    a.kernel_bytes = KERNEL_BYTES
     a.small_triggers = small_triggers
     syncs: list = []
     monkeypatch.setattr(_driver, "use_device", lambda dev: None)
