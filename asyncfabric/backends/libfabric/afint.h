@@ -306,6 +306,9 @@ struct af_engine {
     _Atomic uint64_t wq_gen; /* bumped when an op is queued for the workers (wpost.c) */
     atomic_int spinners, stop;
     atomic_int sleeping; /* progress thread: 1 blocked in block(), 2 standing aside for Python */
+    /* The trigger watcher holds the lock (triggers.c, for one fire): the progress
+     * thread must not take that for Python's hold and stand aside (progress.c). */
+    atomic_int watcher_held;
     /* While the Python thread keeps calling in (posting, spinning) it reaps
      * completions itself and the progress thread stays out of its way until
      * this time passes or Python says it is going idle (afe_release). On two

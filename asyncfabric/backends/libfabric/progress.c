@@ -102,6 +102,21 @@ static void drop_spin_slot(int *have) {
     *have = 0;
 }
 
+/* Whether the progress thread stands aside when the trigger watcher holds the
+ * lock, as it does for Python. On fewer than 4 CPUs, yes: the sleep gives the
+ * watcher, the event loop and the peer the cores, which measured faster there
+ * (benchmarks/trigger_latency.py). With more, it retries at once.
+ * ASYNCFABRIC_WATCHER_ASIDE=1 or 0 decides it (for A/B runs). */
+static int g_aside = -1;
+
+static int aside_for_watcher(void) {
+    if (g_aside < 0) {
+        const char *v = getenv("ASYNCFABRIC_WATCHER_ASIDE");
+        g_aside = v && *v ? *v != '0' : sysconf(_SC_NPROCESSORS_ONLN) < 4;
+    }
+    return g_aside;
+}
+
 /* How long the progress thread may sleep. Transfers of ours in flight: short
  * naps (queued posts to retry, peers to watch). Only counters armed: arrivals
  * that matter ring the doorbell when every writer is a peer on this host (a
@@ -149,6 +164,15 @@ static void *progress_main(void *arg) {
             continue;
         }
         if (pthread_mutex_trylock(&e->lock)) {
+            if (atomic_load_explicit(&e->watcher_held, memory_order_relaxed) && !aside_for_watcher()) {
+                /* The trigger watcher, for one fire: microseconds, and it
+                 * reaps nothing. Standing aside (as for Python, below) would
+                 * leave arrivals unpolled for a whole py_hold after each fire
+                 * (docs/gpu.md, "Who polls"). Try again, yielding the core: a
+                 * bare spin could keep the watcher from running on it. */
+                sched_yield();
+                continue;
+            }
             /* The Python thread is inside a call: most often a post, which
              * can spin in the provider for a whole copy (shm waits on the
              * target's lock while the target copies), or the drain after

@@ -302,7 +302,9 @@ static int trig_pass(af_engine *e, struct af_trigs *T, int check) {
         int hit = reached(__atomic_load_n(tr->word, __ATOMIC_ACQUIRE), tr->value);
         if (!hit && !check) continue;
         pthread_mutex_lock(&e->lock);
+        atomic_store_explicit(&e->watcher_held, 1, memory_order_relaxed);
         if (still_inflight(e, tr)) {
+            atomic_store_explicit(&e->watcher_held, 0, memory_order_relaxed);
             pthread_mutex_unlock(&e->lock);
             continue;
         }
@@ -315,6 +317,7 @@ static int trig_pass(af_engine *e, struct af_trigs *T, int check) {
             trig_fire(e, T, tr);
             fired++;
         }
+        atomic_store_explicit(&e->watcher_held, 0, memory_order_relaxed);
         pthread_mutex_unlock(&e->lock);
     }
     return fired;
