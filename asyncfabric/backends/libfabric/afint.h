@@ -306,9 +306,12 @@ struct af_engine {
     _Atomic uint64_t wq_gen; /* bumped when an op is queued for the workers (wpost.c) */
     atomic_int spinners, stop;
     atomic_int sleeping; /* progress thread: 1 blocked in block(), 2 standing aside for Python */
-    /* The trigger watcher holds the lock (triggers.c, for one fire): the progress
-     * thread must not take that for Python's hold and stand aside (progress.c). */
-    atomic_int watcher_held;
+    /* The trigger watcher wants the lock / holds it (triggers.c, for one fire).
+     * The spinning pollers let it have it (watcher_yield, progress.c): each of
+     * them unlocks and locks again within nanoseconds, so a watcher woken from
+     * the mutex's wait would mostly find it taken again; and the progress thread
+     * must not take the watcher's hold for Python's and stand aside. */
+    atomic_int watcher_wants, watcher_held;
     /* While the Python thread keeps calling in (posting, spinning) it reaps
      * completions itself and the progress thread stays out of its way until
      * this time passes or Python says it is going idle (afe_release). On two
@@ -463,6 +466,9 @@ static inline void enter_py(af_engine *e) {
 static inline void py_active(af_engine *e) {
     if (e->pol.py_hold_ns) atomic_store_explicit(&e->py_until, now_ns() + e->pol.py_hold_ns, memory_order_relaxed);
 }
+
+/* progress.c: whether pollers make way for the trigger watcher (above). */
+int watcher_yield(void);
 
 static inline void leave_py(af_engine *e) {
     e->py_ctx = 0;

@@ -102,19 +102,27 @@ static void drop_spin_slot(int *have) {
     *have = 0;
 }
 
-/* Whether the progress thread stands aside when the trigger watcher holds the
- * lock, as it does for Python. On fewer than 4 CPUs, yes: the sleep gives the
- * watcher, the event loop and the peer the cores, which measured faster there
- * (benchmarks/trigger_latency.py). With more, it retries at once.
- * ASYNCFABRIC_WATCHER_ASIDE=1 or 0 decides it (for A/B runs). */
-static int g_aside = -1;
+/* Whether the pollers (the progress thread, a Python spin) make way for the
+ * trigger watcher (afint.h): they do not take the lock while it waits for it,
+ * and the progress thread retries while it holds it instead of standing aside
+ * for a whole py_hold as for Python. On fewer than 4 CPUs, no: standing aside
+ * gives the watcher, the event loop and the peer the cores, which measured
+ * faster there (benchmarks/trigger_latency.py). ASYNCFABRIC_WATCHER_YIELD=1 or
+ * 0 decides it (for A/B runs). */
+static int g_yield = -1;
 
-static int aside_for_watcher(void) {
-    if (g_aside < 0) {
-        const char *v = getenv("ASYNCFABRIC_WATCHER_ASIDE");
-        g_aside = v && *v ? *v != '0' : sysconf(_SC_NPROCESSORS_ONLN) < 4;
+int watcher_yield(void) {
+    if (g_yield < 0) {
+        const char *v = getenv("ASYNCFABRIC_WATCHER_YIELD");
+        g_yield = v && *v ? *v != '0' : sysconf(_SC_NPROCESSORS_ONLN) >= 4;
     }
-    return g_aside;
+    return g_yield;
+}
+
+/* Let a trigger watcher that waits for the lock have it first. */
+static inline void make_way(af_engine *e) {
+    while (atomic_load_explicit(&e->watcher_wants, memory_order_relaxed) && watcher_yield())
+        sched_yield();
 }
 
 /* How long the progress thread may sleep. Transfers of ours in flight: short
@@ -163,8 +171,9 @@ static void *progress_main(void *arg) {
             last = now_ns();
             continue;
         }
+        make_way(e);
         if (pthread_mutex_trylock(&e->lock)) {
-            if (atomic_load_explicit(&e->watcher_held, memory_order_relaxed) && !aside_for_watcher()) {
+            if (atomic_load_explicit(&e->watcher_held, memory_order_relaxed) && watcher_yield()) {
                 /* The trigger watcher, for one fire: microseconds, and it
                  * reaps nothing. Standing aside (as for Python, below) would
                  * leave arrivals unpolled for a whole py_hold after each fire
@@ -249,6 +258,7 @@ static int spin_poll(af_engine *e, uint64_t ns, uint32_t imm, uint64_t want) {
     uint32_t polls = 0;
     int got = 0, evs = 0;
     for (;;) {
+        make_way(e);
         enter_py(e);
         if (polls || !want) progress_locked(e); /* a take first looks at what is already here */
         got = want && ctr_take(e, imm, want);

@@ -301,7 +301,9 @@ static int trig_pass(af_engine *e, struct af_trigs *T, int check) {
         if (!tr->used) continue;
         int hit = reached(__atomic_load_n(tr->word, __ATOMIC_ACQUIRE), tr->value);
         if (!hit && !check) continue;
+        atomic_store_explicit(&e->watcher_wants, 1, memory_order_relaxed);
         pthread_mutex_lock(&e->lock);
+        atomic_store_explicit(&e->watcher_wants, 0, memory_order_relaxed);
         atomic_store_explicit(&e->watcher_held, 1, memory_order_relaxed);
         if (still_inflight(e, tr)) {
             atomic_store_explicit(&e->watcher_held, 0, memory_order_relaxed);
