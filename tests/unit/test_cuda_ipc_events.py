@@ -525,23 +525,33 @@ class _FakeKernel:
             ctypes.c_uint32.from_address(word).value = value
 
 
+def _fake_kernel(a):
+    """Turn ``a``'s copy kernel on as a _FakeKernel, with one word (host memory
+    standing in for a mapped word) in GPU 0's pool: (the word's buffer, the fake)."""
+    import numpy as np
+
+    from asyncfabric.backends.cuda_ipc import _CopyWords
+
+    buf = np.zeros(_CopyWords.STRIDE, np.uint8)
+    a._words[0] = _CopyWords(buf.ctypes.data, buf.ctypes.data, 1)
+    k = a._kernels[0] = _FakeKernel()
+    a.kernel_bytes = KERNEL_BYTES
+    return buf, k
+
+
 def test_a_triggered_gpu_batch_of_small_copies_stores_its_word_from_the_kernel(
     shm_pair, monkeypatch
 ):
     """Small copies of a triggered GPU batch go through the copy kernel, and the last
     launch stores the private word itself (one launch, no separate stream write); a
     repeating trigger's gate wait comes before any copy of the fire."""
-    import numpy as np
 
     from asyncfabric import Flag
-    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver
+    from asyncfabric.backends.cuda_ipc import _driver
 
     a, b, pb = shm_pair
-    buf = np.zeros(_CopyWords.STRIDE, np.uint8)
+    buf, k = _fake_kernel(a)
     base = buf.ctypes.data
-    a._words[0] = _CopyWords(base, base, 1)
-    k = a._kernels[0] = _FakeKernel()
-    a.kernel_bytes = KERNEL_BYTES
     calls: list = []
     monkeypatch.setattr(_driver, "use_device", lambda dev: None)
     monkeypatch.setattr(_driver, "copy_async", lambda *args: calls.append(("copy", *args)))
@@ -575,17 +585,12 @@ def test_a_small_gpu_write_is_copied_by_the_kernel(shm_pair, monkeypatch, small_
     the trigger's OpDone, and the word is lent again)."""
     import types
 
-    import numpy as np
-
-    from asyncfabric.backends.cuda_ipc import _CopyWords, _driver, _GpuRemote
+    from asyncfabric.backends.cuda_ipc import _driver, _GpuRemote
     from asyncfabric.transport import Registration
 
     a, b, pb = shm_pair
-    buf = np.zeros(_CopyWords.STRIDE, np.uint8)
+    buf, k = _fake_kernel(a)
     base = buf.ctypes.data
-    a._words[0] = _CopyWords(base, base, 1)
-    k = a._kernels[0] = _FakeKernel()
-    a.kernel_bytes = KERNEL_BYTES
     a.small_triggers = small_triggers
     syncs: list = []
     monkeypatch.setattr(_driver, "use_device", lambda dev: None)
