@@ -578,11 +578,14 @@ def test_a_triggered_gpu_batch_of_small_copies_stores_its_word_from_the_kernel(
 
 
 @pytest.mark.parametrize("small_triggers", [False, True])
-def test_a_small_gpu_write_is_copied_by_the_kernel(shm_pair, monkeypatch, small_triggers):
-    """A GPU-to-GPU write the kernel copies ends one of two ways: by a stream sync and
-    its immediates posted inline (done in the call), or by a trigger on the word the
-    kernel stores after the copy (the watcher posts the immediates, the write ends as
-    the trigger's OpDone, and the word is lent again)."""
+def test_a_small_gpu_write_ends_by_a_sync_or_by_the_kernels_word(
+    shm_pair, monkeypatch, small_triggers
+):
+    """A small GPU-to-GPU write ends one of two ways: a copy-engine copy, a stream
+    sync and its immediates posted inline (done in the call); or the copy kernel,
+    which stores a word after the copy on which its immediates are armed (the
+    watcher posts them, the write ends as the trigger's OpDone, and the word is lent
+    again)."""
     import types
 
     from asyncfabric.backends.cuda_ipc import _driver, _GpuRemote
@@ -593,18 +596,20 @@ def test_a_small_gpu_write_is_copied_by_the_kernel(shm_pair, monkeypatch, small_
     base = buf.ctypes.data
     a.small_triggers = small_triggers
     syncs: list = []
+    copies: list = []
     monkeypatch.setattr(_driver, "use_device", lambda dev: None)
     monkeypatch.setattr(_driver, "stream_sync", syncs.append)
+    monkeypatch.setattr(_driver, "copy_async", lambda *args: copies.append(args))
     src = Registration(7, (7,), (0xDEAD0000,), 0xDEAD0000, 64, "cuda", 0, b"C")
     dst = _GpuRemote(pb, 1, Target((0xBEEF0000,), (7,), 64, 1 << 20, b"C"), 0xBEEF0000, 64)
     stream = types.SimpleNamespace(cuda_stream=99)
     done = a.post_write(41, dst, 8, src, 16, 8, 4, stream)
     _until(lambda: b.counter_avail(4) == 1, "the peer counts the write's immediate")
     if not small_triggers:
-        assert done and syncs == [99]
-        assert k.launches == [(99, 0xBEEF0000 + 8, 0xDEAD0000 + 16, 8, 0, 0)]
+        assert done and syncs == [99] and not k.launches
+        assert copies == [(0xBEEF0000 + 8, 0xDEAD0000 + 16, 8, 99)]
         return
-    assert not done and not syncs
+    assert not done and not syncs and not copies
     assert k.launches == [(99, 0xBEEF0000 + 8, 0xDEAD0000 + 16, 8, base, 1)]
     evs: list = []
     _until(lambda: evs.extend(a.drain()) or OpDone(41) in evs, "the write ends")

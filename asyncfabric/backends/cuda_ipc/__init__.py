@@ -350,15 +350,16 @@ class CudaIpcTransport(ForwardingTransport):
         # trigger), whether it repeats (kept until disarmed), and what must stay alive
         self._lent: dict[int, tuple[_CopyWords, int, bool, Any]] = {}
         self._door_cache: dict[tuple[int, int, int], WriteBatch] = {}
-        # Small GPU-to-GPU copies by the copy kernel (_kernel.py) instead of the copy
-        # engine: ASYNCFABRIC_CUDA_IPC_KERNEL_BYTES sets the largest (0: never).
+        # Small GPU-to-GPU copies made by the stream (a triggered batch's, a small
+        # write ended by a trigger) by the copy kernel (_kernel.py) instead of the
+        # copy engine: ASYNCFABRIC_CUDA_IPC_KERNEL_BYTES sets the largest (0: never).
         self.kernel_bytes = int(os.environ.get("ASYNCFABRIC_CUDA_IPC_KERNEL_BYTES", KERNEL_BYTES))
         self._kernels: dict[int, CopyKernel | None] = {}
         self.kernel_error = ""  # why the kernel could not load, if it could not
-        # How a small write (one the kernel copies) ends: by a trigger on the word the
-        # kernel stores (ASYNCFABRIC_CUDA_IPC_SMALL=trigger), or by a stream sync and
-        # the immediates posted inline (=sync). Larger copies up to sync_bytes
-        # (ASYNCFABRIC_CUDA_IPC_SYNC_BYTES) are waited on inline.
+        # How a small write ends: by a trigger on the word the copy kernel stores
+        # after its copy (ASYNCFABRIC_CUDA_IPC_SMALL=trigger), or by a stream sync
+        # after a copy-engine copy and the immediates posted inline (=sync). Copies
+        # up to sync_bytes (ASYNCFABRIC_CUDA_IPC_SYNC_BYTES) are waited on inline.
         self.small_triggers = os.environ.get("ASYNCFABRIC_CUDA_IPC_SMALL", "sync") == "trigger"
         self.sync_bytes = int(os.environ.get("ASYNCFABRIC_CUDA_IPC_SYNC_BYTES", INLINE_SYNC_BYTES))
         self._kernel_copies = 0
@@ -514,8 +515,11 @@ class CudaIpcTransport(ForwardingTransport):
         _driver.use_device(device)
         count = 0 if imm == NO_IMM else expected_imms(nbytes, chunk_bytes=dst.chunk)
         dptr, sptr = dst.ptr + roff, src.ptr + soff  # type: ignore[attr-defined]
-        k = self._kernel(device) if on_gpu and nbytes <= self.kernel_bytes else None
-        if k is not None and self.small_triggers:
+        # The copy kernel where a small write ends by a trigger; synced inline, the
+        # copy engine (a kernel launch + sync measured 2.6 us slower, docs/gpu.md).
+        small = on_gpu and nbytes <= self.kernel_bytes and self.small_triggers
+        k = self._kernel(device) if small else None
+        if k is not None:
             # A small write ended by a trigger: the kernel, queued on the producer's
             # stream (ordered after its work, no event), copies and then stores the
             # word on which the watcher posts the immediates: no host sync, no Python
@@ -533,7 +537,7 @@ class CudaIpcTransport(ForwardingTransport):
             handle = (
                 _stream_handle(device, stream) if on_gpu else int(self._stream(device).cuda_stream)
             )
-            if k is not None:
+            if k is not None:  # (every word lent: synced after all)
                 k.launch(handle, dptr, sptr, nbytes)
                 self._kernel_copies += 1
             else:
