@@ -12,19 +12,6 @@
 
 typedef unsigned long long u64;
 
-// Copy the whole T-sized words of n bytes (both pointers T-aligned); returns how
-// many bytes that was.
-template <typename T>
-__device__ u64 copy_words(unsigned char *dst, const unsigned char *src, u64 n, u64 tid, u64 nt)
-{
-    const u64 nv = n / sizeof(T);
-    const T *s = (const T *)src;
-    T *d = (T *)dst;
-    for (u64 i = tid; i < nv; i += nt)
-        d[i] = s[i];
-    return nv * sizeof(T);
-}
-
 extern "C" __global__ void af_copy(unsigned char *dst, const unsigned char *src, u64 n,
                                    unsigned int *word, unsigned int value)
 {
@@ -32,10 +19,21 @@ extern "C" __global__ void af_copy(unsigned char *dst, const unsigned char *src,
     const u64 nt = (u64)gridDim.x * blockDim.x;
     const u64 align = ((u64)dst | (u64)src);
     u64 head = 0;
-    if ((align & 15) == 0)
-        head = copy_words<uint4>(dst, src, n, tid, nt);
-    else if ((align & 7) == 0)
-        head = copy_words<u64>(dst, src, n, tid, nt);
+    if ((align & 15) == 0) {
+        const u64 nv = n >> 4;
+        const uint4 *s = (const uint4 *)src;
+        uint4 *d = (uint4 *)dst;
+        for (u64 i = tid; i < nv; i += nt)
+            d[i] = s[i];
+        head = nv << 4;
+    } else if ((align & 7) == 0) {
+        const u64 nv = n >> 3;
+        const u64 *s = (const u64 *)src;
+        u64 *d = (u64 *)dst;
+        for (u64 i = tid; i < nv; i += nt)
+            d[i] = s[i];
+        head = nv << 3;
+    }
     for (u64 i = head + tid; i < n; i += nt)
         dst[i] = src[i];
     if (word != 0) {
