@@ -307,10 +307,10 @@ struct af_engine {
     atomic_int spinners, stop;
     atomic_int sleeping; /* progress thread: 1 blocked in block(), 2 standing aside for Python */
     /* The trigger watcher wants the lock / holds it (triggers.c, for one fire).
-     * The spinning pollers let it have it (watcher_yield, progress.c): each of
-     * them unlocks and locks again within nanoseconds, so a watcher woken from
+     * With watcher_yield (progress.c) the spinning pollers let it have it: each
+     * of them unlocks and locks again within nanoseconds, so a watcher woken from
      * the mutex's wait would mostly find it taken again; and the progress thread
-     * must not take the watcher's hold for Python's and stand aside. */
+     * does not take the watcher's hold for Python's and stand aside. */
     atomic_int watcher_wants, watcher_held;
     /* While the Python thread keeps calling in (posting, spinning) it reaps
      * completions itself and the progress thread stays out of its way until

@@ -105,16 +105,16 @@ static void drop_spin_slot(int *have) {
 /* Whether the pollers (the progress thread, a Python spin) make way for the
  * trigger watcher (afint.h): they do not take the lock while it waits for it,
  * and the progress thread retries while it holds it instead of standing aside
- * for a whole py_hold as for Python. On fewer than 4 CPUs, no: standing aside
- * gives the watcher, the event loop and the peer the cores, which measured
- * faster there (benchmarks/trigger_latency.py). ASYNCFABRIC_WATCHER_YIELD=1 or
- * 0 decides it (for A/B runs). */
+ * for a whole py_hold as for Python. Off unless ASYNCFABRIC_WATCHER_YIELD=1: on
+ * 2 cores it measured slower (benchmarks/trigger_latency.py; standing aside
+ * gives the watcher, the event loop and the peer the cores), and the many-core
+ * GPU machine, where it is meant to help, has not measured it yet. */
 static int g_yield = -1;
 
 int watcher_yield(void) {
     if (g_yield < 0) {
         const char *v = getenv("ASYNCFABRIC_WATCHER_YIELD");
-        g_yield = v && *v ? *v != '0' : sysconf(_SC_NPROCESSORS_ONLN) >= 4;
+        g_yield = v && *v && *v != '0';
     }
     return g_yield;
 }
