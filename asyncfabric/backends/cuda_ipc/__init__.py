@@ -13,13 +13,17 @@ regions go through the same shm transport, so an engine of this backend talks
 to every peer on the host, GPU or not; peer watch and release are the shm
 transport's own, forwarded by the base.
 
-No thread waits for a large copy: after it, a notify stream waits on an event
-and runs a native CUDA host function that rings the engine's notify fd
-(:class:`~asyncfabric.backends.staged.CopyWaiter`, cudanote.c); the immediates
-are posted from the next drain on the event-loop thread. The copy stream itself
-never stalls on the host, so back-to-back writes keep the copy engines busy.
-Copies of at most INLINE_SYNC_BYTES are waited on inline, which saves the
-wake-up for small latency-bound writes.
+No thread waits for a large copy: the copy stream then writes a word on which
+the write's immediates are armed, and the shm transport's trigger watcher posts
+them (or, with every word lent or ``ASYNCFABRIC_CUDA_IPC_TRIGGERS=0``, a notify
+stream runs a native CUDA host function that rings the engine's notify fd,
+:class:`~asyncfabric.backends.staged.CopyWaiter`, cudanote.c, and the next drain
+posts them). The copy stream itself never stalls on the host, so back-to-back
+writes keep the copy engines busy. Copies of at most INLINE_SYNC_BYTES are
+waited on inline, which saves the wake-up for small latency-bound writes. Small
+copies that a stream makes without the host (a triggered batch's; a small write
+ended by a trigger) go through the copy kernel (:mod:`._kernel`) instead of a
+copy engine.
 
 The doorbell posts are this transport's own (tokens from ``2**62`` up to the
 fallback batches' sub-tokens at ``2**63``): :func:`drop_internal` keeps their
@@ -76,7 +80,7 @@ from ._kernel import CopyKernel
 
 MAGIC = b"AFNV1"
 INLINE_SYNC_BYTES = 1 << 20
-KERNEL_BYTES = 1 << 16  # GPU-to-GPU copies up to this size go through the copy kernel
+KERNEL_BYTES = 1 << 16  # stream-made GPU copies up to this size go through the copy kernel
 COPY_SPIN_NS, COPY_NAP_NS = 1_000_000, 20_000  # how the watcher polls a large copy's word
 DOOR_BYTES = 1 << 16  # immediates posted per native call, at most
 INTERNAL_TOKENS = 1 << 62  # tokens of the imm posts this transport makes itself
