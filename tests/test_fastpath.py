@@ -8,6 +8,9 @@ engine opened with the fast path turned off.
 
 from __future__ import annotations
 
+from functools import partial
+
+import anyio
 import numpy as np
 import pytest
 
@@ -46,6 +49,45 @@ async def test_taken_for_slices_regions_and_descriptors(provider, kw):
         assert a._fp.posts - before == 5
         await b.counter(7).wait(1 + 1 + desc.expected_imms(len(src)) + 2, timeout=10)
         assert bytes(dst) == bytes(src)
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+@needs_native
+async def test_transfer_ends_are_resolved_natively(provider, kw):
+    """Concurrent writes that end by an event: the fast path's complete() resolves
+    their waiters (ends counts them) with the same bookkeeping as Engine._on_op."""
+    a, b, src, dst, rs, rd = await _pair(provider, kw)
+    try:
+        desc = rd.descriptor()
+        await a.write(rs[:8], desc[:8])  # the route is cached on the Python path
+        n, before = 16, a._fp.ends
+        size = len(src) // n
+
+        async with anyio.create_task_group() as tg:
+            for k in range(n):
+                part = slice(k * size, (k + 1) * size)
+                tg.start_soon(partial(a.write, rs[part], desc[part], imm=5))
+        await b.counter(5).wait(n * desc.expected_imms(size), timeout=10)
+        assert bytes(dst) == bytes(src)
+        assert a._fp.ends > before
+        assert rs._inflight == 0 and not a._ops
+        # a closed region's last end deregisters it: left to the Python path
+        done = anyio.Event()
+
+        async def last() -> None:
+            await a.write(rs, desc, imm=6)
+            done.set()
+
+        mrs = a.stats()["live_mrs"]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(last)
+            while not a._ops and not done.is_set():  # until its write was posted
+                await anyio.sleep(0)
+            rs.close()
+        await done.wait()
+        assert rs._inflight == 0 and a.stats()["live_mrs"] == mrs - 1
     finally:
         await a.aclose()
         await b.aclose()

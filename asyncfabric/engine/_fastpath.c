@@ -52,16 +52,17 @@ typedef struct {
     PyObject *ready;  /* the asyncio loop's ready deque, or NULL */
     PyTypeObject *region_t, *desc_t, *route_t, *remote_t;
     slice_slots src, dst;
-    Py_ssize_t r_engine, r_closed, r_fast; /* Region */
+    Py_ssize_t r_engine, r_closed, r_fast, r_inflight; /* Region */
     Py_ssize_t rt_remote, rt_self;         /* the engine's _Route */
     Py_ssize_t rm_native;                  /* transport.contract.Remote */
     uint64_t token;
     unsigned long long posts; /* posts made here (tests check the path is taken) */
+    unsigned long long ends;  /* transfer ends resolved here (complete) */
     int on;
     int status; /* the status of the last FAILED write */
 } FastPath;
 
-static PyObject *str_cache, *str_nbytes;
+static PyObject *str_cache, *str_nbytes, *str_done, *str_set_result, *int_one;
 
 /* The offset of slot `name` of `t` (a __slots__ member), or -1 with an error set. */
 static Py_ssize_t slot_offset(PyTypeObject *t, const char *name) {
@@ -151,6 +152,7 @@ static int fp_init(FastPath *self, PyObject *args, PyObject *kw) {
     if ((self->r_engine = slot_offset(self->region_t, "_engine")) < 0) return -1;
     if ((self->r_closed = slot_offset(self->region_t, "_closed")) < 0) return -1;
     if ((self->r_fast = slot_offset(self->region_t, "_fast")) < 0) return -1;
+    if ((self->r_inflight = slot_offset(self->region_t, "_inflight")) < 0) return -1;
     if ((self->rt_remote = slot_offset(self->route_t, "remote")) < 0) return -1;
     if ((self->rt_self = slot_offset(self->route_t, "self_target")) < 0) return -1;
     if ((self->rm_native = slot_offset(self->remote_t, "native")) < 0) return -1;
@@ -325,6 +327,90 @@ static PyObject *fp_take(FastPath *self, PyObject *const *args, Py_ssize_t nargs
     return PyLong_FromLong(r);
 }
 
+/* The end of one plain transfer `tok` (OpDone(tok), status 0): what
+ * Engine._on_op does for it, here when its entry is (waiter, Region or None)
+ * and the region is open. 1: done here; 0: the engine's Python must handle
+ * it (a batch's or trigger's hold, a sub-entry, a closed region). */
+static int complete_one(FastPath *self, PyObject *ops, uint64_t tok) {
+    if (tok >> 63) return 0; /* SUB_BIT: an entry of a batch (transport/batching.py) */
+    PyObject *key = PyLong_FromUnsignedLongLong(tok);
+    if (!key) return -1;
+    PyObject *entry = PyDict_GetItemWithError(ops, key); /* borrowed */
+    if (!entry) {
+        Py_DECREF(key);
+        return PyErr_Occurred() ? -1 : 1; /* nobody waits for it (the Python path returns too) */
+    }
+    PyObject *region = PyTuple_CheckExact(entry) && PyTuple_GET_SIZE(entry) == 2
+                           ? PyTuple_GET_ITEM(entry, 1) : NULL;
+    if (!region || (region != Py_None && (Py_TYPE(region) != self->region_t ||
+                                          slot(region, self->r_closed) != Py_False))) {
+        Py_DECREF(key);
+        return 0;
+    }
+    if (region != Py_None) {
+        PyObject **inflight = (PyObject **)((char *)region + self->r_inflight);
+        PyObject *less = *inflight && PyLong_CheckExact(*inflight)
+                             ? PyNumber_Subtract(*inflight, int_one) : NULL;
+        if (!less) {
+            Py_DECREF(key);
+            PyErr_Clear();
+            return 0;
+        }
+        Py_SETREF(*inflight, less);
+    }
+    PyObject *w = PyTuple_GET_ITEM(entry, 0);
+    Py_INCREF(w);
+    int rc = PyDict_DelItem(ops, key);
+    Py_DECREF(key);
+    if (rc == 0) {
+        PyObject *done = PyObject_CallMethodNoArgs(w, str_done);
+        rc = done ? PyObject_IsTrue(done) : -1;
+        Py_XDECREF(done);
+        if (rc == 0) {
+            PyObject *r = PyObject_CallMethodOneArg(w, str_set_result, Py_None);
+            rc = r ? 1 : -1;
+            Py_XDECREF(r);
+        }
+    }
+    Py_DECREF(w);
+    return rc < 0 ? -1 : 1;
+}
+
+/* complete(ops, left) -> how many transfers ended here. Takes the leading
+ * plain ends from the transport's queue (native_ops.h take_done) and ends
+ * them as Engine._on_op would; the tokens it leaves to the engine's Python
+ * go to the list `left`, in order, before anything drain() returns. */
+static PyObject *fp_complete(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "FastPath.complete takes (ops: dict, left: list)");
+        return NULL;
+    }
+    long handled = 0;
+    if (!self->on || !*self->gate || !self->ops->take_done) return PyLong_FromLong(0);
+    uint64_t tok[64];
+    uint32_t n;
+    do {
+        n = self->ops->take_done(self->ctx, tok, 64);
+        for (uint32_t i = 0; i < n; i++) {
+            int r = complete_one(self, args[0], tok[i]);
+            if (r > 0) {
+                handled++;
+                self->ends++;
+                continue;
+            }
+            if (r < 0) /* a waiter's own failure: report it, and lose no other end */
+                PyErr_WriteUnraisable((PyObject *)self);
+            PyObject *t = PyLong_FromUnsignedLongLong(tok[i]);
+            if (!t || PyList_Append(args[1], t) < 0) {
+                Py_XDECREF(t);
+                return NULL;
+            }
+            Py_DECREF(t);
+        }
+    } while (n == 64 && self->on && *self->gate);
+    return PyLong_FromLong(handled);
+}
+
 static PyObject *fp_next_token(FastPath *self, PyObject *Py_UNUSED(ignored)) {
     return PyLong_FromUnsignedLongLong(self->token++);
 }
@@ -338,6 +424,8 @@ static PyMethodDef fp_methods[] = {
     {"take", (PyCFunction)(void (*)(void))fp_take, METH_FASTCALL,
      "take(imm, want, ns) -> TAKEN/EVENTS_READY/NOT_POLLED bits, -2 (loop busy: do not "
      "spin) or -1 (not here)"},
+    {"complete", (PyCFunction)(void (*)(void))fp_complete, METH_FASTCALL,
+     "complete(ops, left) -> transfers ended here; the tokens for the engine's Python go to left"},
     {"next_token", (PyCFunction)fp_next_token, METH_NOARGS, "a fresh op token (shared with write)"},
     {NULL, NULL, 0, NULL},
 };
@@ -346,6 +434,7 @@ static PyMemberDef fp_members[] = {
     {"on", T_INT, offsetof(FastPath, on), 0, "0: every call answers 'not here'"},
     {"status", T_INT, offsetof(FastPath, status), READONLY, "the status of the last failed post"},
     {"posts", T_ULONGLONG, offsetof(FastPath, posts), READONLY, "posts made through the table"},
+    {"ends", T_ULONGLONG, offsetof(FastPath, ends), READONLY, "transfer ends resolved by complete()"},
     {NULL, 0, 0, 0, NULL},
 };
 
@@ -370,7 +459,10 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (PyType_Ready(&FastPathType) < 0) return NULL;
     str_cache = PyUnicode_InternFromString("_cache");
     str_nbytes = PyUnicode_InternFromString("nbytes");
-    if (!str_cache || !str_nbytes) return NULL;
+    str_done = PyUnicode_InternFromString("done");
+    str_set_result = PyUnicode_InternFromString("set_result");
+    int_one = PyLong_FromLong(1);
+    if (!str_cache || !str_nbytes || !str_done || !str_set_result || !int_one) return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m) return NULL;
     Py_INCREF(&FastPathType);

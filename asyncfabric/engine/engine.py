@@ -197,6 +197,7 @@ class Engine:
         self._recv_waiters: deque[Any] = deque()
         self._wait_spin_ns = int(self.policy.wait_spin_us * 1e3)
         self._draining = False
+        self._left: list[int] = []  # tokens the fast path's complete() hands back
         try:
             t.start(
                 dataclasses.replace(
@@ -520,7 +521,11 @@ class Engine:
             if r == DONE:
                 return
             if r > LAST_CODE:
-                await self._await_op(r, src if isinstance(src, Region) else src.region, timeout)
+                w = self._waiter(r, src if isinstance(src, Region) else src.region)
+                if timeout is None:  # the hot path: await the future itself
+                    await w
+                else:
+                    await self._wait_op(w, timeout)
                 return
             if r == DONE_EVENTS:
                 self._drain()
@@ -1000,7 +1005,11 @@ class Engine:
     # ---------------------------------------------------------------- completion plumbing
 
     async def _await_op(self, token: int, region: Any, timeout: float | None) -> None:
-        """Wait for the end of posted transfer ``token``.
+        """Wait for the end of posted transfer ``token``."""
+        await self._wait_op(self._waiter(token, region), timeout)
+
+    def _waiter(self, token: int, region: Any) -> Any:
+        """Register the waiter of posted transfer ``token``; poll a moment if idle.
 
         The waiter is registered after the post: its completion can only reach
         Python through a drain on this thread, and none runs in between, even
@@ -1016,6 +1025,9 @@ class Engine:
         self._after_call()
         if not w.done():
             self._spin_for(w)
+        return w
+
+    async def _wait_op(self, w: Any, timeout: float | None) -> None:
         try:
             await self._loop.wait(w, timeout)
         except TimeoutError:
@@ -1063,8 +1075,26 @@ class Engine:
             return 0
         self._draining = True
         total = 0
+        ops, left, pending = self._ops, self._left, self._t.pending_events
         try:
             while True:
+                # The plain ends of transfers, resolved natively (fastpath.py); what
+                # it leaves (holds, batch entries, closed regions) comes back here.
+                total += int(self._fp.complete(ops, left))
+                if left:
+                    total += len(left)
+                    for tok in left:
+                        if tok & SUB_BIT:
+                            self._on_sub(OpDone(tok))
+                        else:
+                            self._on_op(OpDone(tok))
+                        if self._closed:
+                            break
+                    left.clear()
+                    if self._closed:
+                        return total
+                if not pending():
+                    return total
                 evs = self._t.drain()
                 for ev in evs:
                     if isinstance(ev, OpDone):

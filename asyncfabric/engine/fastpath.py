@@ -45,6 +45,7 @@ class NoFastPath:
     on = 0
     status = 0
     posts = 0
+    ends = 0
 
     def __init__(self) -> None:
         self.next_token = itertools.count(LAST_CODE + 1).__next__
@@ -57,6 +58,9 @@ class NoFastPath:
 
     def take(self, imm: int, want: int, ns: int) -> int:
         return TAKE_NOT_HERE
+
+    def complete(self, ops: dict[int, Any], left: list[int]) -> int:
+        return 0
 
 
 def make(

@@ -17,7 +17,7 @@
 
 #include <stdint.h>
 
-#define AF_NATIVE_ABI 1u
+#define AF_NATIVE_ABI 2u
 
 typedef struct af_native_ops {
     uint32_t abi; /* AF_NATIVE_ABI */
@@ -32,6 +32,11 @@ typedef struct af_native_ops {
     int (*take_spin)(void *ctx, uint32_t imm, uint64_t want, uint64_t ns);
     /* Transport.pending_events. */
     uint32_t (*pending)(void *ctx);
+    /* Transport.drain, its most common answer alone: the tokens of the
+     * leading events that are OpDone(token) with status 0 and held False,
+     * up to `max`, taken from the queue; the first event of any other kind
+     * stays queued, with all behind it, for drain(). May be NULL. */
+    uint32_t (*take_done)(void *ctx, uint64_t *tokens, uint32_t max);
 } af_native_ops;
 
 #endif

@@ -133,6 +133,7 @@ uint64_t afe_counter_live(af_engine *e);
 
 int afe_drain(af_engine *e, af_event *out, int max);
 int afe_nevents(af_engine *e);
+int afe_take_done(af_engine *e, uint64_t *tokens, int max);
 int afe_spin(af_engine *e, uint64_t ns);
 int afe_counter_take_spin(af_engine *e, uint32_t imm, uint64_t want, uint64_t ns);
 int afe_kick(af_engine *e);

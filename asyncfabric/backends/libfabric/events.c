@@ -39,6 +39,23 @@ int afe_drain(af_engine *e, af_event *out, int max) {
     return n;
 }
 
+/* The leading run of plain ends (an op event, status 0, not held): their
+ * tokens, up to `max`; anything else stays queued for afe_drain. */
+int afe_take_done(af_engine *e, uint64_t *tokens, int max) {
+    if (!__atomic_load_n(&e->ev_count, __ATOMIC_RELAXED)) return 0;
+    pthread_mutex_lock(&e->lock);
+    int n = 0;
+    while (n < max && e->ev_count) {
+        const af_event *ev = &e->ev[e->ev_head];
+        if (ev->kind != AF_EV_OP || ev->status || ev->len) break;
+        tokens[n++] = ev->token;
+        e->ev_head = (e->ev_head + 1) & (e->ev_cap - 1);
+        e->ev_count--;
+    }
+    pthread_mutex_unlock(&e->lock);
+    return n;
+}
+
 int afe_nevents(af_engine *e) { return (int)__atomic_load_n(&e->ev_count, __ATOMIC_RELAXED); }
 
 int afe_notify_fd(af_engine *e) { return e->notify_fd; }

@@ -19,6 +19,11 @@ static int nat_take_spin(void *ctx, uint32_t imm, uint64_t want, uint64_t ns) {
 
 static uint32_t nat_pending(void *ctx) { return (uint32_t)afe_nevents(ctx); }
 
-static const af_native_ops NATIVE = {AF_NATIVE_ABI, nat_post_write, nat_take_spin, nat_pending};
+static uint32_t nat_take_done(void *ctx, uint64_t *tokens, uint32_t max) {
+    return (uint32_t)afe_take_done(ctx, tokens, (int)max);
+}
+
+static const af_native_ops NATIVE = {AF_NATIVE_ABI, nat_post_write, nat_take_spin, nat_pending,
+                                     nat_take_done};
 
 const void *afe_native_ops(void) { return &NATIVE; }
