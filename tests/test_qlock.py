@@ -104,6 +104,10 @@ async def test_post_waits_for_a_live_holder_then_lands():
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(let_go)
-            await poster.call("write", src, desc, 0, 0, 4096, 3, timeout=20)
+            await poster.call("write", src, desc, 0, 0, 1 << 16, 3, timeout=20)
         await target.wait(3, 1, timeout=10)
-        assert await target.digest(rid, 0, 4096) == await poster.digest(src, 0, 4096)
+        assert await target.digest(rid, 0, 1 << 16) == await poster.digest(src, 0, 1 << 16)
+        # The post from Python found the lock held and left the write queued
+        # (ops.c, "Posts that would wait"); the progress thread posted it. A
+        # write too large to inject: smaller ones post on (they end in the call).
+        assert (await poster.call("stats", timeout=10))["qlock_defers"] >= 1

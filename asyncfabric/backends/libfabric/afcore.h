@@ -60,6 +60,7 @@ typedef struct af_stats {
     uint64_t lock_waits;   /* times a thread found the engine lock held (eng_lock) */
     uint64_t lock_wait_ns; /* and the time it waited for it */
     uint64_t direct_copies; /* sender_copy pieces this process copied itself (cma.c) */
+    uint64_t qlock_defers;  /* posts from Python left queued: the target's shm queue was busy */
 } af_stats;
 
 int afe_open(const char *prov, const char *node, int ndom, uint32_t ctrl_max,

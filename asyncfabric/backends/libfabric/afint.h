@@ -262,6 +262,9 @@ typedef struct af_op {
     /* With several workers: the op's pieces are posted by the workers (wpost.c),
      * each piece over a domain of the worker that takes it, not by the caller. */
     int wq;
+    /* Left queued by a post from Python because the target's shm queue lock
+     * was held (ops.c, "Posts that would wait"); counted in qdeferred. */
+    int qdefer;
 } af_op;
 
 typedef struct af_ctr {
@@ -333,6 +336,8 @@ struct af_engine {
     af_worker wk[AF_MAX_DOMS];
     uint64_t rot;
     uint32_t reap_skip; /* ops.c: injected writes since the last reap */
+    uint32_t qdeferred;  /* ops.c: queued ops with qdefer set */
+    uint32_t qbusy_peer; /* ops.c: the peer whose queue lock the last deferral found held */
     int hooked;         /* hook.c: a hook caller holds every lock (hook_thr) */
     atomic_int hook_held; /* the same, for the progress thread to read without the lock */
     pthread_t hook_thr;
@@ -621,6 +626,12 @@ static inline int peer_qlock(af_engine *e, uint32_t peer, uint32_t dn) {
     return qlock_check(p->qlock[dn], p->pidfd, qlock_bound(e));
 }
 
+/* Whether peer's queue lock on domain dn is held right now (a live copy, most often). */
+static inline int peer_qlock_busy(const af_engine *e, uint32_t peer, uint32_t dn) {
+    const volatile int *w = e->peers[peer].qlock[dn];
+    return w && *w != af_qlock_free;
+}
+
 static inline int check_mr(af_engine *e, int mr) {
     if (mr < 0) return 0;
     return mr < e->nmrs && e->mrs[mr].live ? 0 : -FI_EINVAL;
@@ -645,6 +656,10 @@ static inline void pend_unlink_after(af_engine *e, uint32_t prev, uint32_t i) {
     if (e->pend_tail == i) e->pend_tail = prev;
     op->pending = 0;
     op->next = AF_NONE;
+    if (op->qdefer) {
+        op->qdefer = 0;
+        e->qdeferred--;
+    }
 }
 
 /* The op's next piece (its cursor: posted, or bj/boff for a batch) as it goes

@@ -77,6 +77,40 @@ static int pump_op(af_engine *e, uint32_t opi) {
     return r;
 }
 
+/* Posts that would wait. On shm (libfabric 1.17) a post takes the target's
+ * queue lock, which the target holds while it copies what was queued before;
+ * a post from the Python thread would spin there for a whole copy, time in
+ * which it could run the next coroutine. So while the lock is held, a post
+ * from Python leaves the op queued (AF_AGAIN) instead: the next call from
+ * Python, its spin before it sleeps, or the progress thread once Python has
+ * let go (which does wait for the lock) posts it. Ops queued this way go out
+ * in order: a new one from Python queues behind them (op_launch). Batches
+ * post on as before: one call posts many writes, so a wait costs little per
+ * write, and handing the rest to the progress thread was slower at 1 MiB;
+ * so do sends and pieces small enough to inject.
+ * Only with the one progress thread: workers post from their own queues
+ * (wpost.c). */
+static inline int deferrable(const af_engine *e, const af_op *op) {
+    if (!e->py_ctx || e->nworkers > 1) return 0;
+    if (op->kind == OP_READ) return 1;
+    if (op->kind != OP_WRITE && op->kind != OP_PAGED) return 0;
+    /* a piece small enough to inject: the target's copy of it is short, and
+     * posting it now keeps the call's "done" answer (no waiter to make) */
+    uint64_t piece = op->kind == OP_PAGED ? op->page : op->len < op->chunk ? op->len : op->chunk;
+    return piece > e->dom[0].inject;
+}
+
+static inline int defer_busy(af_engine *e, af_op *op, uint32_t dn) {
+    if (!peer_qlock_busy(e, op->peer, dn) || !deferrable(e, op)) return 0;
+    if (!op->qdefer) {
+        op->qdefer = 1;
+        e->qdeferred++;
+    }
+    e->qbusy_peer = op->peer;
+    e->st.qlock_defers++;
+    return 1;
+}
+
 static int pump_op_inner(af_engine *e, uint32_t opi) {
     af_op *op = &e->ops[opi];
     int retried = 0;
@@ -96,6 +130,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
             d = &e->dom[dn];
             dest = e->peers[op->peer].addr[dn];
         }
+        if (defer_busy(e, op, dn)) return AF_AGAIN; /* the target copies: post it later */
         if (!dom_trylock(e, d)) return AF_AGAIN; /* its worker is reading: it posts it later */
         int held = peer_qlock(e, op->peer, dn); /* a dead process may hold its queue (qlock.h) */
         if (held) {
@@ -190,10 +225,13 @@ int pump_pending(af_engine *e) {
     uint32_t prev = AF_NONE, i = e->pend_head;
     uint64_t now = 0;
     int posted = 0;
+    e->qbusy_peer = AF_NONE;
     while (i != AF_NONE) {
         af_op *op = &e->ops[i];
         uint32_t next = op->next;
-        if (op->wq && e->nworkers > 1) { /* the workers' (wpost.c) */
+        /* the workers' (wpost.c); or behind an op whose target's lock was just
+         * found held (defer_busy): in order, and without looking again */
+        if ((op->wq && e->nworkers > 1) || (op->qdefer && op->peer == e->qbusy_peer)) {
             prev = i;
             i = next;
             continue;
@@ -245,7 +283,15 @@ void op_launch(af_engine *e, uint32_t i) {
         workers_wake(e);
         return;
     }
-    if (pump_op(e, i) == AF_AGAIN) pend_push(e, i);
+    if (e->qdeferred && deferrable(e, op)) {
+        /* behind the ops that wait for a target's queue lock (defer_busy): the
+         * caller's reap (progress_locked) posts the queue in order */
+        op->qdefer = 1;
+        e->qdeferred++;
+        pend_push(e, i);
+    } else if (pump_op(e, i) == AF_AGAIN) {
+        pend_push(e, i);
+    }
     e->work_gen++;
     if (atomic_load(&e->sleeping) == 1 || (e->nworkers > 1 && e->ops[i].pending)) kick(e);
 }
