@@ -50,6 +50,7 @@ typedef struct {
     PyObject *engine; /* borrowed: the engine owns this object */
     PyObject *uid;    /* the engine's route key in a descriptor's _cache */
     PyObject *ready;  /* the asyncio loop's ready deque, or NULL */
+    PyObject *new_waiter; /* the loop adapter's waiter factory (write_wait), or NULL */
     PyTypeObject *region_t, *desc_t, *route_t, *remote_t;
     slice_slots src, dst;
     Py_ssize_t r_engine, r_closed, r_fast, r_inflight; /* Region */
@@ -165,6 +166,7 @@ static void fp_dealloc(FastPath *self) {
     Py_XDECREF(self->uid);
     Py_XDECREF(self->keep);
     Py_XDECREF(self->ready);
+    Py_XDECREF(self->new_waiter);
     Py_XDECREF(self->src.type);
     Py_XDECREF(self->dst.type);
     Py_XDECREF(self->region_t);
@@ -287,6 +289,40 @@ static PyObject *fp_write(FastPath *self, PyObject *const *args, Py_ssize_t narg
     return answer(self, token, rc);
 not_here:
     return PyLong_FromLong(NOT_HERE);
+}
+
+/* write_wait(src, dst, imm, ops) -> write()'s answer, except a token: then the
+ * transfer's waiter, made by new_waiter and registered as Engine._waiter does
+ * (ops[token] = (waiter, region), the region's in-flight count raised); the
+ * engine then drains, spins and awaits it as for a token. */
+static PyObject *fp_write_wait(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyDict_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "FastPath.write_wait takes (src, dst, imm, ops: dict)");
+        return NULL;
+    }
+    PyObject *r = fp_write(self, args, 3);
+    if (!r || !self->new_waiter) return r;
+    uint64_t v = PyLong_AsUnsignedLongLong(r);
+    if (v <= LAST_CODE) return r;
+    /* fp_write took it: src is a RegionSlice or a Region of this engine */
+    PyObject *region = Py_TYPE(args[0]) == self->src.type ? slot(args[0], self->src.region) : args[0];
+    PyObject **inflight = (PyObject **)((char *)region + self->r_inflight);
+    PyObject *more = *inflight && PyLong_CheckExact(*inflight) ? PyNumber_Add(*inflight, int_one) : NULL;
+    PyObject *w = more ? PyObject_CallNoArgs(self->new_waiter) : NULL;
+    PyObject *entry = w ? PyTuple_Pack(2, w, region) : NULL;
+    if (!entry || PyDict_SetItem(args[3], r, entry) < 0) {
+        /* posted, but nobody will wait: its end finds no entry and is dropped */
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Region._inflight is not an int");
+        Py_XDECREF(more);
+        Py_XDECREF(w);
+        Py_XDECREF(entry);
+        Py_DECREF(r);
+        return NULL;
+    }
+    Py_SETREF(*inflight, more);
+    Py_DECREF(entry);
+    Py_DECREF(r);
+    return w;
 }
 
 /* write_imm(dst: RemoteSlice | Descriptor, imm: int) -> answer */
@@ -419,6 +455,9 @@ static PyMethodDef fp_methods[] = {
     {"write", (PyCFunction)(void (*)(void))fp_write, METH_FASTCALL,
      "write(src, dst, imm) -> 0 done, 1 done with events to drain, 2 not here (take the "
      "Python path), 3 failed (see status), or a token to await"},
+    {"write_wait", (PyCFunction)(void (*)(void))fp_write_wait, METH_FASTCALL,
+     "write_wait(src, dst, imm, ops) -> write()'s answer, or instead of a token the "
+     "transfer's registered waiter"},
     {"write_imm", (PyCFunction)(void (*)(void))fp_write_imm, METH_FASTCALL,
      "write_imm(dst, imm) -> the answers of write()"},
     {"take", (PyCFunction)(void (*)(void))fp_take, METH_FASTCALL,
@@ -432,6 +471,8 @@ static PyMethodDef fp_methods[] = {
 
 static PyMemberDef fp_members[] = {
     {"on", T_INT, offsetof(FastPath, on), 0, "0: every call answers 'not here'"},
+    {"new_waiter", T_OBJECT, offsetof(FastPath, new_waiter), 0,
+     "the waiter factory of write_wait (None: it answers tokens, as write does)"},
     {"status", T_INT, offsetof(FastPath, status), READONLY, "the status of the last failed post"},
     {"posts", T_ULONGLONG, offsetof(FastPath, posts), READONLY, "posts made through the table"},
     {"ends", T_ULONGLONG, offsetof(FastPath, ends), READONLY, "transfer ends resolved by complete()"},

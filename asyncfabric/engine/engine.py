@@ -213,6 +213,8 @@ class Engine:
                 RegionSlice, RemoteSlice, Region, Descriptor, _Route,
             )  # fmt: skip
             self._next_token = self._fp.next_token
+            if self._fp.on:
+                self._fp.new_waiter = self._loop.new_waiter
         except BaseException:
             self._closed = True
             t.close()
@@ -517,15 +519,22 @@ class Engine:
         if stream is None:
             # The native fast path (fastpath.py): the same checks, then the post, in
             # one call; anything it does not take goes the Python way below.
-            r = self._fp.write(src, dst, imm)
+            # A transfer that ends by an event comes back as its registered waiter.
+            r = self._fp.write_wait(src, dst, imm, self._ops)
+            if r.__class__ is not int:
+                self._after_call()
+                if not r.done():
+                    self._spin_for(r)
+                if timeout is None:  # the hot path: await the future itself
+                    await r
+                else:
+                    await self._wait_op(r, timeout)
+                return
             if r == DONE:
                 return
             if r > LAST_CODE:
                 w = self._waiter(r, src if isinstance(src, Region) else src.region)
-                if timeout is None:  # the hot path: await the future itself
-                    await w
-                else:
-                    await self._wait_op(w, timeout)
+                await self._wait_op(w, timeout)
                 return
             if r == DONE_EVENTS:
                 self._drain()

@@ -53,6 +53,9 @@ class NoFastPath:
     def write(self, src: Any, dst: Any, imm: Any) -> int:
         return NOT_HERE
 
+    def write_wait(self, src: Any, dst: Any, imm: Any, ops: dict[int, Any]) -> Any:
+        return NOT_HERE
+
     def write_imm(self, dst: Any, imm: Any) -> int:
         return NOT_HERE
 
