@@ -338,6 +338,7 @@ struct af_engine {
     uint32_t reap_skip; /* ops.c: injected writes since the last reap */
     uint32_t qdeferred;  /* ops.c: queued ops with qdefer set */
     uint32_t qbusy_peer; /* ops.c: the peer whose queue lock the last deferral found held */
+    uint32_t qposted_peer; /* ops.c: posted to by this call from Python (its target copies next) */
     int hooked;         /* hook.c: a hook caller holds every lock (hook_thr) */
     atomic_int hook_held; /* the same, for the progress thread to read without the lock */
     pthread_t hook_thr;
@@ -465,6 +466,7 @@ static inline void eng_lock(af_engine *e) {
 static inline void enter_py(af_engine *e) {
     eng_lock(e);
     e->py_ctx = 1;
+    e->qposted_peer = AF_NONE;
 }
 
 /* A post from Python: mark the thread active, and reap completions on the way. */

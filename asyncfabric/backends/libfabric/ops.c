@@ -80,16 +80,18 @@ static int pump_op(af_engine *e, uint32_t opi) {
 /* Posts that would wait. On shm (libfabric 1.17) a post takes the target's
  * queue lock, which the target holds while it copies what was queued before;
  * a post from the Python thread would spin there for a whole copy, time in
- * which it could run the next coroutine. So while the lock is held, a post
- * from Python leaves the op queued (AF_AGAIN) instead: the next call from
- * Python, its spin before it sleeps, or the progress thread once Python has
- * let go (which does wait for the lock) posts it. Ops queued this way go out
- * in order: a new one from Python queues behind them (op_launch). Batches
- * post on as before: one call posts many writes, so a wait costs little per
- * write, and handing the rest to the progress thread was slower at 1 MiB;
- * so do sends and pieces small enough to inject.
- * Only with the one progress thread: workers post from their own queues
- * (wpost.c). */
+ * which it could run the next coroutine. So a transfer from Python that has
+ * not started is left queued (AF_AGAIN) while the lock is held, and after a
+ * post to the same target in this call (the target is about to take the
+ * lock for that one: looking at the lock then races with it, and lost 14 %
+ * of the time). The next call from Python, its spin before it sleeps, or the
+ * progress thread once Python has let go (it does wait for the lock) posts
+ * it. Ops queued this way go out in order: a new one from Python queues
+ * behind them (op_launch). A transfer that started posts on, as do batches
+ * (one call posts many writes, so a wait costs little per write, and handing
+ * the rest to the progress thread was slower at 1 MiB), sends and pieces
+ * small enough to inject. Only with the one progress thread: workers post
+ * from their own queues (wpost.c). */
 static inline int deferrable(const af_engine *e, const af_op *op) {
     if (!e->py_ctx || e->nworkers > 1) return 0;
     if (op->kind == OP_READ) return 1;
@@ -101,7 +103,9 @@ static inline int deferrable(const af_engine *e, const af_op *op) {
 }
 
 static inline int defer_busy(af_engine *e, af_op *op, uint32_t dn) {
-    if (!peer_qlock_busy(e, op->peer, dn) || !deferrable(e, op)) return 0;
+    const volatile int *w = e->peers[op->peer].qlock[dn];
+    if (!w || op->posted || !deferrable(e, op)) return 0;
+    if (op->peer != e->qposted_peer && *w == af_qlock_free) return 0;
     if (!op->qdefer) {
         op->qdefer = 1;
         e->qdeferred++;
@@ -214,6 +218,7 @@ static int pump_op_inner(af_engine *e, uint32_t opi) {
         }
         op->posted++;
         e->st.posts++;
+        if (e->py_ctx && deferrable(e, op)) e->qposted_peer = op->peer;
     }
     return AF_DONE;
 }
