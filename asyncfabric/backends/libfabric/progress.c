@@ -105,16 +105,17 @@ static void drop_spin_slot(int *have) {
 /* Whether the pollers (the progress thread, a Python spin) make way for the
  * trigger watcher (afint.h): they do not take the lock while it waits for it,
  * and the progress thread retries while it holds it instead of standing aside
- * for a whole py_hold as for Python. Off unless ASYNCFABRIC_WATCHER_YIELD=1: on
- * 2 cores it measured slower (benchmarks/trigger_latency.py; standing aside
- * gives the watcher, the event loop and the peer the cores), and the many-core
- * GPU machine, where it is meant to help, has not measured it yet. */
+ * for a whole py_hold as for Python. On with four or more CPUs: on the 16-core
+ * GPU machine it made the cuda_ipc paths 7-23 % faster (benchmarks/GPU.md,
+ * 2026-12-07, late); on 2 cores it measured slower (trigger_latency.py:
+ * standing aside gives the watcher, the event loop and the peer the cores).
+ * ASYNCFABRIC_WATCHER_YIELD=0 or 1 decides either way. */
 static int g_yield = -1;
 
 int watcher_yield(void) {
     if (g_yield < 0) {
         const char *v = getenv("ASYNCFABRIC_WATCHER_YIELD");
-        g_yield = v && *v && *v != '0';
+        g_yield = v && *v ? *v != '0' : sysconf(_SC_NPROCESSORS_ONLN) >= 4;
     }
     return g_yield;
 }
