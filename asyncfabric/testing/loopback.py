@@ -10,7 +10,9 @@ tests install it with :func:`installed` (tests/unit/conftest.py), and nothing
 outside tests can open it.
 
 Knobs for tests: ``complete`` (``"inline"``: writes finish inside the post;
-``"event"``: their end comes as an OpDone from drain), ``hold()``/``release_held()``
+``"event"``: their end comes as an OpDone from drain; ``"polled"``: the same, but
+only ``drain`` finds it, as a transport that polls its CQ there, so
+``pending_events`` does not count it), ``hold()``/``release_held()``
 (keep completions back, to test in-flight states), ``fail_next(status)``,
 ``fatal(error)``, ``raise_next(error)``.
 """
@@ -60,6 +62,7 @@ class LoopbackTransport(PythonTransport):
         self._handles = itertools.count(1)
         self._peers: list[LoopbackTransport | None] = []
         self._held: list[Event] = []
+        self._cq: list[Event] = []  # complete="polled": ends only drain() finds
         self._holding = False
         self._fail: list[int] = []
         self._raise: list[Exception] = []
@@ -176,10 +179,27 @@ class LoopbackTransport(PythonTransport):
             return True
         if self._holding:
             self._held.append(OpDone(token, status))
+        elif self.complete == "polled":
+            with self.lock:
+                self._cq.append(OpDone(token, status))
+                self.ring()
         else:
             with self.lock:
                 self.op_done(token, status)
         return False
+
+    def pending_events(self) -> int:
+        # "polled": ends wait in the CQ, which only drain() reads (as the pyverbs
+        # backend services its CQs there), so they are not counted here
+        return len(self.events)
+
+    def drain(self) -> list[Event]:
+        if self._cq:
+            with self.lock:
+                for ev in self._cq:
+                    self.events.push(ev)
+                self._cq.clear()
+        return super().drain()
 
     def post_write(
         self,

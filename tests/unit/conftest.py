@@ -15,8 +15,9 @@ def anyio_backend(request):
     return request.param
 
 
-@pytest.fixture(params=["inline", "event"])
+@pytest.fixture(params=["inline", "event", "polled"])
 def lb(request):
-    """Engine("loopback") opens the in-memory transport; writes finish inline or by event."""
+    """Engine("loopback") opens the in-memory transport; writes finish inline, by event, or
+    by an event only drain() finds (a transport that polls there, as pyverbs does)."""
     with loopback.installed(request.param) as b:
         yield b

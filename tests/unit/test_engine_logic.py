@@ -91,6 +91,28 @@ async def test_region_outlives_its_close_while_in_flight():
             b.close()
 
 
+async def test_ends_that_only_drain_finds_still_end():
+    """A transport whose drain() polls its completion queue (the pyverbs backend):
+    pending_events() does not count those ends, and the engine must call drain() when
+    its notify fd rings all the same (a CI hang of 2026-12-07 in the SoftRoCE guest)."""
+    from asyncfabric.testing import loopback
+
+    with loopback.installed("polled"):
+        a, b = await _pair()
+        try:
+            dst, src = np.zeros(1 << 12, np.uint8), np.ones(1 << 12, np.uint8)
+            rd, rs = a.register(dst), b.register(src)
+            desc = rd.descriptor()
+            with anyio.fail_after(2):
+                for _ in range(3):
+                    await b.write(rs, desc, imm=1)
+                await a.counter(1).wait(3 * desc.expected_imms(len(src)))
+            assert (dst == src).all() and not b._ops
+        finally:
+            a.close()
+            b.close()
+
+
 @pytest.mark.parametrize(
     "st,exc",
     [
