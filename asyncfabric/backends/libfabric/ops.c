@@ -81,17 +81,19 @@ static int pump_op(af_engine *e, uint32_t opi) {
  * queue lock, which the target holds while it copies what was queued before;
  * a post from the Python thread would spin there for a whole copy, time in
  * which it could run the next coroutine. So a transfer from Python that has
- * not started is left queued (AF_AGAIN) while the lock is held, and after a
- * post to the same target in this call (the target is about to take the
- * lock for that one: looking at the lock then races with it, and lost 14 %
- * of the time). The next call from Python, its spin before it sleeps, or the
- * progress thread once Python has let go (it does wait for the lock) posts
- * it. Ops queued this way go out in order: a new one from Python queues
- * behind them (op_launch). A transfer that started posts on, as do batches
- * (one call posts many writes, so a wait costs little per write, and handing
- * the rest to the progress thread was slower at 1 MiB), sends and pieces
- * small enough to inject. Only with the one progress thread: workers post
- * from their own queues (wpost.c). */
+ * not started is left queued (AF_AGAIN) while the lock is held. The next call
+ * from Python, its spin before it sleeps, or the progress thread once Python
+ * has let go (it does wait for the lock) posts it. Once a call has found the
+ * lock free and posted to a target, it posts everything queued for that
+ * target without looking again: the target then finds them queued together
+ * and copies them back to back, where one post per call left it idle between
+ * copies (64 KiB, 2 cores: 0.74x the writes per second; benchmarks/README.md,
+ * 2026-12-08). Ops queued this way go out in order: a new one from Python
+ * queues behind them (op_launch). A transfer that started posts on, as do
+ * batches (one call posts many writes, so a wait costs little per write, and
+ * handing the rest to the progress thread was slower at 1 MiB), sends and
+ * pieces small enough to inject. Only with the one progress thread: workers
+ * post from their own queues (wpost.c). */
 static inline int deferrable(const af_engine *e, const af_op *op) {
     if (!e->py_ctx || e->nworkers > 1) return 0;
     if (op->kind == OP_READ) return 1;
@@ -105,7 +107,7 @@ static inline int deferrable(const af_engine *e, const af_op *op) {
 static inline int defer_busy(af_engine *e, af_op *op, uint32_t dn) {
     const volatile int *w = e->peers[op->peer].qlock[dn];
     if (!w || op->posted || !deferrable(e, op)) return 0;
-    if (op->peer != e->qposted_peer && *w == af_qlock_free) return 0;
+    if (op->peer == e->qposted_peer || *w == af_qlock_free) return 0;
     if (!op->qdefer) {
         op->qdefer = 1;
         e->qdeferred++;
