@@ -61,7 +61,13 @@ typedef struct {
     unsigned long long ends;  /* transfer ends resolved here (complete) */
     int on;
     int status; /* the status of the last FAILED write */
+    int act;    /* what write_wait left to the engine's Python (ACT_* bits) */
 } FastPath;
+
+/* write_wait's `act`: the engine drains what it could not end here (a hold,
+ * a message, a closed region...), and spins for the transfer (the loop has
+ * nothing else ready). */
+enum { ACT_DRAIN = 1, ACT_SPIN = 2 };
 
 static PyObject *str_cache, *str_nbytes, *str_done, *str_set_result, *int_one;
 
@@ -291,13 +297,16 @@ not_here:
     return PyLong_FromLong(NOT_HERE);
 }
 
-/* write_wait(src, dst, imm, ops) -> write()'s answer, except a token: then the
+static long complete_into(FastPath *self, PyObject *ops, PyObject *left);
+
+/* write_wait(src, dst, imm, ops, left) -> write()'s answer, except a token: then the
  * transfer's waiter, made by new_waiter and registered as Engine._waiter does
  * (ops[token] = (waiter, region), the region's in-flight count raised); the
- * engine then drains, spins and awaits it as for a token. */
+ * engine awaits it, draining and spinning first as `act` says (below). */
 static PyObject *fp_write_wait(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4 || !PyDict_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "FastPath.write_wait takes (src, dst, imm, ops: dict)");
+    if (nargs != 5 || !PyDict_CheckExact(args[3]) || !PyList_CheckExact(args[4])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "FastPath.write_wait takes (src, dst, imm, ops: dict, left: list)");
         return NULL;
     }
     PyObject *r = fp_write(self, args, 3);
@@ -322,6 +331,26 @@ static PyObject *fp_write_wait(FastPath *self, PyObject *const *args, Py_ssize_t
     Py_SETREF(*inflight, more);
     Py_DECREF(entry);
     Py_DECREF(r);
+    /* What Engine._after_call and _spin_for would do next, decided here: end
+     * the transfers whose ends the post's reap queued (complete()), and leave
+     * to the engine only what it must do itself. Nothing ends synchronously:
+     * set_result schedules the waiters' callbacks. */
+    int act = 0;
+    if (self->ops->pending(self->ctx)) {
+        if (complete_into(self, args[3], args[4]) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self); /* the engine's drain tries again */
+            act |= ACT_DRAIN;
+        }
+        if (PyList_GET_SIZE(args[4]) || self->ops->pending(self->ctx)) act |= ACT_DRAIN;
+    }
+    /* a waiter nobody awaits yet has no callbacks: ending it readies nothing */
+    Py_ssize_t nready = self->ready ? PyObject_Length(self->ready) : 0;
+    if (nready < 0) {
+        PyErr_Clear();
+        nready = 0;
+    }
+    if (!nready) act |= ACT_SPIN;
+    self->act = act;
     return w;
 }
 
@@ -416,19 +445,15 @@ static int complete_one(FastPath *self, PyObject *ops, uint64_t tok) {
  * plain ends from the transport's queue (native_ops.h take_done) and ends
  * them as Engine._on_op would; the tokens it leaves to the engine's Python
  * go to the list `left`, in order, before anything drain() returns. */
-static PyObject *fp_complete(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "FastPath.complete takes (ops: dict, left: list)");
-        return NULL;
-    }
+static long complete_into(FastPath *self, PyObject *ops, PyObject *left) {
     long handled = 0;
-    if (!self->on || !*self->gate || !self->ops->take_done) return PyLong_FromLong(0);
+    if (!self->on || !*self->gate || !self->ops->take_done) return 0;
     uint64_t tok[64];
     uint32_t n;
     do {
         n = self->ops->take_done(self->ctx, tok, 64);
         for (uint32_t i = 0; i < n; i++) {
-            int r = complete_one(self, args[0], tok[i]);
+            int r = complete_one(self, ops, tok[i]);
             if (r > 0) {
                 handled++;
                 self->ends++;
@@ -437,14 +462,23 @@ static PyObject *fp_complete(FastPath *self, PyObject *const *args, Py_ssize_t n
             if (r < 0) /* a waiter's own failure: report it, and lose no other end */
                 PyErr_WriteUnraisable((PyObject *)self);
             PyObject *t = PyLong_FromUnsignedLongLong(tok[i]);
-            if (!t || PyList_Append(args[1], t) < 0) {
+            if (!t || PyList_Append(left, t) < 0) {
                 Py_XDECREF(t);
-                return NULL;
+                return -1;
             }
             Py_DECREF(t);
         }
     } while (n == 64 && self->on && *self->gate);
-    return PyLong_FromLong(handled);
+    return handled;
+}
+
+static PyObject *fp_complete(FastPath *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyDict_CheckExact(args[0]) || !PyList_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "FastPath.complete takes (ops: dict, left: list)");
+        return NULL;
+    }
+    long handled = complete_into(self, args[0], args[1]);
+    return handled < 0 ? NULL : PyLong_FromLong(handled);
 }
 
 static PyObject *fp_next_token(FastPath *self, PyObject *Py_UNUSED(ignored)) {
@@ -456,7 +490,7 @@ static PyMethodDef fp_methods[] = {
      "write(src, dst, imm) -> 0 done, 1 done with events to drain, 2 not here (take the "
      "Python path), 3 failed (see status), or a token to await"},
     {"write_wait", (PyCFunction)(void (*)(void))fp_write_wait, METH_FASTCALL,
-     "write_wait(src, dst, imm, ops) -> write()'s answer, or instead of a token the "
+     "write_wait(src, dst, imm, ops, left) -> write()'s answer, or instead of a token the "
      "transfer's registered waiter"},
     {"write_imm", (PyCFunction)(void (*)(void))fp_write_imm, METH_FASTCALL,
      "write_imm(dst, imm) -> the answers of write()"},
@@ -474,6 +508,8 @@ static PyMemberDef fp_members[] = {
     {"new_waiter", T_OBJECT, offsetof(FastPath, new_waiter), 0,
      "the waiter factory of write_wait (None: it answers tokens, as write does)"},
     {"status", T_INT, offsetof(FastPath, status), READONLY, "the status of the last failed post"},
+    {"act", T_INT, offsetof(FastPath, act), READONLY,
+     "what the last write_wait left to the engine: 1 drain, 2 spin (bits)"},
     {"posts", T_ULONGLONG, offsetof(FastPath, posts), READONLY, "posts made through the table"},
     {"ends", T_ULONGLONG, offsetof(FastPath, ends), READONLY, "transfer ends resolved by complete()"},
     {NULL, 0, 0, 0, NULL},

@@ -520,11 +520,16 @@ class Engine:
             # The native fast path (fastpath.py): the same checks, then the post, in
             # one call; anything it does not take goes the Python way below.
             # A transfer that ends by an event comes back as its registered waiter.
-            r = self._fp.write_wait(src, dst, imm, self._ops)
+            r = self._fp.write_wait(src, dst, imm, self._ops, self._left)
             if r.__class__ is not int:
-                self._after_call()
-                if not r.done():
-                    self._spin_for(r)
+                # write_wait ended what it could of the events its post queued and
+                # left the rest to us (act: 1 drain, 2 the loop is idle: spin)
+                act = self._fp.act
+                if act:
+                    if act & 1:
+                        self._drain()
+                    if act & 2 and not r.done():
+                        self._spin_for(r)
                 if timeout is None:  # the hot path: await the future itself
                     await r
                 else:

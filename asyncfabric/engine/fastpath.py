@@ -44,6 +44,7 @@ class NoFastPath:
 
     on = 0
     status = 0
+    act = 0
     posts = 0
     ends = 0
 
@@ -53,7 +54,9 @@ class NoFastPath:
     def write(self, src: Any, dst: Any, imm: Any) -> int:
         return NOT_HERE
 
-    def write_wait(self, src: Any, dst: Any, imm: Any, ops: dict[int, Any]) -> Any:
+    def write_wait(
+        self, src: Any, dst: Any, imm: Any, ops: dict[int, Any], left: list[int]
+    ) -> Any:
         return NOT_HERE
 
     def write_imm(self, dst: Any, imm: Any) -> int:
