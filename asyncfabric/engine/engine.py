@@ -1094,7 +1094,7 @@ class Engine:
             while True:
                 # The plain ends of transfers, resolved natively (fastpath.py); what
                 # it leaves (holds, batch entries, closed regions) comes back here.
-                took = int(self._fp.complete(ops, left))
+                took: int = self._fp.complete(ops, left)
                 total += took
                 if left:
                     total += len(left)

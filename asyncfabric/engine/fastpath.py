@@ -54,9 +54,7 @@ class NoFastPath:
     def write(self, src: Any, dst: Any, imm: Any) -> int:
         return NOT_HERE
 
-    def write_wait(
-        self, src: Any, dst: Any, imm: Any, ops: dict[int, Any], left: list[int]
-    ) -> Any:
+    def write_wait(self, src: Any, dst: Any, imm: Any, ops: dict[int, Any], left: list[int]) -> Any:
         return NOT_HERE
 
     def write_imm(self, dst: Any, imm: Any) -> int:
