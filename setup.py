@@ -31,9 +31,9 @@ def _files(build: str) -> list[str]:
 # native table, asyncfabric/transport/native_ops.h; it links no backend).
 FASTPATH = Extension(
     "asyncfabric.engine._fastpath",
-    sources=["asyncfabric/engine/_fastpath.c"],
+    sources=["asyncfabric/engine/_fastpath.c", "asyncfabric/engine/_waiter.c"],
     include_dirs=["asyncfabric/transport"],
-    depends=["asyncfabric/transport/native_ops.h"],
+    depends=["asyncfabric/transport/native_ops.h", "asyncfabric/engine/_waiter.h"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror"],
 )
 
@@ -50,7 +50,7 @@ setup(
     cffi_modules=[f"{CORE}:ffibuilder", f"{RAW}:ffibuilder"],
     package_data={
         "asyncfabric": ["py.typed"],
-        "asyncfabric.engine": ["_fastpath.c"],
+        "asyncfabric.engine": ["_fastpath.c", "_waiter.c", "_waiter.h"],
         "asyncfabric.collectives": ["_kernels.c", "_kernels.pyi"],
         "asyncfabric.transport": ["native_ops.h"],
         "asyncfabric.backends.libfabric": _files(CORE),

@@ -38,7 +38,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.asyncfabric-setup
 # Reinstall when the package definition or the native core changed since the last setup.
-if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py asyncfabric/backends/libfabric asyncfabric/engine/_fastpath.c asyncfabric/collectives/_kernels.c asyncfabric/transport/native_ops.h asyncfabric/bench/_raw_build.py asyncfabric/bench/_rawloop.c asyncfabric/bench/_rawloop.h -newer "$stamp" \( -name '*.toml' -o -name '*.py' -o -name '*.c' -o -name '*.h' \) 2>/dev/null | head -1)" ]; then
+if [ ! -f "$stamp" ] || [ -n "$(find pyproject.toml setup.py asyncfabric/backends/libfabric asyncfabric/engine/_fastpath.c asyncfabric/engine/_waiter.c asyncfabric/engine/_waiter.h asyncfabric/collectives/_kernels.c asyncfabric/transport/native_ops.h asyncfabric/bench/_raw_build.py asyncfabric/bench/_rawloop.c asyncfabric/bench/_rawloop.h -newer "$stamp" \( -name '*.toml' -o -name '*.py' -o -name '*.c' -o -name '*.h' \) 2>/dev/null | head -1)" ]; then
   echo "setup: installing asyncfabric into .venv (builds the native core against libfabric)"
   log=.venv/setup-pip.log
   # torch==2.13.0 is pinned for tests only: on these machines it resolves to a local CPU wheel,

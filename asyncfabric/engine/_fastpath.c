@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "native_ops.h"
+#include "_waiter.h"
 
 /* Answers of write() (a token, > LAST_CODE, means: await it). */
 enum { DONE = 0, DONE_EVENTS = 1, NOT_HERE = 2, FAILED = 3, LAST_CODE = 15 };
@@ -51,6 +52,7 @@ typedef struct {
     PyObject *uid;    /* the engine's route key in a descriptor's _cache */
     PyObject *ready;  /* the asyncio loop's ready deque, or NULL */
     PyObject *new_waiter; /* the loop adapter's waiter factory (write_wait), or NULL */
+    PyObject *waiters;    /* a Waiters (_waiter.c): write_wait's waiters come from it, or NULL */
     PyTypeObject *region_t, *desc_t, *route_t, *remote_t;
     slice_slots src, dst;
     Py_ssize_t r_engine, r_closed, r_fast, r_inflight; /* Region */
@@ -173,6 +175,7 @@ static void fp_dealloc(FastPath *self) {
     Py_XDECREF(self->keep);
     Py_XDECREF(self->ready);
     Py_XDECREF(self->new_waiter);
+    Py_XDECREF(self->waiters);
     Py_XDECREF(self->src.type);
     Py_XDECREF(self->dst.type);
     Py_XDECREF(self->region_t);
@@ -317,7 +320,10 @@ static PyObject *fp_write_wait(FastPath *self, PyObject *const *args, Py_ssize_t
     PyObject *region = Py_TYPE(args[0]) == self->src.type ? slot(args[0], self->src.region) : args[0];
     PyObject **inflight = (PyObject **)((char *)region + self->r_inflight);
     PyObject *more = *inflight && PyLong_CheckExact(*inflight) ? PyNumber_Add(*inflight, int_one) : NULL;
-    PyObject *w = more ? PyObject_CallNoArgs(self->new_waiter) : NULL;
+    PyObject *w = !more ? NULL
+                  : self->waiters && Py_TYPE(self->waiters) == &WaitersType
+                      ? waiter_new(self->waiters)
+                      : PyObject_CallNoArgs(self->new_waiter);
     PyObject *entry = w ? PyTuple_Pack(2, w, region) : NULL;
     if (!entry || PyDict_SetItem(args[3], r, entry) < 0) {
         /* posted, but nobody will wait: its end finds no entry and is dropped */
@@ -427,7 +433,9 @@ static int complete_one(FastPath *self, PyObject *ops, uint64_t tok) {
     Py_INCREF(w);
     int rc = PyDict_DelItem(ops, key);
     Py_DECREF(key);
-    if (rc == 0) {
+    if (rc == 0 && Py_TYPE(w) == &WaiterType) {
+        rc = waiter_pending(w) ? waiter_set_result(w, Py_None) : 0;
+    } else if (rc == 0) {
         PyObject *done = PyObject_CallMethodNoArgs(w, str_done);
         rc = done ? PyObject_IsTrue(done) : -1;
         Py_XDECREF(done);
@@ -505,6 +513,8 @@ static PyMethodDef fp_methods[] = {
 
 static PyMemberDef fp_members[] = {
     {"on", T_INT, offsetof(FastPath, on), 0, "0: every call answers 'not here'"},
+    {"waiters", T_OBJECT, offsetof(FastPath, waiters), 0,
+     "a Waiters: write_wait's waiters come from it (None: from new_waiter)"},
     {"new_waiter", T_OBJECT, offsetof(FastPath, new_waiter), 0,
      "the waiter factory of write_wait (None: it answers tokens, as write does)"},
     {"status", T_INT, offsetof(FastPath, status), READONLY, "the status of the last failed post"},
@@ -542,6 +552,10 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     if (!str_cache || !str_nbytes || !str_done || !str_set_result || !int_one) return NULL;
     PyObject *m = PyModule_Create(&fastpath_module);
     if (!m) return NULL;
+    if (waiter_module_init(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&FastPathType);
     if (PyModule_AddObject(m, "FastPath", (PyObject *)&FastPathType) < 0 ||
         PyModule_AddIntConstant(m, "DONE", DONE) < 0 ||

@@ -215,6 +215,7 @@ class Engine:
             self._next_token = self._fp.next_token
             if self._fp.on:
                 self._fp.new_waiter = self._loop.new_waiter
+                self._fp.waiters = fastpath.waiters(self._loop.waiter_loop)
         except BaseException:
             self._closed = True
             t.close()

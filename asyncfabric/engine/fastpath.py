@@ -67,6 +67,17 @@ class NoFastPath:
         return 0
 
 
+def waiters(loop: Any) -> Any:
+    """The native waiters of ``loop`` (``_waiter.c``), or None: ``Engine.write``'s
+    waiters then come from the loop adapter. ``ASYNCFABRIC_NATIVE_WAITERS=0``
+    turns them off (tests run both ways)."""
+    if loop is None or _native is None or not hasattr(_native, "Waiters"):
+        return None
+    if os.environ.get("ASYNCFABRIC_NATIVE_WAITERS", "1") == "0":
+        return None
+    return _native.Waiters(loop)
+
+
 def make(
     engine: Any,
     uid: bytes,

@@ -61,6 +61,9 @@ class _TrioWaiter:
 
 class LoopAdapter:
     library: str
+    # The loop whose callbacks the fast path's own waiters may schedule
+    # (_waiter.c): asyncio's base loop only; None elsewhere.
+    waiter_loop: Any = None
 
     def new_waiter(self) -> Any:
         raise NotImplementedError
@@ -93,6 +96,7 @@ class AsyncioAdapter(LoopAdapter):
         # one call fewer per transfer (uvloop and others keep their own).
         if type(self.loop).create_future is asyncio.BaseEventLoop.create_future:
             self.new_waiter = functools.partial(asyncio.Future, loop=self.loop)  # type: ignore[method-assign]
+            self.waiter_loop = self.loop
         else:
             self.new_waiter = self.loop.create_future  # type: ignore[method-assign]
         self._fd: int | None = None
