@@ -91,6 +91,22 @@ static int ws_push(Waiters *self, PyObject *cb, PyObject *w, PyObject *ctx) {
     return 0;
 }
 
+/* The exception being raised, normalized and with its traceback, taken off
+ * the error indicator (PyErr_Fetch is deprecated from 3.12). */
+static PyObject *take_raised(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb && value) PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+#endif
+}
+
 /* _flush(): run what is queued, in order. Callbacks queued meanwhile wait for
  * the next flush (a fresh call_soon), as the loop would order them. */
 static PyObject *ws_flush(Waiters *self, PyObject *Py_UNUSED(ignored)) {
@@ -121,10 +137,7 @@ static PyObject *ws_flush(Waiters *self, PyObject *Py_UNUSED(ignored)) {
     failed:
         /* as asyncio's Handle does: the loop's exception handler hears of it */
         {
-            PyObject *type, *value, *tb;
-            PyErr_Fetch(&type, &value, &tb);
-            PyErr_NormalizeException(&type, &value, &tb);
-            if (tb && value) PyException_SetTraceback(value, tb);
+            PyObject *value = take_raised();
             PyObject *ctxd = Py_BuildValue("{s:s,s:O,s:O}", "message",
                                            "Exception in a callback of an asyncfabric waiter",
                                            "exception", value ? value : Py_None, "callback", cb);
@@ -133,9 +146,7 @@ static PyObject *ws_flush(Waiters *self, PyObject *Py_UNUSED(ignored)) {
             if (!r2) PyErr_WriteUnraisable(cb);
             Py_XDECREF(r2);
             Py_XDECREF(ctxd);
-            Py_XDECREF(type);
             Py_XDECREF(value);
-            Py_XDECREF(tb);
         }
     }
     Py_DECREF(q);
