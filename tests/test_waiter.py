@@ -175,6 +175,28 @@ def test_a_failing_callback_goes_to_the_loop_handler():
     run(main())
 
 
+def test_keyboard_interrupt_in_a_callback_stops_the_loop_and_loses_nothing():
+    loop = asyncio.new_event_loop()
+    try:
+        ws = fastpath._native.Waiters(loop)
+        w = ws.new()
+        after = []
+
+        def interrupt(_w):
+            raise KeyboardInterrupt
+
+        w.add_done_callback(interrupt)
+        w.add_done_callback(after.append)
+        w.set_result(None)
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(asyncio.sleep(0.01))
+        assert after == []  # not yet: the flush stopped at the interrupt
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert after == [w]  # the rest ran at the next flush
+    finally:
+        loop.close()
+
+
 async def _engine_write(n: int = 64 << 10):
     async with af.Engine("shm") as a, af.Engine("shm") as b:
         src = a.register(np.ones(n, np.uint8))

@@ -75,11 +75,8 @@ static void ws_dealloc(Waiters *self) {
 }
 
 /* Queue cb(w) in ctx; ask the loop for a flush if none is scheduled. */
-static int ws_push(Waiters *self, PyObject *cb, PyObject *w, PyObject *ctx) {
-    if (!self->queue && !(self->queue = PyList_New(0))) return -1;
-    if (PyList_Append(self->queue, cb) < 0 || PyList_Append(self->queue, w) < 0 ||
-        PyList_Append(self->queue, ctx ? ctx : Py_None) < 0)
-        return -1;
+/* Ask the loop for a flush if none is scheduled. */
+static int ws_schedule(Waiters *self) {
     if (self->scheduled) return 0;
     PyObject *flush = PyObject_GetAttr((PyObject *)self, str_flush);
     if (!flush) return -1;
@@ -89,6 +86,33 @@ static int ws_push(Waiters *self, PyObject *cb, PyObject *w, PyObject *ctx) {
     Py_DECREF(h);
     self->scheduled = 1;
     return 0;
+}
+
+/* Queue cb(w) in ctx; ask the loop for a flush if none is scheduled. */
+static int ws_push(Waiters *self, PyObject *cb, PyObject *w, PyObject *ctx) {
+    if (!self->queue && !(self->queue = PyList_New(0))) return -1;
+    if (PyList_Append(self->queue, cb) < 0 || PyList_Append(self->queue, w) < 0 ||
+        PyList_Append(self->queue, ctx ? ctx : Py_None) < 0)
+        return -1;
+    return ws_schedule(self);
+}
+
+/* Put q[from:] back at the head of the queue (a flush that stopped early). */
+static int ws_requeue(Waiters *self, PyObject *q, Py_ssize_t from) {
+    Py_ssize_t n = PyList_GET_SIZE(q);
+    if (from >= n) return 0;
+    PyObject *rest = PyList_GetSlice(q, from, n);
+    if (!rest) return -1;
+    if (self->queue) {
+        PyObject *more = PySequence_InPlaceConcat(rest, self->queue);
+        if (!more) {
+            Py_DECREF(rest);
+            return -1;
+        }
+        Py_DECREF(more); /* the same list as rest */
+    }
+    Py_XSETREF(self->queue, rest);
+    return ws_schedule(self);
 }
 
 /* The exception being raised, normalized and with its traceback, taken off
@@ -104,6 +128,17 @@ static PyObject *take_raised(void) {
     Py_XDECREF(type);
     Py_XDECREF(tb);
     return value;
+#endif
+}
+
+/* Raise `value` again (a reference taken from take_raised, stolen). */
+static void raise_again(PyObject *value) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(value);
+#else
+    PyObject *type = (PyObject *)Py_TYPE(value);
+    Py_INCREF(type);
+    PyErr_Restore(type, value, PyException_GetTraceback(value));
 #endif
 }
 
@@ -135,9 +170,19 @@ static PyObject *ws_flush(Waiters *self, PyObject *Py_UNUSED(ignored)) {
             continue;
         }
     failed:
-        /* as asyncio's Handle does: the loop's exception handler hears of it */
+        /* as asyncio's Handle does: the loop's exception handler hears of an
+         * Exception, and a KeyboardInterrupt or SystemExit stops the loop */
         {
             PyObject *value = take_raised();
+            /* as asyncio's Handle does, these stop the loop: raise them, and
+             * leave the callbacks after this one queued for the next flush */
+            if (value && (PyErr_GivenExceptionMatches(value, PyExc_KeyboardInterrupt) ||
+                          PyErr_GivenExceptionMatches(value, PyExc_SystemExit))) {
+                if (ws_requeue(self, q, i + 3) < 0) PyErr_WriteUnraisable((PyObject *)self);
+                Py_DECREF(q);
+                raise_again(value);
+                return NULL;
+            }
             PyObject *ctxd = Py_BuildValue("{s:s,s:O,s:O}", "message",
                                            "Exception in a callback of an asyncfabric waiter",
                                            "exception", value ? value : Py_None, "callback", cb);
