@@ -70,7 +70,7 @@ class NoFastPath:
 def waiters(loop: Any) -> Any:
     """The native waiters of ``loop`` (``_waiter.c``), or None: ``Engine.write``'s
     waiters then come from the loop adapter. ``ASYNCFABRIC_NATIVE_WAITERS=0``
-    turns them off (tests run both ways)."""
+    turns them off (``tests/test_waiter.py`` writes both ways)."""
     if loop is None or _native is None or not hasattr(_native, "Waiters"):
         return None
     if os.environ.get("ASYNCFABRIC_NATIVE_WAITERS", "1") == "0":
