@@ -74,7 +74,6 @@ static void ws_dealloc(Waiters *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Queue cb(w) in ctx; ask the loop for a flush if none is scheduled. */
 /* Ask the loop for a flush if none is scheduled. */
 static int ws_schedule(Waiters *self) {
     if (self->scheduled) return 0;
@@ -232,10 +231,6 @@ PyTypeObject WaitersType = {
 /* ---------------------------------------------------------------- Waiter */
 
 PyObject *waiter_new(PyObject *waiters) {
-    if (Py_TYPE(waiters) != &WaitersType) {
-        PyErr_SetString(PyExc_TypeError, "waiter_new: expected a Waiters object");
-        return NULL;
-    }
     Waiter *w = PyObject_GC_New(Waiter, &WaiterType);
     if (!w) return NULL;
     Py_INCREF(waiters);

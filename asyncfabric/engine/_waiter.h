@@ -12,7 +12,8 @@ extern PyTypeObject WaitersType;
 /* Ready both types and add them to module m; 0 or -1 (exception set). */
 int waiter_module_init(PyObject *m);
 
-/* A new pending waiter of `waiters` (a Waiters object), or NULL. */
+/* A new pending waiter of `waiters`, or NULL. The caller checks that it is a
+ * Waiters (Py_TYPE == &WaitersType): nothing here looks again. */
 PyObject *waiter_new(PyObject *waiters);
 
 /* Whether w is pending (1), done (0); for a Waiter only. */

@@ -529,7 +529,7 @@ class Engine:
                 if act:
                     if act & 1:
                         self._drain()
-                    if act & 2 and not r.done():
+                    if act & 2:  # _spin_for looks at done() itself
                         self._spin_for(r)
                 if timeout is None:  # the hot path: await the future itself
                     await r

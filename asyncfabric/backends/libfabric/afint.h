@@ -338,7 +338,7 @@ struct af_engine {
     uint32_t reap_skip; /* ops.c: injected writes since the last reap */
     uint32_t qdeferred;  /* ops.c: queued ops with qdefer set */
     uint32_t qbusy_peer; /* ops.c: the peer whose queue lock the last deferral found held */
-    uint32_t qposted_peer; /* ops.c: posted to by this call from Python (its target copies next) */
+    uint32_t qposted_peer; /* ops.c: posted to by this call from Python: the rest go on unlooked */
     int hooked;         /* hook.c: a hook caller holds every lock (hook_thr) */
     atomic_int hook_held; /* the same, for the progress thread to read without the lock */
     pthread_t hook_thr;
